@@ -1,0 +1,202 @@
+//! The kernel boundary of ridley: every `#[repr(C)]` type that crosses between the
+//! eBPF programs (`src/bin/ridley-ebpf.rs`, built for `bpfel-unknown-none`) and the
+//! userspace daemon (`receiver`), and the constants both sides must agree on.
+//!
+//! This crate owns the byte layout of maps, ring-buffer events and iterator records.
+//! It must stay `no_std`, dependency-free and free of logic: userspace interprets the
+//! records, the kernel programs only fill them.
+#![no_std]
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as `include/net/tcp_states.h` numbers them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+/// Which end of a connection a socket is, decided by how it was opened.
+pub mod role {
+    /// Not seen opening (it existed before the programs were attached).
+    pub const UNKNOWN: u8 = 0;
+    /// Active open: `connect()`.
+    pub const CLIENT: u8 = 1;
+    /// Passive open: accepted from a listener.
+    pub const SERVER: u8 = 2;
+}
+
+/// Bits of [`SockRecord::flags`] and [`SockState::flags`].
+pub mod flags {
+    /// The socket was seen opening: `start_ns`, `established_ns` and the baselines are set.
+    pub const TRACKED: u8 = 1 << 0;
+    /// A server socket whose client is a socket on this host: the client side reports
+    /// the link, so this side is not reported (each link once).
+    pub const PEER_LOCAL: u8 = 1 << 1;
+    /// The peer's FIN has been received (`SOCK_DONE`): `bytes_received` counts it.
+    pub const PEER_FIN: u8 = 1 << 2;
+}
+
+/// What a [`SockRecord`] reports.
+pub mod kind {
+    /// The socket reached `TCP_CLOSE` after being established; counters are final.
+    pub const CLOSED: u8 = 1;
+    /// An active open went from `SYN_SENT` to `TCP_CLOSE`: the connect failed.
+    pub const CONNECT_FAILED: u8 = 2;
+    /// A live socket, from the periodic `iter/tcp` walk.
+    pub const LIVE: u8 = 3;
+}
+
+/// Indexes of the per-CPU `COUNTERS` array: kernel-side losses, exported as self-telemetry.
+pub mod counter {
+    /// Events dropped because the ring buffer was full.
+    pub const RINGBUF_DROPS: u32 = 0;
+    /// Connections not tracked because `SOCKS` was full.
+    pub const SOCKS_FULL: u32 = 1;
+    /// Client endpoints not recorded because `CLIENT_ENDPOINTS` was full (the link may
+    /// then be reported by both ends).
+    pub const ENDPOINTS_FULL: u32 = 2;
+    /// `bpf_probe_read_kernel` failures.
+    pub const READ_ERRORS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Names of maps and programs, shared so that neither side spells them twice.
+pub mod names {
+    pub const MAP_SOCKS: &str = "SOCKS";
+    pub const MAP_CLIENT_ENDPOINTS: &str = "CLIENT_ENDPOINTS";
+    pub const MAP_EVENTS: &str = "EVENTS";
+    pub const MAP_COUNTERS: &str = "COUNTERS";
+    pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+    pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
+    pub const PROG_ITER: &str = "ridley_iter_tcp";
+}
+
+/// Byte offsets of the kernel fields the programs read, relative to `struct sock *`
+/// (which is also `struct tcp_sock *`: the sock is its first member). aya-ebpf has no
+/// CO-RE field relocations, so userspace resolves these from `/sys/kernel/btf/vmlinux`
+/// and writes them into the programs' read-only data before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skc_family: u32,
+    pub skc_state: u32,
+    /// Local port, host byte order (`skc_num`).
+    pub skc_num: u32,
+    /// Remote port, network byte order (`skc_dport`).
+    pub skc_dport: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
+    /// `skc_net.net`: pointer to the socket's `struct net`.
+    pub skc_net: u32,
+    /// `ns.inum` inside `struct net`.
+    pub net_ns_inum: u32,
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    pub sk_flags: u32,
+    pub bytes_acked: u32,
+    pub bytes_received: u32,
+    pub total_retrans: u32,
+    pub srtt_us: u32,
+    pub snd_una: u32,
+    pub write_seq: u32,
+}
+
+/// Per-socket state the programs keep from the handshake to `TCP_CLOSE`
+/// (value of the `SOCKS` hash, keyed by the `struct sock` address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockState {
+    /// When the open started: `SYN_SENT` (client) or the child socket's `SYN_RECV` (server).
+    pub start_ns: u64,
+    /// When it reached `ESTABLISHED`; 0 until then.
+    pub established_ns: u64,
+    /// `bytes_acked` at `ESTABLISHED`: the handshake's share, subtracted from later reads.
+    pub base_bytes_acked: u64,
+    /// `bytes_received` at `ESTABLISHED`.
+    pub base_bytes_received: u64,
+    pub base_total_retrans: u32,
+    pub role: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the `CLIENT_ENDPOINTS` hash: the local end of an established client socket,
+/// looked up by a server socket's remote end to tell that both ends are on this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    /// IPv6 or IPv4-mapped IPv6 address.
+    pub addr: [u8; 16],
+    /// Network namespace inode for loopback addresses (each namespace has its own
+    /// 127.0.0.1), 0 otherwise (addresses are unique across the host's namespaces).
+    pub netns: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// One socket's view, sent on the ring buffer ([`kind::CLOSED`], [`kind::CONNECT_FAILED`])
+/// and written by the `iter/tcp` program ([`kind::LIVE`]). Counters are raw kernel values;
+/// userspace subtracts baselines, SYN and FIN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockRecord {
+    /// `struct sock` address: with `start_ns`, identifies a connection.
+    pub sk: u64,
+    pub start_ns: u64,
+    pub established_ns: u64,
+    /// When the record was written (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub base_bytes_acked: u64,
+    pub base_bytes_received: u64,
+    /// IPv6 or IPv4-mapped IPv6.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub netns: u32,
+    pub total_retrans: u32,
+    pub base_total_retrans: u32,
+    /// Smoothed RTT in 1/8 microseconds, as `tcp_sock.srtt_us` keeps it.
+    pub srtt_us_x8: u32,
+    pub snd_una: u32,
+    pub write_seq: u32,
+    /// `sk_err` at the time of the record (positive errno, e.g. 111 = ECONNREFUSED).
+    pub sk_err: i32,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Host byte order.
+    pub remote_port: u16,
+    pub kind: u8,
+    /// For `CLOSED`/`CONNECT_FAILED`, the state the socket left; for `LIVE`, its state.
+    pub state: u8,
+    pub role: u8,
+    pub flags: u8,
+    pub _pad: [u8; 4],
+}
+
+impl SockRecord {
+    pub const SIZE: usize = core::mem::size_of::<SockRecord>();
+}
+
+// The layouts are part of the contract: a change here must be deliberate on both sides.
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 136);
+const _: () = assert!(core::mem::size_of::<SockState>() == 40);
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);

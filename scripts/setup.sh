@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build and test ridley:
+# Debian's rustc-web (with a prebuilt `core` for bpfel-unknown-none), bpf-linker built
+# against the same LLVM, iproute2 for test network namespaces, and the Python test peers.
+# Idempotent: each step checks first, so a second run takes a second or two.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+need_apt=()
+[ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/bpfel-unknown-none ] || need_apt+=(rustc-web cargo-web libstd-rust-web-dev-bpf)
+[ -e /usr/lib/x86_64-linux-gnu/libLLVM.so.22.1 ] || need_apt+=(libllvm22)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v bpftool >/dev/null || need_apt+=(bpftool)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    log "installing Debian packages: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# bpf-linker must link with the same LLVM major as Debian's rustc-web (22).
+if ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
+    log "building bpf-linker 0.13.0 against LLVM 22"
+    mkdir -p /opt/llvm22/lib
+    ln -sf /usr/lib/x86_64-linux-gnu/libLLVM.so.22.1 /opt/llvm22/lib/libLLVM.so
+    LLVM_PREFIX=/opt/llvm22 cargo install --locked bpf-linker@0.13.0 \
+        --no-default-features --features llvm-22 >/dev/null
+fi
+
+# Python peers for the end-to-end tests.
+if ! python3 -c 'import pytest' 2>/dev/null; then
+    log "installing pytest"
+    python3 -m pip install -q pytest
+fi
+
+# Kernel interfaces the daemon and the benchmark use.
+[ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf 2>/dev/null || true
+log "ready"

@@ -14,10 +14,15 @@ const BPF_CARGO: &str = "/usr/bin/cargo";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let workspace = manifest_dir.parent().expect("receiver/ lives in the workspace root");
+    let workspace = manifest_dir
+        .parent()
+        .expect("receiver/ lives in the workspace root");
     let ebpf_dir = workspace.join("receiver-ebpf");
     println!("cargo:rerun-if-changed={}", ebpf_dir.join("src").display());
-    println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("Cargo.toml").display()
+    );
 
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let target_dir = workspace.join("target").join("bpf");
@@ -32,7 +37,14 @@ fn main() {
 
     let mut cmd = Command::new(BPF_CARGO);
     cmd.current_dir(workspace)
-        .args(["build", "-p", "receiver-ebpf", "--bin", "ridley-ebpf", "--release"])
+        .args([
+            "build",
+            "-p",
+            "receiver-ebpf",
+            "--bin",
+            "ridley-ebpf",
+            "--release",
+        ])
         .args(["--target", BPF_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)

@@ -353,7 +353,10 @@ mod tests {
         let err = Config::parse("recievers: {}\n", "test.yaml")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("test.yaml: unknown field `recievers`"), "{err}");
+        assert!(
+            err.starts_with("test.yaml: unknown field `recievers`"),
+            "{err}"
+        );
     }
 
     #[test]

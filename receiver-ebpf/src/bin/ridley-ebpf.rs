@@ -32,8 +32,8 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use ridley_ebpf::{
-        AF_INET, AF_INET6, EndpointKey, IPPROTO_TCP, KernelOffsets, SockRecord, SockState,
-        counter, flags, kind, role, tcp_state,
+        AF_INET, AF_INET6, EndpointKey, IPPROTO_TCP, KernelOffsets, SockRecord, SockState, counter,
+        flags, kind, role, tcp_state,
     };
 
     // Sizes here are defaults; userspace sets them from config before loading.

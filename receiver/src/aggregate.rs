@@ -1,0 +1,707 @@
+//! Turns kernel socket records into links with exact cumulative counters.
+//!
+//! Two inputs, both [`SockRecord`]s: close records from the ring buffer (final counters
+//! of a connection) and a walk of every live socket once per interval (current counters).
+//! A connection is identified by its `struct sock` address and open time; the table
+//! keeps, per connection, what has already been added to its link, so each byte is
+//! counted once whichever input sees it first or last.
+//!
+//! Pure logic over plain records: no kernel, no clock reads, no I/O.
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use ridley_ebpf::{SockRecord, flags, kind, role, tcp_state};
+
+use crate::model::{FailureReason, LinkKey, LinkStats, Losses};
+
+const ECONNREFUSED: i32 = 111;
+const ECONNRESET: i32 = 104;
+const EPIPE: i32 = 32;
+const ETIMEDOUT: i32 = 110;
+
+/// `struct sock` address plus open time: addresses are reused, open times are not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ConnId {
+    sk: u64,
+    start_ns: u64,
+}
+
+impl ConnId {
+    fn of(rec: &SockRecord) -> Self {
+        ConnId {
+            sk: rec.sk,
+            start_ns: rec.start_ns,
+        }
+    }
+}
+
+/// Payload counters of one socket, SYN and FIN removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Payload {
+    sent: u64,
+    received: u64,
+    retransmits: u64,
+}
+
+impl Payload {
+    /// The kernel's `bytes_acked` / `bytes_received` count SYN and FIN as one byte each.
+    /// SYN is already in the baseline taken at ESTABLISHED; FIN is removed here:
+    /// ours when it was sent (a closing state) and acknowledged (`snd_una == write_seq`),
+    /// the peer's when it arrived (`SOCK_DONE`).
+    fn of(rec: &SockRecord) -> Self {
+        let fin_sent = matches!(
+            rec.state,
+            tcp_state::FIN_WAIT1
+                | tcp_state::FIN_WAIT2
+                | tcp_state::CLOSING
+                | tcp_state::LAST_ACK
+                | tcp_state::TIME_WAIT
+        );
+        let fin_acked = fin_sent && rec.snd_una == rec.write_seq;
+        let peer_fin = rec.flags & flags::PEER_FIN != 0;
+        Payload {
+            sent: rec.bytes_acked.saturating_sub(u64::from(fin_acked)),
+            received: rec.bytes_received.saturating_sub(u64::from(peer_fin)),
+            retransmits: u64::from(rec.total_retrans),
+        }
+    }
+
+    /// What the handshake left in the counters, recorded by the kernel at ESTABLISHED.
+    fn baseline(rec: &SockRecord) -> Self {
+        Payload {
+            sent: rec.base_bytes_acked,
+            received: rec.base_bytes_received,
+            retransmits: u64::from(rec.base_total_retrans),
+        }
+    }
+
+    fn since(self, earlier: Payload) -> Payload {
+        // Counters only grow for one connection; a smaller value means a stale read of a
+        // socket being torn down, which must not count backwards.
+        Payload {
+            sent: self.sent.saturating_sub(earlier.sent),
+            received: self.received.saturating_sub(earlier.received),
+            retransmits: self.retransmits.saturating_sub(earlier.retransmits),
+        }
+    }
+
+    fn max(self, other: Payload) -> Payload {
+        Payload {
+            sent: self.sent.max(other.sent),
+            received: self.received.max(other.received),
+            retransmits: self.retransmits.max(other.retransmits),
+        }
+    }
+}
+
+/// Which end of the link the reporting socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Client,
+    Server,
+}
+
+fn ip(addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn link_of(rec: &SockRecord, end: End) -> LinkKey {
+    match end {
+        End::Client => LinkKey {
+            client: ip(rec.local_addr),
+            server: ip(rec.remote_addr),
+            server_port: rec.remote_port,
+        },
+        End::Server => LinkKey {
+            client: ip(rec.remote_addr),
+            server: ip(rec.local_addr),
+            server_port: rec.local_port,
+        },
+    }
+}
+
+/// An endpoint as seen across the host: loopback addresses are per network namespace.
+fn endpoint(addr: [u8; 16], port: u16, netns: u32) -> (IpAddr, u16, u32) {
+    let addr = ip(addr);
+    let netns = if addr.is_loopback() { netns } else { 0 };
+    (addr, port, netns)
+}
+
+struct Conn {
+    link: LinkKey,
+    end: End,
+    /// What has been added to the link so far (absolute counter values).
+    counted: Payload,
+    /// The walk generation that last saw it.
+    seen: u64,
+}
+
+/// Live connections and the links they add up to.
+pub struct Aggregator {
+    conns: HashMap<ConnId, Conn>,
+    links: HashMap<LinkKey, Link>,
+    /// Connections closed since the last walk was applied: a walk that ran while they
+    /// closed may still list them, and must not bring them back.
+    closed_since_walk: HashSet<ConnId>,
+    walk_generation: u64,
+    idle_timeout: Duration,
+    close_lost: u64,
+    /// Close records of sockets never seen open (opened before start and closed before
+    /// the first walk, or reported by the other, local, end).
+    closed_unknown: u64,
+}
+
+struct Link {
+    stats: LinkStats,
+    /// Last time any counter of the link changed.
+    last_change: SystemTime,
+}
+
+impl Aggregator {
+    pub fn new(idle_timeout: Duration) -> Self {
+        Aggregator {
+            conns: HashMap::new(),
+            links: HashMap::new(),
+            closed_since_walk: HashSet::new(),
+            walk_generation: 0,
+            idle_timeout,
+            close_lost: 0,
+            closed_unknown: 0,
+        }
+    }
+
+    fn link_mut(&mut self, key: LinkKey, now: SystemTime) -> &mut Link {
+        let link = self.links.entry(key).or_insert_with(|| Link {
+            stats: LinkStats::new(now),
+            last_change: now,
+        });
+        link.last_change = now;
+        link
+    }
+
+    fn add_payload(&mut self, key: LinkKey, end: End, delta: Payload, now: SystemTime) {
+        if delta == Payload::default() {
+            return;
+        }
+        let stats = &mut self.link_mut(key, now).stats;
+        let (transmit, receive) = match end {
+            End::Client => (delta.sent, delta.received),
+            End::Server => (delta.received, delta.sent),
+        };
+        stats.bytes_transmit += transmit;
+        stats.bytes_receive += receive;
+        stats.retransmits += delta.retransmits;
+    }
+
+    fn record_open(&mut self, key: LinkKey, rec: &SockRecord, now: SystemTime) {
+        let stats = &mut self.link_mut(key, now).stats;
+        stats.opened += 1;
+        if rec.established_ns > rec.start_ns {
+            stats
+                .connect_duration
+                .record(Duration::from_nanos(rec.established_ns - rec.start_ns));
+        }
+    }
+
+    fn record_rtt(&mut self, key: LinkKey, rec: &SockRecord, now: SystemTime) {
+        // srtt_us is kept multiplied by 8; 0 means no RTT sample yet.
+        if rec.srtt_us_x8 > 0 {
+            let rtt = Duration::from_nanos(u64::from(rec.srtt_us_x8) * 1000 / 8);
+            self.link_mut(key, now).stats.rtt.record(rtt);
+        }
+    }
+
+    /// A record from the ring buffer: a connection closed, or a connect failed.
+    pub fn apply_event(&mut self, rec: &SockRecord, now: SystemTime) {
+        match rec.kind {
+            kind::CONNECT_FAILED => {
+                let reason = if rec.sk_err == ECONNREFUSED {
+                    FailureReason::Refused
+                } else {
+                    // No answer before the kernel (ETIMEDOUT) or the application gave up.
+                    FailureReason::Timeout
+                };
+                let key = link_of(rec, End::Client);
+                self.link_mut(key, now).stats.add_failure(reason);
+            }
+            kind::CLOSED => self.apply_close(rec, now),
+            _ => {}
+        }
+    }
+
+    fn apply_close(&mut self, rec: &SockRecord, now: SystemTime) {
+        let id = ConnId::of(rec);
+        self.closed_since_walk.insert(id);
+        let final_payload = Payload::of(rec);
+        let (key, end, counted) = match self.conns.remove(&id) {
+            Some(conn) => (conn.link, conn.end, conn.counted),
+            None if rec.flags & flags::TRACKED != 0 => {
+                // Opened and closed between two walks: the whole connection is here.
+                let end = if rec.role == role::SERVER {
+                    End::Server
+                } else {
+                    End::Client
+                };
+                let key = link_of(rec, end);
+                self.record_open(key, rec, now);
+                (key, end, Payload::baseline(rec))
+            }
+            None => {
+                self.closed_unknown += 1;
+                return;
+            }
+        };
+        self.add_payload(key, end, final_payload.since(counted), now);
+        self.record_rtt(key, rec, now);
+        if let Some(reason) = close_failure(rec) {
+            self.link_mut(key, now).stats.add_failure(reason);
+        }
+    }
+
+    /// A complete walk of the live sockets of every network namespace.
+    pub fn apply_walk(&mut self, records: &[SockRecord], now: SystemTime) {
+        self.walk_generation += 1;
+        let generation = self.walk_generation;
+
+        // Listeners give connections that predate the programs their role.
+        let listeners: HashSet<(u32, u16, IpAddr)> = records
+            .iter()
+            .filter(|r| r.state == tcp_state::LISTEN)
+            .map(|r| (r.netns, r.local_port, ip(r.local_addr)))
+            .collect();
+        let is_server = |r: &SockRecord| {
+            let local = ip(r.local_addr);
+            let any = match local {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            listeners.contains(&(r.netns, r.local_port, local))
+                || listeners.contains(&(r.netns, r.local_port, any))
+                || listeners.contains(&(r.netns, r.local_port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)))
+        };
+        let end_of = |r: &SockRecord| -> End {
+            match r.role {
+                role::CLIENT => End::Client,
+                role::SERVER => End::Server,
+                _ if is_server(r) => End::Server,
+                _ => End::Client,
+            }
+        };
+        // Local client ends, so that a server socket whose client is on this host is
+        // left to the client's report (each link once). The kernel does this for
+        // connections it saw open; this covers the ones that predate it.
+        let client_endpoints: HashSet<(IpAddr, u16, u32)> = records
+            .iter()
+            .filter(|r| is_connected(r.state) && end_of(r) == End::Client)
+            .map(|r| endpoint(r.local_addr, r.local_port, r.netns))
+            .collect();
+
+        for rec in records {
+            if !is_connected(rec.state) || rec.flags & flags::PEER_LOCAL != 0 {
+                continue;
+            }
+            let id = ConnId::of(rec);
+            if self.closed_since_walk.contains(&id) {
+                continue;
+            }
+            let now_payload = Payload::of(rec);
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.seen = generation;
+                let delta = now_payload.since(conn.counted);
+                conn.counted = conn.counted.max(now_payload);
+                let (key, end) = (conn.link, conn.end);
+                self.add_payload(key, end, delta, now);
+                self.record_rtt(key, rec, now);
+                continue;
+            }
+            let end = end_of(rec);
+            let key = link_of(rec, end);
+            let counted = if rec.flags & flags::TRACKED != 0 {
+                self.record_open(key, rec, now);
+                Payload::baseline(rec)
+            } else {
+                if end == End::Server
+                    && client_endpoints.contains(&endpoint(
+                        rec.remote_addr,
+                        rec.remote_port,
+                        rec.netns,
+                    ))
+                {
+                    continue;
+                }
+                // Opened before the programs were attached: count from now on.
+                now_payload
+            };
+            self.add_payload(key, end, now_payload.since(counted), now);
+            self.record_rtt(key, rec, now);
+            self.conns.insert(
+                id,
+                Conn {
+                    link: key,
+                    end,
+                    counted: counted.max(now_payload),
+                    seen: generation,
+                },
+            );
+        }
+
+        // Seen before, absent now, and no close record: the record was lost.
+        let before = self.conns.len();
+        self.conns.retain(|_, conn| conn.seen == generation);
+        self.close_lost += (before - self.conns.len()) as u64;
+        self.closed_since_walk.clear();
+    }
+
+    /// The cumulative state of every link, after expiring links idle for `idle_timeout`
+    /// with no open connection.
+    pub fn collect(&mut self, now: SystemTime) -> Vec<(LinkKey, LinkStats)> {
+        let mut active: HashMap<LinkKey, u64> = HashMap::new();
+        for conn in self.conns.values() {
+            *active.entry(conn.link).or_default() += 1;
+        }
+        let idle_timeout = self.idle_timeout;
+        self.links.retain(|key, link| {
+            active.contains_key(key)
+                || now
+                    .duration_since(link.last_change)
+                    .is_ok_and(|idle| idle < idle_timeout)
+        });
+        let mut out: Vec<(LinkKey, LinkStats)> = self
+            .links
+            .iter_mut()
+            .map(|(key, link)| {
+                let now_active = active.get(key).copied().unwrap_or(0);
+                if link.stats.active != now_active {
+                    link.stats.active = now_active;
+                    link.last_change = now;
+                }
+                (*key, link.stats.clone())
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Receiver-side losses (the kernel's are read from its counters).
+    pub fn add_losses(&self, losses: &mut Losses) {
+        losses.close_lost = self.close_lost;
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Close records of sockets never seen open (self-telemetry for debugging).
+    pub fn closed_unknown(&self) -> u64 {
+        self.closed_unknown
+    }
+}
+
+/// Established (data can flow) states: the ones whose counters belong to a link.
+fn is_connected(state: u8) -> bool {
+    matches!(
+        state,
+        tcp_state::ESTABLISHED
+            | tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::CLOSING
+            | tcp_state::LAST_ACK
+    )
+}
+
+/// How an established connection ended, when it did not end well.
+fn close_failure(rec: &SockRecord) -> Option<FailureReason> {
+    match rec.sk_err {
+        ECONNRESET | EPIPE => return Some(FailureReason::Reset),
+        ETIMEDOUT => return Some(FailureReason::Timeout),
+        _ => {}
+    }
+    // Leaving ESTABLISHED or CLOSE_WAIT straight for CLOSE, without a FIN exchange, is
+    // an abortive close: this end sent a RST (SO_LINGER 0, unread data, abort).
+    matches!(rec.state, tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT)
+        .then_some(FailureReason::Reset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_000_000_000;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[10] = 0xff;
+        out[11] = 0xff;
+        out[12..].copy_from_slice(&a);
+        out
+    }
+
+    /// A tracked client socket 10.0.0.1:40000 -> 10.0.0.2:80, established with the
+    /// kernel's handshake baseline (SYN acked = 1 byte, nothing received).
+    fn client(sk: u64) -> SockRecord {
+        SockRecord {
+            sk,
+            start_ns: T0,
+            established_ns: T0 + 250_000,
+            local_addr: v4([10, 0, 0, 1]),
+            remote_addr: v4([10, 0, 0, 2]),
+            local_port: 40000,
+            remote_port: 80,
+            netns: 7,
+            role: role::CLIENT,
+            flags: flags::TRACKED,
+            base_bytes_acked: 1,
+            base_bytes_received: 0,
+            bytes_acked: 1,
+            srtt_us_x8: 8 * 300,
+            ..SockRecord::default()
+        }
+    }
+
+    fn live(mut rec: SockRecord, acked: u64, received: u64) -> SockRecord {
+        rec.kind = kind::LIVE;
+        rec.state = tcp_state::ESTABLISHED;
+        rec.bytes_acked = acked;
+        rec.bytes_received = received;
+        rec
+    }
+
+    /// A normal active close from FIN_WAIT2: our FIN acked, the peer's FIN received.
+    fn closed(mut rec: SockRecord, payload_sent: u64, payload_received: u64) -> SockRecord {
+        rec.kind = kind::CLOSED;
+        rec.state = tcp_state::FIN_WAIT2;
+        rec.bytes_acked = rec.base_bytes_acked + payload_sent + 1;
+        rec.bytes_received = rec.base_bytes_received + payload_received + 1;
+        rec.snd_una = 5000;
+        rec.write_seq = 5000;
+        rec.flags |= flags::PEER_FIN;
+        rec
+    }
+
+    fn key() -> LinkKey {
+        LinkKey {
+            client: "10.0.0.1".parse().unwrap(),
+            server: "10.0.0.2".parse().unwrap(),
+            server_port: 80,
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    #[test]
+    fn short_connection_counts_payload_without_syn_and_fin() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        agg.apply_event(&closed(client(1), 1000, 250), at(1));
+        let links = agg.collect(at(1));
+        assert_eq!(links.len(), 1);
+        let (k, s) = &links[0];
+        assert_eq!(*k, key());
+        assert_eq!(
+            (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
+            (1000, 250, 1, 0)
+        );
+        assert_eq!(s.failed_total(), 0);
+        assert_eq!(s.connect_duration.count, 1);
+        assert_eq!(s.connect_duration.sum, 0.00025);
+        assert_eq!(s.rtt.count, 1);
+        assert_eq!(s.rtt.sum, 0.0003);
+    }
+
+    #[test]
+    fn long_connection_is_counted_by_walks_then_close_without_double_counting() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(1));
+        let s = agg.collect(at(1))[0].1.clone();
+        assert_eq!(
+            (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
+            (100, 40, 1, 1)
+        );
+
+        agg.apply_walk(&[live(client(1), 1 + 300, 90)], at(2));
+        let s = agg.collect(at(2))[0].1.clone();
+        assert_eq!(
+            (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
+            (300, 90, 1, 1)
+        );
+
+        agg.apply_event(&closed(client(1), 350, 95), at(3));
+        agg.apply_walk(&[], at(3));
+        let s = agg.collect(at(3))[0].1.clone();
+        assert_eq!(
+            (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
+            (350, 95, 1, 0)
+        );
+        assert_eq!(agg.close_lost, 0);
+    }
+
+    #[test]
+    fn walk_racing_a_close_does_not_resurrect_the_connection() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        // The close record arrives while the walk that still listed the socket runs.
+        agg.apply_event(&closed(client(1), 10, 20), at(1));
+        agg.apply_walk(&[live(client(1), 1 + 10, 20)], at(1));
+        let s = agg.collect(at(1))[0].1.clone();
+        assert_eq!(
+            (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
+            (10, 20, 1, 0)
+        );
+    }
+
+    #[test]
+    fn server_end_reports_with_directions_swapped() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut server = client(2);
+        server.role = role::SERVER;
+        server.local_addr = v4([10, 0, 0, 2]);
+        server.local_port = 80;
+        server.remote_addr = v4([10, 0, 0, 1]);
+        server.remote_port = 40000;
+        server.base_bytes_acked = 0;
+        // Passive close from LAST_ACK: FIN acked, peer FIN received.
+        let mut rec = closed(server, 250, 1000);
+        rec.state = tcp_state::LAST_ACK;
+        agg.apply_event(&rec, at(1));
+        let (k, s) = agg.collect(at(1))[0].clone();
+        assert_eq!(k, key());
+        assert_eq!((s.bytes_transmit, s.bytes_receive), (1000, 250));
+    }
+
+    #[test]
+    fn failures_are_classified() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut refused = client(1);
+        refused.kind = kind::CONNECT_FAILED;
+        refused.state = tcp_state::SYN_SENT;
+        refused.sk_err = ECONNREFUSED;
+        agg.apply_event(&refused, at(1));
+        let mut timeout = refused;
+        timeout.sk = 2;
+        timeout.sk_err = ETIMEDOUT;
+        agg.apply_event(&timeout, at(1));
+        let mut reset = closed(client(3), 5, 0);
+        reset.state = tcp_state::ESTABLISHED;
+        reset.flags = flags::TRACKED;
+        reset.bytes_received = 0;
+        reset.sk_err = ECONNRESET;
+        agg.apply_event(&reset, at(1));
+        let s = agg.collect(at(1))[0].1.clone();
+        assert_eq!(s.failed(FailureReason::Refused), 1);
+        assert_eq!(s.failed(FailureReason::Timeout), 1);
+        assert_eq!(s.failed(FailureReason::Reset), 1);
+        assert_eq!(s.opened, 1, "only the reset connection was established");
+        assert_eq!(s.bytes_transmit, 5);
+    }
+
+    #[test]
+    fn abortive_close_without_error_is_a_reset() {
+        let mut rec = closed(client(1), 0, 0);
+        rec.state = tcp_state::ESTABLISHED;
+        assert_eq!(close_failure(&rec), Some(FailureReason::Reset));
+        rec.state = tcp_state::FIN_WAIT2;
+        assert_eq!(close_failure(&rec), None);
+    }
+
+    #[test]
+    fn preexisting_connection_counts_from_first_walk_with_role_from_listener() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        // Server side of a connection opened before start: no role, no baseline.
+        let mut server = live(SockRecord::default(), 5000, 7000);
+        server.sk = 9;
+        server.local_addr = v4([10, 0, 0, 2]);
+        server.local_port = 80;
+        server.remote_addr = v4([10, 0, 0, 1]);
+        server.remote_port = 40000;
+        server.netns = 3;
+        let mut listener = SockRecord {
+            state: tcp_state::LISTEN,
+            local_port: 80,
+            netns: 3,
+            ..SockRecord::default()
+        };
+        listener.local_addr = v4([0, 0, 0, 0]);
+        agg.apply_walk(&[listener, server], at(1));
+        let s = agg.collect(at(1))[0].1.clone();
+        assert_eq!(agg.collect(at(1))[0].0, key());
+        assert_eq!(
+            (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
+            (0, 0, 0, 1)
+        );
+
+        server.bytes_acked += 30; // server -> client
+        server.bytes_received += 20; // client -> server
+        agg.apply_walk(&[listener, server], at(2));
+        let s = agg.collect(at(2))[0].1.clone();
+        assert_eq!((s.bytes_transmit, s.bytes_receive), (20, 30));
+    }
+
+    #[test]
+    fn preexisting_pair_on_one_host_is_reported_once_by_the_client() {
+        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut c = live(SockRecord::default(), 10, 10);
+        c.sk = 1;
+        c.local_addr = v4([10, 0, 0, 1]);
+        c.local_port = 40000;
+        c.remote_addr = v4([10, 0, 0, 2]);
+        c.remote_port = 80;
+        c.netns = 1;
+        let mut s = c;
+        s.sk = 2;
+        s.local_addr = c.remote_addr;
+        s.local_port = 80;
+        s.remote_addr = c.local_addr;
+        s.remote_port = 40000;
+        s.netns = 2;
+        let listener = SockRecord {
+            state: tcp_state::LISTEN,
+            local_port: 80,
+            netns: 2,
+            local_addr: v4([10, 0, 0, 2]),
+            ..SockRecord::default()
+        };
+        agg.apply_walk(&[c, s, listener], at(1));
+        assert_eq!(agg.open_connections(), 1);
+        assert_eq!(agg.collect(at(1))[0].0, key());
+    }
+
+    #[test]
+    fn vanished_connection_is_counted_as_lost_and_idle_links_expire() {
+        let mut agg = Aggregator::new(Duration::from_secs(30));
+        agg.apply_walk(&[live(client(1), 11, 0)], at(0));
+        agg.apply_walk(&[], at(10));
+        assert_eq!(agg.close_lost, 1);
+        let links = agg.collect(at(10));
+        assert_eq!(links[0].1.active, 0);
+        // Still within the idle timeout of its last change (active 1 -> 0 at t=10).
+        assert_eq!(agg.collect(at(39)).len(), 1);
+        assert!(agg.collect(at(40)).is_empty(), "idle for 30 s: expired");
+    }
+
+    #[test]
+    fn link_with_open_connection_never_expires() {
+        let mut agg = Aggregator::new(Duration::from_secs(30));
+        for t in 0..10 {
+            agg.apply_walk(&[live(client(1), 11, 0)], at(t * 60));
+            assert_eq!(agg.collect(at(t * 60)).len(), 1);
+        }
+    }
+
+    #[test]
+    fn ipv6_and_mapped_addresses() {
+        assert_eq!(
+            ip(v4([127, 0, 0, 1])),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        let v6: Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(ip(v6.octets()), IpAddr::V6(v6));
+    }
+}

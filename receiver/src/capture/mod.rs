@@ -1,0 +1,212 @@
+//! The kernel side as userspace sees it: checks what the kernel offers, loads and
+//! attaches the programs, and hands out the three things the receiver reads:
+//! close records (ring buffer), live-socket walks (`iter/tcp`, per network namespace)
+//! and the kernel loss counters.
+mod btf;
+mod netns;
+
+use std::{
+    path::Path,
+    sync::mpsc as std_mpsc,
+    thread::{self, JoinHandle},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, Iter},
+};
+use ridley_ebpf::{KernelOffsets, SockRecord, counter, names};
+use tokio::sync::oneshot;
+
+use crate::model::Losses;
+
+/// The compiled kernel programs, embedded at build time by `build.rs`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ridley-ebpf.o"));
+
+/// `KernelOffsets` as aya's plain-old-data, for writing into the programs' globals.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodOffsets(KernelOffsets);
+// SAFETY: KernelOffsets is #[repr(C)], all u32 fields, no padding, valid for any bits.
+unsafe impl Pod for PodOffsets {}
+
+/// Sizes of the kernel maps, from the receiver's config.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Entries of `SOCKS` and `CLIENT_ENDPOINTS` (allocated on demand).
+    pub max_connections: u32,
+    /// Bytes of the `EVENTS` ring buffer (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+}
+
+/// Copies one record out of kernel-written bytes. Returns `None` on a short buffer.
+pub fn parse_record(bytes: &[u8]) -> Option<SockRecord> {
+    if bytes.len() < SockRecord::SIZE {
+        return None;
+    }
+    // SAFETY: SockRecord is #[repr(C)] plain data valid for any bit pattern, and the
+    // length was checked; read_unaligned makes no alignment assumption.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const SockRecord) })
+}
+
+/// What the kernel must offer, checked before anything is loaded so that the error
+/// names the missing piece instead of a verifier log.
+fn check_kernel() -> Result<()> {
+    if !Path::new(btf::VMLINUX_BTF).exists() {
+        bail!(
+            "{} is missing: ridley needs a kernel built with CONFIG_DEBUG_INFO_BTF=y \
+             (standard on current distributions; kernels 5.8 and later)",
+            btf::VMLINUX_BTF
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!(
+            "not running as root: loading eBPF needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN \
+             (to enter network namespaces)"
+        );
+    }
+    Ok(())
+}
+
+/// The loaded, attached programs.
+pub struct Capture {
+    counters: PerCpuArray<MapData, u64>,
+    walker: Walker,
+}
+
+impl Capture {
+    /// Loads and attaches the programs. Returns the capture and the ring buffer of
+    /// close records, which the caller drains.
+    pub fn load(sizes: MapSizes) -> Result<(Self, RingBuf<MapData>)> {
+        check_kernel()?;
+        let vmlinux = btf_rs::Btf::from_file(btf::VMLINUX_BTF)
+            .with_context(|| format!("parsing {}", btf::VMLINUX_BTF))?;
+        let offsets =
+            btf::kernel_offsets(&vmlinux).context("resolving kernel struct offsets from BTF")?;
+        let offsets = PodOffsets(offsets);
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::GLOBAL_OFFSETS, &offsets, true)
+            .map_max_entries(names::MAP_SOCKS, sizes.max_connections)
+            .map_max_entries(names::MAP_CLIENT_ENDPOINTS, sizes.max_connections)
+            .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
+            .load(PROGRAMS)
+            .context("loading the eBPF object (are you root, or have CAP_BPF + CAP_PERFMON?)")?;
+        let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+
+        let state: &mut BtfTracePoint = program(&mut ebpf, names::PROG_STATE)?;
+        state
+            .load("inet_sock_set_state", &kernel_btf)
+            .context("loading tp_btf/inet_sock_set_state (needs BTF-enabled tracepoints, 5.5+)")?;
+        state
+            .attach()
+            .context("attaching tp_btf/inet_sock_set_state")?;
+        let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
+        iter.load("tcp", &kernel_btf)
+            .context("loading iter/tcp (needs BPF iterators, 5.9+)")?;
+        tracing::info!("hooks active: tp_btf/inet_sock_set_state, iter/tcp");
+
+        let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
+        let walker = Walker::spawn(ebpf)?;
+        Ok((Capture { counters, walker }, events))
+    }
+
+    /// Walks the live TCP sockets of every network namespace on the host.
+    pub async fn walk(&self) -> Result<Walk> {
+        self.walker.walk().await
+    }
+
+    /// Kernel-side losses, summed over CPUs.
+    pub fn kernel_losses(&self) -> Result<Losses> {
+        let read = |index: u32| -> Result<u64> {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .with_context(|| format!("reading kernel counter {index}"))?;
+            Ok(values.iter().sum())
+        };
+        Ok(Losses {
+            ringbuf_full: read(counter::RINGBUF_DROPS)?,
+            socket_table_full: read(counter::SOCKS_FULL)?,
+            endpoint_table_full: read(counter::ENDPOINTS_FULL)?,
+            read_errors: read(counter::READ_ERRORS)?,
+            close_lost: 0,
+        })
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    program
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// One walk's result.
+pub struct Walk {
+    pub records: Vec<SockRecord>,
+    pub namespaces: usize,
+}
+
+type WalkRequest = oneshot::Sender<Result<Walk>>;
+
+/// A thread of its own that owns the programs and enters network namespaces
+/// (`setns` changes the calling thread's namespace, so no async worker may do it).
+/// Dropping the walker stops the thread, which detaches the programs.
+struct Walker {
+    requests: Option<std_mpsc::Sender<WalkRequest>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Walker {
+    fn spawn(mut ebpf: Ebpf) -> Result<Self> {
+        let (tx, rx) = std_mpsc::channel::<WalkRequest>();
+        let thread = thread::Builder::new()
+            .name("ridley-netns-walk".into())
+            .spawn(move || {
+                while let Ok(reply) = rx.recv() {
+                    let result = program::<Iter>(&mut ebpf, names::PROG_ITER)
+                        .and_then(netns::walk_all_namespaces);
+                    let _ = reply.send(result);
+                }
+            })
+            .context("starting the namespace walker thread")?;
+        Ok(Walker {
+            requests: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    async fn walk(&self) -> Result<Walk> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(|| anyhow!("namespace walker stopped"))?
+            .send(tx)
+            .map_err(|_| anyhow!("namespace walker stopped"))?;
+        rx.await.map_err(|_| anyhow!("namespace walker stopped"))?
+    }
+}
+
+impl Drop for Walker {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Walks the TCP sockets of every network namespace with the `iter/tcp` program.
+//! A BPF TCP iterator lists the sockets of the namespace its reader is in, so this
+//! thread enters each namespace in turn and comes back to its own.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Read,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::Iter;
+
+use super::{Walk, parse_record};
+use ridley_ebpf::SockRecord;
+
+/// Every distinct network namespace: one path per namespace inode. Processes'
+/// namespaces (pods: their pause process holds one) and named ones (`ip netns add`).
+fn namespaces() -> BTreeMap<u64, PathBuf> {
+    let mut found = BTreeMap::new();
+    let mut consider = |path: PathBuf| {
+        if let Ok(meta) = std::fs::metadata(&path) {
+            found.entry(meta.ino()).or_insert(path);
+        }
+    };
+    consider(PathBuf::from("/proc/self/ns/net"));
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                consider(entry.path());
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                consider(entry.path().join("ns/net"));
+            }
+        }
+    }
+    found
+}
+
+/// Enters the namespace behind `ns`. Only this thread moves.
+fn enter(ns: &File) -> std::io::Result<()> {
+    // SAFETY: setns on a valid namespace fd; affects the calling thread only.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs the iterator in the current namespace and appends its records.
+fn walk_current(iter: &mut Iter, out: &mut Vec<SockRecord>, buf: &mut Vec<u8>) -> Result<()> {
+    let link = iter.attach().context("attaching iter/tcp")?;
+    let link = iter.take_link(link).context("taking iter/tcp link")?;
+    let mut file = link.into_file().context("creating the iterator")?;
+    buf.clear();
+    file.read_to_end(buf).context("reading the iterator")?;
+    if buf.len() % SockRecord::SIZE != 0 {
+        bail!(
+            "iterator returned {} bytes, not a multiple of the {}-byte record",
+            buf.len(),
+            SockRecord::SIZE
+        );
+    }
+    out.extend(buf.chunks_exact(SockRecord::SIZE).filter_map(parse_record));
+    Ok(())
+}
+
+pub(super) fn walk_all_namespaces(iter: &mut Iter) -> Result<Walk> {
+    let home = File::open("/proc/thread-self/ns/net").context("opening own network namespace")?;
+    let mut records = Vec::new();
+    let mut buf = Vec::new();
+    let mut namespaces_walked = 0;
+    for (inode, path) in namespaces() {
+        // A namespace can vanish between listing and entering (its last process exited):
+        // then it has no sockets left to report.
+        let Ok(ns) = File::open(&path) else { continue };
+        if let Err(e) = enter(&ns) {
+            tracing::debug!(path = %path.display(), inode, "cannot enter namespace: {e}");
+            continue;
+        }
+        let walked = walk_current(iter, &mut records, &mut buf);
+        enter(&home).context("returning to own network namespace")?;
+        walked.with_context(|| format!("walking sockets of {}", path.display()))?;
+        namespaces_walked += 1;
+    }
+    Ok(Walk {
+        records,
+        namespaces: namespaces_walked,
+    })
+}

@@ -1,0 +1,185 @@
+//! The `debug` exporter: a readable live link table on stdout, like the collector's
+//! debug exporter. For people, not parsers: use `file` for machine-readable output.
+use std::{fmt::Write as _, io::Write as _};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use config::{ComponentId, ComponentSection};
+use serde::Deserialize;
+
+use crate::{
+    model::{FailureReason, LinkBatch},
+    pipeline::{MetricsExporter, parse_section},
+};
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Verbosity {
+    /// One summary line per batch.
+    Basic,
+    /// The summary and a table of every link.
+    #[default]
+    Normal,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    pub verbosity: Verbosity,
+}
+
+pub fn build(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn MetricsExporter>> {
+    let config: DebugConfig = parse_section("exporters", id, section)?;
+    Ok(Box::new(DebugExporter { config }))
+}
+
+struct DebugExporter {
+    config: DebugConfig,
+}
+
+fn millis(seconds: Option<f64>) -> String {
+    seconds.map_or_else(|| "-".to_owned(), |s| format!("{:.3}", s * 1000.0))
+}
+
+/// Renders a batch as text: a summary line, then (normal verbosity) one row per link.
+pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
+    let mut out = String::new();
+    let open: u64 = batch.links.iter().map(|(_, s)| s.active).sum();
+    let failed: u64 = batch.links.iter().map(|(_, s)| s.failed_total()).sum();
+    let lost: u64 = batch.losses.entries().iter().map(|(_, n)| n).sum();
+    let _ = writeln!(
+        out,
+        "{}  links: {}  open connections: {}  failed connections: {}  losses: {}",
+        humantime::format_rfc3339_seconds(batch.time),
+        batch.links.len(),
+        open,
+        failed,
+        lost
+    );
+    if verbosity == Verbosity::Basic || batch.links.is_empty() {
+        return out;
+    }
+    let header = [
+        "CLIENT",
+        "SERVER",
+        "PORT",
+        "OPENED",
+        "ACTIVE",
+        "REFUSED",
+        "RESET",
+        "TIMEOUT",
+        "BYTES C>S",
+        "BYTES S>C",
+        "RETRANS",
+        "CONNECT ms",
+        "RTT ms",
+    ];
+    let rows: Vec<[String; 13]> = batch
+        .links
+        .iter()
+        .map(|(key, s)| {
+            [
+                key.client.to_string(),
+                key.server.to_string(),
+                key.server_port.to_string(),
+                s.opened.to_string(),
+                s.active.to_string(),
+                s.failed(FailureReason::Refused).to_string(),
+                s.failed(FailureReason::Reset).to_string(),
+                s.failed(FailureReason::Timeout).to_string(),
+                s.bytes_transmit.to_string(),
+                s.bytes_receive.to_string(),
+                s.retransmits.to_string(),
+                millis(s.connect_duration.mean()),
+                millis(s.rtt.mean()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        for (i, cell) in cells.enumerate() {
+            // Addresses left-aligned, numbers right-aligned.
+            if i < 2 {
+                let _ = write!(out, "{cell:<w$}  ", w = widths[i]);
+            } else {
+                let _ = write!(out, "{cell:>w$}  ", w = widths[i]);
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+#[async_trait]
+impl MetricsExporter for DebugExporter {
+    async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
+        let text = render(batch, self.config.verbosity);
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.write_all(b"\n"))
+            .and_then(|()| stdout.flush())
+            .context("writing to stdout")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::model::{LinkKey, LinkStats, Losses};
+
+    #[test]
+    fn renders_one_row_per_link() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut stats = LinkStats::new(t);
+        stats.opened = 2;
+        stats.active = 1;
+        stats.bytes_transmit = 1234;
+        stats.bytes_receive = 99;
+        stats.add_failure(FailureReason::Reset);
+        let batch = LinkBatch {
+            time: t,
+            receiver_start: t,
+            links: vec![(
+                LinkKey {
+                    client: "10.0.0.1".parse().unwrap(),
+                    server: "10.0.0.2".parse().unwrap(),
+                    server_port: 80,
+                },
+                stats,
+            )],
+            losses: Losses::default(),
+        };
+        let text = render(&batch, Verbosity::Normal);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "2023-11-14T22:13:20Z  links: 1  open connections: 1  failed connections: 1  losses: 0"
+        );
+        assert!(
+            lines[1].starts_with("CLIENT    SERVER    PORT  OPENED"),
+            "{}",
+            lines[1]
+        );
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "10.0.0.1", "10.0.0.2", "80", "2", "1", "0", "1", "0", "1234", "99", "0", "-", "-"
+            ]
+        );
+        assert_eq!(render(&batch, Verbosity::Basic).lines().count(), 1);
+    }
+}

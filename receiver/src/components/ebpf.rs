@@ -1,0 +1,241 @@
+//! The `ebpf` receiver: captures TCP links in the kernel and emits one cumulative
+//! [`LinkBatch`] per `collection_interval`.
+//!
+//! One task owns the aggregation: it drains close records as they arrive (so the ring
+//! buffer never fills waiting for a tick) and, each interval, walks the live sockets,
+//! collects the links and sends them. Nothing is shared with exporters but the batch.
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use aya::maps::{MapData, RingBuf};
+use config::{ComponentId, ComponentSection};
+use serde::Deserialize;
+use tokio::io::{Interest, unix::AsyncFd};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    aggregate::Aggregator,
+    capture::{Capture, MapSizes, parse_record},
+    model::{LinkBatch, Losses},
+    pipeline::{BatchSender, Receiver, parse_section},
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfConfig {
+    /// How often live connections are read and a batch is emitted.
+    #[serde(with = "humantime_serde")]
+    pub collection_interval: Duration,
+    /// A link with no open connection and no change for this long is dropped, so that
+    /// series of links that stopped talking (deleted pods) do not live forever.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections tracked at once in the kernel (per-socket state and client endpoints).
+    /// Memory is allocated per open connection, up to this bound.
+    pub max_connections: u32,
+    /// Bytes of the ring buffer carrying close records (power of two, >= 4096).
+    pub ring_buffer_size: u32,
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        EbpfConfig {
+            collection_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 65536,
+            ring_buffer_size: 256 * 1024,
+        }
+    }
+}
+
+impl EbpfConfig {
+    fn validate(&self) -> Result<()> {
+        if self.collection_interval < Duration::from_millis(100) {
+            bail!("collection_interval must be at least 100ms");
+        }
+        if self.idle_timeout < self.collection_interval {
+            bail!("idle_timeout must be at least collection_interval");
+        }
+        if self.max_connections == 0 {
+            bail!("max_connections must be positive");
+        }
+        if !self.ring_buffer_size.is_power_of_two() || self.ring_buffer_size < 4096 {
+            bail!(
+                "ring_buffer_size must be a power of two of at least 4096 bytes, got {}",
+                self.ring_buffer_size
+            );
+        }
+        Ok(())
+    }
+}
+
+pub fn build(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn Receiver>> {
+    let config: EbpfConfig = parse_section("receivers", id, section)?;
+    config
+        .validate()
+        .with_context(|| format!("receivers.{id}"))?;
+    Ok(Box::new(EbpfReceiver { config }))
+}
+
+struct EbpfReceiver {
+    config: EbpfConfig,
+}
+
+type Events = AsyncFd<RingBuf<MapData>>;
+
+/// Applies every close record waiting in the ring buffer.
+fn drain(events: &mut RingBuf<MapData>, aggregator: &mut Aggregator) {
+    let now = SystemTime::now();
+    while let Some(item) = events.next() {
+        if let Some(record) = parse_record(&item) {
+            aggregator.apply_event(&record, now);
+        }
+    }
+}
+
+async fn drain_when_ready(events: &mut Events, aggregator: &mut Aggregator) -> Result<()> {
+    let mut guard = events
+        .readable_mut()
+        .await
+        .context("polling the ring buffer")?;
+    drain(guard.get_inner_mut(), aggregator);
+    guard.clear_ready();
+    Ok(())
+}
+
+struct Collector {
+    capture: Capture,
+    events: Events,
+    aggregator: Aggregator,
+    start: SystemTime,
+    last_losses: Losses,
+}
+
+impl Collector {
+    /// Walks live sockets (draining close records meanwhile), applies the walk and
+    /// returns the batch for this interval.
+    async fn collect(&mut self) -> Result<LinkBatch> {
+        let walk = {
+            let walk = self.capture.walk();
+            tokio::pin!(walk);
+            loop {
+                tokio::select! {
+                    result = &mut walk => break result?,
+                    drained = drain_when_ready(&mut self.events, &mut self.aggregator) => drained?,
+                }
+            }
+        };
+        // Every close up to the end of the walk is in the buffer now.
+        drain(self.events.get_mut(), &mut self.aggregator);
+        let now = SystemTime::now();
+        self.aggregator.apply_walk(&walk.records, now);
+        let mut losses = self.capture.kernel_losses()?;
+        self.aggregator.add_losses(&mut losses);
+        if losses != self.last_losses {
+            tracing::warn!(
+                ?losses,
+                "kernel data lost since start; raise ring_buffer_size or max_connections"
+            );
+            self.last_losses = losses;
+        }
+        tracing::debug!(
+            namespaces = walk.namespaces,
+            sockets = walk.records.len(),
+            open = self.aggregator.open_connections(),
+            closed_unseen = self.aggregator.closed_unknown(),
+            "collected"
+        );
+        Ok(LinkBatch {
+            time: now,
+            receiver_start: self.start,
+            links: self.aggregator.collect(now),
+            losses,
+        })
+    }
+}
+
+#[async_trait]
+impl Receiver for EbpfReceiver {
+    async fn run(
+        self: Box<Self>,
+        out: BatchSender,
+        ready: tokio::sync::oneshot::Sender<()>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let config = self.config;
+        let (capture, events) = Capture::load(MapSizes {
+            max_connections: config.max_connections,
+            ring_buffer_bytes: config.ring_buffer_size,
+        })?;
+        // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as
+        // long as the AsyncFd (which owns the ring buffer) lives.
+        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("registering the ring buffer: {e}"))?;
+        let mut collector = Collector {
+            capture,
+            events,
+            aggregator: Aggregator::new(config.idle_timeout),
+            start: SystemTime::now(),
+            last_losses: Losses::default(),
+        };
+        // The first walk sets the baseline of connections that predate the programs.
+        collector.collect().await?;
+        tracing::info!(
+            open_connections = collector.aggregator.open_connections(),
+            interval = ?config.collection_interval,
+            "capture started"
+        );
+        let _ = ready.send(());
+
+        let period = config.collection_interval;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                drained = drain_when_ready(&mut collector.events, &mut collector.aggregator) => drained?,
+                _ = ticker.tick() => out.send(collector.collect().await?),
+            }
+        }
+        // Flush: what happened since the last tick is not lost on the way out.
+        out.send(collector.collect().await?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Box<dyn Receiver>> {
+        build(
+            &"ebpf".parse().unwrap(),
+            serde_norway::from_str(yaml).unwrap(),
+        )
+    }
+
+    #[test]
+    fn defaults_and_durations() {
+        let config: EbpfConfig =
+            serde_norway::from_str("collection_interval: 2s\nidle_timeout: 1m\n").unwrap();
+        assert_eq!(config.collection_interval, Duration::from_secs(2));
+        assert_eq!(config.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_connections, 65536);
+        assert_eq!(config.ring_buffer_size, 262144);
+    }
+
+    #[test]
+    fn invalid_values_are_rejected_with_the_component_named() {
+        let err = format!("{:#}", parse("ring_buffer_size: 5000").err().unwrap());
+        assert_eq!(
+            err,
+            "receivers.ebpf: ring_buffer_size must be a power of two of at least 4096 bytes, got 5000"
+        );
+        let err = format!("{:#}", parse("colection_interval: 1s").err().unwrap());
+        assert!(
+            err.starts_with("receivers.ebpf: unknown field `colection_interval`"),
+            "{err}"
+        );
+    }
+}

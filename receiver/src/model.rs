@@ -1,0 +1,207 @@
+//! The data that flows through the pipeline: links and their cumulative statistics.
+//! OTLP is produced from this at the exporter edge (`otlp.rs`), never here.
+use std::{
+    fmt,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+/// A link: a client talking to a server port. The client's ephemeral port is never part
+/// of it, so every connection between the same two addresses and port is one link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkKey {
+    pub client: IpAddr,
+    pub server: IpAddr,
+    pub server_port: u16,
+}
+
+impl LinkKey {
+    /// `network.type`: `ipv4` or `ipv6` (IPv4-mapped IPv6 is already shown as IPv4).
+    pub fn network_type(&self) -> &'static str {
+        match self.server {
+            IpAddr::V4(_) => "ipv4",
+            IpAddr::V6(_) => "ipv6",
+        }
+    }
+}
+
+impl fmt::Display for LinkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.server {
+            IpAddr::V4(server) => write!(f, "{} -> {}:{}", self.client, server, self.server_port),
+            IpAddr::V6(server) => {
+                write!(f, "{} -> [{}]:{}", self.client, server, self.server_port)
+            }
+        }
+    }
+}
+
+/// Why a connection failed: the `error.type` attribute of `ridley.link.connections.failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailureReason {
+    /// The connect was answered with a RST.
+    Refused,
+    /// An established connection ended with a RST, sent or received.
+    Reset,
+    /// The connect got no answer before it was given up, or an established connection
+    /// timed out retransmitting.
+    Timeout,
+}
+
+impl FailureReason {
+    pub const ALL: [FailureReason; 3] = [
+        FailureReason::Refused,
+        FailureReason::Reset,
+        FailureReason::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Refused => "refused",
+            FailureReason::Reset => "reset",
+            FailureReason::Timeout => "timeout",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Upper bounds (seconds) shared by the connect-duration and RTT histograms: from 50 µs
+/// (same-host) to 10 s (SYN retries), dense where datacenter latencies are.
+pub const LATENCY_BOUNDS_S: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+/// An explicit-bucket histogram over [`LATENCY_BOUNDS_S`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    /// `LATENCY_BOUNDS_S.len() + 1` buckets; the last is (10 s, +inf).
+    pub bucket_counts: [u64; LATENCY_BOUNDS_S.len() + 1],
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            bucket_counts: [0; LATENCY_BOUNDS_S.len() + 1],
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl Histogram {
+    pub fn record(&mut self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        let bucket = LATENCY_BOUNDS_S
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BOUNDS_S.len());
+        self.bucket_counts[bucket] += 1;
+        self.count += 1;
+        self.sum += seconds;
+        self.min = self.min.min(seconds);
+        self.max = self.max.max(seconds);
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+}
+
+/// Cumulative statistics of one link since `start_time`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkStats {
+    /// When this link was first seen (the start of its cumulative series).
+    pub start_time: SystemTime,
+    /// Payload bytes client -> server.
+    pub bytes_transmit: u64,
+    /// Payload bytes server -> client.
+    pub bytes_receive: u64,
+    /// Connections that completed the handshake.
+    pub opened: u64,
+    /// Failed connections by [`FailureReason`].
+    failed: [u64; 3],
+    /// Connections open at the last collection.
+    pub active: u64,
+    /// Segments retransmitted by the reporting end.
+    pub retransmits: u64,
+    pub connect_duration: Histogram,
+    pub rtt: Histogram,
+}
+
+impl LinkStats {
+    pub fn new(start_time: SystemTime) -> Self {
+        LinkStats {
+            start_time,
+            bytes_transmit: 0,
+            bytes_receive: 0,
+            opened: 0,
+            failed: [0; 3],
+            active: 0,
+            retransmits: 0,
+            connect_duration: Histogram::default(),
+            rtt: Histogram::default(),
+        }
+    }
+
+    pub fn failed(&self, reason: FailureReason) -> u64 {
+        self.failed[reason.index()]
+    }
+
+    pub fn failed_total(&self) -> u64 {
+        self.failed.iter().sum()
+    }
+
+    pub fn add_failure(&mut self, reason: FailureReason) {
+        self.failed[reason.index()] += 1;
+    }
+}
+
+/// Kernel-side and receiver-side losses, cumulative since start. Exported as
+/// `ridley.receiver.losses` so that an incomplete count is never silent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Close records dropped because the ring buffer was full.
+    pub ringbuf_full: u64,
+    /// Connections not tracked because the kernel socket table was full.
+    pub socket_table_full: u64,
+    /// Client endpoints not recorded (the link may be reported from both ends).
+    pub endpoint_table_full: u64,
+    /// Kernel memory reads that failed.
+    pub read_errors: u64,
+    /// Connections that vanished between two walks without a close record.
+    pub close_lost: u64,
+}
+
+impl Losses {
+    pub fn entries(&self) -> [(&'static str, u64); 5] {
+        [
+            ("ringbuf_full", self.ringbuf_full),
+            ("socket_table_full", self.socket_table_full),
+            ("endpoint_table_full", self.endpoint_table_full),
+            ("read_error", self.read_errors),
+            ("close_lost", self.close_lost),
+        ]
+    }
+}
+
+/// What a receiver emits once per collection interval.
+#[derive(Clone, Debug)]
+pub struct LinkBatch {
+    /// The collection time of every point in the batch.
+    pub time: SystemTime,
+    /// When the receiver started (start of the loss counters).
+    pub receiver_start: SystemTime,
+    /// Every live (not yet expired) link, cumulative.
+    pub links: Vec<(LinkKey, LinkStats)>,
+    pub losses: Losses,
+}

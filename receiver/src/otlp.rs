@@ -1,0 +1,335 @@
+//! The OTLP edge: [`LinkBatch`] -> `ExportMetricsServiceRequest`, with the official
+//! generated types of opentelemetry-proto. Metric names, units and attributes here are
+//! the contract documented in the README's metric table: add, never rename.
+use std::time::SystemTime;
+
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    metrics::v1::{
+        AggregationTemporality, Histogram as OtlpHistogram, HistogramDataPoint, Metric,
+        NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
+    },
+    resource::v1::Resource,
+};
+
+use crate::model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkKey, LinkStats};
+
+pub const SCOPE_NAME: &str = "ridley";
+
+fn kv(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        key_strindex: 0,
+    }
+}
+
+fn kv_str(key: &str, value: impl Into<String>) -> KeyValue {
+    kv(key, any_value::Value::StringValue(value.into()))
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The link attributes every `ridley.link.*` point carries.
+fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
+    vec![
+        kv_str("client.address", key.client.to_string()),
+        kv_str("server.address", key.server.to_string()),
+        kv(
+            "server.port",
+            any_value::Value::IntValue(i64::from(key.server_port)),
+        ),
+        kv_str("network.transport", "tcp"),
+        kv_str("network.type", key.network_type()),
+    ]
+}
+
+/// The resource of everything ridley exports about itself and its links.
+pub fn resource() -> Resource {
+    Resource {
+        attributes: vec![
+            kv_str("service.name", "ridley"),
+            kv_str("service.version", env!("CARGO_PKG_VERSION")),
+            kv_str("host.name", host_name()),
+        ],
+        dropped_attributes_count: 0,
+        entity_refs: vec![],
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+struct PointBuilder<'a> {
+    batch: &'a LinkBatch,
+}
+
+impl PointBuilder<'_> {
+    fn number(&self, start: SystemTime, attributes: Vec<KeyValue>, value: u64) -> NumberDataPoint {
+        NumberDataPoint {
+            attributes,
+            start_time_unix_nano: unix_nanos(start),
+            time_unix_nano: unix_nanos(self.batch.time),
+            exemplars: vec![],
+            flags: 0,
+            value: Some(number_data_point::Value::AsInt(
+                i64::try_from(value).unwrap_or(i64::MAX),
+            )),
+        }
+    }
+
+    fn histogram(
+        &self,
+        start: SystemTime,
+        attributes: Vec<KeyValue>,
+        h: &Histogram,
+    ) -> HistogramDataPoint {
+        HistogramDataPoint {
+            attributes,
+            start_time_unix_nano: unix_nanos(start),
+            time_unix_nano: unix_nanos(self.batch.time),
+            count: h.count,
+            sum: Some(h.sum),
+            bucket_counts: h.bucket_counts.to_vec(),
+            explicit_bounds: LATENCY_BOUNDS_S.to_vec(),
+            exemplars: vec![],
+            flags: 0,
+            min: (h.count > 0).then_some(h.min),
+            max: (h.count > 0).then_some(h.max),
+        }
+    }
+}
+
+fn sum(
+    name: &str,
+    description: &str,
+    unit: &str,
+    monotonic: bool,
+    points: Vec<NumberDataPoint>,
+) -> Metric {
+    Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: unit.to_owned(),
+        metadata: vec![],
+        data: Some(metric::Data::Sum(Sum {
+            data_points: points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            is_monotonic: monotonic,
+        })),
+    }
+}
+
+fn histogram(name: &str, description: &str, points: Vec<HistogramDataPoint>) -> Metric {
+    Metric {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        unit: "s".to_owned(),
+        metadata: vec![],
+        data: Some(metric::Data::Histogram(OtlpHistogram {
+            data_points: points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        })),
+    }
+}
+
+/// One export request for the whole batch: cumulative temporality, one point per link
+/// (and per direction or failure reason) per metric.
+pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
+    let p = PointBuilder { batch };
+    let links = &batch.links;
+    let per_link = |value: &dyn Fn(&LinkStats) -> u64| -> Vec<NumberDataPoint> {
+        links
+            .iter()
+            .map(|(key, stats)| p.number(stats.start_time, link_attributes(key), value(stats)))
+            .collect()
+    };
+
+    let mut bytes = Vec::with_capacity(links.len() * 2);
+    let mut failed = Vec::new();
+    for (key, stats) in links {
+        for (direction, value) in [
+            ("transmit", stats.bytes_transmit),
+            ("receive", stats.bytes_receive),
+        ] {
+            let mut attributes = link_attributes(key);
+            attributes.push(kv_str("network.io.direction", direction));
+            bytes.push(p.number(stats.start_time, attributes, value));
+        }
+        // A reason appears once it has happened at least once on the link.
+        for reason in FailureReason::ALL {
+            let count = stats.failed(reason);
+            if count > 0 {
+                let mut attributes = link_attributes(key);
+                attributes.push(kv_str("error.type", reason.as_str()));
+                failed.push(p.number(stats.start_time, attributes, count));
+            }
+        }
+    }
+
+    let mut metrics = vec![
+        sum(
+            "ridley.link.bytes",
+            "Payload bytes carried by the link, by direction (transmit: client to server).",
+            "By",
+            true,
+            bytes,
+        ),
+        sum(
+            "ridley.link.connections.opened",
+            "Connections that completed the TCP handshake.",
+            "{connection}",
+            true,
+            per_link(&|s| s.opened),
+        ),
+        sum(
+            "ridley.link.connections.failed",
+            "Connections that failed: refused, reset or timed out.",
+            "{connection}",
+            true,
+            failed,
+        ),
+        sum(
+            "ridley.link.connections.active",
+            "Connections open at collection time.",
+            "{connection}",
+            false,
+            per_link(&|s| s.active),
+        ),
+        histogram(
+            "ridley.link.connect.duration",
+            "TCP handshake duration, measured by the reporting end.",
+            links
+                .iter()
+                .map(|(key, s)| {
+                    p.histogram(s.start_time, link_attributes(key), &s.connect_duration)
+                })
+                .collect(),
+        ),
+        histogram(
+            "ridley.link.rtt",
+            "Smoothed RTT of the link's connections, sampled once per connection per interval and at close.",
+            links
+                .iter()
+                .map(|(key, s)| p.histogram(s.start_time, link_attributes(key), &s.rtt))
+                .collect(),
+        ),
+        sum(
+            "ridley.link.retransmits",
+            "TCP segments retransmitted by the reporting end.",
+            "{segment}",
+            true,
+            per_link(&|s| s.retransmits),
+        ),
+    ];
+    metrics.push(sum(
+        "ridley.receiver.losses",
+        "Kernel records or connections the receiver could not account for, by reason.",
+        "{event}",
+        true,
+        batch
+            .losses
+            .entries()
+            .into_iter()
+            .map(|(reason, count)| {
+                p.number(batch.receiver_start, vec![kv_str("reason", reason)], count)
+            })
+            .collect(),
+    ));
+    // Metrics with no points (no links yet) are left out, as the collector does.
+    metrics.retain(|m| match &m.data {
+        Some(metric::Data::Sum(s)) => !s.data_points.is_empty(),
+        Some(metric::Data::Histogram(h)) => !h.data_points.is_empty(),
+        _ => true,
+    });
+
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(resource.clone()),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: SCOPE_NAME.to_owned(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    attributes: vec![],
+                    dropped_attributes_count: 0,
+                }),
+                metrics,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::Losses;
+
+    fn batch() -> LinkBatch {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut stats = LinkStats::new(start);
+        stats.bytes_transmit = 1000;
+        stats.bytes_receive = 20;
+        stats.opened = 3;
+        stats.add_failure(FailureReason::Refused);
+        stats.connect_duration.record(Duration::from_micros(80));
+        LinkBatch {
+            time: start + Duration::from_secs(10),
+            receiver_start: start,
+            links: vec![(
+                LinkKey {
+                    client: "10.0.0.1".parse().unwrap(),
+                    server: "fd00::2".parse().unwrap(),
+                    server_port: 443,
+                },
+                stats,
+            )],
+            losses: Losses::default(),
+        }
+    }
+
+    /// The file exporter's encoding is the collector's OTLP/JSON: camelCase keys,
+    /// 64-bit integers as strings, enums as numbers.
+    #[test]
+    fn json_encoding_matches_otlp_json() {
+        let request = metrics_request(&batch(), &resource());
+        let json: serde_json::Value = serde_json::to_value(&request).unwrap();
+        let metrics = &json["resourceMetrics"][0]["scopeMetrics"][0]["metrics"];
+        let bytes = &metrics[0];
+        assert_eq!(bytes["name"], "ridley.link.bytes");
+        assert_eq!(bytes["unit"], "By");
+        assert_eq!(bytes["sum"]["isMonotonic"], true);
+        assert_eq!(bytes["sum"]["aggregationTemporality"], 2);
+        let point = &bytes["sum"]["dataPoints"][0];
+        assert_eq!(point["asInt"], "1000");
+        assert_eq!(point["timeUnixNano"], "1700000010000000000");
+        assert_eq!(point["startTimeUnixNano"], "1700000000000000000");
+        let attrs = point["attributes"].as_array().unwrap();
+        assert!(
+            attrs
+                .contains(&serde_json::json!({"key": "server.port", "value": {"intValue": "443"}}))
+        );
+        assert!(attrs.contains(
+            &serde_json::json!({"key": "network.type", "value": {"stringValue": "ipv6"}})
+        ));
+        assert!(attrs.contains(&serde_json::json!({"key": "network.io.direction", "value": {"stringValue": "transmit"}})));
+
+        let failed = &metrics[2];
+        assert_eq!(failed["name"], "ridley.link.connections.failed");
+        assert_eq!(failed["sum"]["dataPoints"].as_array().unwrap().len(), 1);
+        let hist = &metrics[4]["histogram"]["dataPoints"][0];
+        assert_eq!(hist["count"], "1");
+        assert_eq!(hist["bucketCounts"][1], "1");
+    }
+}

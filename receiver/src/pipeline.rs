@@ -1,0 +1,215 @@
+//! The collector's shape: receivers produce [`LinkBatch`]es, processors transform them,
+//! exporters send them out. One trait per role; components are built from the registry
+//! (`components.rs`) by their type name and wired by `service.pipelines`.
+use std::{collections::BTreeMap, sync::Arc};
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use config::{ComponentId, ComponentSection, Config, Signal};
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{components, model::LinkBatch};
+
+/// Batches waiting between a receiver and a pipeline. Small: a batch is a full
+/// cumulative state, so a slow exporter skips to the newest rather than queueing.
+const PIPELINE_QUEUE: usize = 4;
+
+/// Where a receiver sends its batches: every pipeline that lists it.
+#[derive(Clone)]
+pub struct BatchSender {
+    pipelines: Vec<(String, mpsc::Sender<Arc<LinkBatch>>)>,
+}
+
+impl BatchSender {
+    /// Hands the batch to each pipeline. A pipeline whose queue is full loses this
+    /// batch (the next carries the same cumulative values), and it is logged.
+    pub fn send(&self, batch: LinkBatch) {
+        let batch = Arc::new(batch);
+        for (name, tx) in &self.pipelines {
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(batch.clone()) {
+                tracing::warn!(pipeline = %name, "pipeline busy: batch skipped");
+            }
+        }
+    }
+}
+
+#[async_trait]
+pub trait Receiver: Send {
+    /// Runs until `shutdown` is cancelled, then sends a final batch and returns.
+    /// `ready` is signalled once data capture has started.
+    async fn run(
+        self: Box<Self>,
+        out: BatchSender,
+        ready: tokio::sync::oneshot::Sender<()>,
+        shutdown: CancellationToken,
+    ) -> Result<()>;
+}
+
+pub trait Processor: Send {
+    fn process(&mut self, batch: LinkBatch) -> LinkBatch;
+}
+
+#[async_trait]
+pub trait MetricsExporter: Send {
+    async fn export(&mut self, batch: &LinkBatch) -> Result<()>;
+    /// Flushes what is buffered; called once, after the last batch.
+    async fn shutdown(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Parses a component's own section with its config struct (which should
+/// `deny_unknown_fields`), naming the component in the error.
+pub fn parse_section<T: DeserializeOwned>(
+    role: &str,
+    id: &ComponentId,
+    section: ComponentSection,
+) -> Result<T> {
+    serde_norway::from_value(section).with_context(|| format!("{role}.{id}"))
+}
+
+struct PipelineRun {
+    name: String,
+    processors: Vec<Box<dyn Processor>>,
+    exporters: Vec<(ComponentId, Box<dyn MetricsExporter>)>,
+    input: mpsc::Receiver<Arc<LinkBatch>>,
+}
+
+impl PipelineRun {
+    async fn run(mut self) -> Result<()> {
+        while let Some(batch) = self.input.recv().await {
+            let mut batch = Arc::unwrap_or_clone(batch);
+            for processor in &mut self.processors {
+                batch = processor.process(batch);
+            }
+            for (id, exporter) in &mut self.exporters {
+                // One exporter failing must not starve the others; the next batch is
+                // cumulative, so nothing is lost once it recovers.
+                if let Err(e) = exporter.export(&batch).await {
+                    tracing::error!(pipeline = %self.name, exporter = %id, "export failed: {e:#}");
+                }
+            }
+        }
+        for (id, exporter) in &mut self.exporters {
+            if let Err(e) = exporter.shutdown().await {
+                tracing::error!(pipeline = %self.name, exporter = %id, "flush failed: {e:#}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Built components, ready to run.
+pub struct Service {
+    receivers: Vec<(ComponentId, Box<dyn Receiver>, BatchSender)>,
+    pipelines: Vec<PipelineRun>,
+}
+
+impl Service {
+    pub fn build(config: &Config) -> Result<Self> {
+        let mut senders: BTreeMap<ComponentId, Vec<(String, mpsc::Sender<_>)>> = BTreeMap::new();
+        let mut pipelines = Vec::new();
+        for (pipeline_id, pipeline) in &config.service.pipelines {
+            if pipeline_id.signal == Signal::Traces {
+                bail!(
+                    "service.pipelines.{pipeline_id}: no exporter supports traces yet; \
+                     use a metrics pipeline"
+                );
+            }
+            let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
+            for receiver in &pipeline.receivers {
+                senders
+                    .entry(receiver.clone())
+                    .or_default()
+                    .push((pipeline_id.to_string(), tx.clone()));
+            }
+            let processors = pipeline
+                .processors
+                .iter()
+                .map(|id| components::build_processor(id, section(&config.processors, id)?))
+                .collect::<Result<Vec<_>>>()?;
+            let exporters = pipeline
+                .exporters
+                .iter()
+                .map(|id| {
+                    let exporter = components::build_exporter(id, section(&config.exporters, id)?)?;
+                    Ok((id.clone(), exporter))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            pipelines.push(PipelineRun {
+                name: pipeline_id.to_string(),
+                processors,
+                exporters,
+                input: rx,
+            });
+        }
+        let receivers = senders
+            .into_iter()
+            .map(|(id, pipelines)| {
+                let receiver = components::build_receiver(&id, section(&config.receivers, &id)?)?;
+                Ok((id, receiver, BatchSender { pipelines }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Service {
+            receivers,
+            pipelines,
+        })
+    }
+
+    /// Runs every component until `shutdown`; then receivers send their last batch,
+    /// pipelines drain and exporters flush. Returns the first error.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let mut tasks = JoinSet::new();
+        for pipeline in self.pipelines {
+            tasks.spawn(pipeline.run());
+        }
+        let mut readiness = Vec::new();
+        for (id, receiver, out) in self.receivers {
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            readiness.push((id.clone(), ready_rx));
+            let shutdown = shutdown.clone();
+            let stop_all = shutdown.clone();
+            tasks.spawn(async move {
+                let result = receiver
+                    .run(out, ready_tx, shutdown)
+                    .await
+                    .with_context(|| format!("receivers.{id}"));
+                // A receiver that stops takes the daemon down with it, loudly.
+                stop_all.cancel();
+                result
+            });
+        }
+        let ready = async {
+            for (id, rx) in readiness {
+                if rx.await.is_ok() {
+                    tracing::info!(receiver = %id, "receiver ready");
+                }
+            }
+            tracing::info!("ridley is running");
+        };
+        tokio::select! {
+            _ = ready => {},
+            _ = shutdown.cancelled() => {},
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.map_err(|e| anyhow!("component task panicked: {e}"))?;
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn section(
+    sections: &BTreeMap<ComponentId, ComponentSection>,
+    id: &ComponentId,
+) -> Result<ComponentSection> {
+    sections
+        .get(id)
+        .cloned()
+        .ok_or_else(|| anyhow!("component {id} is not defined"))
+}

@@ -258,6 +258,8 @@ impl Aggregator {
                 return;
             }
         };
+        // A close is a change of the link even when it carried no new bytes.
+        self.link_mut(key, now);
         self.add_payload(key, end, final_payload.since(counted), now);
         self.record_rtt(key, rec, now);
         if let Some(reason) = close_failure(rec) {
@@ -337,6 +339,7 @@ impl Aggregator {
                     continue;
                 }
                 // Opened before the programs were attached: count from now on.
+                self.link_mut(key, now);
                 now_payload
             };
             self.add_payload(key, end, now_payload.since(counted), now);
@@ -353,9 +356,18 @@ impl Aggregator {
         }
 
         // Seen before, absent now, and no close record: the record was lost.
-        let before = self.conns.len();
-        self.conns.retain(|_, conn| conn.seen == generation);
-        self.close_lost += (before - self.conns.len()) as u64;
+        let mut lost = Vec::new();
+        self.conns.retain(|_, conn| {
+            let live = conn.seen == generation;
+            if !live {
+                lost.push(conn.link);
+            }
+            live
+        });
+        self.close_lost += lost.len() as u64;
+        for key in lost {
+            self.link_mut(key, now);
+        }
         self.closed_since_walk.clear();
     }
 
@@ -385,7 +397,7 @@ impl Aggregator {
                 (*key, link.stats.clone())
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by_key(|(key, _)| *key);
         out
     }
 
@@ -591,6 +603,7 @@ mod tests {
         let mut reset = closed(client(3), 5, 0);
         reset.state = tcp_state::ESTABLISHED;
         reset.flags = flags::TRACKED;
+        reset.bytes_acked = 1 + 5; // no FIN: aborted
         reset.bytes_received = 0;
         reset.sk_err = ECONNRESET;
         agg.apply_event(&reset, at(1));

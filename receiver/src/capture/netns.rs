@@ -59,7 +59,7 @@ fn walk_current(iter: &mut Iter, out: &mut Vec<SockRecord>, buf: &mut Vec<u8>) -
     let mut file = link.into_file().context("creating the iterator")?;
     buf.clear();
     file.read_to_end(buf).context("reading the iterator")?;
-    if buf.len() % SockRecord::SIZE != 0 {
+    if !buf.len().is_multiple_of(SockRecord::SIZE) {
         bail!(
             "iterator returned {} bytes, not a multiple of the {}-byte record",
             buf.len(),

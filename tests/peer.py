@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Traffic peer for the end-to-end tests: run inside a network namespace.
+
+Protocol: the client sends N bytes and shuts down its write side; the server reads to
+EOF, answers with M bytes and closes. Both byte counts are known exactly.
+"""
+import argparse
+import socket
+import struct
+import sys
+import threading
+
+
+def recv_all(conn):
+    total = 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
+def serve(args):
+    family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((args.addr, args.port))
+    listener.listen(1024)
+    print("listening", flush=True)
+
+    def handle(conn):
+        with conn:
+            recv_all(conn)
+            if args.reset:
+                # SO_LINGER {on, 0}: close() aborts with a RST instead of a FIN.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            conn.sendall(b"s" * args.reply)
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def connect(args):
+    family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
+    for _ in range(args.count):
+        conn = socket.socket(family, socket.SOCK_STREAM)
+        conn.settimeout(args.timeout)
+        try:
+            conn.connect((args.addr, args.port))
+        except OSError as e:
+            print(f"connect failed: {e}", flush=True)
+            conn.close()
+            continue
+        with conn:
+            if args.hold:
+                conn.sendall(b"c" * args.before)
+                print("connected", flush=True)
+                sys.stdin.readline()
+            conn.sendall(b"c" * args.send)
+            conn.shutdown(socket.SHUT_WR)
+            try:
+                got = recv_all(conn)
+            except ConnectionResetError:
+                got = "reset"
+            print(f"received {got}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--addr", required=True)
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--reply", type=int, default=0)
+    s.add_argument("--reset", action="store_true")
+    c = sub.add_parser("connect")
+    c.add_argument("--addr", required=True)
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--send", type=int, default=0)
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("--hold", action="store_true",
+                   help="send --before bytes, print 'connected', wait for a line on stdin")
+    c.add_argument("--before", type=int, default=0)
+    args = parser.parse_args()
+    serve(args) if args.mode == "serve" else connect(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""End-to-end link capture on the real kernel: traffic between network namespaces with
+known byte counts, and the exact numbers ridley's file exporter reports."""
+import time
+
+from conftest import HOSTS, SILENT_V4
+
+A4, A6 = HOSTS["a"]
+B4, B6 = HOSTS["b"]
+C4, C6 = HOSTS["c"]
+
+NO_LOSSES = {"ringbuf_full": 0, "socket_table_full": 0, "endpoint_table_full": 0,
+             "read_error": 0, "close_lost": 0}
+
+
+def test_clients_and_servers_across_namespaces_exact_bytes(ridley, peers):
+    r = ridley()
+    peers.server("a", A4, 8080, reply=3000)
+    peers.server("c", C4, 9090, reply=17)
+    assert peers.connect("b", A4, 8080, send=1234, count=5) == ["received 3000"] * 5
+    assert peers.connect("c", A4, 8080, send=777, count=3) == ["received 3000"] * 3
+    assert peers.connect("a", C4, 9090, send=65536 * 4, count=2) == ["received 17"] * 2
+    final = r.stop()
+
+    assert final.links() == [(A4, C4, 9090), (B4, A4, 8080), (C4, A4, 8080)]
+    b_a = final.link(B4, A4, 8080)
+    assert b_a == {
+        "network.type": "ipv4", "network.transport": "tcp",
+        "opened": 5, "active": 0, "failed": {},
+        "transmit": 5 * 1234, "receive": 5 * 3000,
+        "retransmits": 0, "connect_count": 5, "rtt_count": 5,
+    }
+    c_a = final.link(C4, A4, 8080)
+    assert (c_a["opened"], c_a["transmit"], c_a["receive"], c_a["failed"]) == (3, 3 * 777, 3 * 3000, {})
+    a_c = final.link(A4, C4, 9090)
+    assert (a_c["opened"], a_c["transmit"], a_c["receive"], a_c["failed"]) == (2, 2 * 262144, 2 * 17, {})
+    assert final.losses() == NO_LOSSES
+    assert final.resource["service.name"] == "ridley"
+    assert final.resource["host.name"]
+
+
+def test_connection_opened_before_the_daemon_counts_from_then_on(ridley, peers):
+    peers.server("a", A4, 8081, reply=500)
+    conn = peers.hold("b", A4, 8081, before=10_000, send=2_500)
+    r = ridley()
+    assert peers.release(conn) == ["received 500"]
+    final = r.stop()
+    link = final.link(B4, A4, 8081)
+    # The role is right (b is the client) although the handshake was never seen; only
+    # the bytes after the daemon started count, and it was not opened while watched.
+    assert (link["opened"], link["transmit"], link["receive"], link["active"]) == (0, 2_500, 500, 0)
+    assert final.links() == [(B4, A4, 8081)]
+    assert final.losses() == NO_LOSSES
+
+
+def test_long_lived_connection_is_reported_while_open(ridley, peers):
+    r = ridley(interval="1s")
+    peers.server("a", A4, 8082, reply=42)
+    conn = peers.hold("c", A4, 8082, before=4_096, send=100)
+    live = r.wait_for(lambda b: (b.link(C4, A4, 8082) or {}).get("transmit") == 4_096)
+    assert live.link(C4, A4, 8082)["active"] == 1
+    assert live.link(C4, A4, 8082)["opened"] == 1
+    assert peers.release(conn) == ["received 42"]
+    final = r.stop()
+    link = final.link(C4, A4, 8082)
+    assert (link["opened"], link["active"], link["transmit"], link["receive"]) == (1, 0, 4_196, 42)
+
+
+def test_refused_connect(ridley, peers):
+    r = ridley()
+    assert peers.connect("b", A4, 8181, count=3) == ["connect failed: [Errno 111] Connection refused"] * 3
+    final = r.stop()
+    link = final.link(B4, A4, 8181)
+    assert (link["opened"], link["failed"], link["transmit"], link["receive"]) == (0, {"refused": 3}, 0, 0)
+    assert link["connect_count"] == 0
+
+
+def test_reset_connection(ridley, peers):
+    r = ridley()
+    peers.server("a", A4, 8083, reset=True)
+    assert peers.connect("b", A4, 8083, send=300, count=2) == ["received reset"] * 2
+    final = r.stop()
+    link = final.link(B4, A4, 8083)
+    assert (link["opened"], link["failed"], link["transmit"], link["receive"]) == (2, {"reset": 2}, 600, 0)
+
+
+def test_connect_timeout(ridley, peers):
+    r = ridley()
+    out = peers.connect("b", SILENT_V4, 80, count=1, timeout=1.0)
+    assert len(out) == 1 and out[0].startswith("connect failed"), out
+    final = r.stop()
+    link = final.link(B4, SILENT_V4, 80)
+    assert (link["opened"], link["failed"]) == (0, {"timeout": 1})
+
+
+def test_ipv6(ridley, peers):
+    r = ridley()
+    peers.server("c", C6, 8443, reply=999)
+    assert peers.connect("b", C6, 8443, send=4321, count=2) == ["received 999"] * 2
+    final = r.stop()
+    assert final.links() == [(B6, C6, 8443)]
+    link = final.link(B6, C6, 8443)
+    assert link["network.type"] == "ipv6"
+    assert (link["opened"], link["transmit"], link["receive"]) == (2, 8642, 1998)
+
+
+def test_ipv4_mapped_ipv6_is_shown_as_ipv4(ridley, peers):
+    r = ridley()
+    peers.server("a", "::", 8084, reply=5)  # dual-stack listener
+    assert peers.connect("b", A4, 8084, send=6) == ["received 5"]
+    final = r.stop()
+    link = final.link(B4, A4, 8084)
+    assert link["network.type"] == "ipv4"
+    assert (link["opened"], link["transmit"], link["receive"]) == (1, 6, 5)
+
+
+def test_burst_of_short_connections_is_counted_exactly(ridley, peers):
+    r = ridley()
+    peers.server("a", A4, 8085, reply=50)
+    out = peers.connect("c", A4, 8085, send=100, count=1200)
+    assert out == ["received 50"] * 1200
+    final = r.stop()
+    link = final.link(C4, A4, 8085)
+    assert (link["opened"], link["transmit"], link["receive"], link["failed"]) == (1200, 120_000, 60_000, {})
+    assert link["connect_count"] == 1200
+    assert final.losses() == NO_LOSSES
+
+
+def test_same_host_loopback_is_one_link(ridley, peers):
+    r = ridley()
+    peers.server("b", "127.0.0.1", 7070, reply=11)
+    assert peers.connect("b", "127.0.0.1", 7070, send=22, count=4) == ["received 11"] * 4
+    final = r.stop()
+    link = final.link("127.0.0.1", "127.0.0.1", 7070)
+    assert (link["opened"], link["transmit"], link["receive"]) == (4, 88, 44)
+    # Not also reported from the server end (which would be 127.0.0.1 -> 127.0.0.1:<ephemeral>).
+    assert [l for l in final.links() if l[0] == "127.0.0.1"] == [("127.0.0.1", "127.0.0.1", 7070)]
+
+
+def test_idle_link_expires(ridley, peers):
+    r = ridley(interval="1s", idle_timeout="2s")
+    peers.server("a", A4, 8086, reply=1)
+    peers.connect("b", A4, 8086, send=1)
+    r.wait_for(lambda b: b.link(B4, A4, 8086) is not None)
+    gone = r.wait_for(lambda b: b.link(B4, A4, 8086) is None, timeout=10)
+    assert (B4, A4, 8086) not in gone.links()
+    r.stop()

@@ -25,7 +25,7 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
     mkdir -p /opt/llvm22/lib
     ln -sf /usr/lib/x86_64-linux-gnu/libLLVM.so.22.1 /opt/llvm22/lib/libLLVM.so
     LLVM_PREFIX=/opt/llvm22 cargo install --locked bpf-linker@0.13.0 \
-        --no-default-features --features llvm-22 >/dev/null
+        --no-default-features --features llvm-22 --quiet
 fi
 
 # Python peers for the end-to-end tests.

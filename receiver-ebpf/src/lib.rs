@@ -81,6 +81,7 @@ pub mod names {
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_COUNTERS: &str = "COUNTERS";
     pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+    pub const GLOBAL_RINGBUF_WAKEUP_BYTES: &str = "RINGBUF_WAKEUP_BYTES";
     pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
     pub const PROG_ITER: &str = "ridley_iter_tcp";
 }

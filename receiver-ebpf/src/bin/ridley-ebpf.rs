@@ -25,7 +25,7 @@ mod programs {
     use core::ffi::c_void;
 
     use aya_ebpf::{
-        bindings::BPF_F_NO_PREALLOC,
+        bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
         helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_seq_write},
         macros::{btf_tracepoint, map},
         maps::{HashMap, PerCpuArray, RingBuf},
@@ -79,6 +79,11 @@ mod programs {
         snd_una: 0,
         write_seq: 0,
     };
+
+    /// Wake the reader only once this many bytes wait in `EVENTS`; userspace also drains
+    /// on a short timer. Waking it for every record costs more than the record itself.
+    #[unsafe(no_mangle)]
+    static RINGBUF_WAKEUP_BYTES: u64 = 0;
 
     /// `SOCK_DONE` in `enum sock_flags`: set by `tcp_fin()` when the peer's FIN arrives.
     const SOCK_DONE_BIT: u64 = 1 << 1;
@@ -190,6 +195,16 @@ mod programs {
 
     #[inline(always)]
     fn on_state_change(sk: *const u8, old_state: u8, new_state: u8) {
+        // Half of all transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...) and the close
+        // of listeners and half-open children need nothing: leave before any read.
+        let interesting = match new_state {
+            tcp_state::SYN_SENT | tcp_state::SYN_RECV | tcp_state::ESTABLISHED => true,
+            tcp_state::CLOSE => old_state != tcp_state::LISTEN,
+            _ => false,
+        };
+        if !interesting {
+            return;
+        }
         let off = offsets();
         if read::<u16>(sk, off.sk_protocol) != IPPROTO_TCP {
             return;
@@ -203,8 +218,7 @@ mod programs {
             tcp_state::SYN_SENT => start(key, role::CLIENT),
             tcp_state::SYN_RECV => start(key, role::SERVER),
             tcp_state::ESTABLISHED => established(sk, &off, family, old_state),
-            tcp_state::CLOSE => closed(sk, &off, family, old_state),
-            _ => {}
+            _ => closed(sk, &off, family, old_state),
         }
     }
 
@@ -297,7 +311,14 @@ mod programs {
                 let _ = CLIENT_ENDPOINTS.remove(&local);
             }
         }
-        entry.submit(0);
+        // SAFETY: plain read of our own read-only global (see offsets()).
+        let threshold = unsafe { core::ptr::read_volatile(&raw const RINGBUF_WAKEUP_BYTES) };
+        let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        entry.submit(wakeup as u64);
     }
 
     #[inline(always)]

@@ -88,8 +88,11 @@ impl Capture {
             btf::kernel_offsets(&vmlinux).context("resolving kernel struct offsets from BTF")?;
         let offsets = PodOffsets(offsets);
 
+        // Wake the drain when a quarter of the ring is used; a timer drains the rest.
+        let wakeup_bytes = u64::from(sizes.ring_buffer_bytes / 4);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
+            .override_global(names::GLOBAL_RINGBUF_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::MAP_SOCKS, sizes.max_connections)
             .map_max_entries(names::MAP_CLIENT_ENDPOINTS, sizes.max_connections)
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)

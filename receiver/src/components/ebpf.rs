@@ -84,6 +84,9 @@ struct EbpfReceiver {
 
 type Events = AsyncFd<RingBuf<MapData>>;
 
+/// How often close records are drained when the kernel has not woken us.
+const DRAIN_PERIOD: Duration = Duration::from_millis(200);
+
 /// Applies every close record waiting in the ring buffer.
 fn drain(events: &mut RingBuf<MapData>, aggregator: &mut Aggregator) {
     let now = SystemTime::now();
@@ -191,10 +194,15 @@ impl Receiver for EbpfReceiver {
         let period = config.collection_interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The kernel wakes us only when the ring is a quarter full; below that, records
+        // wait at most this long.
+        let mut drain_timer = tokio::time::interval(DRAIN_PERIOD);
+        drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 drained = drain_when_ready(&mut collector.events, &mut collector.aggregator) => drained?,
+                _ = drain_timer.tick() => drain(collector.events.get_mut(), &mut collector.aggregator),
                 _ = ticker.tick() => out.send(collector.collect().await?),
             }
         }

@@ -117,6 +117,13 @@ class Peers:
         assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
         return proc
 
+    def send_then_pause(self, host, addr, port, send):
+        """A connection that sends `send` bytes, then waits open until release()."""
+        proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--send", send,
+                           "--pause-after-send", stdin=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == "sent", proc.stderr.read()
+        return proc
+
     @staticmethod
     def release(proc):
         proc.stdin.write("go\n")

@@ -59,6 +59,9 @@ def connect(args):
                 print("connected", flush=True)
                 sys.stdin.readline()
             conn.sendall(b"c" * args.send)
+            if args.pause_after_send:
+                print("sent", flush=True)
+                sys.stdin.readline()
             conn.shutdown(socket.SHUT_WR)
             try:
                 got = recv_all(conn)
@@ -84,6 +87,8 @@ def main():
     c.add_argument("--hold", action="store_true",
                    help="send --before bytes, print 'connected', wait for a line on stdin")
     c.add_argument("--before", type=int, default=0)
+    c.add_argument("--pause-after-send", action="store_true",
+                   help="after sending, print 'sent' and wait for a line before closing")
     args = parser.parse_args()
     serve(args) if args.mode == "serve" else connect(args)
 

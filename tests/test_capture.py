@@ -1,8 +1,9 @@
 """End-to-end link capture on the real kernel: traffic between network namespaces with
 known byte counts, and the exact numbers ridley's file exporter reports."""
+import re
 import time
 
-from conftest import HOSTS, SILENT_V4
+from conftest import HOSTS, SILENT_V4, ns, sh
 
 A4, A6 = HOSTS["a"]
 B4, B6 = HOSTS["b"]
@@ -144,3 +145,34 @@ def test_idle_link_expires(ridley, peers):
     gone = r.wait_for(lambda b: b.link(B4, A4, 8086) is None, timeout=10)
     assert (B4, A4, 8086) not in gone.links()
     r.stop()
+
+
+def tcp_info(host, peer_addr, peer_port):
+    """The kernel's own view of one connection, from `ss -ti` in its namespace."""
+    out = sh("ip", "netns", "exec", ns(host), "ss", "-tinH", "dst", f"{peer_addr}:{peer_port}").stdout
+    acked = re.search(r"bytes_acked:(\d+)", out)
+    retrans = re.search(r"retrans:\d+/(\d+)", out)
+    return (int(acked.group(1)) if acked else 0, int(retrans.group(1)) if retrans else 0)
+
+
+def test_retransmits_match_the_kernel(ridley, peers):
+    """A shaper with a tiny queue on the client's link drops segments; ridley's count of
+    retransmitted segments equals the kernel's own count for the connection."""
+    r = ridley()
+    peers.server("a", A4, 8087, reply=10)
+    sh("ip", "netns", "exec", ns("b"), "tc", "qdisc", "add", "dev", "eth0", "root",
+       "tbf", "rate", "20mbit", "burst", "3000", "limit", "6000")
+    try:
+        conn = peers.send_then_pause("b", A4, 8087, send=4_000_000)
+        deadline = time.monotonic() + 60
+        while (info := tcp_info("b", A4, 8087))[0] != 4_000_001:  # payload + SYN
+            assert time.monotonic() < deadline, f"data not acknowledged: {info}"
+            time.sleep(0.1)
+    finally:
+        sh("ip", "netns", "exec", ns("b"), "tc", "qdisc", "del", "dev", "eth0", "root")
+    kernel_retrans = info[1]
+    assert kernel_retrans > 0, "the shaper dropped nothing: the test proves nothing"
+    assert peers.release(conn) == ["received 10"]
+    final = r.stop()
+    link = final.link(B4, A4, 8087)
+    assert (link["retransmits"], link["transmit"], link["receive"]) == (kernel_retrans, 4_000_000, 10)

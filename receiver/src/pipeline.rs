@@ -23,14 +23,24 @@ pub struct BatchSender {
 }
 
 impl BatchSender {
-    /// Hands the batch to each pipeline. A pipeline whose queue is full loses this
-    /// batch (the next carries the same cumulative values), and it is logged.
+    /// Hands the batch to each pipeline without waiting. A pipeline whose queue is full
+    /// skips this batch (the next carries the same cumulative values), and it is logged.
     pub fn send(&self, batch: LinkBatch) {
         let batch = Arc::new(batch);
         for (name, tx) in &self.pipelines {
             if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(batch.clone()) {
                 tracing::warn!(pipeline = %name, "pipeline busy: batch skipped");
             }
+        }
+    }
+
+    /// Hands the last batch to each pipeline, waiting for room: on shutdown the final
+    /// state must reach the exporters.
+    pub async fn send_final(&self, batch: LinkBatch) {
+        let batch = Arc::new(batch);
+        for (_, tx) in &self.pipelines {
+            // An error means the pipeline already stopped; nothing is left to deliver to.
+            let _ = tx.send(batch.clone()).await;
         }
     }
 }

@@ -167,10 +167,14 @@ impl Receiver for EbpfReceiver {
         shutdown: CancellationToken,
     ) -> Result<()> {
         let config = self.config;
-        let (capture, events) = Capture::load(MapSizes {
+        let sizes = MapSizes {
             max_connections: config.max_connections,
             ring_buffer_bytes: config.ring_buffer_size,
-        })?;
+        };
+        // Parsing kernel BTF and verifying programs takes a while: off the async workers.
+        let (capture, events) = tokio::task::spawn_blocking(move || Capture::load(sizes))
+            .await
+            .context("loading the eBPF programs")??;
         // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, for as
         // long as the AsyncFd (which owns the ring buffer) lives.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -207,7 +211,7 @@ impl Receiver for EbpfReceiver {
             }
         }
         // Flush: what happened since the last tick is not lost on the way out.
-        out.send(collector.collect().await?);
+        out.send_final(collector.collect().await?).await;
         Ok(())
     }
 }

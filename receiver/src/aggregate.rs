@@ -15,7 +15,7 @@ use std::{
 
 use ridley_ebpf::{SockRecord, flags, kind, role, tcp_state};
 
-use crate::model::{FailureReason, LinkKey, LinkStats, Losses};
+use crate::model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses};
 
 const ECONNREFUSED: i32 = 111;
 const ECONNRESET: i32 = 104;
@@ -156,6 +156,21 @@ pub struct Aggregator {
     /// Close records of sockets never seen open (opened before start and closed before
     /// the first walk, or reported by the other, local, end).
     closed_unknown: u64,
+    /// Connection samples kept per link per interval (for service-graph spans).
+    samples_per_link: usize,
+    /// Wall-clock time minus the kernel's monotonic clock, in ns.
+    wall_minus_monotonic_ns: i128,
+    /// State of the sampling PRNG (xorshift64*): statistical, not secret.
+    rng: u64,
+}
+
+/// Sampling knobs and the clock the kernel's timestamps are converted with.
+#[derive(Clone, Copy, Debug)]
+pub struct AggregatorConfig {
+    pub idle_timeout: Duration,
+    pub samples_per_link: usize,
+    /// Wall-clock time minus CLOCK_MONOTONIC, in ns (see `capture::wall_minus_monotonic_ns`).
+    pub wall_minus_monotonic_ns: i128,
 }
 
 struct Link {
@@ -165,15 +180,64 @@ struct Link {
 }
 
 impl Aggregator {
-    pub fn new(idle_timeout: Duration) -> Self {
+    pub fn new(config: AggregatorConfig) -> Self {
         Aggregator {
             conns: HashMap::new(),
             links: HashMap::new(),
             closed_since_walk: HashSet::new(),
             walk_generation: 0,
-            idle_timeout,
+            idle_timeout: config.idle_timeout,
             close_lost: 0,
             closed_unknown: 0,
+            samples_per_link: config.samples_per_link,
+            wall_minus_monotonic_ns: config.wall_minus_monotonic_ns,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ config.wall_minus_monotonic_ns as u64,
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
+        let wall = i128::from(monotonic_ns) + self.wall_minus_monotonic_ns;
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(wall.max(0) as u64)
+    }
+
+    /// Counts a connection attempt and keeps it in the link's uniform sample of this
+    /// interval (reservoir sampling). Only connections seen opening have timestamps.
+    fn offer_sample(
+        &mut self,
+        key: LinkKey,
+        rec: &SockRecord,
+        failure: Option<FailureReason>,
+        now: SystemTime,
+    ) {
+        let end_ns = if rec.established_ns != 0 {
+            rec.established_ns
+        } else {
+            rec.ts_ns
+        };
+        let sample = (rec.start_ns != 0 && end_ns >= rec.start_ns).then(|| ConnectionSample {
+            start: self.wall_time(rec.start_ns),
+            duration: Duration::from_nanos(end_ns - rec.start_ns),
+            failure,
+        });
+        let random = self.next_random();
+        let max = self.samples_per_link;
+        let interval = &mut self.link_mut(key, now).stats.interval;
+        interval.attempts += 1;
+        let Some(sample) = sample else { return };
+        if interval.samples.len() < max {
+            interval.samples.push(sample);
+        } else if max > 0 {
+            let slot = (random % interval.attempts) as usize;
+            if slot < max {
+                interval.samples[slot] = sample;
+            }
         }
     }
 
@@ -198,9 +262,18 @@ impl Aggregator {
         stats.bytes_transmit += transmit;
         stats.bytes_receive += receive;
         stats.retransmits += delta.retransmits;
+        stats.interval.carried_traffic |= transmit + receive > 0;
     }
 
-    fn record_open(&mut self, key: LinkKey, rec: &SockRecord, now: SystemTime) {
+    /// `failure`: how it ended, when it opened and failed within the same interval.
+    fn record_open(
+        &mut self,
+        key: LinkKey,
+        rec: &SockRecord,
+        failure: Option<FailureReason>,
+        now: SystemTime,
+    ) {
+        self.offer_sample(key, rec, failure, now);
         let stats = &mut self.link_mut(key, now).stats;
         stats.opened += 1;
         if rec.established_ns > rec.start_ns {
@@ -214,7 +287,9 @@ impl Aggregator {
         // srtt_us is kept multiplied by 8; 0 means no RTT sample yet.
         if rec.srtt_us_x8 > 0 {
             let rtt = Duration::from_nanos(u64::from(rec.srtt_us_x8) * 1000 / 8);
-            self.link_mut(key, now).stats.rtt.record(rtt);
+            let stats = &mut self.link_mut(key, now).stats;
+            stats.rtt.record(rtt);
+            stats.interval.last_rtt = Some(rtt);
         }
     }
 
@@ -229,6 +304,7 @@ impl Aggregator {
                     FailureReason::Timeout
                 };
                 let key = link_of(rec, End::Client);
+                self.offer_sample(key, rec, Some(reason), now);
                 self.link_mut(key, now).stats.add_failure(reason);
             }
             kind::CLOSED => self.apply_close(rec, now),
@@ -240,8 +316,15 @@ impl Aggregator {
         let id = ConnId::of(rec);
         self.closed_since_walk.insert(id);
         let final_payload = Payload::of(rec);
+        let failure = close_failure(rec);
         let (key, end, counted) = match self.conns.remove(&id) {
-            Some(conn) => (conn.link, conn.end, conn.counted),
+            Some(conn) => {
+                // Its open was sampled in an earlier walk; a reset is an attempt of its own.
+                if failure.is_some() {
+                    self.offer_sample(conn.link, rec, failure, now);
+                }
+                (conn.link, conn.end, conn.counted)
+            }
             None if rec.flags & flags::TRACKED != 0 => {
                 // Opened and closed between two walks: the whole connection is here.
                 let end = if rec.role == role::SERVER {
@@ -250,7 +333,7 @@ impl Aggregator {
                     End::Client
                 };
                 let key = link_of(rec, end);
-                self.record_open(key, rec, now);
+                self.record_open(key, rec, failure, now);
                 (key, end, Payload::baseline(rec))
             }
             None => {
@@ -262,7 +345,7 @@ impl Aggregator {
         self.link_mut(key, now);
         self.add_payload(key, end, final_payload.since(counted), now);
         self.record_rtt(key, rec, now);
-        if let Some(reason) = close_failure(rec) {
+        if let Some(reason) = failure {
             self.link_mut(key, now).stats.add_failure(reason);
         }
     }
@@ -326,7 +409,7 @@ impl Aggregator {
             let end = end_of(rec);
             let key = link_of(rec, end);
             let counted = if rec.flags & flags::TRACKED != 0 {
-                self.record_open(key, rec, now);
+                self.record_open(key, rec, None, now);
                 Payload::baseline(rec)
             } else {
                 if end == End::Server
@@ -394,7 +477,9 @@ impl Aggregator {
                     link.stats.active = now_active;
                     link.last_change = now;
                 }
-                (*key, link.stats.clone())
+                let mut stats = link.stats.clone();
+                stats.interval = std::mem::take(&mut link.stats.interval);
+                (*key, stats)
             })
             .collect();
         out.sort_by_key(|(key, _)| *key);
@@ -447,6 +532,15 @@ mod tests {
     use super::*;
 
     const T0: u64 = 1_000_000_000;
+
+    fn config(idle_secs: u64) -> AggregatorConfig {
+        AggregatorConfig {
+            idle_timeout: Duration::from_secs(idle_secs),
+            samples_per_link: 2,
+            // Monotonic 0 is wall-clock 1_700_000_000 s.
+            wall_minus_monotonic_ns: 1_700_000_000 * 1_000_000_000,
+        }
+    }
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
         let mut out = [0u8; 16];
@@ -512,7 +606,7 @@ mod tests {
 
     #[test]
     fn short_connection_counts_payload_without_syn_and_fin() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         agg.apply_event(&closed(client(1), 1000, 250), at(1));
         let links = agg.collect(at(1));
         assert_eq!(links.len(), 1);
@@ -531,7 +625,7 @@ mod tests {
 
     #[test]
     fn long_connection_is_counted_by_walks_then_close_without_double_counting() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(1));
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(
@@ -558,7 +652,7 @@ mod tests {
 
     #[test]
     fn walk_racing_a_close_does_not_resurrect_the_connection() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         // The close record arrives while the walk that still listed the socket runs.
         agg.apply_event(&closed(client(1), 10, 20), at(1));
         agg.apply_walk(&[live(client(1), 1 + 10, 20)], at(1));
@@ -571,7 +665,7 @@ mod tests {
 
     #[test]
     fn server_end_reports_with_directions_swapped() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         let mut server = client(2);
         server.role = role::SERVER;
         server.local_addr = v4([10, 0, 0, 2]);
@@ -590,7 +684,7 @@ mod tests {
 
     #[test]
     fn failures_are_classified() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         let mut refused = client(1);
         refused.kind = kind::CONNECT_FAILED;
         refused.state = tcp_state::SYN_SENT;
@@ -626,7 +720,7 @@ mod tests {
 
     #[test]
     fn preexisting_connection_counts_from_first_walk_with_role_from_listener() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         // Server side of a connection opened before start: no role, no baseline.
         let mut server = live(SockRecord::default(), 5000, 7000);
         server.sk = 9;
@@ -659,7 +753,7 @@ mod tests {
 
     #[test]
     fn preexisting_pair_on_one_host_is_reported_once_by_the_client() {
-        let mut agg = Aggregator::new(Duration::from_secs(60));
+        let mut agg = Aggregator::new(config(60));
         let mut c = live(SockRecord::default(), 10, 10);
         c.sk = 1;
         c.local_addr = v4([10, 0, 0, 1]);
@@ -688,7 +782,7 @@ mod tests {
 
     #[test]
     fn vanished_connection_is_counted_as_lost_and_idle_links_expire() {
-        let mut agg = Aggregator::new(Duration::from_secs(30));
+        let mut agg = Aggregator::new(config(30));
         agg.apply_walk(&[live(client(1), 11, 0)], at(0));
         agg.apply_walk(&[], at(10));
         assert_eq!(agg.close_lost, 1);
@@ -701,11 +795,46 @@ mod tests {
 
     #[test]
     fn link_with_open_connection_never_expires() {
-        let mut agg = Aggregator::new(Duration::from_secs(30));
+        let mut agg = Aggregator::new(config(30));
         for t in 0..10 {
             agg.apply_walk(&[live(client(1), 11, 0)], at(t * 60));
             assert_eq!(agg.collect(at(t * 60)).len(), 1);
         }
+    }
+
+    #[test]
+    fn interval_activity_samples_attempts_uniformly_and_resets() {
+        let mut agg = Aggregator::new(config(60));
+        for sk in 0..5 {
+            agg.apply_event(&closed(client(sk), 10, 10), at(1));
+        }
+        let mut refused = client(99);
+        refused.kind = kind::CONNECT_FAILED;
+        refused.state = tcp_state::SYN_SENT;
+        refused.sk_err = ECONNREFUSED;
+        refused.established_ns = 0;
+        refused.ts_ns = T0 + 1_000_000;
+        agg.apply_event(&refused, at(1));
+        let s = agg.collect(at(1))[0].1.clone();
+        assert_eq!(s.interval.attempts, 6);
+        assert_eq!(s.interval.samples.len(), 2, "capped at samples_per_link");
+        assert!(s.interval.carried_traffic);
+        assert_eq!(s.interval.last_rtt, Some(Duration::from_micros(300)));
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_001);
+        for sample in &s.interval.samples {
+            assert_eq!(sample.start, start);
+            match sample.failure {
+                None => assert_eq!(sample.duration, Duration::from_micros(250)),
+                Some(FailureReason::Refused) => {
+                    assert_eq!(sample.duration, Duration::from_millis(1))
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // The next interval starts empty; cumulative counters stay.
+        let s = agg.collect(at(2))[0].1.clone();
+        assert_eq!(s.interval, crate::model::IntervalActivity::default());
+        assert_eq!(s.opened, 5);
     }
 
     #[test]

@@ -12,6 +12,8 @@ mod components;
 mod model;
 mod otlp;
 mod pipeline;
+mod spans;
+mod telemetry;
 
 use std::path::PathBuf;
 
@@ -62,7 +64,8 @@ fn run(path: Option<PathBuf>) -> Result<()> {
     for warning in &loaded.warnings {
         tracing::warn!("{}: {warning}", loaded.origin);
     }
-    let service = pipeline::Service::build(&loaded.config)
+    let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
+    let service = pipeline::Service::build(&loaded.config, telemetry)
         .with_context(|| format!("building the pipeline from {}", loaded.origin))?;
     tracing::info!(config = %loaded.origin, "starting");
 

@@ -112,9 +112,44 @@ impl Histogram {
         self.max = self.max.max(seconds);
     }
 
+    /// Adds another histogram over the same bounds.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (mine, theirs) in self.bucket_counts.iter_mut().zip(other.bucket_counts) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
     pub fn mean(&self) -> Option<f64> {
         (self.count > 0).then(|| self.sum / self.count as f64)
     }
+}
+
+/// One connection attempt seen during an interval: the raw material of a
+/// service-graph span pair.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionSample {
+    /// When the handshake started (SYN sent, or received on the server's host).
+    pub start: SystemTime,
+    /// The handshake, or the attempt until it failed.
+    pub duration: Duration,
+    pub failure: Option<FailureReason>,
+}
+
+/// What a link did during the last interval (reset after each collection).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IntervalActivity {
+    /// Connection attempts (opened, failed, reset) during the interval.
+    pub attempts: u64,
+    /// A uniform sample of at most the configured number of those attempts.
+    pub samples: Vec<ConnectionSample>,
+    /// Payload moved during the interval.
+    pub carried_traffic: bool,
+    /// The most recent smoothed RTT sample of the interval.
+    pub last_rtt: Option<Duration>,
 }
 
 /// Cumulative statistics of one link since `start_time`.
@@ -136,6 +171,8 @@ pub struct LinkStats {
     pub retransmits: u64,
     pub connect_duration: Histogram,
     pub rtt: Histogram,
+    /// The last interval only, not cumulative.
+    pub interval: IntervalActivity,
 }
 
 impl LinkStats {
@@ -150,6 +187,7 @@ impl LinkStats {
             retransmits: 0,
             connect_duration: Histogram::default(),
             rtt: Histogram::default(),
+            interval: IntervalActivity::default(),
         }
     }
 
@@ -194,6 +232,15 @@ impl Losses {
     }
 }
 
+/// Who a link end is: the `service.name` of its span resource and service-graph
+/// node, plus resource attributes. Enrichment processors fill this in; without them an
+/// end is named by its address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndIdentity {
+    pub service_name: String,
+    pub attributes: Vec<(String, String)>,
+}
+
 /// What a receiver emits once per collection interval.
 #[derive(Clone, Debug)]
 pub struct LinkBatch {
@@ -204,4 +251,32 @@ pub struct LinkBatch {
     /// Every live (not yet expired) link, cumulative.
     pub links: Vec<(LinkKey, LinkStats)>,
     pub losses: Losses,
+    /// Identities of link ends, by address (filled by processors).
+    pub ends: std::collections::HashMap<IpAddr, EndIdentity>,
+    /// Also emit `traces_service_graph_*` metrics (receiver option).
+    pub service_graph_metrics: bool,
+}
+
+impl LinkBatch {
+    pub fn new(time: SystemTime, receiver_start: SystemTime) -> Self {
+        LinkBatch {
+            time,
+            receiver_start,
+            links: Vec::new(),
+            losses: Losses::default(),
+            ends: Default::default(),
+            service_graph_metrics: false,
+        }
+    }
+
+    /// The identity of the end at `addr`: the processors' if any, else the address.
+    pub fn identity(&self, addr: IpAddr) -> EndIdentity {
+        self.ends
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| EndIdentity {
+                service_name: addr.to_string(),
+                attributes: Vec::new(),
+            })
+    }
 }

@@ -13,11 +13,14 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 
-use crate::model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkKey, LinkStats};
+use crate::{
+    model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkKey, LinkStats},
+    telemetry::ExporterSnapshot,
+};
 
 pub const SCOPE_NAME: &str = "ridley";
 
-fn kv(key: &str, value: any_value::Value) -> KeyValue {
+pub(crate) fn kv(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
         value: Some(AnyValue { value: Some(value) }),
@@ -25,18 +28,18 @@ fn kv(key: &str, value: any_value::Value) -> KeyValue {
     }
 }
 
-fn kv_str(key: &str, value: impl Into<String>) -> KeyValue {
+pub(crate) fn kv_str(key: &str, value: impl Into<String>) -> KeyValue {
     kv(key, any_value::Value::StringValue(value.into()))
 }
 
-fn unix_nanos(t: SystemTime) -> u64 {
+pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
 }
 
 /// The link attributes every `ridley.link.*` point carries.
-fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
+pub(crate) fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
     vec![
         kv_str("client.address", key.client.to_string()),
         kv_str("server.address", key.server.to_string()),
@@ -142,8 +145,13 @@ fn histogram(name: &str, description: &str, points: Vec<HistogramDataPoint>) -> 
 }
 
 /// One export request for the whole batch: cumulative temporality, one point per link
-/// (and per direction or failure reason) per metric.
-pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
+/// (and per direction or failure reason) per metric, then the service-graph metrics
+/// (when enabled) and ridley's own telemetry.
+pub fn metrics_request(
+    batch: &LinkBatch,
+    resource: &Resource,
+    exporters: &[ExporterSnapshot],
+) -> ExportMetricsServiceRequest {
     let p = PointBuilder { batch };
     let links = &batch.links;
     let per_link = |value: &dyn Fn(&LinkStats) -> u64| -> Vec<NumberDataPoint> {
@@ -244,6 +252,10 @@ pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsS
             })
             .collect(),
     ));
+    if batch.service_graph_metrics {
+        metrics.extend(service_graph_metrics(batch, &p));
+    }
+    metrics.extend(exporter_metrics(exporters, batch, &p));
     // Metrics with no points (no links yet) are left out, as the collector does.
     metrics.retain(|m| match &m.data {
         Some(metric::Data::Sum(s)) => !s.data_points.is_empty(),
@@ -269,12 +281,142 @@ pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsS
     }
 }
 
+/// The series Tempo's metrics-generator writes, so that Grafana's service map works
+/// from a Prometheus-compatible store alone. An edge is a pair of service names (links
+/// on several ports between the same two services are one edge); a request is a
+/// connection attempt; durations are handshakes.
+fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
+    use std::collections::BTreeMap;
+    struct Edge {
+        start: SystemTime,
+        requests: u64,
+        failed: u64,
+        durations: Histogram,
+    }
+    let mut edges: BTreeMap<(String, String), Edge> = BTreeMap::new();
+    for (key, stats) in &batch.links {
+        let client = batch.identity(key.client).service_name;
+        let server = batch.identity(key.server).service_name;
+        let edge = edges.entry((client, server)).or_insert_with(|| Edge {
+            start: stats.start_time,
+            requests: 0,
+            failed: 0,
+            durations: Histogram::default(),
+        });
+        edge.start = edge.start.min(stats.start_time);
+        edge.requests += stats.opened
+            + stats.failed(FailureReason::Refused)
+            + stats.failed(FailureReason::Timeout);
+        edge.failed += stats.failed_total();
+        edge.durations.merge(&stats.connect_duration);
+    }
+    let labels = |client: &str, server: &str| {
+        vec![
+            kv_str("client", client),
+            kv_str("server", server),
+            kv_str("connection_type", ""),
+        ]
+    };
+    let mut total = Vec::new();
+    let mut failed = Vec::new();
+    let mut client_seconds = Vec::new();
+    let mut server_seconds = Vec::new();
+    for ((client, server), edge) in &edges {
+        total.push(p.number(edge.start, labels(client, server), edge.requests));
+        failed.push(p.number(edge.start, labels(client, server), edge.failed));
+        client_seconds.push(p.histogram(edge.start, labels(client, server), &edge.durations));
+        server_seconds.push(p.histogram(edge.start, labels(client, server), &edge.durations));
+    }
+    vec![
+        sum(
+            "traces_service_graph_request_total",
+            "Connection attempts between two services.",
+            "",
+            true,
+            total,
+        ),
+        sum(
+            "traces_service_graph_request_failed_total",
+            "Connection attempts between two services that failed (refused, reset, timeout).",
+            "",
+            true,
+            failed,
+        ),
+        histogram(
+            "traces_service_graph_request_client_seconds",
+            "Handshake durations between two services.",
+            client_seconds,
+        ),
+        histogram(
+            "traces_service_graph_request_server_seconds",
+            "Handshake durations between two services.",
+            server_seconds,
+        ),
+    ]
+}
+
+/// ridley's own exporter health: requests sent and failed, queue length, drops.
+fn exporter_metrics(
+    exporters: &[ExporterSnapshot],
+    batch: &LinkBatch,
+    p: &PointBuilder,
+) -> Vec<Metric> {
+    let attrs = |e: &ExporterSnapshot| {
+        vec![
+            kv_str("exporter", e.exporter.clone()),
+            kv_str("signal", e.signal.clone()),
+        ]
+    };
+    let with = |e: &ExporterSnapshot, key: &str, value: &str| {
+        let mut a = attrs(e);
+        a.push(kv_str(key, value));
+        a
+    };
+    let start = batch.receiver_start;
+    let mut requests = Vec::new();
+    let mut queue = Vec::new();
+    let mut dropped = Vec::new();
+    for e in exporters {
+        requests.push(p.number(start, with(e, "outcome", "success"), e.sent));
+        requests.push(p.number(start, with(e, "outcome", "failure"), e.failed));
+        queue.push(p.number(start, attrs(e), e.queue_len));
+        dropped.push(p.number(start, with(e, "item", "span"), e.dropped_spans));
+        dropped.push(p.number(
+            start,
+            with(e, "item", "metric_request"),
+            e.dropped_metric_requests,
+        ));
+    }
+    vec![
+        sum(
+            "ridley.exporter.requests",
+            "Export requests by outcome (a failure is an attempt that was not retried or ran out of retries).",
+            "{request}",
+            true,
+            requests,
+        ),
+        sum(
+            "ridley.exporter.queue.size",
+            "Requests waiting in the exporter's sending queue.",
+            "{request}",
+            false,
+            queue,
+        ),
+        sum(
+            "ridley.exporter.dropped",
+            "Spans and metric requests dropped: queue full or retries exhausted.",
+            "{item}",
+            true,
+            dropped,
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::Losses;
 
     fn batch() -> LinkBatch {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
@@ -284,26 +426,23 @@ mod tests {
         stats.opened = 3;
         stats.add_failure(FailureReason::Refused);
         stats.connect_duration.record(Duration::from_micros(80));
-        LinkBatch {
-            time: start + Duration::from_secs(10),
-            receiver_start: start,
-            links: vec![(
-                LinkKey {
-                    client: "10.0.0.1".parse().unwrap(),
-                    server: "fd00::2".parse().unwrap(),
-                    server_port: 443,
-                },
-                stats,
-            )],
-            losses: Losses::default(),
-        }
+        let mut batch = LinkBatch::new(start + Duration::from_secs(10), start);
+        batch.links = vec![(
+            LinkKey {
+                client: "10.0.0.1".parse().unwrap(),
+                server: "fd00::2".parse().unwrap(),
+                server_port: 443,
+            },
+            stats,
+        )];
+        batch
     }
 
     /// The file exporter's encoding is the collector's OTLP/JSON: camelCase keys,
     /// 64-bit integers as strings, enums as numbers.
     #[test]
     fn json_encoding_matches_otlp_json() {
-        let request = metrics_request(&batch(), &resource());
+        let request = metrics_request(&batch(), &resource(), &[]);
         let json: serde_json::Value = serde_json::to_value(&request).unwrap();
         let metrics = &json["resourceMetrics"][0]["scopeMetrics"][0]["metrics"];
         let bytes = &metrics[0];

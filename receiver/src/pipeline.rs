@@ -3,14 +3,14 @@
 //! (`components.rs`) by their type name and wired by `service.pipelines`.
 use std::{collections::BTreeMap, sync::Arc};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use async_trait::async_trait;
 use config::{ComponentId, ComponentSection, Config, Signal};
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{components, model::LinkBatch};
+use crate::{components, model::LinkBatch, telemetry::Telemetry};
 
 /// Batches waiting between a receiver and a pipeline. Small: a batch is a full
 /// cumulative state, so a slow exporter skips to the newest rather than queueing.
@@ -61,13 +61,24 @@ pub trait Processor: Send {
     fn process(&mut self, batch: LinkBatch) -> LinkBatch;
 }
 
+/// Sends batches out as one signal. An exporter listed in a metrics and a traces
+/// pipeline is built once per pipeline, each instance serving one signal.
 #[async_trait]
-pub trait MetricsExporter: Send {
+pub trait Exporter: Send {
     async fn export(&mut self, batch: &LinkBatch) -> Result<()>;
     /// Flushes what is buffered; called once, after the last batch.
     async fn shutdown(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// What a component factory gets besides its own config section.
+#[derive(Clone)]
+pub struct BuildContext {
+    pub id: ComponentId,
+    /// The signal of the pipeline the component is built for.
+    pub signal: Signal,
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Parses a component's own section with its config struct (which should
@@ -83,7 +94,7 @@ pub fn parse_section<T: DeserializeOwned>(
 struct PipelineRun {
     name: String,
     processors: Vec<Box<dyn Processor>>,
-    exporters: Vec<(ComponentId, Box<dyn MetricsExporter>)>,
+    exporters: Vec<(ComponentId, Box<dyn Exporter>)>,
     input: mpsc::Receiver<Arc<LinkBatch>>,
 }
 
@@ -118,16 +129,16 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn build(config: &Config) -> Result<Self> {
+    pub fn build(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self> {
         let mut senders: BTreeMap<ComponentId, Vec<(String, mpsc::Sender<_>)>> = BTreeMap::new();
         let mut pipelines = Vec::new();
+        let context = |id: &ComponentId, signal: Signal| BuildContext {
+            id: id.clone(),
+            signal,
+            telemetry: telemetry.clone(),
+        };
         for (pipeline_id, pipeline) in &config.service.pipelines {
-            if pipeline_id.signal == Signal::Traces {
-                bail!(
-                    "service.pipelines.{pipeline_id}: no exporter supports traces yet; \
-                     use a metrics pipeline"
-                );
-            }
+            let signal = pipeline_id.signal;
             let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
             for receiver in &pipeline.receivers {
                 senders
@@ -138,13 +149,22 @@ impl Service {
             let processors = pipeline
                 .processors
                 .iter()
-                .map(|id| components::build_processor(id, section(&config.processors, id)?))
+                .map(|id| {
+                    components::build_processor(
+                        &context(id, signal),
+                        section(&config.processors, id)?,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let exporters = pipeline
                 .exporters
                 .iter()
                 .map(|id| {
-                    let exporter = components::build_exporter(id, section(&config.exporters, id)?)?;
+                    let exporter = components::build_exporter(
+                        &context(id, signal),
+                        section(&config.exporters, id)?,
+                    )
+                    .with_context(|| format!("service.pipelines.{pipeline_id}"))?;
                     Ok((id.clone(), exporter))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -158,7 +178,11 @@ impl Service {
         let receivers = senders
             .into_iter()
             .map(|(id, pipelines)| {
-                let receiver = components::build_receiver(&id, section(&config.receivers, &id)?)?;
+                // Receivers emit one batch for every signal of the pipelines they feed.
+                let receiver = components::build_receiver(
+                    &context(&id, Signal::Metrics),
+                    section(&config.receivers, &id)?,
+                )?;
                 Ok((id, receiver, BatchSender { pipelines }))
             })
             .collect::<Result<Vec<_>>>()?;

@@ -51,6 +51,22 @@ pub fn parse_record(bytes: &[u8]) -> Option<SockRecord> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const SockRecord) })
 }
 
+/// Wall-clock time minus CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads), in ns: turns
+/// kernel timestamps into span times.
+pub fn wall_minus_monotonic_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let monotonic = i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec);
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    wall - monotonic
+}
+
 /// What the kernel must offer, checked before anything is loaded so that the error
 /// names the missing piece instead of a verifier log.
 fn check_kernel() -> Result<()> {

@@ -4,12 +4,13 @@ use std::{fmt::Write as _, io::Write as _};
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use config::{ComponentId, ComponentSection};
+use config::{ComponentSection, Signal};
 use serde::Deserialize;
 
 use crate::{
     model::{FailureReason, LinkBatch},
-    pipeline::{MetricsExporter, parse_section},
+    pipeline::{BuildContext, Exporter, parse_section},
+    telemetry::{ExporterSnapshot, Telemetry},
 };
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -28,13 +29,71 @@ pub struct DebugConfig {
     pub verbosity: Verbosity,
 }
 
-pub fn build(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn MetricsExporter>> {
-    let config: DebugConfig = parse_section("exporters", id, section)?;
-    Ok(Box::new(DebugExporter { config }))
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
+    let config: DebugConfig = parse_section("exporters", &cx.id, section)?;
+    Ok(Box::new(DebugExporter {
+        config,
+        signal: cx.signal,
+        telemetry: cx.telemetry.clone(),
+    }))
 }
 
 struct DebugExporter {
     config: DebugConfig,
+    signal: Signal,
+    telemetry: std::sync::Arc<Telemetry>,
+}
+
+/// One line per link with the span pairs the traces pipeline emits for it.
+pub fn render_traces(batch: &LinkBatch) -> String {
+    let mut out = String::new();
+    let pairs: usize = batch
+        .links
+        .iter()
+        .map(|(_, s)| {
+            s.interval
+                .samples
+                .len()
+                .max(usize::from(s.interval.carried_traffic))
+        })
+        .sum();
+    let _ = writeln!(
+        out,
+        "{}  span pairs: {}",
+        humantime::format_rfc3339_seconds(batch.time),
+        pairs
+    );
+    for (key, s) in &batch.links {
+        if s.interval.attempts > 0 || s.interval.carried_traffic {
+            let _ = writeln!(
+                out,
+                "  {key}  attempts {}  sampled {}  traffic {}",
+                s.interval.attempts,
+                s.interval.samples.len(),
+                s.interval.carried_traffic
+            );
+        }
+    }
+    out
+}
+
+/// Exporter health, shown when there is something to say.
+fn render_exporters(exporters: &[ExporterSnapshot]) -> String {
+    let mut out = String::new();
+    for e in exporters {
+        let _ = writeln!(
+            out,
+            "exporter {} ({}): sent {}  failed {}  queued {}  dropped spans {}  dropped metric requests {}",
+            e.exporter,
+            e.signal,
+            e.sent,
+            e.failed,
+            e.queue_len,
+            e.dropped_spans,
+            e.dropped_metric_requests
+        );
+    }
+    out
 }
 
 fn millis(seconds: Option<f64>) -> String {
@@ -121,9 +180,16 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
 }
 
 #[async_trait]
-impl MetricsExporter for DebugExporter {
+impl Exporter for DebugExporter {
     async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
-        let text = render(batch, self.config.verbosity);
+        let text = match self.signal {
+            Signal::Metrics => {
+                let mut text = render(batch, self.config.verbosity);
+                text.push_str(&render_exporters(&self.telemetry.snapshot()));
+                text
+            }
+            Signal::Traces => render_traces(batch),
+        };
         let mut stdout = std::io::stdout().lock();
         stdout
             .write_all(text.as_bytes())
@@ -138,7 +204,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::model::{LinkKey, LinkStats, Losses};
+    use crate::model::{LinkKey, LinkStats};
 
     #[test]
     fn renders_one_row_per_link() {
@@ -149,19 +215,15 @@ mod tests {
         stats.bytes_transmit = 1234;
         stats.bytes_receive = 99;
         stats.add_failure(FailureReason::Reset);
-        let batch = LinkBatch {
-            time: t,
-            receiver_start: t,
-            links: vec![(
-                LinkKey {
-                    client: "10.0.0.1".parse().unwrap(),
-                    server: "10.0.0.2".parse().unwrap(),
-                    server_port: 80,
-                },
-                stats,
-            )],
-            losses: Losses::default(),
-        };
+        let mut batch = LinkBatch::new(t, t);
+        batch.links = vec![(
+            LinkKey {
+                client: "10.0.0.1".parse().unwrap(),
+                server: "10.0.0.2".parse().unwrap(),
+                server_port: 80,
+            },
+            stats,
+        )];
         let text = render(&batch, Verbosity::Normal);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(

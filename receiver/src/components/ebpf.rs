@@ -9,16 +9,16 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use aya::maps::{MapData, RingBuf};
-use config::{ComponentId, ComponentSection};
+use config::ComponentSection;
 use serde::Deserialize;
 use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    aggregate::Aggregator,
-    capture::{Capture, MapSizes, parse_record},
+    aggregate::{Aggregator, AggregatorConfig},
+    capture::{Capture, MapSizes, parse_record, wall_minus_monotonic_ns},
     model::{LinkBatch, Losses},
-    pipeline::{BatchSender, Receiver, parse_section},
+    pipeline::{BatchSender, BuildContext, Receiver, parse_section},
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -36,6 +36,12 @@ pub struct EbpfConfig {
     pub max_connections: u32,
     /// Bytes of the ring buffer carrying close records (power of two, >= 4096).
     pub ring_buffer_size: u32,
+    /// Connection attempts kept per link per interval, for service-graph span pairs
+    /// (0: none). The rest are counted, and the kept ones carry the sampling ratio.
+    pub span_pairs_per_link: usize,
+    /// Also emit `traces_service_graph_*` metrics, as Tempo's metrics-generator writes
+    /// them, so a service map needs only a Prometheus-compatible store.
+    pub service_graph_metrics: bool,
 }
 
 impl Default for EbpfConfig {
@@ -45,6 +51,8 @@ impl Default for EbpfConfig {
             idle_timeout: Duration::from_secs(300),
             max_connections: 65536,
             ring_buffer_size: 256 * 1024,
+            span_pairs_per_link: 10,
+            service_graph_metrics: false,
         }
     }
 }
@@ -70,7 +78,8 @@ impl EbpfConfig {
     }
 }
 
-pub fn build(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn Receiver>> {
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Receiver>> {
+    let id = &cx.id;
     let config: EbpfConfig = parse_section("receivers", id, section)?;
     config
         .validate()
@@ -113,6 +122,7 @@ struct Collector {
     aggregator: Aggregator,
     start: SystemTime,
     last_losses: Losses,
+    service_graph_metrics: bool,
 }
 
 impl Collector {
@@ -149,12 +159,11 @@ impl Collector {
             closed_unseen = self.aggregator.closed_unknown(),
             "collected"
         );
-        Ok(LinkBatch {
-            time: now,
-            receiver_start: self.start,
-            links: self.aggregator.collect(now),
-            losses,
-        })
+        let mut batch = LinkBatch::new(now, self.start);
+        batch.links = self.aggregator.collect(now);
+        batch.losses = losses;
+        batch.service_graph_metrics = self.service_graph_metrics;
+        Ok(batch)
     }
 }
 
@@ -182,9 +191,14 @@ impl Receiver for EbpfReceiver {
         let mut collector = Collector {
             capture,
             events,
-            aggregator: Aggregator::new(config.idle_timeout),
+            aggregator: Aggregator::new(AggregatorConfig {
+                idle_timeout: config.idle_timeout,
+                samples_per_link: config.span_pairs_per_link,
+                wall_minus_monotonic_ns: wall_minus_monotonic_ns(),
+            }),
             start: SystemTime::now(),
             last_losses: Losses::default(),
+            service_graph_metrics: config.service_graph_metrics,
         };
         // The first walk sets the baseline of connections that predate the programs.
         collector.collect().await?;
@@ -235,6 +249,7 @@ mod tests {
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 65536);
         assert_eq!(config.ring_buffer_size, 262144);
+        assert_eq!(config.span_pairs_per_link, 10);
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! The `file` exporter: one OTLP/JSON `ExportMetricsServiceRequest` per line, the
-//! encoding of the OpenTelemetry Collector's file exporter.
-use std::path::PathBuf;
+//! The `file` exporter: one OTLP/JSON export request per line (`resourceMetrics` or
+//! `resourceSpans`), the encoding of the OpenTelemetry Collector's file exporter.
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use config::{ComponentId, ComponentSection};
+use config::{ComponentSection, Signal};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -12,8 +12,13 @@ use tokio::io::AsyncWriteExt;
 use crate::{
     model::LinkBatch,
     otlp,
-    pipeline::{MetricsExporter, parse_section},
+    pipeline::{BuildContext, Exporter, parse_section},
+    spans::{self, IdGenerator},
+    telemetry::Telemetry,
 };
+
+/// Span pairs per line, so that a line stays a reasonable size.
+const PAIRS_PER_LINE: usize = 512;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,12 +27,15 @@ pub struct FileConfig {
     pub path: PathBuf,
 }
 
-pub fn build(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn MetricsExporter>> {
-    let config: FileConfig = parse_section("exporters", id, section)?;
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
+    let config: FileConfig = parse_section("exporters", &cx.id, section)?;
     Ok(Box::new(FileExporter {
         path: config.path,
         file: None,
         resource: otlp::resource(),
+        signal: cx.signal,
+        ids: IdGenerator::default(),
+        telemetry: cx.telemetry.clone(),
     }))
 }
 
@@ -35,6 +43,9 @@ struct FileExporter {
     path: PathBuf,
     file: Option<tokio::fs::File>,
     resource: Resource,
+    signal: Signal,
+    ids: IdGenerator,
+    telemetry: Arc<Telemetry>,
 }
 
 impl FileExporter {
@@ -50,18 +61,38 @@ impl FileExporter {
         }
         Ok(self.file.as_mut().expect("just opened"))
     }
+
+    fn lines(&mut self, batch: &LinkBatch) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match self.signal {
+            Signal::Metrics => {
+                let request =
+                    otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
+                serde_json::to_writer(&mut out, &request).context("encoding OTLP/JSON")?;
+                out.push(b'\n');
+            }
+            Signal::Traces => {
+                for (request, _) in spans::trace_requests(batch, &mut self.ids, PAIRS_PER_LINE) {
+                    serde_json::to_writer(&mut out, &request).context("encoding OTLP/JSON")?;
+                    out.push(b'\n');
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]
-impl MetricsExporter for FileExporter {
+impl Exporter for FileExporter {
     async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
-        let request = otlp::metrics_request(batch, &self.resource);
-        let mut line = serde_json::to_vec(&request).context("encoding OTLP/JSON")?;
-        line.push(b'\n');
+        let lines = self.lines(batch)?;
+        if lines.is_empty() {
+            return Ok(());
+        }
         let path = self.path.display().to_string();
         let file = self.file().await?;
-        // One write per line: a reader never sees half a request.
-        file.write_all(&line)
+        // One write per batch: a reader never sees half a request.
+        file.write_all(&lines)
             .await
             .with_context(|| format!("writing {path}"))?;
         file.flush()

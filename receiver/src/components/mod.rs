@@ -5,29 +5,51 @@ mod ebpf;
 mod file;
 
 use anyhow::{Result, bail};
-use config::{ComponentId, ComponentSection};
+use config::{ComponentSection, Signal};
 
-use crate::pipeline::{MetricsExporter, Processor, Receiver};
+use crate::pipeline::{BuildContext, Exporter, Processor, Receiver};
 
-type Factory<T> = fn(&ComponentId, ComponentSection) -> Result<T>;
+type Factory<T> = fn(&BuildContext, ComponentSection) -> Result<T>;
 
-const RECEIVERS: &[(&str, Factory<Box<dyn Receiver>>)] = &[("ebpf", ebpf::build)];
+const METRICS: &[Signal] = &[Signal::Metrics];
+const ALL_SIGNALS: &[Signal] = &[Signal::Metrics, Signal::Traces];
 
-const PROCESSORS: &[(&str, Factory<Box<dyn Processor>>)] = &[];
+/// (type, signals it can serve, constructor)
+type Entry<T> = (&'static str, &'static [Signal], Factory<T>);
 
-const EXPORTERS: &[(&str, Factory<Box<dyn MetricsExporter>>)] =
-    &[("debug", debug::build), ("file", file::build)];
+const RECEIVERS: &[Entry<Box<dyn Receiver>>] = &[("ebpf", ALL_SIGNALS, ebpf::build)];
+
+const PROCESSORS: &[Entry<Box<dyn Processor>>] = &[];
+
+const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
+    ("debug", ALL_SIGNALS, debug::build),
+    ("file", ALL_SIGNALS, file::build),
+];
 
 fn build<T>(
     role: &str,
-    table: &[(&str, Factory<T>)],
-    id: &ComponentId,
+    table: &[Entry<T>],
+    cx: &BuildContext,
     section: ComponentSection,
 ) -> Result<T> {
-    match table.iter().find(|(kind, _)| *kind == id.kind()) {
-        Some((_, factory)) => factory(id, section),
+    let id = &cx.id;
+    match table.iter().find(|(kind, _, _)| *kind == id.kind()) {
+        Some((_, signals, factory)) => {
+            if !signals.contains(&cx.signal) {
+                bail!(
+                    "{role}.{id} cannot be used in a {} pipeline (it supports {})",
+                    cx.signal,
+                    signals
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            factory(cx, section)
+        }
         None => {
-            let known: Vec<&str> = table.iter().map(|(kind, _)| *kind).collect();
+            let known: Vec<&str> = table.iter().map(|(kind, _, _)| *kind).collect();
             bail!(
                 "{role}.{id}: unknown {role} type {:?} (available: {})",
                 id.kind(),
@@ -41,17 +63,14 @@ fn build<T>(
     }
 }
 
-pub fn build_receiver(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn Receiver>> {
-    build("receivers", RECEIVERS, id, section)
+pub fn build_receiver(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Receiver>> {
+    build("receivers", RECEIVERS, cx, section)
 }
 
-pub fn build_processor(id: &ComponentId, section: ComponentSection) -> Result<Box<dyn Processor>> {
-    build("processors", PROCESSORS, id, section)
+pub fn build_processor(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
+    build("processors", PROCESSORS, cx, section)
 }
 
-pub fn build_exporter(
-    id: &ComponentId,
-    section: ComponentSection,
-) -> Result<Box<dyn MetricsExporter>> {
-    build("exporters", EXPORTERS, id, section)
+pub fn build_exporter(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
+    build("exporters", EXPORTERS, cx, section)
 }

@@ -1,0 +1,366 @@
+//! Service-graph spans: each sampled connection attempt of a link becomes a CLIENT span
+//! and a SERVER span in a trace of their own, the SERVER span the child of the CLIENT
+//! span, each under the resource of its end. This is the shape Tempo's
+//! metrics-generator, the collector's `servicegraph` connector and Jaeger turn into a
+//! dependency graph. Built with opentelemetry-proto's generated types.
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{InstrumentationScope, KeyValue, any_value},
+    resource::v1::Resource,
+    trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
+};
+
+use crate::{
+    model::{ConnectionSample, EndIdentity, LinkBatch, LinkKey},
+    otlp::{SCOPE_NAME, kv, kv_str, link_attributes, unix_nanos},
+};
+
+/// Attribute carrying the sampling ratio of a pair: Tempo's `span_multiplier_key`
+/// counts a span as 1/ratio requests, keeping request counts true under sampling.
+pub const SAMPLING_RATIO_KEY: &str = "ridley.sampling.ratio";
+/// `connection` for a sampled connection attempt, `traffic` for the pair that keeps a
+/// link carrying data over existing connections on the map.
+pub const PAIR_KEY: &str = "ridley.pair";
+
+/// Random trace and span ids (xorshift64*, seeded from the OS): unique, not secret.
+pub struct IdGenerator(u64);
+
+impl Default for IdGenerator {
+    fn default() -> Self {
+        let mut seed = [0u8; 8];
+        let from_os = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        let mut state = u64::from_ne_bytes(seed);
+        if from_os.is_err() || state == 0 {
+            state = unix_nanos(SystemTime::now()) | 1;
+        }
+        IdGenerator(state)
+    }
+}
+
+impl IdGenerator {
+    fn next(&mut self) -> u64 {
+        loop {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let value = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            if value != 0 {
+                return value;
+            }
+        }
+    }
+
+    fn trace_id(&mut self) -> Vec<u8> {
+        let mut id = self.next().to_be_bytes().to_vec();
+        id.extend_from_slice(&self.next().to_be_bytes());
+        id
+    }
+
+    fn span_id(&mut self) -> Vec<u8> {
+        self.next().to_be_bytes().to_vec()
+    }
+}
+
+/// One CLIENT/SERVER pair before it is placed under its resources.
+struct Pair {
+    client: Span,
+    server: Span,
+}
+
+fn resource(identity: &EndIdentity) -> Resource {
+    let mut attributes = vec![kv_str("service.name", identity.service_name.clone())];
+    attributes.extend(
+        identity
+            .attributes
+            .iter()
+            .map(|(k, v)| kv_str(k, v.clone())),
+    );
+    Resource {
+        attributes,
+        dropped_attributes_count: 0,
+        entity_refs: vec![],
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pair(
+    ids: &mut IdGenerator,
+    key: &LinkKey,
+    server_name: &str,
+    start: SystemTime,
+    duration: Duration,
+    error: Option<&str>,
+    ratio: f64,
+    pair_kind: &str,
+) -> Pair {
+    let trace_id = ids.trace_id();
+    let client_span_id = ids.span_id();
+    let mut attributes = link_attributes(key);
+    attributes.push(kv(SAMPLING_RATIO_KEY, any_value::Value::DoubleValue(ratio)));
+    attributes.push(kv_str(PAIR_KEY, pair_kind));
+    let status = match error {
+        Some(reason) => {
+            attributes.push(kv_str("error.type", reason));
+            Some(Status {
+                message: format!("connection {reason}"),
+                code: StatusCode::Error as i32,
+            })
+        }
+        None => None,
+    };
+    let span =
+        |name: &str, kind: SpanKind, span_id: Vec<u8>, parent: Vec<u8>, attrs: Vec<KeyValue>| {
+            Span {
+                trace_id: trace_id.clone(),
+                span_id,
+                trace_state: String::new(),
+                parent_span_id: parent,
+                flags: 0,
+                name: name.to_owned(),
+                kind: kind as i32,
+                start_time_unix_nano: unix_nanos(start),
+                end_time_unix_nano: unix_nanos(start + duration),
+                attributes: attrs,
+                dropped_attributes_count: 0,
+                events: vec![],
+                dropped_events_count: 0,
+                links: vec![],
+                dropped_links_count: 0,
+                status: status.clone(),
+            }
+        };
+    let mut client_attributes = attributes.clone();
+    // Tempo and the servicegraph connector read `peer.service` for an unpaired client
+    // span (virtual node); `service.peer.name` is its newer name.
+    client_attributes.push(kv_str("peer.service", server_name));
+    client_attributes.push(kv_str("service.peer.name", server_name));
+    Pair {
+        client: span(
+            "connect",
+            SpanKind::Client,
+            client_span_id.clone(),
+            Vec::new(),
+            client_attributes,
+        ),
+        server: span(
+            "accept",
+            SpanKind::Server,
+            ids.span_id(),
+            client_span_id,
+            attributes,
+        ),
+    }
+}
+
+/// Span pairs for one batch: the sampled connection attempts of every link, and one
+/// `traffic` pair for a link that moved data without a new connection. Pairs are never
+/// split across requests; at most `max_pairs_per_request` pairs per request.
+pub fn trace_requests(
+    batch: &LinkBatch,
+    ids: &mut IdGenerator,
+    max_pairs_per_request: usize,
+) -> Vec<(ExportTraceServiceRequest, usize)> {
+    let mut pairs: Vec<(EndIdentity, EndIdentity, Pair)> = Vec::new();
+    for (key, stats) in &batch.links {
+        let client = batch.identity(key.client);
+        let server = batch.identity(key.server);
+        let interval = &stats.interval;
+        if !interval.samples.is_empty() {
+            let ratio = interval.samples.len() as f64 / interval.attempts.max(1) as f64;
+            for ConnectionSample {
+                start,
+                duration,
+                failure,
+            } in &interval.samples
+            {
+                let error = failure.map(|f| f.as_str());
+                let p = pair(
+                    ids,
+                    key,
+                    &server.service_name,
+                    *start,
+                    *duration,
+                    error,
+                    ratio,
+                    "connection",
+                );
+                pairs.push((client.clone(), server.clone(), p));
+            }
+        } else if interval.carried_traffic {
+            // A real measurement for a pair without a handshake: the link's latest RTT.
+            if let Some(rtt) = interval.last_rtt {
+                let start = batch.time.checked_sub(rtt).unwrap_or(batch.time);
+                let p = pair(
+                    ids,
+                    key,
+                    &server.service_name,
+                    start,
+                    rtt,
+                    None,
+                    1.0,
+                    "traffic",
+                );
+                pairs.push((client.clone(), server.clone(), p));
+            }
+        }
+    }
+    pairs
+        .chunks(max_pairs_per_request.max(1))
+        .map(|chunk| (request(chunk), chunk.len()))
+        .collect()
+}
+
+fn request(pairs: &[(EndIdentity, EndIdentity, Pair)]) -> ExportTraceServiceRequest {
+    // Group spans by their end's identity: one ResourceSpans per service.
+    let mut by_resource: BTreeMap<String, (EndIdentity, Vec<Span>)> = BTreeMap::new();
+    for (client, server, p) in pairs {
+        by_resource
+            .entry(client.service_name.clone())
+            .or_insert_with(|| (client.clone(), Vec::new()))
+            .1
+            .push(p.client.clone());
+        by_resource
+            .entry(server.service_name.clone())
+            .or_insert_with(|| (server.clone(), Vec::new()))
+            .1
+            .push(p.server.clone());
+    }
+    ExportTraceServiceRequest {
+        resource_spans: by_resource
+            .into_values()
+            .map(|(identity, spans)| ResourceSpans {
+                resource: Some(resource(&identity)),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: SCOPE_NAME.to_owned(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                        attributes: vec![],
+                        dropped_attributes_count: 0,
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FailureReason, LinkStats};
+
+    fn batch() -> LinkBatch {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut stats = LinkStats::new(t);
+        stats.interval.attempts = 4;
+        stats.interval.samples = vec![
+            ConnectionSample {
+                start: t,
+                duration: Duration::from_micros(120),
+                failure: None,
+            },
+            ConnectionSample {
+                start: t,
+                duration: Duration::from_millis(3),
+                failure: Some(FailureReason::Refused),
+            },
+        ];
+        let mut quiet = LinkStats::new(t);
+        quiet.interval.carried_traffic = true;
+        quiet.interval.last_rtt = Some(Duration::from_micros(50));
+        let mut batch = LinkBatch::new(t + Duration::from_secs(10), t);
+        let key = |port| LinkKey {
+            client: "10.0.0.1".parse().unwrap(),
+            server: "10.0.0.2".parse().unwrap(),
+            server_port: port,
+        };
+        batch.links = vec![(key(80), stats), (key(5432), quiet)];
+        batch
+    }
+
+    #[test]
+    fn pairs_are_client_parent_of_server_under_their_own_resources() {
+        let requests = trace_requests(&batch(), &mut IdGenerator::default(), 100);
+        assert_eq!(requests.len(), 1);
+        let (request, pairs) = &requests[0];
+        assert_eq!(*pairs, 3);
+        let by_service: BTreeMap<String, Vec<Span>> = request
+            .resource_spans
+            .iter()
+            .map(|rs| {
+                let name = match &rs.resource.as_ref().unwrap().attributes[0]
+                    .value
+                    .as_ref()
+                    .unwrap()
+                    .value
+                {
+                    Some(any_value::Value::StringValue(s)) => s.clone(),
+                    other => panic!("{other:?}"),
+                };
+                (name, rs.scope_spans[0].spans.clone())
+            })
+            .collect();
+        let clients = &by_service["10.0.0.1"];
+        let servers = &by_service["10.0.0.2"];
+        assert_eq!(clients.len(), 3);
+        assert_eq!(servers.len(), 3);
+        for (c, s) in clients.iter().zip(servers) {
+            assert_eq!(c.kind, SpanKind::Client as i32);
+            assert_eq!(s.kind, SpanKind::Server as i32);
+            assert_eq!(c.trace_id, s.trace_id);
+            assert_eq!(s.parent_span_id, c.span_id);
+            assert!(c.parent_span_id.is_empty());
+            assert_eq!(c.trace_id.len(), 16);
+            assert!(c.attributes.contains(&kv_str("peer.service", "10.0.0.2")));
+        }
+        // Sampled: 2 of 4 attempts -> ratio 0.5; the refused one is an error.
+        assert!(
+            clients[0]
+                .attributes
+                .contains(&kv(SAMPLING_RATIO_KEY, any_value::Value::DoubleValue(0.5)))
+        );
+        assert_eq!(
+            clients[0].end_time_unix_nano - clients[0].start_time_unix_nano,
+            120_000
+        );
+        assert_eq!(
+            clients[1].status.as_ref().unwrap().code,
+            StatusCode::Error as i32
+        );
+        assert_eq!(
+            servers[1].status.as_ref().unwrap().code,
+            StatusCode::Error as i32
+        );
+        // The quiet link's traffic pair lasts its RTT.
+        assert!(clients[2].attributes.contains(&kv_str(PAIR_KEY, "traffic")));
+        assert_eq!(
+            clients[2].end_time_unix_nano - clients[2].start_time_unix_nano,
+            50_000
+        );
+    }
+
+    #[test]
+    fn pairs_are_never_split_across_requests() {
+        let requests = trace_requests(&batch(), &mut IdGenerator::default(), 2);
+        assert_eq!(
+            requests.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        for (request, pairs) in &requests {
+            let spans: usize = request
+                .resource_spans
+                .iter()
+                .map(|rs| rs.scope_spans[0].spans.len())
+                .sum();
+            assert_eq!(spans, 2 * pairs);
+        }
+    }
+}

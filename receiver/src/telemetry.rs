@@ -1,0 +1,64 @@
+//! ridley's own health: counters exporters update as they send, read when a batch is
+//! turned into metrics (`ridley.exporter.*`) or printed by the debug exporter.
+//! Per request, never per kernel event.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+/// Counters of one exporter instance (one per pipeline signal).
+#[derive(Debug, Default)]
+pub struct ExporterStats {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+    pub queue_len: AtomicU64,
+    pub dropped_spans: AtomicU64,
+    pub dropped_metric_requests: AtomicU64,
+}
+
+/// A snapshot of one exporter's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExporterSnapshot {
+    pub exporter: String,
+    pub signal: String,
+    pub sent: u64,
+    pub failed: u64,
+    pub queue_len: u64,
+    pub dropped_spans: u64,
+    pub dropped_metric_requests: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    exporters: Mutex<BTreeMap<(String, String), Arc<ExporterStats>>>,
+}
+
+impl Telemetry {
+    /// The counters of exporter `id` for `signal`, created on first use.
+    pub fn exporter(&self, id: &str, signal: &str) -> Arc<ExporterStats> {
+        let mut exporters = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
+        exporters
+            .entry((id.to_owned(), signal.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    pub fn snapshot(&self) -> Vec<ExporterSnapshot> {
+        let exporters = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
+        exporters
+            .iter()
+            .map(|((exporter, signal), s)| ExporterSnapshot {
+                exporter: exporter.clone(),
+                signal: signal.clone(),
+                sent: s.sent.load(Ordering::Relaxed),
+                failed: s.failed.load(Ordering::Relaxed),
+                queue_len: s.queue_len.load(Ordering::Relaxed),
+                dropped_spans: s.dropped_spans.load(Ordering::Relaxed),
+                dropped_metric_requests: s.dropped_metric_requests.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}

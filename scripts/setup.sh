@@ -28,10 +28,11 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0.13.0'; then
         --no-default-features --features llvm-22 --quiet
 fi
 
-# Python peers for the end-to-end tests.
-if ! python3 -c 'import pytest' 2>/dev/null; then
-    log "installing pytest"
-    python3 -m pip install -q pytest
+# Python peers for the end-to-end tests: pytest, a real collector (rotel) and the
+# official OTLP protobuf definitions for the sink behind it.
+if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto' 2>/dev/null; then
+    log "installing pytest, rotel, opentelemetry-proto, grpcio"
+    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio
 fi
 
 # Kernel interfaces the daemon and the benchmark use.

@@ -1,7 +1,9 @@
 """Fixtures for ridley's end-to-end tests: a small network of namespaces joined by a
 bridge (our own test hosts), traffic peers inside them, and the real daemon on the real
 kernel, observed through its file exporter (OTLP/JSON)."""
+import base64
 import json
+import socket
 import os
 import pathlib
 import signal
@@ -149,23 +151,32 @@ def peers(network):
 class Ridley:
     """The daemon with a file exporter writing OTLP/JSON to `out`."""
 
-    def __init__(self, workdir, interval="1s", idle_timeout="5m"):
+    def __init__(self, workdir, interval="1s", idle_timeout="5m", receiver_extra="",
+                 exporters="", pipelines=None):
+        """Default: one metrics pipeline into the file exporter at `out`. `exporters`
+        (YAML, indented under `exporters:`) and `pipelines` ({name: [exporter ids]})
+        add more; `spans` is the file the `file/spans` exporter writes."""
         self.out = workdir / "metrics.jsonl"
+        self.spans_out = workdir / "spans.jsonl"
         self.log_path = workdir / "ridley.log"
         config = workdir / "ridley.yaml"
+        pipelines = pipelines or {"metrics": ["file"]}
         config.write_text(
             "receivers:\n"
             "  ebpf:\n"
             f"    collection_interval: {interval}\n"
             f"    idle_timeout: {idle_timeout}\n"
+            f"{receiver_extra}"
             "exporters:\n"
             "  file:\n"
             f"    path: {self.out}\n"
+            "  file/spans:\n"
+            f"    path: {self.spans_out}\n"
+            f"{exporters}"
             "service:\n"
             "  pipelines:\n"
-            "    metrics:\n"
-            "      receivers: [ebpf]\n"
-            "      exporters: [file]\n"
+            + "".join(f"    {name}:\n      receivers: [ebpf]\n      exporters: [{', '.join(ids)}]\n"
+                      for name, ids in pipelines.items())
         )
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([str(RIDLEY), "run", "--config", str(config)],
@@ -180,7 +191,10 @@ class Ridley:
     def batches(self):
         if not self.out.exists():
             return []
-        return [Batch(json.loads(line)) for line in self.out.read_text().splitlines() if line]
+        return [Batch([json.loads(line)]) for line in self.out.read_text().splitlines() if line]
+
+    def spans(self):
+        return read_spans(self.spans_out)
 
     def wait_for(self, predicate, timeout=20):
         """Waits for a batch satisfying `predicate`; returns it."""
@@ -204,7 +218,8 @@ class Ridley:
             self.proc.wait(timeout=30)
         self.log.close()
         assert self.proc.returncode == 0, self.log_path.read_text()
-        return self.batches()[-1]
+        batches = self.batches()
+        return batches[-1] if batches else None
 
 
 @pytest.fixture
@@ -232,14 +247,30 @@ def _value(any_value):
 
 
 class Batch:
-    """One OTLP/JSON export request as written by the file exporter."""
+    """Metric points from OTLP/JSON export requests (the file exporter's lines, or what
+    a collector forwarded). For each series the newest point wins."""
 
-    def __init__(self, doc):
-        self.doc = doc
-        (rm,) = doc["resourceMetrics"]
-        self.resource = {a["key"]: _value(a["value"]) for a in rm["resource"]["attributes"]}
-        (sm,) = rm["scopeMetrics"]
-        self.metrics = {m["name"]: m for m in sm["metrics"]}
+    def __init__(self, docs):
+        self.resource = {}
+        self.metrics = {}
+        latest = {}
+        for doc in docs:
+            for rm in doc.get("resourceMetrics", []):
+                resource = {a["key"]: _value(a["value"]) for a in rm.get("resource", {}).get("attributes", [])}
+                if resource.get("service.name") == "ridley":
+                    self.resource = resource
+                for sm in rm.get("scopeMetrics", []):
+                    for m in sm.get("metrics", []):
+                        kind = "sum" if "sum" in m else "histogram" if "histogram" in m else None
+                        if kind is None:
+                            continue
+                        meta = self.metrics.setdefault(m["name"], {**{k: v for k, v in m.items() if k != kind}, kind: {**m[kind], "dataPoints": []}})
+                        for p in m[kind].get("dataPoints", []):
+                            key = (m["name"], json.dumps(p.get("attributes", []), sort_keys=True))
+                            if key not in latest or int(p["timeUnixNano"]) >= int(latest[key][1]["timeUnixNano"]):
+                                latest[key] = (kind, p)
+        for (name, _), (kind, p) in latest.items():
+            self.metrics[name][kind]["dataPoints"].append(p)
 
     def points(self, name):
         metric = self.metrics.get(name)
@@ -270,7 +301,7 @@ class Batch:
             return found
 
         def hist_count(name):
-            counts = [int(p["count"]) for attrs, p in self.points(name) if match(attrs)]
+            counts = [int(p.get("count", 0)) for attrs, p in self.points(name) if match(attrs)]
             return counts[0] if counts else None
 
         active = ints("ridley.link.connections.active")
@@ -291,5 +322,151 @@ class Batch:
             "rtt_count": hist_count("ridley.link.rtt"),
         }
 
+    def all_points(self, name):
+        """Every point of `name`, as (attributes, value) with ints decoded."""
+        out = []
+        for attrs, p in self.points(name):
+            out.append((attrs, int(p["asInt"]) if "asInt" in p else p))
+        return out
+
     def losses(self):
         return {attrs["reason"]: int(p["asInt"]) for attrs, p in self.points("ridley.receiver.losses")}
+
+
+SPAN_KINDS = {2: "server", 3: "client", "SPAN_KIND_SERVER": "server", "SPAN_KIND_CLIENT": "client"}
+
+
+def read_spans(path):
+    """Spans from OTLP/JSON trace export requests, one dict each, with their resource's
+    service.name. Accepts our encoding (enum ints) and protobuf's (enum names)."""
+    spans = []
+    if not path.exists():
+        return spans
+    for line in path.read_text().splitlines():
+        doc = json.loads(line)
+        for rs in doc.get("resourceSpans", []):
+            resource = {a["key"]: _any(a["value"]) for a in rs.get("resource", {}).get("attributes", [])}
+            for ss in rs.get("scopeSpans", []):
+                for sp in ss.get("spans", []):
+                    status = sp.get("status", {}).get("code", 0)
+                    spans.append({
+                        "service": resource["service.name"],
+                        "trace": _id(sp["traceId"]),
+                        "span": _id(sp["spanId"]),
+                        "parent": _id(sp.get("parentSpanId", "")),
+                        "kind": SPAN_KINDS.get(sp.get("kind")),
+                        "name": sp["name"],
+                        "start": int(sp["startTimeUnixNano"]),
+                        "end": int(sp["endTimeUnixNano"]),
+                        "attrs": {a["key"]: _any(a["value"]) for a in sp.get("attributes", [])},
+                        "error": status in (2, "STATUS_CODE_ERROR"),
+                    })
+    return spans
+
+
+def _id(value):
+    """Trace/span ids: OTLP/JSON writes hex, protobuf's JSON mapping base64."""
+    if len(value) in (0, 16, 32):
+        return value.lower()
+    return base64.b64decode(value).hex()
+
+
+def _any(any_value):
+    if "doubleValue" in any_value:
+        return float(any_value["doubleValue"])
+    return _value(any_value)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rotel_agent():
+    import rotel
+    return pathlib.Path(rotel.__file__).parent / "rotel-agent"
+
+
+class Collector:
+    """A real OpenTelemetry collector (rotel) on loopback, forwarding over OTLP/gRPC to a
+    sink built from the official protobuf definitions, which writes what it got."""
+
+    def __init__(self, workdir):
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.sink_port = free_port()
+        self.out = workdir / "collector-received.jsonl"
+        self.workdir = workdir
+        self.procs = []
+
+    @property
+    def grpc_endpoint(self):
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_endpoint(self):
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self):
+        sink = subprocess.Popen([sys.executable, str(ROOT / "tests" / "otlp_sink.py"), "--port",
+                                 str(self.sink_port), "--out", str(self.out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(sink)
+        assert sink.stdout.readline().strip() == "listening", sink.stderr.read()
+        log = open(self.workdir / "rotel.log", "a")
+        rotel = subprocess.Popen(
+            [str(rotel_agent()), "start",
+             "--otlp-grpc-endpoint", self.grpc_endpoint,
+             "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}",
+             "--exporter", "otlp", "--otlp-exporter-endpoint", f"http://127.0.0.1:{self.sink_port}",
+             "--batch-timeout", "100ms", "--pid-file", str(self.workdir / "rotel.pid")],
+            stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(rotel)
+        deadline = time.monotonic() + 30
+        for port in (self.grpc_port, self.http_port):
+            while True:
+                assert rotel.poll() is None, (self.workdir / "rotel.log").read_text()
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "collector did not start"
+                    time.sleep(0.05)
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs = []
+
+    def docs(self):
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
+
+    def metrics(self):
+        return Batch([d for d in self.docs() if "resourceMetrics" in d])
+
+    def spans(self):
+        return read_spans(self.out)
+
+    def wait_for(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"collector never received the expected data; got {len(self.docs())} requests")
+
+
+@pytest.fixture
+def collector(kernel, tmp_path):
+    c = Collector(tmp_path)
+    yield c
+    c.stop()

@@ -14,6 +14,7 @@ mod otlp;
 mod pipeline;
 mod spans;
 mod telemetry;
+mod temporality;
 
 use std::path::PathBuf;
 
@@ -64,17 +65,17 @@ fn run(path: Option<PathBuf>) -> Result<()> {
     for warning in &loaded.warnings {
         tracing::warn!("{}: {warning}", loaded.origin);
     }
-    let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
-    let service = pipeline::Service::build(&loaded.config, telemetry)
-        .with_context(|| format!("building the pipeline from {}", loaded.origin))?;
-    tracing::info!(config = %loaded.origin, "starting");
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        // Built inside the runtime: network exporters set up their clients here.
+        let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
+        let service = pipeline::Service::build(&loaded.config, telemetry)
+            .with_context(|| format!("building the pipeline from {}", loaded.origin))?;
+        tracing::info!(config = %loaded.origin, "starting");
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
         let result = service.run(shutdown).await;

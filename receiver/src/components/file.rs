@@ -68,17 +68,36 @@ impl FileExporter {
             Signal::Metrics => {
                 let request =
                     otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
-                serde_json::to_writer(&mut out, &request).context("encoding OTLP/JSON")?;
-                out.push(b'\n');
+                write_line(&mut out, &request)?;
             }
             Signal::Traces => {
                 for (request, _) in spans::trace_requests(batch, &mut self.ids, PAIRS_PER_LINE) {
-                    serde_json::to_writer(&mut out, &request).context("encoding OTLP/JSON")?;
-                    out.push(b'\n');
+                    write_line(&mut out, &request)?;
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// Appends one request as a line of OTLP/JSON. Unset optional fields (`min`, `status`)
+/// are left out rather than written as `null`, which OTLP/JSON readers reject.
+fn write_line(out: &mut Vec<u8>, request: &impl serde::Serialize) -> Result<()> {
+    let mut value = serde_json::to_value(request).context("encoding OTLP/JSON")?;
+    strip_nulls(&mut value);
+    serde_json::to_writer(&mut *out, &value).context("encoding OTLP/JSON")?;
+    out.push(b'\n');
+    Ok(())
+}
+
+fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
     }
 }
 
@@ -107,5 +126,17 @@ impl Exporter for FileExporter {
                 .with_context(|| format!("syncing {}", self.path.display()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nulls_are_left_out() {
+        let mut value = serde_json::json!({"a": null, "b": [{"min": null, "max": 1.5}], "c": "x"});
+        strip_nulls(&mut value);
+        assert_eq!(value, serde_json::json!({"b": [{"max": 1.5}], "c": "x"}));
     }
 }

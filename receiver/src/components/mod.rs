@@ -3,6 +3,9 @@
 mod debug;
 mod ebpf;
 mod file;
+mod otlp;
+mod otlp_common;
+mod otlphttp;
 
 use anyhow::{Result, bail};
 use config::{ComponentSection, Signal};
@@ -24,6 +27,8 @@ const PROCESSORS: &[Entry<Box<dyn Processor>>] = &[];
 const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
     ("debug", ALL_SIGNALS, debug::build),
     ("file", ALL_SIGNALS, file::build),
+    ("otlp", ALL_SIGNALS, otlp::build),
+    ("otlphttp", ALL_SIGNALS, otlphttp::build),
 ];
 
 fn build<T>(

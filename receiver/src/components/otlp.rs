@@ -1,0 +1,164 @@
+//! The `otlp` exporter: OTLP over gRPC (tonic, with opentelemetry-proto's generated
+//! service clients), with the collector's keys. Queueing and retries: `otlp_common`.
+use std::{str::FromStr, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use config::ComponentSection;
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::metrics_service_client::MetricsServiceClient,
+    trace::v1::trace_service_client::TraceServiceClient,
+};
+use tonic::{
+    Code,
+    codec::CompressionEncoding,
+    metadata::{MetadataKey, MetadataMap, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use super::otlp_common::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
+use crate::pipeline::{BuildContext, Exporter, parse_section};
+
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
+    let config: OtlpConfig = parse_section("exporters", &cx.id, section)?;
+    let transport = GrpcTransport::new(&config).with_context(|| format!("exporters.{}", cx.id))?;
+    Ok(Box::new(OtlpExporter::new(
+        cx,
+        &config,
+        Arc::new(transport),
+    )))
+}
+
+struct GrpcTransport {
+    metrics: MetricsServiceClient<Channel>,
+    traces: TraceServiceClient<Channel>,
+    headers: MetadataMap,
+}
+
+/// `host:port` gets a scheme from `tls.insecure`, as the collector does.
+fn endpoint_uri(config: &OtlpConfig) -> String {
+    let endpoint = config.endpoint.trim();
+    if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else if config.tls.insecure {
+        format!("http://{endpoint}")
+    } else {
+        format!("https://{endpoint}")
+    }
+}
+
+impl GrpcTransport {
+    fn new(config: &OtlpConfig) -> Result<Self> {
+        config.validate()?;
+        if config.metrics_endpoint.is_some() || config.traces_endpoint.is_some() {
+            bail!("metrics_endpoint and traces_endpoint are otlphttp keys; use endpoint");
+        }
+        let uri = endpoint_uri(config);
+        let mut endpoint = Endpoint::from_str(&uri)
+            .with_context(|| format!("endpoint {uri:?} is not a valid URI"))?
+            .connect_timeout(config.timeout)
+            .timeout(config.timeout);
+        if uri.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(ca) = OtlpConfig::read_tls_file(&config.tls.ca_file, "ca_file")? {
+                tls = tls.ca_certificate(Certificate::from_pem(ca));
+            }
+            if let (Some(cert), Some(key)) = (
+                OtlpConfig::read_tls_file(&config.tls.cert_file, "cert_file")?,
+                OtlpConfig::read_tls_file(&config.tls.key_file, "key_file")?,
+            ) {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(tls).context("tls")?;
+        }
+        // Connects on first use and reconnects by itself: a collector that is down at
+        // startup is a retry, not an error.
+        let channel = endpoint.connect_lazy();
+        let mut headers = MetadataMap::new();
+        for (key, value) in &config.headers {
+            let name = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes())
+                .with_context(|| format!("headers: invalid name {key:?}"))?;
+            let value = MetadataValue::try_from(value.as_str())
+                .with_context(|| format!("headers.{key}: invalid value"))?;
+            headers.insert(name, value);
+        }
+        let mut metrics = MetricsServiceClient::new(channel.clone());
+        let mut traces = TraceServiceClient::new(channel);
+        if config.compression == Compression::Gzip {
+            metrics = metrics.send_compressed(CompressionEncoding::Gzip);
+            traces = traces.send_compressed(CompressionEncoding::Gzip);
+        }
+        Ok(GrpcTransport {
+            metrics,
+            traces,
+            headers,
+        })
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        *request.metadata_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// The OTLP spec's retryable gRPC codes.
+fn send_error(status: tonic::Status) -> SendError {
+    let retryable = matches!(
+        status.code(),
+        Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unavailable
+            | Code::DataLoss
+            | Code::ResourceExhausted
+    );
+    SendError {
+        retryable,
+        message: format!("{:?}: {}", status.code(), status.message()),
+    }
+}
+
+#[async_trait]
+impl Transport for GrpcTransport {
+    async fn send(&self, payload: &Payload) -> Result<(), SendError> {
+        match payload {
+            Payload::Metrics(request) => {
+                let response = self
+                    .metrics
+                    .clone()
+                    .export(self.request(request.clone()))
+                    .await
+                    .map_err(send_error)?;
+                if let Some(partial) = response.into_inner().partial_success {
+                    if partial.rejected_data_points > 0 {
+                        tracing::warn!(
+                            rejected = partial.rejected_data_points,
+                            "collector rejected data points: {}",
+                            partial.error_message
+                        );
+                    }
+                }
+            }
+            Payload::Traces { request, .. } => {
+                let response = self
+                    .traces
+                    .clone()
+                    .export(self.request(request.clone()))
+                    .await
+                    .map_err(send_error)?;
+                if let Some(partial) = response.into_inner().partial_success {
+                    if partial.rejected_spans > 0 {
+                        tracing::warn!(
+                            rejected = partial.rejected_spans,
+                            "collector rejected spans: {}",
+                            partial.error_message
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! The `otlphttp` exporter: OTLP over HTTP with protobuf bodies (opentelemetry-proto
+//! messages encoded by prost), with the collector's keys. Queueing and retries:
+//! `otlp_common`.
+use std::{io::Write, sync::Arc};
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use config::ComponentSection;
+use prost::Message;
+use reqwest::{
+    StatusCode,
+    header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue},
+};
+
+use super::otlp_common::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
+use crate::pipeline::{BuildContext, Exporter, parse_section};
+
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
+    let config: OtlpConfig = parse_section("exporters", &cx.id, section)?;
+    let transport = HttpTransport::new(&config).with_context(|| format!("exporters.{}", cx.id))?;
+    Ok(Box::new(OtlpExporter::new(
+        cx,
+        &config,
+        Arc::new(transport),
+    )))
+}
+
+struct HttpTransport {
+    client: reqwest::Client,
+    metrics_url: String,
+    traces_url: String,
+    gzip: bool,
+}
+
+fn signal_url(base: &str, explicit: &Option<String>, path: &str) -> Result<String> {
+    let url = match explicit {
+        Some(url) => url.clone(),
+        None => format!("{}/{path}", base.trim_end_matches('/')),
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("{url:?}: an otlphttp endpoint is a URL (http:// or https://)");
+    }
+    Ok(url)
+}
+
+impl HttpTransport {
+    fn new(config: &OtlpConfig) -> Result<Self> {
+        config.validate()?;
+        let mut headers = HeaderMap::new();
+        for (key, value) in &config.headers {
+            headers.insert(
+                HeaderName::from_bytes(key.as_bytes())
+                    .with_context(|| format!("headers: invalid name {key:?}"))?,
+                HeaderValue::from_str(value)
+                    .with_context(|| format!("headers.{key}: invalid value"))?,
+            );
+        }
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-protobuf"),
+        );
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .default_headers(headers)
+            .use_rustls_tls();
+        if let Some(ca) = OtlpConfig::read_tls_file(&config.tls.ca_file, "ca_file")? {
+            builder = builder.add_root_certificate(
+                reqwest::Certificate::from_pem(&ca)
+                    .context("tls.ca_file: not a PEM certificate")?,
+            );
+        }
+        if let (Some(mut cert), Some(key)) = (
+            OtlpConfig::read_tls_file(&config.tls.cert_file, "cert_file")?,
+            OtlpConfig::read_tls_file(&config.tls.key_file, "key_file")?,
+        ) {
+            cert.extend_from_slice(&key);
+            builder = builder.identity(
+                reqwest::Identity::from_pem(&cert).context("tls.cert_file/key_file: not PEM")?,
+            );
+        }
+        Ok(HttpTransport {
+            client: builder.build().context("building the HTTP client")?,
+            metrics_url: signal_url(&config.endpoint, &config.metrics_endpoint, "v1/metrics")?,
+            traces_url: signal_url(&config.endpoint, &config.traces_endpoint, "v1/traces")?,
+            gzip: config.compression == Compression::Gzip,
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for HttpTransport {
+    async fn send(&self, payload: &Payload) -> Result<(), SendError> {
+        let (url, body) = match payload {
+            Payload::Metrics(request) => (&self.metrics_url, request.encode_to_vec()),
+            Payload::Traces { request, .. } => (&self.traces_url, request.encode_to_vec()),
+        };
+        let mut request = self.client.post(url.as_str());
+        let body = if self.gzip {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder
+                .write_all(&body)
+                .and_then(|()| encoder.finish())
+                .map_err(|e| SendError {
+                    retryable: false,
+                    message: format!("gzip: {e}"),
+                })?
+        } else {
+            body
+        };
+        if self.gzip {
+            request = request.header(CONTENT_ENCODING, "gzip");
+        }
+        let response = request.body(body).send().await.map_err(|e| SendError {
+            retryable: true,
+            message: format!("{url}: {e}"),
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        // The OTLP spec's retryable HTTP statuses.
+        let retryable = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::BAD_GATEWAY
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT
+        );
+        Err(SendError {
+            retryable,
+            message: format!("{url}: HTTP {status}"),
+        })
+    }
+}

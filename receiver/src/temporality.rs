@@ -1,0 +1,176 @@
+//! Cumulative -> delta conversion at the exporter edge, for backends that want deltas.
+//! As OpenTelemetry SDKs do with a delta preference: monotonic sums and histograms
+//! become deltas; non-monotonic sums (`connections.active`, queue sizes) stay
+//! cumulative. Per interval, over the series of one request; series that disappear
+//! are forgotten, so memory follows the live series.
+use std::collections::HashMap;
+
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::KeyValue,
+    metrics::v1::{AggregationTemporality, metric::Data, number_data_point::Value},
+};
+
+#[derive(Clone, Debug, PartialEq)]
+enum Previous {
+    Number(i64),
+    Histogram {
+        count: u64,
+        sum: f64,
+        buckets: Vec<u64>,
+    },
+}
+
+#[derive(Default)]
+pub struct DeltaConverter {
+    previous: HashMap<String, Previous>,
+}
+
+fn series_key(metric: &str, attributes: &[KeyValue]) -> String {
+    format!("{metric}\u{1f}{attributes:?}")
+}
+
+impl DeltaConverter {
+    /// Rewrites a cumulative request into deltas since the previous call. A series seen
+    /// for the first time reports its whole cumulative value (from its start time); a
+    /// counter that went backwards (restart) reports its new value.
+    pub fn convert(&mut self, request: &mut ExportMetricsServiceRequest) {
+        let mut current = HashMap::with_capacity(self.previous.len());
+        for metric in request
+            .resource_metrics
+            .iter_mut()
+            .flat_map(|rm| rm.scope_metrics.iter_mut())
+            .flat_map(|sm| sm.metrics.iter_mut())
+        {
+            let name = metric.name.clone();
+            match metric.data.as_mut() {
+                Some(Data::Sum(sum)) if sum.is_monotonic => {
+                    sum.aggregation_temporality = AggregationTemporality::Delta as i32;
+                    for point in &mut sum.data_points {
+                        let key = series_key(&name, &point.attributes);
+                        let Some(Value::AsInt(value)) = point.value else {
+                            continue;
+                        };
+                        if let Some(Previous::Number(before)) = self.previous.get(&key) {
+                            if *before <= value {
+                                point.value = Some(Value::AsInt(value - before));
+                            }
+                        }
+                        current.insert(key, Previous::Number(value));
+                    }
+                }
+                Some(Data::Histogram(histogram)) => {
+                    histogram.aggregation_temporality = AggregationTemporality::Delta as i32;
+                    for point in &mut histogram.data_points {
+                        let key = series_key(&name, &point.attributes);
+                        let now = Previous::Histogram {
+                            count: point.count,
+                            sum: point.sum.unwrap_or(0.0),
+                            buckets: point.bucket_counts.clone(),
+                        };
+                        if let Some(Previous::Histogram {
+                            count,
+                            sum,
+                            buckets,
+                        }) = self.previous.get(&key)
+                        {
+                            if *count <= point.count && buckets.len() == point.bucket_counts.len() {
+                                point.count -= count;
+                                point.sum = point.sum.map(|s| s - sum);
+                                for (b, before) in point.bucket_counts.iter_mut().zip(buckets) {
+                                    *b = b.saturating_sub(*before);
+                                }
+                            }
+                        }
+                        // Extremes of the window are unknown from cumulative state.
+                        point.min = None;
+                        point.max = None;
+                        current.insert(key, now);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.previous = current;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::{
+        model::{LinkBatch, LinkKey, LinkStats},
+        otlp,
+    };
+
+    fn request(bytes: u64, active: u64, connects: &[u64]) -> ExportMetricsServiceRequest {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut stats = LinkStats::new(t);
+        stats.bytes_transmit = bytes;
+        stats.active = active;
+        for micros in connects {
+            stats
+                .connect_duration
+                .record(Duration::from_micros(*micros));
+        }
+        let mut batch = LinkBatch::new(t, t);
+        batch.links = vec![(
+            LinkKey {
+                client: "10.0.0.1".parse().unwrap(),
+                server: "10.0.0.2".parse().unwrap(),
+                server_port: 80,
+            },
+            stats,
+        )];
+        otlp::metrics_request(&batch, &otlp::resource(), &[])
+    }
+
+    fn metric<'a>(
+        r: &'a ExportMetricsServiceRequest,
+        name: &str,
+    ) -> &'a opentelemetry_proto::tonic::metrics::v1::Metric {
+        r.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap()
+    }
+
+    fn first_int(r: &ExportMetricsServiceRequest, name: &str) -> (i64, i32) {
+        match &metric(r, name).data {
+            Some(Data::Sum(s)) => match s.data_points[0].value {
+                Some(Value::AsInt(v)) => (v, s.aggregation_temporality),
+                _ => unreachable!(),
+            },
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn monotonic_sums_and_histograms_become_deltas() {
+        let mut converter = DeltaConverter::default();
+        let mut first = request(100, 2, &[80]);
+        converter.convert(&mut first);
+        assert_eq!(
+            first_int(&first, "ridley.link.bytes"),
+            (100, AggregationTemporality::Delta as i32)
+        );
+
+        let mut second = request(250, 1, &[80, 120, 3000]);
+        converter.convert(&mut second);
+        assert_eq!(first_int(&second, "ridley.link.bytes").0, 150);
+        // Non-monotonic stays cumulative.
+        assert_eq!(
+            first_int(&second, "ridley.link.connections.active"),
+            (1, AggregationTemporality::Cumulative as i32)
+        );
+        let Some(Data::Histogram(h)) = &metric(&second, "ridley.link.connect.duration").data else {
+            unreachable!()
+        };
+        assert_eq!(h.data_points[0].count, 2);
+        assert_eq!(h.data_points[0].bucket_counts.iter().sum::<u64>(), 2);
+        assert_eq!(h.data_points[0].min, None);
+    }
+}

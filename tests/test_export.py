@@ -1,0 +1,172 @@
+"""Export to a real collector (rotel) over OTLP gRPC and HTTP, service-graph spans as
+Tempo, the servicegraph connector and Jaeger read them, losing nothing while the
+collector is away, delta temporality and service-graph metrics."""
+import time
+
+from conftest import HOSTS
+from servicegraph import connector_edges, jaeger_edges, tempo_edges
+
+A4, _ = HOSTS["a"]
+B4, _ = HOSTS["b"]
+C4, _ = HOSTS["c"]
+OURS = {A4, B4, C4}
+
+
+def our_edges(edges):
+    """Edges between the test hosts (ridley also sees its own export traffic)."""
+    return {k: v for k, v in edges.items() if k[0] in OURS and k[1] in OURS}
+
+
+def otlp_exporters(collector, retry="initial_interval: 200ms\n      max_interval: 1s"):
+    return (
+        "  otlp:\n"
+        f"    endpoint: {collector.grpc_endpoint}\n"
+        "    tls: {insecure: true}\n"
+        "    retry_on_failure:\n"
+        f"      {retry}\n"
+        "  otlphttp:\n"
+        f"    endpoint: {collector.http_endpoint}\n"
+        "    retry_on_failure:\n"
+        f"      {retry}\n"
+    )
+
+
+def test_metrics_over_grpc_and_spans_over_http_through_a_collector(ridley, peers, collector):
+    collector.start()
+    r = ridley(exporters=otlp_exporters(collector),
+               pipelines={"metrics": ["otlp"], "traces": ["otlphttp"]})
+    peers.server("a", A4, 8090, reply=200)
+    assert peers.connect("b", A4, 8090, send=1000, count=5) == ["received 200"] * 5
+    assert len(peers.connect("c", A4, 8091, count=2)) == 2  # refused
+    r.stop()
+    collector.wait_for(lambda c: (c.metrics().link(B4, A4, 8090) or {}).get("opened") == 5
+                       and (c.metrics().link(C4, A4, 8091) or {}).get("failed") == {"refused": 2}
+                       and len([s for s in c.spans() if s["service"] in OURS]) >= 14)
+
+    metrics = collector.metrics()
+    link = metrics.link(B4, A4, 8090)
+    assert (link["opened"], link["transmit"], link["receive"], link["failed"], link["active"]) == (5, 5000, 1000, {}, 0)
+    assert metrics.resource["service.name"] == "ridley"
+
+    spans = [s for s in collector.spans() if s["service"] in OURS]
+    pairs = [(c, s) for c in spans if c["kind"] == "client"
+             for s in spans if s["kind"] == "server" and s["parent"] == c["span"]]
+    assert len(pairs) == 7
+    for client, server in pairs:
+        assert client["trace"] == server["trace"]
+        assert client["attrs"]["peer.service"] == server["service"]
+        assert client["attrs"]["service.peer.name"] == server["service"]
+        assert client["end"] > client["start"], "durations are measured handshakes"
+    assert our_edges(tempo_edges(spans)) == {(B4, A4): {"requests": 5.0, "failed": 0.0},
+                                             (C4, A4): {"requests": 2.0, "failed": 2.0}}
+    assert our_edges(connector_edges(spans)) == our_edges(tempo_edges(spans))
+    assert our_edges(jaeger_edges(spans)) == {(B4, A4): 5, (C4, A4): 2}
+
+
+def test_sampled_pairs_keep_request_counts_true(ridley, peers):
+    r = ridley(receiver_extra="    span_pairs_per_link: 3\n",
+               pipelines={"metrics": ["file"], "traces": ["file/spans"]})
+    peers.server("a", A4, 8092, reply=1)
+    assert peers.connect("b", A4, 8092, send=1, count=40) == ["received 1"] * 40
+    r.stop()
+    spans = [s for s in r.spans() if s["service"] in OURS]
+    clients = [s for s in spans if s["kind"] == "client"]
+    assert len(clients) < 40, "sampled, not one pair per connection"
+    assert all(0 < c["attrs"]["ridley.sampling.ratio"] <= 1 for c in clients)
+    # Weighted by 1/ratio as Tempo's span_multiplier_key does: exactly 40 requests.
+    assert our_edges(tempo_edges(spans)) == {(B4, A4): {"requests": 40.0, "failed": 0.0}}
+
+
+def test_long_lived_link_gets_a_traffic_pair_each_interval(ridley, peers):
+    r = ridley(pipelines={"metrics": ["file"], "traces": ["file/spans"]})
+    peers.server("a", A4, 8093, reply=1)
+    conn = peers.hold("c", A4, 8093, before=1000, send=10)
+    time.sleep(0.5)
+    r.wait_for(lambda b: (b.link(C4, A4, 8093) or {}).get("transmit") == 1000)
+    r.wait_for(lambda b: True)  # one more interval, with no new connection
+    peers.release(conn)
+    r.stop()
+    spans = [s for s in r.spans() if s["service"] in OURS]
+    kinds = [c["attrs"]["ridley.pair"] for c in spans if c["kind"] == "client"]
+    assert kinds.count("connection") == 1
+    assert kinds.count("traffic") >= 1
+    for c in spans:
+        if c["kind"] == "client" and c["attrs"]["ridley.pair"] == "traffic":
+            assert c["end"] > c["start"], "a traffic pair lasts the measured RTT"
+
+
+def test_collector_down_then_up_loses_no_counts(ridley, peers, collector):
+    r = ridley(exporters=otlp_exporters(collector),
+               pipelines={"metrics": ["otlp", "file"], "traces": ["otlp"]})
+    peers.server("a", A4, 8094, reply=300)
+    assert peers.connect("b", A4, 8094, send=700, count=4) == ["received 300"] * 4
+    # Several intervals with the collector away: the daemon keeps running, the metric
+    # queue holds only the newest cumulative request, failures are counted.
+    down = r.wait_for(lambda b: any(v > 0 for a, v in b.all_points("ridley.exporter.requests")
+                                    if a["exporter"] == "otlp" and a["signal"] == "metrics"
+                                    and a["outcome"] == "failure"))
+    time.sleep(2)
+    assert r.proc.poll() is None
+    queue = r.batches()[-1].all_points("ridley.exporter.queue.size")
+    assert [v for a, v in queue if a["exporter"] == "otlp" and a["signal"] == "metrics"] in ([0], [1])
+    assert down.link(B4, A4, 8094)["opened"] == 4
+
+    collector.start()
+    collector.wait_for(lambda c: (c.metrics().link(B4, A4, 8094) or {}).get("opened") == 4)
+    link = collector.metrics().link(B4, A4, 8094)
+    assert (link["opened"], link["transmit"], link["receive"]) == (4, 2800, 1200)
+    r.stop()
+
+
+def test_delta_temporality_adds_up_to_the_totals(ridley, peers, collector):
+    collector.start()
+    exporters = otlp_exporters(collector).replace("  otlphttp:", "    temporality: delta\n  otlphttp:", 1)
+    r = ridley(exporters=exporters, pipelines={"metrics": ["otlp", "file"]})
+    peers.server("a", A4, 8095, reply=5)
+    peers.connect("b", A4, 8095, send=100, count=3)
+    r.wait_for(lambda b: (b.link(B4, A4, 8095) or {}).get("opened") == 3)
+    peers.connect("b", A4, 8095, send=100, count=2)
+    r.stop()
+    collector.wait_for(lambda c: sum(_delta_sum(c, "ridley.link.connections.opened")) == 5)
+    assert sum(_delta_sum(collector, "ridley.link.bytes", direction="transmit")) == 500
+    assert sum(_delta_sum(collector, "ridley.link.bytes", direction="receive")) == 25
+
+
+def _delta_sum(collector, name, direction=None):
+    """Every delta point received for the b -> a:8095 series of `name`."""
+    values = []
+    for doc in collector.docs():
+        for rm in doc.get("resourceMetrics", []):
+            for sm in rm.get("scopeMetrics", []):
+                for m in sm.get("metrics", []):
+                    if m["name"] != name:
+                        continue
+                    assert m["sum"]["aggregationTemporality"] in (1, "AGGREGATION_TEMPORALITY_DELTA")
+                    for p in m["sum"]["dataPoints"]:
+                        attrs = {a["key"]: list(a["value"].values())[0] for a in p["attributes"]}
+                        if (attrs["client.address"], str(attrs["server.port"])) != (B4, "8095"):
+                            continue
+                        if direction and attrs["network.io.direction"] != direction:
+                            continue
+                        values.append(int(p["asInt"]))
+    return values
+
+
+def test_service_graph_metrics_emitted_directly(ridley, peers):
+    r = ridley(receiver_extra="    service_graph_metrics: true\n")
+    peers.server("a", A4, 8096, reply=1)
+    peers.connect("b", A4, 8096, send=1, count=3)
+    peers.connect("c", A4, 8097, count=2)  # refused
+    final = r.stop()
+
+    def edge(name, client, server):
+        (value,) = [v for a, v in final.all_points(name)
+                    if (a["client"], a["server"], a["connection_type"]) == (client, server, "")]
+        return value
+
+    assert edge("traces_service_graph_request_total", B4, A4) == 3
+    assert edge("traces_service_graph_request_failed_total", B4, A4) == 0
+    assert edge("traces_service_graph_request_total", C4, A4) == 2
+    assert edge("traces_service_graph_request_failed_total", C4, A4) == 2
+    hist = edge("traces_service_graph_request_client_seconds", B4, A4)
+    assert int(hist["count"]) == 3

@@ -170,3 +170,32 @@ def test_service_graph_metrics_emitted_directly(ridley, peers):
     assert edge("traces_service_graph_request_failed_total", C4, A4) == 2
     hist = edge("traces_service_graph_request_client_seconds", B4, A4)
     assert int(hist["count"]) == 3
+
+
+def test_prometheus_endpoint_scraped_and_parsed(ridley, peers):
+    import urllib.request
+
+    from conftest import free_port
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    r = ridley(exporters=f"  prometheus:\n    endpoint: 127.0.0.1:{port}\n",
+               pipelines={"metrics": ["file", "prometheus"]})
+    peers.server("a", A4, 8098, reply=64)
+    peers.connect("b", A4, 8098, send=128, count=3)
+    r.wait_for(lambda b: (b.link(B4, A4, 8098) or {}).get("opened") == 3)
+    time.sleep(1.5)  # the next collection reaches the endpoint too
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("client_address") == B4 and s.labels.get("server_port") == "8098":
+                key = (s.name, s.labels.get("network_io_direction"), s.labels.get("le"))
+                samples[key] = s.value
+    r.stop()
+    assert samples[("ridley_link_bytes_total", "transmit", None)] == 384
+    assert samples[("ridley_link_bytes_total", "receive", None)] == 192
+    assert samples[("ridley_link_connections_opened_total", None, None)] == 3
+    assert samples[("ridley_link_connections_active", None, None)] == 0
+    assert samples[("ridley_link_connect_duration_seconds_count", None, None)] == 3
+    assert samples[("ridley_link_connect_duration_seconds_bucket", None, "+Inf")] == 3

@@ -235,10 +235,12 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<Box<dyn Receiver>> {
-        build(
-            &"ebpf".parse().unwrap(),
-            serde_norway::from_str(yaml).unwrap(),
-        )
+        let cx = BuildContext {
+            id: "ebpf".parse().unwrap(),
+            signal: config::Signal::Metrics,
+            telemetry: Default::default(),
+        };
+        build(&cx, serde_norway::from_str(yaml).unwrap())
     }
 
     #[test]

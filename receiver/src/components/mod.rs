@@ -6,6 +6,7 @@ mod file;
 mod otlp;
 mod otlp_common;
 mod otlphttp;
+mod prometheus;
 
 use anyhow::{Result, bail};
 use config::{ComponentSection, Signal};
@@ -29,6 +30,7 @@ const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
     ("file", ALL_SIGNALS, file::build),
     ("otlp", ALL_SIGNALS, otlp::build),
     ("otlphttp", ALL_SIGNALS, otlphttp::build),
+    ("prometheus", METRICS, prometheus::build),
 ];
 
 fn build<T>(

@@ -1,0 +1,313 @@
+//! The `prometheus` exporter: serves the metrics pipeline's latest state on
+//! `http://<endpoint>/metrics` in the Prometheus text format, for users who scrape
+//! (as they did Caretta or Hubble). Names follow the OpenTelemetry-to-Prometheus
+//! mapping: `.` becomes `_`, the unit is appended (`By` -> `bytes`, `s` -> `seconds`)
+//! unless the name already ends with it, monotonic sums end in `_total`; resource
+//! attributes go to `target_info`.
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use config::ComponentSection;
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::{AnyValue, KeyValue, any_value},
+    metrics::v1::{metric::Data, number_data_point::Value},
+};
+use serde::Deserialize;
+
+use crate::{
+    model::LinkBatch,
+    otlp,
+    pipeline::{BuildContext, Exporter, parse_section},
+    telemetry::Telemetry,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusConfig {
+    /// Address to serve `/metrics` on.
+    #[serde(default = "default_endpoint")]
+    pub endpoint: String,
+}
+
+fn default_endpoint() -> String {
+    "0.0.0.0:9464".to_owned()
+}
+
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
+    let config: PrometheusConfig = parse_section("exporters", &cx.id, section)?;
+    let addr: SocketAddr = config.endpoint.parse().with_context(|| {
+        format!(
+            "exporters.{}.endpoint: {:?} is not host:port",
+            cx.id, config.endpoint
+        )
+    })?;
+    let page = Arc::new(RwLock::new(String::new()));
+    // Bound now so that a port in use fails at startup, with the component named.
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("exporters.{}: listening on {addr}", cx.id))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = Router::new()
+        .route("/metrics", get(serve))
+        .with_state(page.clone());
+    let id = cx.id.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(exporter = %id, "metrics endpoint stopped: {e}");
+        }
+    });
+    tracing::info!(exporter = %cx.id, "serving Prometheus metrics on http://{addr}/metrics");
+    Ok(Box::new(PrometheusExporter {
+        page,
+        telemetry: cx.telemetry.clone(),
+        resource: otlp::resource(),
+    }))
+}
+
+async fn serve(State(page): State<Arc<RwLock<String>>>) -> impl IntoResponse {
+    let text = page.read().unwrap_or_else(|e| e.into_inner()).clone();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+struct PrometheusExporter {
+    page: Arc<RwLock<String>>,
+    telemetry: Arc<Telemetry>,
+    resource: opentelemetry_proto::tonic::resource::v1::Resource,
+}
+
+#[async_trait]
+impl Exporter for PrometheusExporter {
+    async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
+        let request = otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
+        let text = render(&request);
+        *self.page.write().unwrap_or_else(|e| e.into_inner()) = text;
+        Ok(())
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// The OpenTelemetry-to-Prometheus metric name.
+pub fn metric_name(name: &str, unit: &str, monotonic_sum: bool) -> String {
+    let mut out = sanitize(name);
+    let unit_suffix = match unit {
+        "By" => Some("bytes"),
+        "s" => Some("seconds"),
+        "ms" => Some("milliseconds"),
+        _ => None, // `{connection}`-style annotations and `1` add nothing
+    };
+    if let Some(suffix) = unit_suffix {
+        if !out.ends_with(suffix) && !out.contains(&format!("_{suffix}_")) {
+            out.push('_');
+            out.push_str(suffix);
+        }
+    }
+    if monotonic_sum && !out.ends_with("_total") {
+        out.push_str("_total");
+    }
+    out
+}
+
+fn label_value(value: &Option<AnyValue>) -> String {
+    let raw = match value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        _ => String::new(),
+    };
+    raw.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(attributes: &[KeyValue], extra: Option<(&str, String)>) -> String {
+    let mut parts: Vec<String> = attributes
+        .iter()
+        .map(|kv| format!("{}=\"{}\"", sanitize(&kv.key), label_value(&kv.value)))
+        .collect();
+    if let Some((key, value)) = extra {
+        parts.push(format!("{key}=\"{value}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+fn number(value: f64) -> String {
+    if value.is_infinite() {
+        if value > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
+    } else {
+        value.to_string()
+    }
+}
+
+/// The text exposition of one (cumulative) request.
+pub fn render(request: &ExportMetricsServiceRequest) -> String {
+    let mut out = String::new();
+    for rm in &request.resource_metrics {
+        if let Some(resource) = &rm.resource {
+            let _ = writeln!(
+                out,
+                "# HELP target_info Target metadata\n# TYPE target_info gauge"
+            );
+            let _ = writeln!(out, "target_info{} 1", labels(&resource.attributes, None));
+        }
+        for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+            match &metric.data {
+                Some(Data::Sum(sum)) => {
+                    let name = metric_name(&metric.name, &metric.unit, sum.is_monotonic);
+                    let kind = if sum.is_monotonic { "counter" } else { "gauge" };
+                    let _ = writeln!(
+                        out,
+                        "# HELP {name} {}\n# TYPE {name} {kind}",
+                        metric.description
+                    );
+                    for p in &sum.data_points {
+                        let value = match p.value {
+                            Some(Value::AsInt(i)) => i as f64,
+                            Some(Value::AsDouble(d)) => d,
+                            None => continue,
+                        };
+                        let _ = writeln!(
+                            out,
+                            "{name}{} {}",
+                            labels(&p.attributes, None),
+                            number(value)
+                        );
+                    }
+                }
+                Some(Data::Histogram(histogram)) => {
+                    let name = metric_name(&metric.name, &metric.unit, false);
+                    let _ = writeln!(
+                        out,
+                        "# HELP {name} {}\n# TYPE {name} histogram",
+                        metric.description
+                    );
+                    for p in &histogram.data_points {
+                        let mut cumulative = 0;
+                        for (i, count) in p.bucket_counts.iter().enumerate() {
+                            cumulative += count;
+                            let le = p.explicit_bounds.get(i).copied().unwrap_or(f64::INFINITY);
+                            let _ = writeln!(
+                                out,
+                                "{name}_bucket{} {cumulative}",
+                                labels(&p.attributes, Some(("le", number(le))))
+                            );
+                        }
+                        let l = labels(&p.attributes, None);
+                        let _ = writeln!(out, "{name}_sum{l} {}", number(p.sum.unwrap_or(0.0)));
+                        let _ = writeln!(out, "{name}_count{l} {}", p.count);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::model::{LinkKey, LinkStats};
+
+    #[test]
+    fn names_follow_the_otel_to_prometheus_mapping() {
+        assert_eq!(
+            metric_name("ridley.link.bytes", "By", true),
+            "ridley_link_bytes_total"
+        );
+        assert_eq!(
+            metric_name("ridley.link.rtt", "s", false),
+            "ridley_link_rtt_seconds"
+        );
+        assert_eq!(
+            metric_name("ridley.link.connections.active", "{connection}", false),
+            "ridley_link_connections_active"
+        );
+        assert_eq!(
+            metric_name("traces_service_graph_request_total", "", true),
+            "traces_service_graph_request_total"
+        );
+        assert_eq!(
+            metric_name("traces_service_graph_request_client_seconds", "s", false),
+            "traces_service_graph_request_client_seconds"
+        );
+    }
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut stats = LinkStats::new(t);
+        stats.bytes_transmit = 42;
+        stats.connect_duration.record(Duration::from_micros(70));
+        let mut batch = LinkBatch::new(t, t);
+        batch.links = vec![(
+            LinkKey {
+                client: "10.0.0.1".parse().unwrap(),
+                server: "10.0.0.2".parse().unwrap(),
+                server_port: 80,
+            },
+            stats,
+        )];
+        let text = render(&otlp::metrics_request(&batch, &otlp::resource(), &[]));
+        let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";
+        assert!(
+            text.contains("# TYPE ridley_link_bytes_total counter"),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "ridley_link_bytes_total{{{link},network_io_direction=\"transmit\"}} 42"
+        )));
+        assert!(text.contains(&format!(
+            "ridley_link_connect_duration_seconds_bucket{{{link},le=\"0.00005\"}} 0"
+        )));
+        assert!(text.contains(&format!(
+            "ridley_link_connect_duration_seconds_bucket{{{link},le=\"0.0001\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "ridley_link_connect_duration_seconds_bucket{{{link},le=\"+Inf\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "ridley_link_connect_duration_seconds_count{{{link}}} 1"
+        )));
+        assert!(text.contains("target_info{service_name=\"ridley\""));
+    }
+}

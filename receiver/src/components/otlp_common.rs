@@ -218,21 +218,19 @@ impl Queue {
         if items.len() >= self.capacity {
             match payload {
                 Payload::Traces { .. } => {
-                    self.stats
-                        .dropped_spans
-                        .fetch_add(payload.spans(), Ordering::Relaxed);
+                    count_drop(&self.stats, &payload);
                     return;
                 }
                 Payload::Metrics(_) => {
-                    // The oldest delta request goes: newer data is worth more.
-                    if let Some(pos) = items.iter().position(|p| matches!(p, Payload::Metrics(_))) {
-                        items.remove(pos);
-                    } else {
-                        items.pop_front();
+                    // Newer data is worth more: the oldest metric request goes, or the
+                    // oldest request of any kind when no metric request is queued.
+                    let victim = items
+                        .iter()
+                        .position(|p| matches!(p, Payload::Metrics(_)))
+                        .unwrap_or(0);
+                    if let Some(victim) = items.remove(victim) {
+                        count_drop(&self.stats, &victim);
                     }
-                    self.stats
-                        .dropped_metric_requests
-                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -330,7 +328,7 @@ async fn run_sender(
     }
 }
 
-fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str) {
+fn count_drop(stats: &ExporterStats, payload: &Payload) {
     match payload {
         Payload::Traces { .. } => {
             stats
@@ -343,6 +341,10 @@ fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str) {
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str) {
+    count_drop(stats, payload);
     tracing::warn!(exporter = %id, "request dropped: {why}");
 }
 
@@ -437,5 +439,67 @@ impl Exporter for OtlpExporter {
         self.queue.notify.notify_one();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, sender).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue(capacity: usize, coalesce_metrics: bool) -> Queue {
+        Queue {
+            items: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            closing: Default::default(),
+            capacity,
+            coalesce_metrics,
+            stats: Arc::default(),
+        }
+    }
+
+    fn metrics() -> Payload {
+        Payload::Metrics(ExportMetricsServiceRequest::default())
+    }
+
+    fn traces(pairs: usize) -> Payload {
+        Payload::Traces {
+            request: ExportTraceServiceRequest::default(),
+            pairs,
+        }
+    }
+
+    #[test]
+    fn cumulative_metric_requests_supersede_each_other() {
+        let q = queue(3, true);
+        for _ in 0..10 {
+            q.push(metrics());
+        }
+        assert_eq!(q.stats.queue_len.load(Ordering::Relaxed), 1);
+        assert_eq!(q.stats.dropped_metric_requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn spans_beyond_the_queue_are_dropped_and_counted() {
+        let q = queue(2, true);
+        q.push(traces(5));
+        q.push(traces(5));
+        q.push(traces(7));
+        assert_eq!(q.stats.queue_len.load(Ordering::Relaxed), 2);
+        assert_eq!(q.stats.dropped_spans.load(Ordering::Relaxed), 14);
+        // A metrics request still gets in, in place of the oldest span request.
+        q.push(metrics());
+        assert_eq!(q.stats.queue_len.load(Ordering::Relaxed), 2);
+        assert_eq!(q.stats.dropped_spans.load(Ordering::Relaxed), 24);
+        assert_eq!(q.stats.dropped_metric_requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn delta_metric_requests_drop_the_oldest_when_full() {
+        let q = queue(2, false);
+        for _ in 0..5 {
+            q.push(metrics());
+        }
+        assert_eq!(q.stats.queue_len.load(Ordering::Relaxed), 2);
+        assert_eq!(q.stats.dropped_metric_requests.load(Ordering::Relaxed), 3);
     }
 }

@@ -1,4 +1,14 @@
-//! Kubernetes metadata for ridley: (planned) watches, the IP/port -> pod -> owner index and
-//! attribute naming for link ends. It must not touch the kernel capture or the exporters.
+//! Kubernetes metadata for ridley's link ends: watches of the objects that name an
+//! address (kube-rs reflectors), the address -> pod / workload / Service / node index,
+//! and the OpenTelemetry attribute naming of an end.
 //!
-//! Enrichment is not implemented yet; the crate reserves its place in the workspace.
+//! This crate owns everything that talks to the API server. It must not touch the kernel
+//! capture, the link accounting or the exporters: the receiver's `k8sattributes`
+//! processor asks it to resolve addresses once per interval and does the rest.
+pub mod attributes;
+pub mod index;
+pub mod watch;
+
+pub use attributes::{EndAttributes, attributes_of};
+pub use index::{Index, Resolved, Snapshot};
+pub use watch::{Watchers, WatchHealth};

@@ -1,0 +1,585 @@
+//! The lookup from an address (and port) to what it is in the cluster, rebuilt from
+//! the watched objects once per collection interval. Pure: no API calls here.
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{ResourceExt, api::ObjectMeta};
+
+/// The annotation OpenTelemetry's Kubernetes conventions read first for `service.name`.
+pub const SERVICE_NAME_ANNOTATION: &str = "resource.opentelemetry.io/service.name";
+const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+const NAME_LABEL: &str = "app.kubernetes.io/name";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A workload kind, named as OpenTelemetry's `k8s.<kind>.name` attributes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WorkloadKind {
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    Job,
+    CronJob,
+}
+
+impl WorkloadKind {
+    fn from_kind(kind: &str) -> Option<Self> {
+        Some(match kind {
+            "Deployment" => WorkloadKind::Deployment,
+            "ReplicaSet" => WorkloadKind::ReplicaSet,
+            "StatefulSet" => WorkloadKind::StatefulSet,
+            "DaemonSet" => WorkloadKind::DaemonSet,
+            "Job" => WorkloadKind::Job,
+            "CronJob" => WorkloadKind::CronJob,
+            _ => return None,
+        })
+    }
+
+    /// The attribute key: `k8s.deployment.name`, ...
+    pub fn attribute(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "k8s.deployment.name",
+            WorkloadKind::ReplicaSet => "k8s.replicaset.name",
+            WorkloadKind::StatefulSet => "k8s.statefulset.name",
+            WorkloadKind::DaemonSet => "k8s.daemonset.name",
+            WorkloadKind::Job => "k8s.job.name",
+            WorkloadKind::CronJob => "k8s.cronjob.name",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    pub name: String,
+}
+
+/// What the index keeps of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: Option<String>,
+    pub workload: Option<Workload>,
+    /// Derived as OpenTelemetry's Kubernetes conventions say (see [`service_name`]).
+    pub service_name: String,
+    pub host_network: bool,
+    /// Being deleted: still resolvable, since connections outlive pods briefly.
+    pub deleting: bool,
+}
+
+/// What an address turned out to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Pod(Arc<PodInfo>),
+    /// A Service's ClusterIP whose endpoints all belong to one workload: the workload.
+    Workload {
+        namespace: String,
+        workload: Workload,
+        service_name: String,
+        via_service: String,
+    },
+    /// A Service's ClusterIP with no single backing workload.
+    Service { namespace: String, name: String },
+    /// A node's address, with no pod of its own listening on the port.
+    Node { name: String },
+}
+
+/// Owners of ReplicaSets and Jobs (for the Deployment and CronJob above them).
+#[derive(Default)]
+pub struct Owners {
+    /// (namespace, ReplicaSet or Job name) -> its controller workload.
+    by_name: HashMap<(String, String), Workload>,
+}
+
+impl Owners {
+    /// Records an intermediate owner (ReplicaSet, Job) from its metadata.
+    pub fn add(&mut self, meta: &ObjectMeta) {
+        if let (Some(ns), Some(name), Some(owner)) =
+            (&meta.namespace, &meta.name, controller(meta))
+        {
+            self.by_name.insert((ns.clone(), name.clone()), owner);
+        }
+    }
+}
+
+fn controller(meta: &ObjectMeta) -> Option<Workload> {
+    let owner = meta
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))?;
+    Some(Workload {
+        kind: WorkloadKind::from_kind(&owner.kind)?,
+        name: owner.name.clone(),
+    })
+}
+
+/// The pod's top-level workload: ReplicaSet -> Deployment, Job -> CronJob.
+fn workload_of(pod: &Pod, owners: &Owners) -> Option<Workload> {
+    let direct = controller(&pod.metadata)?;
+    let namespace = pod.namespace().unwrap_or_default();
+    match direct.kind {
+        WorkloadKind::ReplicaSet | WorkloadKind::Job => Some(
+            owners
+                .by_name
+                .get(&(namespace, direct.name.clone()))
+                .cloned()
+                .unwrap_or(direct),
+        ),
+        _ => Some(direct),
+    }
+}
+
+/// `service.name`: annotation `resource.opentelemetry.io/service.name`, then label
+/// `app.kubernetes.io/instance`, then `app.kubernetes.io/name`, then the workload's
+/// name, then the pod's.
+pub fn service_name(meta: &ObjectMeta, workload: Option<&Workload>) -> String {
+    let annotation = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SERVICE_NAME_ANNOTATION));
+    let label = |key| meta.labels.as_ref().and_then(|l| l.get(key));
+    annotation
+        .or_else(|| label(INSTANCE_LABEL))
+        .or_else(|| label(NAME_LABEL))
+        .cloned()
+        .or_else(|| workload.map(|w| w.name.clone()))
+        .unwrap_or_else(|| meta.name.clone().unwrap_or_default())
+}
+
+fn ips(list: impl IntoIterator<Item = Option<String>>) -> impl Iterator<Item = IpAddr> {
+    list.into_iter().flatten().filter_map(|ip| ip.parse().ok())
+}
+
+/// Everything the index is built from: the reflector stores' current contents.
+#[derive(Default)]
+pub struct Snapshot {
+    pub pods: Vec<Arc<Pod>>,
+    pub owners: Owners,
+    pub services: Vec<Arc<Service>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub nodes: Vec<Arc<Node>>,
+}
+
+#[derive(Default)]
+pub struct Index {
+    pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
+    /// hostNetwork pods share their node's address: told apart by the ports they declare.
+    host_pods_by_port: HashMap<(IpAddr, u16), Arc<PodInfo>>,
+    nodes_by_ip: HashMap<IpAddr, String>,
+    services_by_ip: HashMap<IpAddr, Resolved>,
+}
+
+impl Index {
+    pub fn build(snapshot: &Snapshot) -> Index {
+        let mut index = Index::default();
+        for node in &snapshot.nodes {
+            let name = node.name_any();
+            let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+            for addr in addresses.into_iter().flatten() {
+                if let Ok(ip) = addr.address.parse() {
+                    index.nodes_by_ip.insert(ip, name.clone());
+                }
+            }
+        }
+        for pod in &snapshot.pods {
+            let Some(info) = pod_info(pod, &snapshot.owners) else {
+                continue;
+            };
+            let info = Arc::new(info);
+            let status = pod.status.as_ref();
+            let pod_ips = ips(status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|p| Some(p.ip.clone()))
+                .chain(std::iter::once(status.and_then(|s| s.pod_ip.clone()))));
+            if info.host_network {
+                let host_ips: Vec<IpAddr> =
+                    ips(std::iter::once(status.and_then(|s| s.host_ip.clone()))).collect();
+                let ports = pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| &s.containers)
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|p| u16::try_from(p.container_port).ok());
+                for port in ports {
+                    for ip in &host_ips {
+                        index.host_pods_by_port.insert((*ip, port), info.clone());
+                    }
+                }
+                continue;
+            }
+            for ip in pod_ips {
+                // An address reused by a new pod while the old one terminates belongs to
+                // the new one.
+                let keep_existing = index
+                    .pods_by_ip
+                    .get(&ip)
+                    .is_some_and(|existing| !existing.deleting && info.deleting);
+                if !keep_existing {
+                    index.pods_by_ip.insert(ip, info.clone());
+                }
+            }
+        }
+        index.index_services(snapshot);
+        index
+    }
+
+    fn index_services(&mut self, snapshot: &Snapshot) {
+        // (namespace, service) -> workloads behind its endpoints.
+        let mut backends: HashMap<(String, String), BTreeSet<Workload>> = HashMap::new();
+        let mut service_names: HashMap<(String, String), String> = HashMap::new();
+        let mut unresolved: BTreeSet<(String, String)> = BTreeSet::new();
+        for slice in &snapshot.endpoint_slices {
+            let namespace = slice.namespace().unwrap_or_default();
+            let Some(service) = slice.labels().get(SERVICE_NAME_LABEL).cloned() else {
+                continue;
+            };
+            let key = (namespace, service);
+            for endpoint in &slice.endpoints {
+                for ip in ips(endpoint.addresses.iter().map(|a| Some(a.clone()))) {
+                    match self.pods_by_ip.get(&ip).and_then(|p| p.workload.clone().map(|w| (p, w))) {
+                        Some((pod, workload)) => {
+                            service_names.insert(key.clone(), pod.service_name.clone());
+                            backends.entry(key.clone()).or_default().insert(workload);
+                        }
+                        None => {
+                            unresolved.insert(key.clone());
+                        }
+                    }
+                }
+            }
+        }
+        for service in &snapshot.services {
+            let namespace = service.namespace().unwrap_or_default();
+            let name = service.name_any();
+            let Some(spec) = &service.spec else { continue };
+            let cluster_ips = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .cloned()
+                .map(Some)
+                .chain(std::iter::once(spec.cluster_ip.clone()));
+            let key = (namespace.clone(), name.clone());
+            let single = backends
+                .get(&key)
+                .filter(|set| set.len() == 1 && !unresolved.contains(&key))
+                .and_then(|set| set.iter().next().cloned());
+            let resolved = match single {
+                Some(workload) => Resolved::Workload {
+                    namespace: namespace.clone(),
+                    service_name: service_names
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or_else(|| workload.name.clone()),
+                    workload,
+                    via_service: name.clone(),
+                },
+                None => Resolved::Service {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                },
+            };
+            for ip in ips(cluster_ips) {
+                self.services_by_ip.insert(ip, resolved.clone());
+            }
+        }
+    }
+
+    /// What `addr` is; `port` is the server port when `addr` is a server end (it tells
+    /// hostNetwork pods on one node apart).
+    pub fn resolve(&self, addr: IpAddr, port: Option<u16>) -> Option<Resolved> {
+        if let Some(pod) = self.pods_by_ip.get(&addr) {
+            return Some(Resolved::Pod(pod.clone()));
+        }
+        if let Some(service) = self.services_by_ip.get(&addr) {
+            return Some(service.clone());
+        }
+        if let Some(port) = port {
+            if let Some(pod) = self.host_pods_by_port.get(&(addr, port)) {
+                return Some(Resolved::Pod(pod.clone()));
+            }
+        }
+        self.nodes_by_ip
+            .get(&addr)
+            .map(|name| Resolved::Node { name: name.clone() })
+    }
+
+    /// A pod (not on the host network) or a node of the cluster: an address whose node
+    /// runs ridley and reports the connections it opens.
+    pub fn is_cluster_member(&self, addr: IpAddr) -> bool {
+        self.pods_by_ip.contains_key(&addr) || self.nodes_by_ip.contains_key(&addr)
+    }
+
+    pub fn pods(&self) -> usize {
+        self.pods_by_ip.len() + self.host_pods_by_port.len()
+    }
+}
+
+fn pod_info(pod: &Pod, owners: &Owners) -> Option<PodInfo> {
+    let workload = workload_of(pod, owners);
+    Some(PodInfo {
+        namespace: pod.namespace()?,
+        name: pod.metadata.name.clone()?,
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        service_name: service_name(&pod.metadata, workload.as_ref()),
+        workload,
+        host_network: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::{
+            core::v1::{
+                Container, ContainerPort, NodeAddress, NodeStatus, PodSpec, PodStatus, ServiceSpec,
+            },
+            discovery::v1::Endpoint,
+        },
+        apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+    };
+
+    use super::*;
+
+    fn meta(namespace: &str, name: &str, owner: Option<(&str, &str)>) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            owner_references: owner.map(|(kind, name)| {
+                vec![OwnerReference {
+                    kind: kind.into(),
+                    name: name.into(),
+                    controller: Some(true),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn pod(name: &str, ip: &str, owner: Option<(&str, &str)>) -> Pod {
+        Pod {
+            metadata: meta("shop", name, owner),
+            spec: Some(PodSpec {
+                node_name: Some("node-1".into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                pod_ip: Some(ip.into()),
+                host_ip: Some("192.0.2.10".into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn snapshot(pods: Vec<Pod>) -> Snapshot {
+        let mut owners = Owners::default();
+        owners.add(&meta("shop", "checkout-7d9f", Some(("Deployment", "checkout"))));
+        owners.add(&meta("shop", "report-28000", Some(("CronJob", "report"))));
+        Snapshot {
+            pods: pods.into_iter().map(Arc::new).collect(),
+            owners,
+            nodes: vec![Arc::new(Node {
+                metadata: meta("", "node-1", None),
+                status: Some(NodeStatus {
+                    addresses: Some(vec![NodeAddress {
+                        address: "192.0.2.10".into(),
+                        type_: "InternalIP".into(),
+                    }]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })],
+            ..Default::default()
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn pod_of(r: Option<Resolved>) -> Arc<PodInfo> {
+        match r {
+            Some(Resolved::Pod(p)) => p,
+            other => panic!("expected a pod, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn owner_chain_and_service_name() {
+        let index = Index::build(&snapshot(vec![
+            pod("checkout-7d9f-abcde", "10.1.0.5", Some(("ReplicaSet", "checkout-7d9f"))),
+            pod("report-28000-xyz", "10.1.0.6", Some(("Job", "report-28000"))),
+            pod("db-0", "10.1.0.7", Some(("StatefulSet", "db"))),
+            pod("lonely", "10.1.0.8", None),
+        ]));
+        let checkout = pod_of(index.resolve(ip("10.1.0.5"), None));
+        assert_eq!(
+            checkout.workload,
+            Some(Workload {
+                kind: WorkloadKind::Deployment,
+                name: "checkout".into()
+            })
+        );
+        assert_eq!(checkout.service_name, "checkout");
+        assert_eq!(checkout.node.as_deref(), Some("node-1"));
+        let report = pod_of(index.resolve(ip("10.1.0.6"), None));
+        assert_eq!(report.workload.as_ref().unwrap().kind, WorkloadKind::CronJob);
+        assert_eq!(pod_of(index.resolve(ip("10.1.0.7"), None)).service_name, "db");
+        assert_eq!(pod_of(index.resolve(ip("10.1.0.8"), None)).service_name, "lonely");
+        assert_eq!(
+            index.resolve(ip("192.0.2.10"), Some(22)),
+            Some(Resolved::Node {
+                name: "node-1".into()
+            })
+        );
+        assert_eq!(index.resolve(ip("203.0.113.1"), None), None);
+        assert!(index.is_cluster_member(ip("10.1.0.5")));
+        assert!(!index.is_cluster_member(ip("203.0.113.1")));
+    }
+
+    #[test]
+    fn service_name_prefers_annotation_then_labels() {
+        let mut m = meta("shop", "p", None);
+        let w = Workload {
+            kind: WorkloadKind::Deployment,
+            name: "web".into(),
+        };
+        assert_eq!(service_name(&m, Some(&w)), "web");
+        m.labels = Some(BTreeMap::from([(NAME_LABEL.into(), "by-name".into())]));
+        assert_eq!(service_name(&m, Some(&w)), "by-name");
+        m.labels
+            .as_mut()
+            .unwrap()
+            .insert(INSTANCE_LABEL.into(), "by-instance".into());
+        assert_eq!(service_name(&m, Some(&w)), "by-instance");
+        m.annotations = Some(BTreeMap::from([(
+            SERVICE_NAME_ANNOTATION.into(),
+            "annotated".into(),
+        )]));
+        assert_eq!(service_name(&m, Some(&w)), "annotated");
+    }
+
+    #[test]
+    fn host_network_pods_are_told_apart_by_port() {
+        let mut agent = pod("agent-x", "192.0.2.10", Some(("DaemonSet", "agent")));
+        let spec = agent.spec.as_mut().unwrap();
+        spec.host_network = Some(true);
+        spec.containers = vec![Container {
+            name: "agent".into(),
+            ports: Some(vec![ContainerPort {
+                container_port: 9100,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }];
+        let index = Index::build(&snapshot(vec![agent]));
+        assert_eq!(
+            pod_of(index.resolve(ip("192.0.2.10"), Some(9100))).service_name,
+            "agent"
+        );
+        assert_eq!(
+            index.resolve(ip("192.0.2.10"), Some(22)),
+            Some(Resolved::Node {
+                name: "node-1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_new_pod_wins_an_address_from_a_terminating_one() {
+        let mut old = pod("old", "10.1.0.9", None);
+        old.metadata.deletion_timestamp = Some(Time(Default::default()));
+        let new = pod("new", "10.1.0.9", None);
+        for pods in [vec![old.clone(), new.clone()], vec![new, old.clone()]] {
+            let index = Index::build(&snapshot(pods));
+            assert_eq!(pod_of(index.resolve(ip("10.1.0.9"), None)).name, "new");
+        }
+        // Alone, a terminating pod still resolves: its connections outlive it briefly.
+        let index = Index::build(&snapshot(vec![old]));
+        assert!(pod_of(index.resolve(ip("10.1.0.9"), None)).deleting);
+    }
+
+    fn service(name: &str, cluster_ip: &str) -> Arc<Service> {
+        Arc::new(Service {
+            metadata: meta("shop", name, None),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(cluster_ip.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn slice(service: &str, addresses: &[&str]) -> Arc<EndpointSlice> {
+        let mut m = meta("shop", &format!("{service}-abc"), None);
+        m.labels = Some(BTreeMap::from([(SERVICE_NAME_LABEL.into(), service.into())]));
+        Arc::new(EndpointSlice {
+            metadata: m,
+            address_type: "IPv4".into(),
+            endpoints: addresses
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a.to_string()],
+                    ..Default::default()
+                })
+                .collect(),
+            ports: None,
+        })
+    }
+
+    #[test]
+    fn cluster_ip_resolves_to_its_single_backing_workload_else_the_service() {
+        let mut snap = snapshot(vec![
+            pod("checkout-7d9f-a", "10.1.0.5", Some(("ReplicaSet", "checkout-7d9f"))),
+            pod("checkout-7d9f-b", "10.1.0.15", Some(("ReplicaSet", "checkout-7d9f"))),
+            pod("db-0", "10.1.0.7", Some(("StatefulSet", "db"))),
+        ]);
+        snap.services = vec![service("checkout", "10.96.0.10"), service("mixed", "10.96.0.11")];
+        snap.endpoint_slices = vec![
+            slice("checkout", &["10.1.0.5", "10.1.0.15"]),
+            slice("mixed", &["10.1.0.5", "10.1.0.7"]),
+        ];
+        let index = Index::build(&snap);
+        assert_eq!(
+            index.resolve(ip("10.96.0.10"), Some(80)),
+            Some(Resolved::Workload {
+                namespace: "shop".into(),
+                workload: Workload {
+                    kind: WorkloadKind::Deployment,
+                    name: "checkout".into()
+                },
+                service_name: "checkout".into(),
+                via_service: "checkout".into(),
+            })
+        );
+        assert_eq!(
+            index.resolve(ip("10.96.0.11"), Some(80)),
+            Some(Resolved::Service {
+                namespace: "shop".into(),
+                name: "mixed".into()
+            })
+        );
+    }
+}

@@ -152,7 +152,7 @@ class Ridley:
     """The daemon with a file exporter writing OTLP/JSON to `out`."""
 
     def __init__(self, workdir, interval="1s", idle_timeout="5m", receiver_extra="",
-                 exporters="", pipelines=None):
+                 exporters="", pipelines=None, processors="", pipeline_processors=()):
         """Default: one metrics pipeline into the file exporter at `out`. `exporters`
         (YAML, indented under `exporters:`) and `pipelines` ({name: [exporter ids]})
         add more; `spans` is the file the `file/spans` exporter writes."""
@@ -173,9 +173,12 @@ class Ridley:
             "  file/spans:\n"
             f"    path: {self.spans_out}\n"
             f"{exporters}"
-            "service:\n"
+            + (f"processors:\n{processors}" if processors else "")
+            + "service:\n"
             "  pipelines:\n"
-            + "".join(f"    {name}:\n      receivers: [ebpf]\n      exporters: [{', '.join(ids)}]\n"
+            + "".join(f"    {name}:\n      receivers: [ebpf]\n"
+                      f"      processors: [{', '.join(pipeline_processors)}]\n"
+                      f"      exporters: [{', '.join(ids)}]\n"
                       for name, ids in pipelines.items())
         )
         self.log = open(self.log_path, "w")
@@ -470,3 +473,70 @@ def collector(kernel, tmp_path):
     c = Collector(tmp_path)
     yield c
     c.stop()
+
+
+class KubeApi:
+    """The kmock Kubernetes API emulator on loopback, driven over HTTP."""
+
+    def __init__(self, workdir):
+        self.port = free_port()
+        self.kubeconfig = workdir / "kubeconfig"
+        self.kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\n"
+            f"clusters: [{{name: kmock, cluster: {{server: 'http://127.0.0.1:{self.port}'}}}}]\n"
+            "users: [{name: test, user: {}}]\n"
+            "contexts: [{name: test, context: {cluster: kmock, user: test}}]\n"
+            "current-context: test\n")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "kmock_server.py"),
+                                      "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "listening", self.proc.stderr.read()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+    def _call(self, method, path, body=None):
+        import urllib.request
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def create(self, path, obj):
+        return self._call("POST", path, obj)
+
+    def delete(self, path):
+        return self._call("DELETE", path)
+
+    def replicaset(self, ns, name, deployment):
+        return self.create(f"/apis/apps/v1/namespaces/{ns}/replicasets", {
+            "apiVersion": "apps/v1", "kind": "ReplicaSet",
+            "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}",
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment,
+                                              "uid": f"uid-{deployment}", "controller": True}]}})
+
+    def pod(self, ns, name, ip, owner_kind, owner, node="node-1", labels=None):
+        return self.create(f"/api/v1/namespaces/{ns}/pods", {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "uid": f"uid-{name}", "labels": labels or {},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": owner_kind, "name": owner,
+                                              "uid": f"uid-{owner}", "controller": True}]},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
+            "status": {"podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.10"}})
+
+    def delete_pod(self, ns, name):
+        return self.delete(f"/api/v1/namespaces/{ns}/pods/{name}")
+
+
+@pytest.fixture
+def kube(kernel, tmp_path):
+    api = KubeApi(tmp_path)
+    api.start()
+    yield api
+    api.stop()

@@ -88,9 +88,14 @@ pub enum Resolved {
         via_service: String,
     },
     /// A Service's ClusterIP with no single backing workload.
-    Service { namespace: String, name: String },
+    Service {
+        namespace: String,
+        name: String,
+    },
     /// A node's address, with no pod of its own listening on the port.
-    Node { name: String },
+    Node {
+        name: String,
+    },
 }
 
 /// Owners of ReplicaSets and Jobs (for the Deployment and CronJob above them).
@@ -103,8 +108,7 @@ pub struct Owners {
 impl Owners {
     /// Records an intermediate owner (ReplicaSet, Job) from its metadata.
     pub fn add(&mut self, meta: &ObjectMeta) {
-        if let (Some(ns), Some(name), Some(owner)) =
-            (&meta.namespace, &meta.name, controller(meta))
+        if let (Some(ns), Some(name), Some(owner)) = (&meta.namespace, &meta.name, controller(meta))
         {
             self.by_name.insert((ns.clone(), name.clone()), owner);
         }
@@ -248,7 +252,11 @@ impl Index {
             let key = (namespace, service);
             for endpoint in &slice.endpoints {
                 for ip in ips(endpoint.addresses.iter().map(|a| Some(a.clone()))) {
-                    match self.pods_by_ip.get(&ip).and_then(|p| p.workload.clone().map(|w| (p, w))) {
+                    match self
+                        .pods_by_ip
+                        .get(&ip)
+                        .and_then(|p| p.workload.clone().map(|w| (p, w)))
+                    {
                         Some((pod, workload)) => {
                             service_names.insert(key.clone(), pod.service_name.clone());
                             backends.entry(key.clone()).or_default().insert(workload);
@@ -395,7 +403,11 @@ mod tests {
 
     fn snapshot(pods: Vec<Pod>) -> Snapshot {
         let mut owners = Owners::default();
-        owners.add(&meta("shop", "checkout-7d9f", Some(("Deployment", "checkout"))));
+        owners.add(&meta(
+            "shop",
+            "checkout-7d9f",
+            Some(("Deployment", "checkout")),
+        ));
         owners.add(&meta("shop", "report-28000", Some(("CronJob", "report"))));
         Snapshot {
             pods: pods.into_iter().map(Arc::new).collect(),
@@ -429,8 +441,16 @@ mod tests {
     #[test]
     fn owner_chain_and_service_name() {
         let index = Index::build(&snapshot(vec![
-            pod("checkout-7d9f-abcde", "10.1.0.5", Some(("ReplicaSet", "checkout-7d9f"))),
-            pod("report-28000-xyz", "10.1.0.6", Some(("Job", "report-28000"))),
+            pod(
+                "checkout-7d9f-abcde",
+                "10.1.0.5",
+                Some(("ReplicaSet", "checkout-7d9f")),
+            ),
+            pod(
+                "report-28000-xyz",
+                "10.1.0.6",
+                Some(("Job", "report-28000")),
+            ),
             pod("db-0", "10.1.0.7", Some(("StatefulSet", "db"))),
             pod("lonely", "10.1.0.8", None),
         ]));
@@ -445,9 +465,18 @@ mod tests {
         assert_eq!(checkout.service_name, "checkout");
         assert_eq!(checkout.node.as_deref(), Some("node-1"));
         let report = pod_of(index.resolve(ip("10.1.0.6"), None));
-        assert_eq!(report.workload.as_ref().unwrap().kind, WorkloadKind::CronJob);
-        assert_eq!(pod_of(index.resolve(ip("10.1.0.7"), None)).service_name, "db");
-        assert_eq!(pod_of(index.resolve(ip("10.1.0.8"), None)).service_name, "lonely");
+        assert_eq!(
+            report.workload.as_ref().unwrap().kind,
+            WorkloadKind::CronJob
+        );
+        assert_eq!(
+            pod_of(index.resolve(ip("10.1.0.7"), None)).service_name,
+            "db"
+        );
+        assert_eq!(
+            pod_of(index.resolve(ip("10.1.0.8"), None)).service_name,
+            "lonely"
+        );
         assert_eq!(
             index.resolve(ip("192.0.2.10"), Some(22)),
             Some(Resolved::Node {
@@ -534,7 +563,10 @@ mod tests {
 
     fn slice(service: &str, addresses: &[&str]) -> Arc<EndpointSlice> {
         let mut m = meta("shop", &format!("{service}-abc"), None);
-        m.labels = Some(BTreeMap::from([(SERVICE_NAME_LABEL.into(), service.into())]));
+        m.labels = Some(BTreeMap::from([(
+            SERVICE_NAME_LABEL.into(),
+            service.into(),
+        )]));
         Arc::new(EndpointSlice {
             metadata: m,
             address_type: "IPv4".into(),
@@ -552,11 +584,22 @@ mod tests {
     #[test]
     fn cluster_ip_resolves_to_its_single_backing_workload_else_the_service() {
         let mut snap = snapshot(vec![
-            pod("checkout-7d9f-a", "10.1.0.5", Some(("ReplicaSet", "checkout-7d9f"))),
-            pod("checkout-7d9f-b", "10.1.0.15", Some(("ReplicaSet", "checkout-7d9f"))),
+            pod(
+                "checkout-7d9f-a",
+                "10.1.0.5",
+                Some(("ReplicaSet", "checkout-7d9f")),
+            ),
+            pod(
+                "checkout-7d9f-b",
+                "10.1.0.15",
+                Some(("ReplicaSet", "checkout-7d9f")),
+            ),
             pod("db-0", "10.1.0.7", Some(("StatefulSet", "db"))),
         ]);
-        snap.services = vec![service("checkout", "10.96.0.10"), service("mixed", "10.96.0.11")];
+        snap.services = vec![
+            service("checkout", "10.96.0.10"),
+            service("mixed", "10.96.0.11"),
+        ];
         snap.endpoint_slices = vec![
             slice("checkout", &["10.1.0.5", "10.1.0.15"]),
             slice("mixed", &["10.1.0.5", "10.1.0.7"]),

@@ -11,4 +11,4 @@ pub mod watch;
 
 pub use attributes::{EndAttributes, attributes_of};
 pub use index::{Index, Resolved, Snapshot};
-pub use watch::{Watchers, WatchHealth};
+pub use watch::{WatchHealth, Watchers};

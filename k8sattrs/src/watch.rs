@@ -204,10 +204,13 @@ impl Watchers {
             ));
             tokio::spawn(drive(
                 "replicasets",
-                watcher(Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()), config())
-                    .default_backoff()
-                    .modify(|m| m.metadata.managed_fields = None)
-                    .reflect(replicasets_w),
+                watcher(
+                    Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
+                    config(),
+                )
+                .default_backoff()
+                .modify(|m| m.metadata.managed_fields = None)
+                .reflect(replicasets_w),
                 health.clone(),
             ));
             tokio::spawn(drive(

@@ -342,7 +342,7 @@ impl Aggregator {
             }
         };
         // A close is a change of the link even when it carried no new bytes.
-        self.link_mut(key, now);
+        self.link_mut(key, now).stats.reported_by_server = end == End::Server;
         self.add_payload(key, end, final_payload.since(counted), now);
         self.record_rtt(key, rec, now);
         if let Some(reason) = failure {
@@ -425,6 +425,7 @@ impl Aggregator {
                 self.link_mut(key, now);
                 now_payload
             };
+            self.link_mut(key, now).stats.reported_by_server = end == End::Server;
             self.add_payload(key, end, now_payload.since(counted), now);
             self.record_rtt(key, rec, now);
             self.conns.insert(
@@ -680,6 +681,7 @@ mod tests {
         let (k, s) = agg.collect(at(1))[0].clone();
         assert_eq!(k, key());
         assert_eq!((s.bytes_transmit, s.bytes_receive), (1000, 250));
+        assert!(s.reported_by_server);
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub struct LinkStats {
     pub rtt: Histogram,
     /// The last interval only, not cumulative.
     pub interval: IntervalActivity,
+    /// Seen from the server's socket only (the client is not on this host).
+    pub reported_by_server: bool,
 }
 
 impl LinkStats {
@@ -188,6 +190,7 @@ impl LinkStats {
             connect_duration: Histogram::default(),
             rtt: Histogram::default(),
             interval: IntervalActivity::default(),
+            reported_by_server: false,
         }
     }
 
@@ -251,10 +254,13 @@ pub struct LinkBatch {
     /// Every live (not yet expired) link, cumulative.
     pub links: Vec<(LinkKey, LinkStats)>,
     pub losses: Losses,
-    /// Identities of link ends, by address (filled by processors).
-    pub ends: std::collections::HashMap<IpAddr, EndIdentity>,
+    /// Identities of link ends (filled by processors): by address, or by address and
+    /// server port where one address hosts several ends (hostNetwork pods).
+    pub ends: std::collections::HashMap<(IpAddr, Option<u16>), EndIdentity>,
     /// Also emit `traces_service_graph_*` metrics (receiver option).
     pub service_graph_metrics: bool,
+    /// Kubernetes watch errors since start, when a `k8sattributes` processor ran.
+    pub kubernetes_watch_errors: Option<u64>,
 }
 
 impl LinkBatch {
@@ -266,17 +272,33 @@ impl LinkBatch {
             losses: Losses::default(),
             ends: Default::default(),
             service_graph_metrics: false,
+            kubernetes_watch_errors: None,
         }
     }
 
-    /// The identity of the end at `addr`: the processors' if any, else the address.
-    pub fn identity(&self, addr: IpAddr) -> EndIdentity {
+    /// What processors found out about the client end of `key`.
+    pub fn client_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
+        self.ends.get(&(key.client, None))
+    }
+
+    /// What processors found out about the server end of `key`.
+    pub fn server_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
         self.ends
-            .get(&addr)
-            .cloned()
-            .unwrap_or_else(|| EndIdentity {
+            .get(&(key.server, Some(key.server_port)))
+            .or_else(|| self.ends.get(&(key.server, None)))
+    }
+
+    /// The `service.name` of each end: the processors' identity, else the address.
+    pub fn end_names(&self, key: &LinkKey) -> (EndIdentity, EndIdentity) {
+        let or_address = |identity: Option<&EndIdentity>, addr: IpAddr| {
+            identity.cloned().unwrap_or_else(|| EndIdentity {
                 service_name: addr.to_string(),
                 attributes: Vec::new(),
             })
+        };
+        (
+            or_address(self.client_identity(key), key.client),
+            or_address(self.server_identity(key), key.server),
+        )
     }
 }

@@ -52,6 +52,27 @@ pub(crate) fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
     ]
 }
 
+/// Link attributes plus what processors know of each end, prefixed `client.` and
+/// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
+pub(crate) fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> {
+    let mut attributes = link_attributes(key);
+    for (prefix, identity) in [
+        ("client", batch.client_identity(key)),
+        ("server", batch.server_identity(key)),
+    ] {
+        if let Some(identity) = identity {
+            attributes.push(kv_str(
+                &format!("{prefix}.service.name"),
+                identity.service_name.clone(),
+            ));
+            for (k, v) in &identity.attributes {
+                attributes.push(kv_str(&format!("{prefix}.{k}"), v.clone()));
+            }
+        }
+    }
+    attributes
+}
+
 /// The resource of everything ridley exports about itself and its links.
 pub fn resource() -> Resource {
     Resource {
@@ -157,7 +178,13 @@ pub fn metrics_request(
     let per_link = |value: &dyn Fn(&LinkStats) -> u64| -> Vec<NumberDataPoint> {
         links
             .iter()
-            .map(|(key, stats)| p.number(stats.start_time, link_attributes(key), value(stats)))
+            .map(|(key, stats)| {
+                p.number(
+                    stats.start_time,
+                    link_point_attributes(batch, key),
+                    value(stats),
+                )
+            })
             .collect()
     };
 
@@ -168,7 +195,7 @@ pub fn metrics_request(
             ("transmit", stats.bytes_transmit),
             ("receive", stats.bytes_receive),
         ] {
-            let mut attributes = link_attributes(key);
+            let mut attributes = link_point_attributes(batch, key);
             attributes.push(kv_str("network.io.direction", direction));
             bytes.push(p.number(stats.start_time, attributes, value));
         }
@@ -176,7 +203,7 @@ pub fn metrics_request(
         for reason in FailureReason::ALL {
             let count = stats.failed(reason);
             if count > 0 {
-                let mut attributes = link_attributes(key);
+                let mut attributes = link_point_attributes(batch, key);
                 attributes.push(kv_str("error.type", reason.as_str()));
                 failed.push(p.number(stats.start_time, attributes, count));
             }
@@ -218,7 +245,11 @@ pub fn metrics_request(
             links
                 .iter()
                 .map(|(key, s)| {
-                    p.histogram(s.start_time, link_attributes(key), &s.connect_duration)
+                    p.histogram(
+                        s.start_time,
+                        link_point_attributes(batch, key),
+                        &s.connect_duration,
+                    )
                 })
                 .collect(),
         ),
@@ -227,7 +258,9 @@ pub fn metrics_request(
             "Smoothed RTT of the link's connections, sampled once per connection per interval and at close.",
             links
                 .iter()
-                .map(|(key, s)| p.histogram(s.start_time, link_attributes(key), &s.rtt))
+                .map(|(key, s)| {
+                    p.histogram(s.start_time, link_point_attributes(batch, key), &s.rtt)
+                })
                 .collect(),
         ),
         sum(
@@ -256,6 +289,15 @@ pub fn metrics_request(
         metrics.extend(service_graph_metrics(batch, &p));
     }
     metrics.extend(exporter_metrics(exporters, batch, &p));
+    if let Some(errors) = batch.kubernetes_watch_errors {
+        metrics.push(sum(
+            "ridley.k8s.watch.errors",
+            "Kubernetes watch and client errors (each retried with backoff; the last known state keeps serving).",
+            "{error}",
+            true,
+            vec![p.number(batch.receiver_start, vec![], errors)],
+        ));
+    }
     // Metrics with no points (no links yet) are left out, as the collector does.
     metrics.retain(|m| match &m.data {
         Some(metric::Data::Sum(s)) => !s.data_points.is_empty(),
@@ -295,8 +337,8 @@ fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
     }
     let mut edges: BTreeMap<(String, String), Edge> = BTreeMap::new();
     for (key, stats) in &batch.links {
-        let client = batch.identity(key.client).service_name;
-        let server = batch.identity(key.server).service_name;
+        let (client, server) = batch.end_names(key);
+        let (client, server) = (client.service_name, server.service_name);
         let edge = edges.entry((client, server)).or_insert_with(|| Edge {
             start: stats.start_time,
             requests: 0,

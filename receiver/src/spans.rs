@@ -168,8 +168,7 @@ pub fn trace_requests(
 ) -> Vec<(ExportTraceServiceRequest, usize)> {
     let mut pairs: Vec<(EndIdentity, EndIdentity, Pair)> = Vec::new();
     for (key, stats) in &batch.links {
-        let client = batch.identity(key.client);
-        let server = batch.identity(key.server);
+        let (client, server) = batch.end_names(key);
         let interval = &stats.interval;
         if !interval.samples.is_empty() {
             let ratio = interval.samples.len() as f64 / interval.attempts.max(1) as f64;

@@ -3,6 +3,7 @@
 mod debug;
 mod ebpf;
 mod file;
+mod k8sattributes;
 mod otlp;
 mod otlp_common;
 mod otlphttp;
@@ -23,7 +24,8 @@ type Entry<T> = (&'static str, &'static [Signal], Factory<T>);
 
 const RECEIVERS: &[Entry<Box<dyn Receiver>>] = &[("ebpf", ALL_SIGNALS, ebpf::build)];
 
-const PROCESSORS: &[Entry<Box<dyn Processor>>] = &[];
+const PROCESSORS: &[Entry<Box<dyn Processor>>] =
+    &[("k8sattributes", ALL_SIGNALS, k8sattributes::build)];
 
 const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
     ("debug", ALL_SIGNALS, debug::build),

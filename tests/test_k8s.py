@@ -1,0 +1,135 @@
+"""Kubernetes enrichment end to end: network namespaces stand in for pods, their
+addresses registered with owners in the kmock API emulator; real traffic between them,
+and the exported metrics and spans name the workloads."""
+import time
+
+from conftest import HOSTS
+from servicegraph import tempo_edges
+
+A4, _ = HOSTS["a"]
+B4, _ = HOSTS["b"]
+C4, _ = HOSTS["c"]
+
+
+def enriched(ridley, kube, **kwargs):
+    return ridley(processors=("  k8sattributes:\n"
+                              "    cluster_name: test-cluster\n"
+                              f"    kubeconfig: {kube.kubeconfig}\n"),
+                  pipeline_processors=["k8sattributes"],
+                  pipelines={"metrics": ["file"], "traces": ["file/spans"]}, **kwargs)
+
+
+def attrs_of(batch, client_ip, server_ip, port):
+    for attrs, _ in batch.points("ridley.link.connections.opened"):
+        if (attrs["client.address"], attrs["server.address"], attrs["server.port"]) == (client_ip, server_ip, port):
+            return attrs
+    return None
+
+
+def shop(kube):
+    kube.replicaset("shop", "checkout-7d9f", "checkout")
+    kube.replicaset("shop", "productcatalog-5c4b", "productcatalog")
+    kube.pod("shop", "checkout-7d9f-x1", B4, "ReplicaSet", "checkout-7d9f")
+    kube.pod("shop", "productcatalog-5c4b-y1", A4, "ReplicaSet", "productcatalog-5c4b",
+             labels={"app.kubernetes.io/name": "productcatalog"})
+
+
+def test_links_are_named_by_pod_workload_namespace_and_node(ridley, peers, kube):
+    shop(kube)
+    r = enriched(ridley, kube)
+    peers.server("a", A4, 3550, reply=10)
+    # Wait for the watches to fill: the link is named once the index knows both pods.
+    deadline = time.monotonic() + 30
+    while True:
+        peers.connect("b", A4, 3550, send=5)
+        batch = r.wait_for(lambda b: attrs_of(b, B4, A4, 3550) is not None)
+        if attrs_of(batch, B4, A4, 3550).get("client.service.name"):
+            break
+        assert time.monotonic() < deadline, "the API emulator's objects never reached the index"
+    r.stop()
+    attrs = attrs_of(r.batches()[-1], B4, A4, 3550)
+    assert {k: v for k, v in attrs.items() if k.startswith(("client.", "server."))} == {
+        "client.address": B4, "server.address": A4, "server.port": 3550,
+        "client.service.name": "checkout", "client.service.namespace": "shop",
+        "client.k8s.cluster.name": "test-cluster", "client.k8s.namespace.name": "shop",
+        "client.k8s.pod.name": "checkout-7d9f-x1", "client.k8s.pod.uid": "uid-checkout-7d9f-x1",
+        "client.k8s.node.name": "node-1", "client.k8s.deployment.name": "checkout",
+        "server.service.name": "productcatalog", "server.service.namespace": "shop",
+        "server.k8s.cluster.name": "test-cluster", "server.k8s.namespace.name": "shop",
+        "server.k8s.pod.name": "productcatalog-5c4b-y1", "server.k8s.pod.uid": "uid-productcatalog-5c4b-y1",
+        "server.k8s.node.name": "node-1", "server.k8s.deployment.name": "productcatalog",
+    }
+    named_spans = [s for s in r.spans() if s["service"] in ("checkout", "productcatalog")]
+    assert named_spans, "spans carry the workloads as service.name"
+    edges = tempo_edges(named_spans)
+    assert set(edges) == {("checkout", "productcatalog")}
+    assert edges[("checkout", "productcatalog")]["failed"] == 0
+
+
+def test_pod_recreated_with_a_new_address_keeps_its_workload_name(ridley, peers, kube):
+    shop(kube)
+    r = enriched(ridley, kube)
+    peers.server("a", A4, 3551, reply=1)
+    peers.server("c", C4, 3551, reply=1)
+    deadline = time.monotonic() + 30
+    while not (attrs_of(r.batches()[-1], B4, A4, 3551) or {}).get("server.service.name") if r.batches() else True:
+        peers.connect("b", A4, 3551, send=1)
+        time.sleep(0.5)
+        assert time.monotonic() < deadline
+    # The pod is deleted and comes back elsewhere (host c) with a new address.
+    kube.delete_pod("shop", "productcatalog-5c4b-y1")
+    kube.pod("shop", "productcatalog-5c4b-y2", C4, "ReplicaSet", "productcatalog-5c4b",
+             labels={"app.kubernetes.io/name": "productcatalog"})
+    deadline = time.monotonic() + 30
+    while True:
+        peers.connect("b", C4, 3551, send=1)
+        batch = r.wait_for(lambda b: attrs_of(b, B4, C4, 3551) is not None)
+        attrs = attrs_of(batch, B4, C4, 3551)
+        if attrs.get("server.k8s.pod.name") == "productcatalog-5c4b-y2":
+            break
+        assert time.monotonic() < deadline, attrs
+    r.stop()
+    final = r.batches()[-1]
+    assert attrs_of(final, B4, C4, 3551)["server.service.name"] == "productcatalog"
+    # The old address is no longer a pod of the cluster.
+    assert "server.service.name" not in (attrs_of(final, B4, A4, 3551) or {})
+
+
+def test_api_server_down_keeps_the_last_known_names(ridley, peers, kube):
+    shop(kube)
+    r = enriched(ridley, kube)
+    peers.server("a", A4, 3552, reply=1)
+    deadline = time.monotonic() + 30
+    while True:
+        peers.connect("b", A4, 3552, send=1)
+        batch = r.wait_for(lambda b: attrs_of(b, B4, A4, 3552) is not None)
+        if attrs_of(batch, B4, A4, 3552).get("client.service.name"):
+            break
+        assert time.monotonic() < deadline
+    kube.stop()
+    errors = r.wait_for(lambda b: any(v > 0 for _, v in b.all_points("ridley.k8s.watch.errors")))
+    peers.connect("b", A4, 3552, send=1)
+    after = r.wait_for(lambda b: b is not errors)
+    assert r.proc.poll() is None, "the data path never blocks on the API server"
+    r.stop()
+    attrs = attrs_of(r.batches()[-1], B4, A4, 3552)
+    assert (attrs["client.service.name"], attrs["server.service.name"]) == ("checkout", "productcatalog")
+    assert after is not None
+
+
+def test_without_a_cluster_links_keep_their_addresses(ridley, peers, tmp_path):
+    from conftest import free_port
+    kubeconfig = tmp_path / "nowhere"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: none, cluster: {{server: 'http://127.0.0.1:{free_port()}'}}}}]\n"
+        "users: [{name: u, user: {}}]\ncontexts: [{name: c, context: {cluster: none, user: u}}]\n"
+        "current-context: c\n")
+    r = ridley(processors=f"  k8sattributes:\n    kubeconfig: {kubeconfig}\n",
+               pipeline_processors=["k8sattributes"])
+    peers.server("a", A4, 3553, reply=2)
+    assert peers.connect("b", A4, 3553, send=3, count=2) == ["received 2"] * 2
+    final = r.stop()
+    link = final.link(B4, A4, 3553)
+    assert (link["opened"], link["transmit"], link["receive"]) == (2, 6, 4)
+    assert "client.service.name" not in attrs_of(final, B4, A4, 3553)

@@ -11,9 +11,10 @@ B4, _ = HOSTS["b"]
 C4, _ = HOSTS["c"]
 
 
-def enriched(ridley, kube, **kwargs):
+def enriched(ridley, kube, keep_pod_detail=True, **kwargs):
     return ridley(processors=("  k8sattributes:\n"
                               "    cluster_name: test-cluster\n"
+                              f"    keep_pod_detail: {str(keep_pod_detail).lower()}\n"
                               f"    kubeconfig: {kube.kubeconfig}\n"),
                   pipeline_processors=["k8sattributes"],
                   pipelines={"metrics": ["file"], "traces": ["file/spans"]}, **kwargs)
@@ -133,3 +134,35 @@ def test_without_a_cluster_links_keep_their_addresses(ridley, peers, tmp_path):
     link = final.link(B4, A4, 3553)
     assert (link["opened"], link["transmit"], link["receive"]) == (2, 6, 4)
     assert "client.service.name" not in attrs_of(final, B4, A4, 3553)
+
+
+def test_replicas_merge_into_one_workload_link(ridley, peers, kube):
+    shop(kube)
+    kube.pod("shop", "checkout-7d9f-x2", C4, "ReplicaSet", "checkout-7d9f")
+    r = enriched(ridley, kube, keep_pod_detail=False)
+    peers.server("a", A4, 3554, reply=7)
+
+    def merged(batch):
+        for attrs, p in batch.points("ridley.link.connections.opened"):
+            if attrs.get("client.service.name") == "checkout" and attrs["server.port"] == 3554:
+                return attrs, int(p["asInt"])
+        return None
+
+    # Until the watches have filled, links are per address; wait for the named link.
+    deadline = time.monotonic() + 30
+    while merged(r.batches()[-1] if r.batches() else None) is None if r.batches() else True:
+        peers.connect("b", A4, 3554, send=1)
+        time.sleep(0.5)
+        assert time.monotonic() < deadline
+    before = merged(r.batches()[-1])[1]
+    assert peers.connect("b", A4, 3554, send=10, count=3) == ["received 7"] * 3
+    assert peers.connect("c", A4, 3554, send=10, count=2) == ["received 7"] * 2
+    r.stop()
+    final = r.batches()[-1]
+    attrs, opened = merged(final)
+    assert opened == before + 5, "both replicas' connections on one series"
+    assert "client.address" not in attrs and "server.address" not in attrs
+    assert "client.k8s.pod.name" not in attrs
+    assert (attrs["client.k8s.deployment.name"], attrs["server.service.name"]) == ("checkout", "productcatalog")
+    assert len([a for a, _ in final.points("ridley.link.connections.opened")
+                if a.get("client.service.name") == "checkout" and a["server.port"] == 3554]) == 1

@@ -123,6 +123,22 @@ impl Histogram {
         self.max = self.max.max(other.max);
     }
 
+    /// What was recorded since `earlier`, a previous state of the same histogram.
+    /// (Extremes cannot be subtracted: the delta keeps this state's.)
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let mut delta = self.clone();
+        for (b, before) in delta.bucket_counts.iter_mut().zip(earlier.bucket_counts) {
+            *b = b.saturating_sub(before);
+        }
+        delta.count = self.count.saturating_sub(earlier.count);
+        delta.sum = (self.sum - earlier.sum).max(0.0);
+        if delta.count == 0 {
+            delta.min = f64::INFINITY;
+            delta.max = f64::NEG_INFINITY;
+        }
+        delta
+    }
+
     pub fn mean(&self) -> Option<f64> {
         (self.count > 0).then(|| self.sum / self.count as f64)
     }
@@ -205,6 +221,26 @@ impl LinkStats {
     pub fn add_failure(&mut self, reason: FailureReason) {
         self.failed[reason.index()] += 1;
     }
+
+    /// Adds what a member link did since its `before` state (nothing before: all of
+    /// it), keeping this link's own cumulative series continuous when members come and
+    /// go. `active` and the interval are not cumulative: the caller sums those.
+    pub fn add_since(&mut self, now: &LinkStats, before: Option<&LinkStats>) {
+        let zero = LinkStats::new(now.start_time);
+        let before = before
+            .filter(|b| b.start_time == now.start_time)
+            .unwrap_or(&zero);
+        self.bytes_transmit += now.bytes_transmit.saturating_sub(before.bytes_transmit);
+        self.bytes_receive += now.bytes_receive.saturating_sub(before.bytes_receive);
+        self.opened += now.opened.saturating_sub(before.opened);
+        for i in 0..self.failed.len() {
+            self.failed[i] += now.failed[i].saturating_sub(before.failed[i]);
+        }
+        self.retransmits += now.retransmits.saturating_sub(before.retransmits);
+        self.connect_duration
+            .merge(&now.connect_duration.since(&before.connect_duration));
+        self.rtt.merge(&now.rtt.since(&before.rtt));
+    }
 }
 
 /// Kernel-side and receiver-side losses, cumulative since start. Exported as
@@ -238,7 +274,7 @@ impl Losses {
 /// Who a link end is: the `service.name` of its span resource and service-graph
 /// node, plus resource attributes. Enrichment processors fill this in; without them an
 /// end is named by its address.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EndIdentity {
     pub service_name: String,
     pub attributes: Vec<(String, String)>,
@@ -261,6 +297,9 @@ pub struct LinkBatch {
     pub service_graph_metrics: bool,
     /// Kubernetes watch errors since start, when a `k8sattributes` processor ran.
     pub kubernetes_watch_errors: Option<u64>,
+    /// Links were merged by workload: their addresses stand for several pods and are
+    /// not exported (`client.address`, `server.address`).
+    pub merged_by_workload: bool,
 }
 
 impl LinkBatch {
@@ -273,6 +312,7 @@ impl LinkBatch {
             ends: Default::default(),
             service_graph_metrics: false,
             kubernetes_watch_errors: None,
+            merged_by_workload: false,
         }
     }
 
@@ -286,6 +326,18 @@ impl LinkBatch {
         self.ends
             .get(&(key.server, Some(key.server_port)))
             .or_else(|| self.ends.get(&(key.server, None)))
+    }
+
+    /// Whether each end's address is exported: not for a named end of a link merged by
+    /// workload (its address stands for several pods).
+    pub fn addresses_exported(&self, key: &LinkKey) -> (bool, bool) {
+        if !self.merged_by_workload {
+            return (true, true);
+        }
+        (
+            self.client_identity(key).is_none(),
+            self.server_identity(key).is_none(),
+        )
     }
 
     /// The `service.name` of each end: the processors' identity, else the address.

@@ -38,24 +38,33 @@ pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// The link attributes every `ridley.link.*` point carries.
-pub(crate) fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
-    vec![
-        kv_str("client.address", key.client.to_string()),
-        kv_str("server.address", key.server.to_string()),
-        kv(
-            "server.port",
-            any_value::Value::IntValue(i64::from(key.server_port)),
-        ),
-        kv_str("network.transport", "tcp"),
-        kv_str("network.type", key.network_type()),
-    ]
+/// The link attributes every `ridley.link.*` point and span carries; an end's address
+/// only where it names one socket address (see `LinkBatch::addresses_exported`).
+pub(crate) fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Vec<KeyValue> {
+    let client = with_addresses
+        .0
+        .then(|| kv_str("client.address", key.client.to_string()));
+    let server = with_addresses
+        .1
+        .then(|| kv_str("server.address", key.server.to_string()));
+    client
+        .into_iter()
+        .chain(server)
+        .chain([
+            kv(
+                "server.port",
+                any_value::Value::IntValue(i64::from(key.server_port)),
+            ),
+            kv_str("network.transport", "tcp"),
+            kv_str("network.type", key.network_type()),
+        ])
+        .collect()
 }
 
 /// Link attributes plus what processors know of each end, prefixed `client.` and
 /// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
 pub(crate) fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> {
-    let mut attributes = link_attributes(key);
+    let mut attributes = link_attributes(key, batch.addresses_exported(key));
     for (prefix, identity) in [
         ("client", batch.client_identity(key)),
         ("server", batch.server_identity(key)),

@@ -92,6 +92,7 @@ fn resource(identity: &EndIdentity) -> Resource {
 fn pair(
     ids: &mut IdGenerator,
     key: &LinkKey,
+    with_addresses: (bool, bool),
     server_name: &str,
     start: SystemTime,
     duration: Duration,
@@ -101,7 +102,7 @@ fn pair(
 ) -> Pair {
     let trace_id = ids.trace_id();
     let client_span_id = ids.span_id();
-    let mut attributes = link_attributes(key);
+    let mut attributes = link_attributes(key, with_addresses);
     attributes.push(kv(SAMPLING_RATIO_KEY, any_value::Value::DoubleValue(ratio)));
     attributes.push(kv_str(PAIR_KEY, pair_kind));
     let status = match error {
@@ -182,6 +183,7 @@ pub fn trace_requests(
                 let p = pair(
                     ids,
                     key,
+                    batch.addresses_exported(key),
                     &server.service_name,
                     *start,
                     *duration,
@@ -198,6 +200,7 @@ pub fn trace_requests(
                 let p = pair(
                     ids,
                     key,
+                    batch.addresses_exported(key),
                     &server.service_name,
                     start,
                     rtt,

@@ -6,7 +6,7 @@
 //! The index is rebuilt from the watch stores once per batch; nothing here waits on the
 //! API server. Without a cluster the watches retry in the background and links keep
 //! their addresses.
-use std::{net::IpAddr, path::PathBuf};
+use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
 use config::ComponentSection;
@@ -15,7 +15,7 @@ use k8sattrs::{Index, Watchers, attributes_of, watch::ClientSource};
 use serde::Deserialize;
 
 use crate::{
-    model::{EndIdentity, LinkBatch},
+    model::{EndIdentity, IntervalActivity, LinkBatch, LinkKey, LinkStats},
     pipeline::{BuildContext, Processor, parse_section},
 };
 
@@ -38,6 +38,9 @@ pub struct K8sAttributesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Names for addresses outside the cluster, most specific range first.
     pub external_names: Vec<ExternalName>,
+    /// Keep one link per pod address. By default links between the same two workloads
+    /// on the same port merge (replicas are one edge) and pod-level attributes go.
+    pub keep_pod_detail: bool,
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
@@ -64,6 +67,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
         cluster: config.cluster_name,
         external,
         last_errors: 0,
+        merger: (!config.keep_pod_detail).then(WorkloadMerger::default),
     }))
 }
 
@@ -72,6 +76,109 @@ struct K8sAttributes {
     cluster: Option<String>,
     external: Vec<(IpNet, String)>,
     last_errors: u64,
+    merger: Option<WorkloadMerger>,
+}
+
+/// Attributes that name one pod, dropped when replicas merge into their workload.
+const POD_LEVEL: &[&str] = &["k8s.pod.name", "k8s.pod.uid", "k8s.node.name"];
+
+/// One end of a merged link: a workload (or Service, node, named range), else an address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum MergedEnd {
+    Named(EndIdentity),
+    Address(IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct MergedKey {
+    client: MergedEnd,
+    server: MergedEnd,
+    server_port: u16,
+    ipv6: bool,
+}
+
+struct MergedLink {
+    /// A member's key: where the merged link sits in the batch. Its addresses stand for
+    /// several pods and are not exported.
+    representative: LinkKey,
+    stats: LinkStats,
+}
+
+/// Merges address-level links into workload-level links with continuous cumulative
+/// series: each member link adds what it did since its previous state, so members
+/// coming and going (pods replaced) never reset or double the merged counters.
+#[derive(Default)]
+struct WorkloadMerger {
+    members: HashMap<LinkKey, LinkStats>,
+    merged: HashMap<MergedKey, MergedLink>,
+}
+
+fn merged_end(identity: Option<&EndIdentity>, addr: IpAddr) -> MergedEnd {
+    match identity {
+        Some(identity) => MergedEnd::Named(EndIdentity {
+            service_name: identity.service_name.clone(),
+            attributes: identity
+                .attributes
+                .iter()
+                .filter(|(k, _)| !POD_LEVEL.contains(&k.as_str()))
+                .cloned()
+                .collect(),
+        }),
+        None => MergedEnd::Address(addr),
+    }
+}
+
+impl WorkloadMerger {
+    fn merge(&mut self, batch: &mut LinkBatch) {
+        let mut active: HashMap<MergedKey, u64> = HashMap::new();
+        let mut intervals: HashMap<MergedKey, IntervalActivity> = HashMap::new();
+        let mut members = HashMap::with_capacity(batch.links.len());
+        for (key, stats) in std::mem::take(&mut batch.links) {
+            let merged_key = MergedKey {
+                client: merged_end(batch.client_identity(&key), key.client),
+                server: merged_end(batch.server_identity(&key), key.server),
+                server_port: key.server_port,
+                ipv6: key.network_type() == "ipv6",
+            };
+            let merged = self
+                .merged
+                .entry(merged_key.clone())
+                .or_insert_with(|| MergedLink {
+                    representative: key,
+                    stats: LinkStats::new(stats.start_time),
+                });
+            merged.stats.add_since(&stats, self.members.get(&key));
+            *active.entry(merged_key.clone()).or_default() += stats.active;
+            let interval = intervals.entry(merged_key).or_default();
+            interval.attempts += stats.interval.attempts;
+            interval
+                .samples
+                .extend(stats.interval.samples.iter().cloned());
+            interval.carried_traffic |= stats.interval.carried_traffic;
+            interval.last_rtt = interval.last_rtt.max(stats.interval.last_rtt);
+            members.insert(key, stats);
+        }
+        self.members = members;
+        // A merged link whose members all expired (idle) ends with them.
+        self.merged.retain(|key, _| active.contains_key(key));
+        batch.ends.clear();
+        for (key, merged) in &mut self.merged {
+            merged.stats.active = active.get(key).copied().unwrap_or(0);
+            merged.stats.interval = intervals.remove(key).unwrap_or_default();
+            let rep = merged.representative;
+            if let MergedEnd::Named(identity) = &key.client {
+                batch.ends.insert((rep.client, None), identity.clone());
+            }
+            if let MergedEnd::Named(identity) = &key.server {
+                batch
+                    .ends
+                    .insert((rep.server, Some(rep.server_port)), identity.clone());
+            }
+            batch.links.push((rep, merged.stats.clone()));
+        }
+        batch.links.sort_by_key(|(key, _)| *key);
+        batch.merged_by_workload = true;
+    }
 }
 
 /// How ends are named: the cluster's index, then the configured external ranges.
@@ -132,6 +239,9 @@ impl Processor for K8sAttributes {
             external: &self.external,
         }
         .enrich(&mut batch);
+        if let Some(merger) = self.merger.as_mut() {
+            merger.merge(&mut batch);
+        }
         batch.kubernetes_watch_errors = Some(errors);
         batch
     }
@@ -146,7 +256,6 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
-    use crate::model::{LinkKey, LinkStats};
 
     fn pod(name: &str, ip: &str) -> Arc<Pod> {
         Arc::new(Pod {
@@ -224,5 +333,72 @@ mod tests {
         let (outside, _) = &batch.links[1];
         assert_eq!(batch.end_names(outside).0.service_name, "partner");
         assert_eq!(batch.end_names(outside).1.service_name, "api");
+    }
+
+    fn stats(opened: u64, bytes: u64, active: u64) -> LinkStats {
+        let mut s = LinkStats::new(SystemTime::UNIX_EPOCH);
+        s.opened = opened;
+        s.bytes_transmit = bytes;
+        s.active = active;
+        s
+    }
+
+    fn named(batch: &mut LinkBatch, addr: &str, port: Option<u16>, name: &str, pod: &str) {
+        batch.ends.insert(
+            (addr.parse().unwrap(), port),
+            EndIdentity {
+                service_name: name.into(),
+                attributes: vec![
+                    ("k8s.deployment.name".into(), name.into()),
+                    ("k8s.pod.name".into(), pod.into()),
+                ],
+            },
+        );
+    }
+
+    fn replicas_batch(links: Vec<(&str, LinkStats)>) -> LinkBatch {
+        let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH);
+        for (client, s) in links {
+            let (key, _) = link(client, "10.1.0.6", false);
+            batch.links.push((key, s));
+        }
+        named(&mut batch, "10.1.0.5", None, "web", "web-a");
+        named(&mut batch, "10.1.0.7", None, "web", "web-b");
+        named(&mut batch, "10.1.0.6", Some(80), "api", "api-a");
+        batch
+    }
+
+    #[test]
+    fn replicas_merge_into_one_continuous_workload_link() {
+        let mut merger = WorkloadMerger::default();
+        let mut batch = replicas_batch(vec![
+            ("10.1.0.5", stats(2, 100, 1)),
+            ("10.1.0.7", stats(3, 50, 0)),
+        ]);
+        merger.merge(&mut batch);
+        assert_eq!(batch.links.len(), 1);
+        let (key, s) = &batch.links[0];
+        assert_eq!((s.opened, s.bytes_transmit, s.active), (5, 150, 1));
+        assert!(batch.merged_by_workload);
+        let (client, server) = batch.end_names(key);
+        assert_eq!(
+            (client.service_name.as_str(), server.service_name.as_str()),
+            ("web", "api")
+        );
+        assert_eq!(
+            client.attributes,
+            vec![("k8s.deployment.name".to_string(), "web".to_string())]
+        );
+
+        // Replica b's link expired (pod gone); a keeps going: no reset, no double count.
+        let mut batch = replicas_batch(vec![("10.1.0.5", stats(4, 130, 0))]);
+        merger.merge(&mut batch);
+        let (_, s) = &batch.links[0];
+        assert_eq!((s.opened, s.bytes_transmit, s.active), (7, 180, 0));
+
+        // Every member gone: the merged link ends too.
+        let mut batch = replicas_batch(vec![]);
+        merger.merge(&mut batch);
+        assert!(batch.links.is_empty());
     }
 }

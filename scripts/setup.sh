@@ -12,6 +12,7 @@ need_apt=()
 [ -e /usr/lib/x86_64-linux-gnu/libLLVM.so.22.1 ] || need_apt+=(libllvm22)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v bpftool >/dev/null || need_apt+=(bpftool)
+command -v nft >/dev/null || need_apt+=(nftables)
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -530,6 +530,16 @@ class KubeApi:
             "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
             "status": {"podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.10"}})
 
+    def service(self, ns, name, cluster_ip, endpoint_ips):
+        self.create(f"/api/v1/namespaces/{ns}/services", {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": [{"port": 80}]}})
+        self.create(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": f"{name}-abcde", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "endpoints": [{"addresses": [ip]} for ip in endpoint_ips]})
+
     def delete_pod(self, ns, name):
         return self.delete(f"/api/v1/namespaces/{ns}/pods/{name}")
 

@@ -3,7 +3,7 @@ addresses registered with owners in the kmock API emulator; real traffic between
 and the exported metrics and spans name the workloads."""
 import time
 
-from conftest import HOSTS
+from conftest import HOSTS, ns, sh
 from servicegraph import tempo_edges
 
 A4, _ = HOSTS["a"]
@@ -166,3 +166,35 @@ def test_replicas_merge_into_one_workload_link(ridley, peers, kube):
     assert (attrs["client.k8s.deployment.name"], attrs["server.service.name"]) == ("checkout", "productcatalog")
     assert len([a for a, _ in final.points("ridley.link.connections.opened")
                 if a.get("client.service.name") == "checkout" and a["server.port"] == 3554]) == 1
+
+
+def test_cluster_ip_destination_is_resolved_to_its_workload(ridley, peers, kube):
+    """The client connects to a Service's ClusterIP, translated to the pod by DNAT as
+    kube-proxy does; the server end is named by the workload behind the Service."""
+    shop(kube)
+    kube.service("shop", "catalog-svc", "10.96.0.10", [A4])
+    sh("ip", "-n", ns("b"), "route", "add", "10.96.0.0/16", "dev", "eth0")
+    nft = ["ip", "netns", "exec", ns("b"), "nft"]
+    sh(*nft, "add", "table", "ip", "rdlt")
+    try:
+        sh(*nft, "add chain ip rdlt out { type nat hook output priority -100; }")
+        sh(*nft, f"add rule ip rdlt out ip daddr 10.96.0.10 tcp dport 80 dnat to {A4}:3555")
+        r = enriched(ridley, kube)
+        peers.server("a", A4, 3555, reply=3)
+        deadline = time.monotonic() + 30
+        while True:
+            assert peers.connect("b", "10.96.0.10", 80, send=4) == ["received 3"]
+            batch = r.wait_for(lambda b: attrs_of(b, B4, "10.96.0.10", 80) is not None)
+            if attrs_of(batch, B4, "10.96.0.10", 80).get("server.service.name"):
+                break
+            assert time.monotonic() < deadline
+        r.stop()
+    finally:
+        sh(*nft, "delete", "table", "ip", "rdlt", check=False)
+        sh("ip", "-n", ns("b"), "route", "del", "10.96.0.0/16", check=False)
+    final = r.batches()[-1]
+    attrs = attrs_of(final, B4, "10.96.0.10", 80)
+    assert (attrs["server.service.name"], attrs["server.k8s.deployment.name"], attrs["server.k8s.service.name"]) == \
+        ("productcatalog", "productcatalog", "catalog-svc")
+    # One link: the server's socket (which saw the pod address) is left to the client's report.
+    assert [l for l in final.links() if l[0] == B4] == [(B4, "10.96.0.10", 80)]

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::{
     apps::v1::ReplicaSet,
     batch::v1::Job,
@@ -110,7 +110,7 @@ impl ClientSource {
 }
 
 /// Drops what the index never reads, so that a pod costs a few hundred bytes.
-fn strip_pod(pod: &mut Pod) {
+pub fn strip_pod(pod: &mut Pod) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
     if let Some(annotations) = meta.annotations.as_mut() {
@@ -120,13 +120,15 @@ fn strip_pod(pod: &mut Pod) {
         labels.retain(|k, _| k == "app.kubernetes.io/instance" || k == "app.kubernetes.io/name");
     }
     if let Some(spec) = pod.spec.take() {
+        // Container ports matter only on the host network, where they tell pods apart.
+        let host_network = spec.host_network == Some(true);
         pod.spec = Some(PodSpec {
             node_name: spec.node_name,
             host_network: spec.host_network,
             containers: spec
                 .containers
                 .into_iter()
-                .filter(|c| c.ports.is_some())
+                .filter(|c| host_network && c.ports.is_some())
                 .map(|c| Container {
                     name: c.name,
                     ports: c.ports,
@@ -146,10 +148,33 @@ fn strip_pod(pod: &mut Pod) {
     }
 }
 
-async fn drive<S, T>(resource: &'static str, stream: S, health: Arc<WatchHealth>)
-where
-    S: Stream<Item = Result<T, watcher::Error>>,
+fn strip_meta<K>(object: &mut PartialObjectMeta<K>) {
+    object.metadata.managed_fields = None;
+}
+
+/// Keeps `writer`'s store in step with the API server: list, then watch, relisting
+/// when the watch expires (410 Gone) and retrying any failure with backoff. Runs until
+/// the process stops.
+async fn reflect<K>(
+    resource: &'static str,
+    api: Api<K>,
+    modify: impl FnMut(&mut K) + Send + 'static,
+    writer: reflector::store::Writer<K>,
+    health: Arc<WatchHealth>,
+) where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(modify)
+        .reflect(writer);
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
@@ -180,6 +205,27 @@ impl Watchers {
             nodes,
             health: health.clone(),
         };
+        let ready = watchers.clone();
+        tokio::spawn(async move {
+            // Logged once: from here on every address the cluster knows is resolvable.
+            let synced = futures::future::join_all([
+                ready.pods.wait_until_ready().boxed(),
+                ready.replicasets.wait_until_ready().boxed(),
+                ready.jobs.wait_until_ready().boxed(),
+                ready.services.wait_until_ready().boxed(),
+                ready.endpoint_slices.wait_until_ready().boxed(),
+                ready.nodes.wait_until_ready().boxed(),
+            ])
+            .await;
+            if synced.iter().all(Result::is_ok) {
+                tracing::info!(
+                    pods = ready.pods.state().len(),
+                    services = ready.services.state().len(),
+                    nodes = ready.nodes.state().len(),
+                    "Kubernetes metadata synced"
+                );
+            }
+        });
         tokio::spawn(async move {
             let mut delay = Duration::from_secs(1);
             let client = loop {
@@ -193,55 +239,42 @@ impl Watchers {
                     }
                 }
             };
-            let config = watcher::Config::default;
-            tokio::spawn(drive(
+            tokio::spawn(reflect(
                 "pods",
-                watcher(Api::<Pod>::all(client.clone()), config())
-                    .default_backoff()
-                    .modify(strip_pod)
-                    .reflect(pods_w),
+                Api::all(client.clone()),
+                strip_pod,
+                pods_w,
                 health.clone(),
             ));
-            tokio::spawn(drive(
+            tokio::spawn(reflect(
                 "replicasets",
-                watcher(
-                    Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
-                    config(),
-                )
-                .default_backoff()
-                .modify(|m| m.metadata.managed_fields = None)
-                .reflect(replicasets_w),
+                Api::all(client.clone()),
+                strip_meta::<ReplicaSet>,
+                replicasets_w,
                 health.clone(),
             ));
-            tokio::spawn(drive(
+            tokio::spawn(reflect(
                 "jobs",
-                watcher(Api::<PartialObjectMeta<Job>>::all(client.clone()), config())
-                    .default_backoff()
-                    .modify(|m| m.metadata.managed_fields = None)
-                    .reflect(jobs_w),
+                Api::all(client.clone()),
+                strip_meta::<Job>,
+                jobs_w,
                 health.clone(),
             ));
-            tokio::spawn(drive(
+            tokio::spawn(reflect(
                 "services",
-                watcher(Api::<Service>::all(client.clone()), config())
-                    .default_backoff()
-                    .reflect(services_w),
+                Api::all(client.clone()),
+                |_| {},
+                services_w,
                 health.clone(),
             ));
-            tokio::spawn(drive(
+            tokio::spawn(reflect(
                 "endpointslices",
-                watcher(Api::<EndpointSlice>::all(client.clone()), config())
-                    .default_backoff()
-                    .reflect(slices_w),
+                Api::all(client.clone()),
+                |_| {},
+                slices_w,
                 health.clone(),
             ));
-            tokio::spawn(drive(
-                "nodes",
-                watcher(Api::<Node>::all(client), config())
-                    .default_backoff()
-                    .reflect(nodes_w),
-                health,
-            ));
+            tokio::spawn(reflect("nodes", Api::all(client), |_| {}, nodes_w, health));
         });
         watchers
     }
@@ -262,5 +295,157 @@ impl Watchers {
             endpoint_slices: self.endpoint_slices.state(),
             nodes: self.nodes.state(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(name: &str, ip: &str, rv: &str) -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": rv,
+                         "managedFields": [{"manager": "kubectl"}],
+                         "annotations": {"big": "x".repeat(100), SERVICE_NAME_ANNOTATION: "named"}},
+            "spec": {"nodeName": "node-1", "containers": [
+                {"name": "main", "image": "img", "env": [{"name": "A", "value": "b"}]}]},
+            "status": {"podIP": ip, "phase": "Running"}
+        })
+    }
+
+    fn respond(body: serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap()
+    }
+
+    async fn next_request(
+        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+    ) -> (
+        Request<Body>,
+        tower_test::mock::SendResponse<Response<Body>>,
+    ) {
+        tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+            .await
+            .expect("the reflector asked nothing")
+            .expect("mock closed")
+    }
+
+    /// A watch that expires (410 Gone) is relisted; the store then holds the new list,
+    /// the failure is counted, and pods are stripped to what the index reads.
+    #[tokio::test]
+    async fn expired_watch_relists_and_is_counted() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (store, writer) = reflector::store::<Pod>();
+        let health = Arc::new(WatchHealth::default());
+        tokio::spawn(reflect(
+            "pods",
+            Api::all(client),
+            strip_pod,
+            writer,
+            health.clone(),
+        ));
+
+        let (list, send) = next_request(&mut handle).await;
+        assert!(
+            !list.uri().query().unwrap_or("").contains("watch=true"),
+            "{}",
+            list.uri()
+        );
+        send.send_response(respond(json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"},
+            "items": [pod("a", "10.1.0.1", "9"), pod("b", "10.1.0.2", "10")]
+        })));
+
+        let (watch, send) = next_request(&mut handle).await;
+        assert!(
+            watch.uri().query().unwrap().contains("watch=true"),
+            "{}",
+            watch.uri()
+        );
+        send.send_response(respond(json!({
+            "type": "ERROR",
+            "object": {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 410,
+                       "reason": "Expired", "message": "too old resource version"}
+        })));
+
+        // Relist: "a" was deleted while the watch was gone.
+        let (relist, send) = next_request(&mut handle).await;
+        assert!(
+            !relist.uri().query().unwrap_or("").contains("watch=true"),
+            "{}",
+            relist.uri()
+        );
+        send.send_response(respond(json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "20"},
+            "items": [pod("b", "10.1.0.2", "10")]
+        })));
+        let (_rewatch, _keep_open) = next_request(&mut handle).await;
+
+        let names: Vec<String> = store
+            .state()
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, vec!["b".to_string()]);
+        assert_eq!(health.errors(), 1);
+        assert!(health.failing().is_empty(), "recovered after the relist");
+        let kept = &store.state()[0];
+        assert!(kept.metadata.managed_fields.is_none());
+        assert_eq!(kept.metadata.annotations.as_ref().unwrap().len(), 1);
+        assert!(
+            kept.spec.as_ref().unwrap().containers.is_empty(),
+            "no ports: nothing kept"
+        );
+        assert_eq!(
+            kept.status.as_ref().unwrap().pod_ip.as_deref(),
+            Some("10.1.0.2")
+        );
+        assert_eq!(kept.status.as_ref().unwrap().phase, None);
+    }
+
+    /// An API server that answers with errors leaves the last state in place and is
+    /// retried.
+    #[tokio::test]
+    async fn server_errors_keep_the_last_state_and_retry() {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (store, writer) = reflector::store::<Pod>();
+        let health = Arc::new(WatchHealth::default());
+        tokio::spawn(reflect(
+            "pods",
+            Api::all(client),
+            strip_pod,
+            writer,
+            health.clone(),
+        ));
+
+        let (_, send) = next_request(&mut handle).await;
+        send.send_response(respond(json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "10"},
+            "items": [pod("a", "10.1.0.1", "10")]
+        })));
+        let (_, send) = next_request(&mut handle).await;
+        send.send_error(std::io::Error::other("connection reset"));
+        let (_, send) = next_request(&mut handle).await;
+        send.send_response(
+            Response::builder()
+                .status(500)
+                .body(Body::from(
+                    br#"{"kind":"Status","code":500,"message":"etcd down"}"#.to_vec(),
+                ))
+                .unwrap(),
+        );
+        // Retried again after both failures, and the store still has "a".
+        let (_, _hold) = next_request(&mut handle).await;
+        assert_eq!(store.state().len(), 1);
+        assert!(health.errors() >= 2, "{}", health.errors());
+        assert_eq!(health.failing(), vec!["pods"]);
     }
 }

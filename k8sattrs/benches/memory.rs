@@ -1,0 +1,142 @@
+//! Memory of Kubernetes enrichment for N pods (prints figures; asserts nothing).
+//!
+//! Feeds N realistic pods (env, resources, conditions, managed fields: what an API
+//! server sends) and their ReplicaSets through the same stripping and the same kube-rs
+//! reflector stores the daemon uses, then builds the index, counting every byte
+//! allocated. Run: `cargo bench -p k8sattrs --bench memory [-- PODS]`.
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::atomic::{AtomicIsize, Ordering},
+};
+
+use k8s_openapi::api::{apps::v1::ReplicaSet, core::v1::Pod};
+use k8sattrs::{Index, Snapshot, index::Owners, watch::strip_pod};
+use kube::{
+    api::PartialObjectMeta,
+    runtime::{reflector, watcher::Event},
+};
+
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+fn pod(i: usize, deployments: usize) -> Pod {
+    let d = i % deployments;
+    let env: Vec<_> = (0..10)
+        .map(|k| serde_json::json!({"name": format!("VAR_{k}"), "value": "x".repeat(40)}))
+        .collect();
+    let conditions: Vec<_> = ["Ready", "Initialized", "PodScheduled", "ContainersReady"]
+        .iter()
+        .map(|t| serde_json::json!({"type": t, "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("app{d}-7d9f8c6b5-{i:05}"), "namespace": format!("ns{}", d % 50),
+            "uid": format!("6f1c2d3e-0000-4000-8000-{i:012}"), "resourceVersion": i.to_string(),
+            "labels": {"app.kubernetes.io/name": format!("app{d}"), "pod-template-hash": "7d9f8c6b5", "team": "shop"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z", "prometheus.io/scrape": "true"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("app{d}-7d9f8c6b5"),
+                                 "uid": format!("rs-{d}"), "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1",
+                               "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {"f:app": {}}}}}]
+        },
+        "spec": {"nodeName": format!("node-{}", i % 100), "serviceAccountName": "default", "containers": [{
+            "name": "main", "image": format!("registry.example/app{d}:1.2.3"),
+            "env": env,
+            "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}}]},
+        "status": {"phase": "Running", "podIP": format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+                   "hostIP": format!("192.0.2.{}", i % 100),
+                   "conditions": conditions}
+    }))
+    .expect("a valid pod")
+}
+
+fn replicaset(d: usize) -> PartialObjectMeta<ReplicaSet> {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": {"name": format!("app{d}-7d9f8c6b5"), "namespace": format!("ns{}", d % 50),
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": format!("app{d}"),
+                                          "uid": format!("dep-{d}"), "controller": true}]}
+    }))
+    .expect("valid metadata")
+}
+
+fn main() {
+    let pods: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let deployments = (pods / 10).max(1);
+
+    let before = live();
+    let (pod_store, mut pod_writer) = reflector::store::<Pod>();
+    let (rs_store, mut rs_writer) = reflector::store::<PartialObjectMeta<ReplicaSet>>();
+    for i in 0..pods {
+        let mut p = pod(i, deployments);
+        strip_pod(&mut p);
+        pod_writer.apply_watcher_event(&Event::Apply(p));
+    }
+    for d in 0..deployments {
+        rs_writer.apply_watcher_event(&Event::Apply(replicaset(d)));
+    }
+    let stores = live() - before;
+
+    let before_index = live();
+    let mut owners = Owners::default();
+    for rs in rs_store.state() {
+        owners.add(&rs.metadata);
+    }
+    let snapshot = Snapshot {
+        pods: pod_store.state(),
+        owners,
+        ..Default::default()
+    };
+    let index = Index::build(&snapshot);
+    let with_index = live() - before_index;
+    assert_eq!(index.pods(), pods);
+
+    let mib = |b: isize| b as f64 / (1 << 20) as f64;
+    println!("k8sattrs memory for {pods} pods, {deployments} Deployments (allocated bytes)");
+    println!(
+        "  reflector stores (stripped pods, ReplicaSet metadata)  {:7.1} MiB  {:5} B/pod",
+        mib(stores),
+        stores / pods as isize
+    );
+    println!(
+        "  index built per interval (with its snapshot)           {:7.1} MiB  {:5} B/pod",
+        mib(with_index),
+        with_index / pods as isize
+    );
+    println!(
+        "  total                                                  {:7.1} MiB",
+        mib(stores + with_index)
+    );
+    println!(
+        "  (inline sizes: Pod {} B, PodSpec {} B, PodStatus {} B, ObjectMeta {} B)",
+        std::mem::size_of::<Pod>(),
+        std::mem::size_of::<k8s_openapi::api::core::v1::PodSpec>(),
+        std::mem::size_of::<k8s_openapi::api::core::v1::PodStatus>(),
+        std::mem::size_of::<kube::api::ObjectMeta>()
+    );
+}

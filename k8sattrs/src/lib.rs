@@ -7,6 +7,7 @@
 //! processor asks it to resolve addresses once per interval and does the rest.
 pub mod attributes;
 pub mod index;
+pub mod rdns;
 pub mod watch;
 
 pub use attributes::{EndAttributes, attributes_of};

@@ -11,7 +11,7 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 use anyhow::{Context, Result};
 use config::ComponentSection;
 use ipnet::IpNet;
-use k8sattrs::{Index, Watchers, attributes_of, watch::ClientSource};
+use k8sattrs::{Index, Watchers, attributes_of, rdns::ReverseDns, watch::ClientSource};
 use serde::Deserialize;
 
 use crate::{
@@ -38,9 +38,32 @@ pub struct K8sAttributesConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Names for addresses outside the cluster, most specific range first.
     pub external_names: Vec<ExternalName>,
+    /// Name addresses outside the cluster (and outside `external_names`) by reverse DNS.
+    pub reverse_dns: ReverseDnsConfig,
     /// Keep one link per pod address. By default links between the same two workloads
     /// on the same port merge (replicas are one edge) and pod-level attributes go.
     pub keep_pod_detail: bool,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReverseDnsConfig {
+    pub enabled: bool,
+    /// Answers kept at most (names and misses alike).
+    pub max_entries: usize,
+    /// How long an answer is kept.
+    #[serde(with = "humantime_serde")]
+    pub ttl: std::time::Duration,
+}
+
+impl Default for ReverseDnsConfig {
+    fn default() -> Self {
+        ReverseDnsConfig {
+            enabled: false,
+            max_entries: 4096,
+            ttl: std::time::Duration::from_secs(300),
+        }
+    }
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
@@ -68,6 +91,10 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
         external,
         last_errors: 0,
         merger: (!config.keep_pod_detail).then(WorkloadMerger::default),
+        reverse_dns: config
+            .reverse_dns
+            .enabled
+            .then(|| ReverseDns::start(config.reverse_dns.max_entries, config.reverse_dns.ttl)),
     }))
 }
 
@@ -77,6 +104,7 @@ struct K8sAttributes {
     external: Vec<(IpNet, String)>,
     last_errors: u64,
     merger: Option<WorkloadMerger>,
+    reverse_dns: Option<ReverseDns>,
 }
 
 /// Attributes that name one pod, dropped when replicas merge into their workload.
@@ -186,6 +214,7 @@ struct Naming<'a> {
     index: &'a Index,
     cluster: Option<&'a str>,
     external: &'a [(IpNet, String)],
+    reverse_dns: Option<&'a ReverseDns>,
 }
 
 impl Naming<'_> {
@@ -197,13 +226,19 @@ impl Naming<'_> {
                 attributes: named.attributes,
             });
         }
-        self.external
+        let name = self
+            .external
             .iter()
             .find(|(net, _)| net.contains(&addr))
-            .map(|(_, name)| EndIdentity {
-                service_name: name.clone(),
-                attributes: Vec::new(),
-            })
+            .map(|(_, name)| name.clone())
+            .or_else(|| {
+                let dns = self.reverse_dns.filter(|_| !addr.is_loopback())?;
+                dns.name(addr)
+            })?;
+        Some(EndIdentity {
+            service_name: name,
+            attributes: Vec::new(),
+        })
     }
 
     /// Drops the links another node reports, names the ends of the rest.
@@ -237,6 +272,7 @@ impl Processor for K8sAttributes {
             index: &index,
             cluster: self.cluster.as_deref(),
             external: &self.external,
+            reverse_dns: self.reverse_dns.as_ref(),
         }
         .enrich(&mut batch);
         if let Some(merger) = self.merger.as_mut() {
@@ -297,6 +333,7 @@ mod tests {
             index: &index,
             cluster: Some("prod"),
             external: &external,
+            reverse_dns: None,
         };
         let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH);
         batch.links = vec![

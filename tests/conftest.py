@@ -199,10 +199,11 @@ class Ridley:
     def spans(self):
         return read_spans(self.spans_out)
 
-    def wait_for(self, predicate, timeout=20):
-        """Waits for a batch satisfying `predicate`; returns it."""
+    def wait_for(self, predicate, timeout=20, fresh=False):
+        """Waits for a batch satisfying `predicate`; returns it. `fresh`: only batches
+        written after this call count."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = len(self.batches()) if fresh else 0
         while time.monotonic() < deadline:
             batches = self.batches()
             for batch in batches[seen:]:
@@ -539,6 +540,19 @@ class KubeApi:
             "metadata": {"name": f"{name}-abcde", "namespace": ns,
                          "labels": {"kubernetes.io/service-name": name}},
             "endpoints": [{"addresses": [ip]} for ip in endpoint_ips]})
+
+    def node(self, name, ip):
+        self.create("/api/v1/nodes", {
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
+
+    def patch_pod(self, ns, name, patch):
+        import urllib.request
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/v1/namespaces/{ns}/pods/{name}",
+                                     data=json.dumps(patch).encode(), method="PATCH",
+                                     headers={"content-type": "application/merge-patch+json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
 
     def delete_pod(self, ns, name):
         return self.delete(f"/api/v1/namespaces/{ns}/pods/{name}")

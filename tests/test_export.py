@@ -83,7 +83,7 @@ def test_long_lived_link_gets_a_traffic_pair_each_interval(ridley, peers):
     conn = peers.hold("c", A4, 8093, before=1000, send=10)
     time.sleep(0.5)
     r.wait_for(lambda b: (b.link(C4, A4, 8093) or {}).get("transmit") == 1000)
-    r.wait_for(lambda b: True)  # one more interval, with no new connection
+    r.wait_for(lambda b: True, fresh=True)  # one more interval, with no new connection
     peers.release(conn)
     r.stop()
     spans = [s for s in r.spans() if s["service"] in OURS]

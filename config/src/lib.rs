@@ -5,7 +5,11 @@
 //! This crate owns the YAML document: parsing, component ids, pipeline wiring and
 //! cross-reference checks. It must not know any component's own keys: each component
 //! parses its section (kept here as an untyped YAML value) with its own config struct.
-use std::{collections::BTreeMap, fmt, path::Path, str::FromStr};
+pub mod document;
+
+use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
+
+pub use document::Source;
 
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
@@ -18,18 +22,11 @@ pub const DEFAULT_CONFIG: &str = include_str!("../default.yaml");
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{origin}: {source}")]
-    Parse {
-        origin: String,
-        source: serde_norway::Error,
-    },
-    #[error("{origin}: {message}")]
-    Invalid { origin: String, message: String },
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    /// `location` is `file:line:column: ` when the offending key could be found.
+    #[error("{location}{message}")]
+    Invalid { location: String, message: String },
 }
 
 /// A component id: `type` or `type/name`, as in the collector (`otlp`, `otlp/tempo`).
@@ -201,40 +198,142 @@ fn sections<'de, D: Deserializer<'de>>(
 #[derive(Debug)]
 pub struct Loaded {
     pub config: Config,
-    pub origin: String,
+    /// The files (or the embedded default) it came from, in merge order.
+    pub sources: Vec<Source>,
+    /// The merged document after `${...}` expansion.
+    pub effective: serde_norway::Value,
     pub warnings: Vec<String>,
+}
+
+impl Loaded {
+    /// Names the sources: `a.yaml, b.yaml`.
+    pub fn origin(&self) -> String {
+        self.sources
+            .iter()
+            .map(|s| s.origin.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `file:line:column` where `path` (`exporters.otlp.endpoint`) was last written.
+    pub fn locate(&self, path: &str) -> Option<String> {
+        locate_in(&self.sources, path)
+    }
+
+    /// The effective configuration as YAML (what `ridley config --print` shows).
+    pub fn effective_yaml(&self) -> String {
+        serde_norway::to_string(&self.effective).unwrap_or_default()
+    }
+}
+
+fn locate_in(sources: &[Source], path: &str) -> Option<String> {
+    let keys: Vec<&str> = path.split('.').filter(|k| !k.is_empty()).collect();
+    if keys.is_empty() {
+        return None;
+    }
+    // Later files override earlier ones: the last file that writes the key wins.
+    sources
+        .iter()
+        .rev()
+        .filter_map(|s| {
+            document::locate(&s.text, &keys).map(|(depth, line, col)| (depth, s, line, col))
+        })
+        .max_by_key(|(depth, ..)| *depth)
+        .map(|(_, s, line, col)| format!("{}:{line}:{col}", s.origin))
+}
+
+fn invalid(sources: &[Source], path: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        location: locate_in(sources, path)
+            .map(|l| format!("{l}: "))
+            .unwrap_or_default(),
+        message,
+    }
 }
 
 impl Config {
     /// Parses and cross-checks one YAML document. `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Loaded, ConfigError> {
-        let config: Config = serde_norway::from_str(text).map_err(|source| ConfigError::Parse {
+        Config::from_sources(vec![Source {
             origin: origin.to_owned(),
-            source,
+            text: text.to_owned(),
+        }])
+    }
+
+    /// Loads and merges `paths` in order, or the embedded default when there are none.
+    pub fn load(paths: &[PathBuf]) -> Result<Loaded, ConfigError> {
+        if paths.is_empty() {
+            return Config::parse(DEFAULT_CONFIG, "embedded default config");
+        }
+        let sources = paths
+            .iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                    path: path.display().to_string(),
+                    error,
+                })?;
+                Ok(Source {
+                    origin: path.display().to_string(),
+                    text,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Config::from_sources(sources)
+    }
+
+    fn from_sources(sources: Vec<Source>) -> Result<Loaded, ConfigError> {
+        let mut merged = document::empty();
+        for source in &sources {
+            let mut value: serde_norway::Value =
+                serde_norway::from_str(&source.text).map_err(|e| {
+                    let location = e
+                        .location()
+                        .map(|l| format!("{}:{}:{}: ", source.origin, l.line(), l.column()))
+                        .unwrap_or_else(|| format!("{}: ", source.origin));
+                    // The location is the prefix; serde_norway also appends it.
+                    let message = e.to_string();
+                    let message = message
+                        .rsplit_once(" at line ")
+                        .map_or(message.as_str(), |(m, _)| m)
+                        .to_owned();
+                    ConfigError::Invalid {
+                        location,
+                        message: format!("not valid YAML: {message}"),
+                    }
+                })?;
+            if value.is_null() {
+                value = document::empty();
+            }
+            document::expand(&mut value, &mut Vec::new()).map_err(|(path, message)| {
+                invalid(
+                    std::slice::from_ref(source),
+                    &path,
+                    format!("{path}: {message}"),
+                )
+            })?;
+            document::merge(&mut merged, value);
+        }
+        let config: Config = serde_path_to_error::deserialize(merged.clone()).map_err(|e| {
+            let path = e.path().to_string();
+            let message = e.into_inner().to_string();
+            let hint = document::suggestion(&message).unwrap_or_default();
+            let shown = if path == "." {
+                String::new()
+            } else {
+                format!("{path}: ")
+            };
+            invalid(&sources, &path, format!("{shown}{message}{hint}"))
         })?;
-        let warnings = config.check().map_err(|message| ConfigError::Invalid {
-            origin: origin.to_owned(),
-            message,
+        let warnings = config.check().map_err(|message| {
+            let path = message.split(':').next().unwrap_or_default().to_owned();
+            invalid(&sources, &path, message)
         })?;
         Ok(Loaded {
             config,
-            origin: origin.to_owned(),
+            sources,
+            effective: merged,
             warnings,
         })
-    }
-
-    /// Loads `path`, or the embedded default when `path` is `None`.
-    pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
-        match path {
-            None => Config::parse(DEFAULT_CONFIG, "embedded default config"),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                Config::parse(&text, &path.display().to_string())
-            }
-        }
     }
 
     /// Cross-references: a pipeline must name defined components and have at least one
@@ -299,7 +398,7 @@ mod tests {
 
     #[test]
     fn default_config_wires_ebpf_to_debug() {
-        let loaded = Config::load(None).expect("embedded default parses");
+        let loaded = Config::load(&[]).expect("embedded default parses");
         let metrics = &loaded.config.service.pipelines[&PipelineId {
             signal: Signal::Metrics,
             name: None,
@@ -331,7 +430,7 @@ mod tests {
         .to_string();
         assert_eq!(
             err,
-            "test.yaml: service.pipelines.metrics.exporters: \"file\" is not defined under `exporters`"
+            "test.yaml:3:1: service.pipelines.metrics.exporters: \"file\" is not defined under `exporters`"
         );
     }
 
@@ -354,9 +453,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("test.yaml: unknown field `recievers`"),
+            err.starts_with("test.yaml:1:1: recievers: unknown field `recievers`"),
             "{err}"
         );
+        assert!(err.ends_with("(did you mean `receivers`?)"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod spans;
 mod telemetry;
 mod temporality;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -28,25 +28,44 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "ridley",
     version,
-    about = "See who talks to whom: TCP links from eBPF, exported as OpenTelemetry metrics"
+    about = "See who talks to whom: TCP links from eBPF, exported as OpenTelemetry metrics and service-graph spans",
+    long_about = "ridley watches TCP connections in the kernel (eBPF: tp_btf/inet_sock_set_state and iter/tcp), \
+                  turns them into links (client -> server:port) with exact bytes, connections, failures and \
+                  latencies, names both ends from Kubernetes, and exports them through a collector-style \
+                  pipeline (OTLP gRPC/HTTP, Prometheus, file, debug)."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Pipeline config (YAML). Repeat to merge several files in order (later keys win).
+    /// Without it, the embedded default: capture and print a live link table.
+    #[arg(long, value_name = "FILE")]
+    config: Vec<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon until SIGINT or SIGTERM, then flush and exit.
-    Run {
-        /// Pipeline config (YAML). Without it, the embedded default: capture and print a
-        /// live link table.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
+    /// Run the daemon until SIGINT or SIGTERM, then flush and exit. Needs root (or
+    /// CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN) and a kernel with BTF.
+    Run(ConfigArgs),
+    /// Check a configuration without loading eBPF or opening anything: exit 0, or print
+    /// every error with its file, line and column.
+    Validate(ConfigArgs),
+    /// Print the effective configuration: files merged and `${...}` references expanded.
+    Config {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Print the merged configuration as YAML (the only action today).
+        #[arg(long)]
+        print: bool,
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr so that the debug exporter's table owns stdout.
     tracing_subscriber::fmt()
@@ -55,15 +74,27 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
-        Command::Run { config } => run(config),
+    let result = match cli.command {
+        Command::Run(args) => run(&args.config, false),
+        Command::Validate(args) => run(&args.config, true),
+        Command::Config { args, .. } => Config::load(&args.config)
+            .map(|loaded| print!("{}", loaded.effective_yaml()))
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-fn run(path: Option<PathBuf>) -> Result<()> {
-    let loaded = Config::load(path.as_deref())?;
+/// Loads the config and builds the pipeline; then runs it, or (validate) stops there.
+fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
+    let loaded = Config::load(paths)?;
     for warning in &loaded.warnings {
-        tracing::warn!("{}: {warning}", loaded.origin);
+        tracing::warn!("{}: {warning}", loaded.origin());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -73,17 +104,46 @@ fn run(path: Option<PathBuf>) -> Result<()> {
     runtime.block_on(async {
         // Built inside the runtime: network exporters set up their clients here.
         let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
-        let service = pipeline::Service::build(&loaded.config, telemetry)
-            .with_context(|| format!("building the pipeline from {}", loaded.origin))?;
-        tracing::info!(config = %loaded.origin, "starting");
+        let service = pipeline::Service::build(&loaded.config, telemetry, validate_only)
+            .map_err(|e| locate_error(&loaded, e))?;
+        if validate_only {
+            let (pipelines, receivers) = service.summary();
+            println!(
+                "{}: valid ({pipelines} pipelines, {receivers} receivers)",
+                loaded.origin()
+            );
+            return Ok(());
+        }
+        tracing::info!(config = %loaded.origin(), "starting");
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
         let result = service.run(shutdown).await;
         signals.abort();
         result
     })?;
-    tracing::info!("stopped");
+    if !validate_only {
+        tracing::info!("stopped");
+    }
     Ok(())
+}
+
+/// Component errors name their key path (`exporters.otlp.timeout: ...`): point at where
+/// that key was written.
+fn locate_error(loaded: &config::Loaded, error: anyhow::Error) -> anyhow::Error {
+    let roles = ["receivers.", "processors.", "exporters.", "service."];
+    let location = error.chain().find_map(|layer| {
+        let text = layer.to_string();
+        let path = text.split(": ").next().unwrap_or_default().to_owned();
+        roles
+            .iter()
+            .any(|role| path.starts_with(role))
+            .then(|| loaded.locate(&path))
+            .flatten()
+    });
+    match location {
+        Some(location) => error.context(location),
+        None => error,
+    }
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) -> Result<()> {

@@ -79,6 +79,8 @@ pub struct BuildContext {
     /// The signal of the pipeline the component is built for.
     pub signal: Signal,
     pub telemetry: Arc<Telemetry>,
+    /// Only check the configuration (`ridley validate`): no ports, no connections.
+    pub validate_only: bool,
 }
 
 /// Parses a component's own section with its config struct (which should
@@ -88,7 +90,17 @@ pub fn parse_section<T: DeserializeOwned>(
     id: &ComponentId,
     section: ComponentSection,
 ) -> Result<T> {
-    serde_norway::from_value(section).with_context(|| format!("{role}.{id}"))
+    serde_path_to_error::deserialize(section).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let hint = config::document::suggestion(&message).unwrap_or_default();
+        let at = if path == "." {
+            format!("{role}.{id}")
+        } else {
+            format!("{role}.{id}.{path}")
+        };
+        anyhow!("{at}: {message}{hint}")
+    })
 }
 
 struct PipelineRun {
@@ -129,13 +141,16 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn build(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self> {
+    /// Builds every component. With `validate_only`, components check their config and
+    /// start nothing (no listening port, no API watch, no eBPF).
+    pub fn build(config: &Config, telemetry: Arc<Telemetry>, validate_only: bool) -> Result<Self> {
         let mut senders: BTreeMap<ComponentId, Vec<(String, mpsc::Sender<_>)>> = BTreeMap::new();
         let mut pipelines = Vec::new();
         let context = |id: &ComponentId, signal: Signal| BuildContext {
             id: id.clone(),
             signal,
             telemetry: telemetry.clone(),
+            validate_only,
         };
         for (pipeline_id, pipeline) in &config.service.pipelines {
             let signal = pipeline_id.signal;
@@ -164,7 +179,7 @@ impl Service {
                         &context(id, signal),
                         section(&config.exporters, id)?,
                     )
-                    .with_context(|| format!("service.pipelines.{pipeline_id}"))?;
+                    .with_context(|| format!("in pipeline {pipeline_id}"))?;
                     Ok((id.clone(), exporter))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -190,6 +205,11 @@ impl Service {
             receivers,
             pipelines,
         })
+    }
+
+    /// Counts of what was built: (pipelines, receivers).
+    pub fn summary(&self) -> (usize, usize) {
+        (self.pipelines.len(), self.receivers.len())
     }
 
     /// Runs every component until `shutdown`; then receivers send their last batch,

@@ -239,6 +239,7 @@ mod tests {
             id: "ebpf".parse().unwrap(),
             signal: config::Signal::Metrics,
             telemetry: Default::default(),
+            validate_only: true,
         };
         build(&cx, serde_norway::from_str(yaml).unwrap())
     }

@@ -82,8 +82,20 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
         })
         .collect::<Result<_>>()?;
     external.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
-    let watchers = Watchers::start(ClientSource {
-        kubeconfig: config.kubeconfig,
+    if let Some(path) = &config.kubeconfig {
+        if !path.exists() {
+            anyhow::bail!(
+                "processors.{}.kubeconfig: {} does not exist",
+                cx.id,
+                path.display()
+            );
+        }
+    }
+    // Validation starts no watch: a processor that is never run.
+    let watchers = (!cx.validate_only).then(|| {
+        Watchers::start(ClientSource {
+            kubeconfig: config.kubeconfig,
+        })
     });
     Ok(Box::new(K8sAttributes {
         watchers,
@@ -99,7 +111,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
 }
 
 struct K8sAttributes {
-    watchers: Watchers,
+    watchers: Option<Watchers>,
     cluster: Option<String>,
     external: Vec<(IpNet, String)>,
     last_errors: u64,
@@ -262,11 +274,14 @@ impl Naming<'_> {
 
 impl Processor for K8sAttributes {
     fn process(&mut self, mut batch: LinkBatch) -> LinkBatch {
-        let index = Index::build(&self.watchers.snapshot());
-        let errors = self.watchers.health.errors();
+        let Some(watchers) = &self.watchers else {
+            return batch;
+        };
+        let index = Index::build(&watchers.snapshot());
+        let errors = watchers.health.errors();
         if errors != self.last_errors {
             self.last_errors = errors;
-            tracing::debug!(errors, failing = ?self.watchers.health.failing(), "Kubernetes watch errors");
+            tracing::debug!(errors, failing = ?watchers.health.failing(), "Kubernetes watch errors");
         }
         Naming {
             index: &index,

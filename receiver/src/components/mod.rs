@@ -46,7 +46,7 @@ fn build<T>(
         Some((_, signals, factory)) => {
             if !signals.contains(&cx.signal) {
                 bail!(
-                    "{role}.{id} cannot be used in a {} pipeline (it supports {})",
+                    "{role}.{id}: cannot be used in a {} pipeline (it supports {})",
                     cx.signal,
                     signals
                         .iter()

@@ -49,6 +49,14 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         )
     })?;
     let page = Arc::new(RwLock::new(String::new()));
+    let exporter = Box::new(PrometheusExporter {
+        page: page.clone(),
+        telemetry: cx.telemetry.clone(),
+        resource: otlp::resource(),
+    });
+    if cx.validate_only {
+        return Ok(exporter);
+    }
     // Bound now so that a port in use fails at startup, with the component named.
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("exporters.{}: listening on {addr}", cx.id))?;
@@ -64,11 +72,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         }
     });
     tracing::info!(exporter = %cx.id, "serving Prometheus metrics on http://{addr}/metrics");
-    Ok(Box::new(PrometheusExporter {
-        page,
-        telemetry: cx.telemetry.clone(),
-        resource: otlp::resource(),
-    }))
+    Ok(exporter)
 }
 
 async fn serve(State(page): State<Arc<RwLock<String>>>) -> impl IntoResponse {

@@ -1,0 +1,125 @@
+"""`ridley validate` and `ridley config --print`: realistic mistakes are caught before
+anything starts, with the file, line, column, key path, what was expected and what was
+found. These run the real binary; they need no root."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import RIDLEY
+
+BASE = """receivers:
+  ebpf:
+    collection_interval: 5s
+exporters:
+  debug:
+service:
+  pipelines:
+    metrics:
+      receivers: [ebpf]
+      exporters: [debug]
+"""
+
+
+@pytest.fixture(autouse=True)
+def kernel():
+    """Overrides the end-to-end suite's kernel check: validation touches no kernel."""
+    assert RIDLEY.exists(), f"{RIDLEY} is not built"
+
+
+def validate(tmp_path, *texts, env=None):
+    paths = []
+    for i, text in enumerate(texts):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        paths += ["--config", str(path)]
+    proc = subprocess.run([str(RIDLEY), "validate", *paths], capture_output=True, text=True,
+                          env={**os.environ, **(env or {}), "NO_COLOR": "1"}, cwd=tmp_path)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def error_of(tmp_path, text, **kw):
+    code, out = validate(tmp_path, text, **kw)
+    assert code == 1, out
+    (line,) = [l for l in out.splitlines() if l.startswith("error: ")]
+    return line.removeprefix("error: ").replace(str(tmp_path) + "/", "")
+
+
+def test_the_embedded_default_and_a_good_config_are_valid(tmp_path):
+    out = subprocess.run([str(RIDLEY), "validate"], capture_output=True, text=True)
+    assert out.returncode == 0 and "embedded default config: valid (1 pipelines, 1 receivers)" in out.stdout
+    code, out = validate(tmp_path, BASE)
+    assert code == 0, out
+
+
+MISTAKES = [
+    ("typo in a key", BASE.replace("collection_interval", "colection_interval"),
+     "c0.yaml:3:5: receivers.ebpf.colection_interval: unknown field `colection_interval`, expected one of "
+     "`collection_interval`, `idle_timeout`, `max_connections`, `ring_buffer_size`, `span_pairs_per_link`, "
+     "`service_graph_metrics` (did you mean `collection_interval`?)"),
+    ("typo in a top-level key", BASE.replace("exporters:\n  debug", "exporter:\n  debug"),
+     "c0.yaml:4:1: exporter: unknown field `exporter`, expected one of `receivers`, `processors`, `exporters`, "
+     "`service` (did you mean `exporters`?)"),
+    ("bad duration", BASE.replace("5s", "5 parsecs"),
+     "c0.yaml:3:5: receivers.ebpf.collection_interval: invalid value: string \"5 parsecs\", expected a duration"),
+    ("wrong type", BASE.replace("collection_interval: 5s", "max_connections: lots"),
+     "c0.yaml:3:5: receivers.ebpf.max_connections: invalid type: string \"lots\", expected u32"),
+    ("undefined exporter in a pipeline", BASE.replace("exporters: [debug]", "exporters: [debug, otlp]"),
+     "c0.yaml:10:7: service.pipelines.metrics.exporters: \"otlp\" is not defined under `exporters`"),
+    ("missing env var", BASE.replace("5s", "${env:RIDLEY_TEST_NOT_SET}"),
+     "c0.yaml:3:5: receivers.ebpf.collection_interval: ${env:RIDLEY_TEST_NOT_SET}: environment variable "
+     "RIDLEY_TEST_NOT_SET is not set (give a default with ${env:RIDLEY_TEST_NOT_SET:-value})"),
+    ("unreadable file reference", BASE.replace("5s", "${file:/nonexistent/interval}"),
+     "c0.yaml:3:5: receivers.ebpf.collection_interval: ${file:/nonexistent/interval}: cannot read "
+     "/nonexistent/interval: No such file or directory (os error 2)"),
+    ("duplicate pipeline", BASE + "    metrics:\n      receivers: [ebpf]\n      exporters: [debug]\n",
+     "c0.yaml:8:5: not valid YAML: service.pipelines: duplicate entry with key \"metrics\""),
+    ("unknown component type", BASE.replace("  debug:", "  kafka:").replace("[debug]", "[kafka]"),
+     "c0.yaml:5:3: in pipeline metrics: exporters.kafka: unknown exporters type \"kafka\" (available: debug, "
+     "file, otlp, otlphttp, prometheus)"),
+    ("exporter in a pipeline of the wrong signal", BASE.replace("  debug:", "  prometheus:").replace(
+        "    metrics:\n      receivers: [ebpf]\n      exporters: [debug]", "    traces:\n      receivers: [ebpf]\n"
+        "      exporters: [prometheus]"),
+     "c0.yaml:5:3: in pipeline traces: exporters.prometheus: cannot be used in a traces pipeline (it supports metrics)"),
+    ("otlphttp endpoint without a scheme", BASE.replace("  debug:", "  otlphttp:\n    endpoint: collector:4318")
+     .replace("[debug]", "[otlphttp]"),
+     "c0.yaml:5:3: in pipeline metrics: exporters.otlphttp: \"collector:4318/v1/metrics\": an otlphttp endpoint "
+     "is a URL (http:// or https://)"),
+    ("ring buffer not a power of two", BASE.replace("collection_interval: 5s", "ring_buffer_size: 100000"),
+     "c0.yaml:2:3: receivers.ebpf: ring_buffer_size must be a power of two of at least 4096 bytes, got 100000"),
+    ("invalid YAML", BASE.replace("receivers: [ebpf]", "receivers: [ebpf"),
+     None),
+    ("bad CIDR in external names", BASE.replace("exporters:\n  debug:", "processors:\n  k8sattributes:\n"
+     "    external_names: [{cidr: 10.0.0.0/33, name: x}]\nexporters:\n  debug:").replace(
+        "      exporters: [debug]", "      processors: [k8sattributes]\n      exporters: [debug]"),
+     "c0.yaml:6:5: processors.k8sattributes.external_names: \"10.0.0.0/33\" is not a CIDR: invalid IP address syntax"),
+]
+
+
+@pytest.mark.parametrize("name,text,expected", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_mistakes_are_reported_with_where_and_why(tmp_path, name, text, expected):
+    message = error_of(tmp_path, text)
+    if expected is None:
+        assert message.startswith("c0.yaml:") and "not valid YAML" in message, message
+    else:
+        assert message == expected
+
+
+def test_missing_config_file(tmp_path):
+    proc = subprocess.run([str(RIDLEY), "validate", "--config", "nope.yaml"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: reading nope.yaml: No such file or directory (os error 2)"
+
+
+def test_files_merge_in_order_and_references_expand(tmp_path):
+    override = "exporters:\n  debug:\n    verbosity: basic\nreceivers:\n  ebpf:\n    collection_interval: ${env:RIDLEY_TEST_INTERVAL:-7s}\n"
+    (tmp_path / "a.yaml").write_text(BASE)
+    (tmp_path / "b.yaml").write_text(override)
+    out = subprocess.run([str(RIDLEY), "config", "--print", "--config", "a.yaml", "--config", "b.yaml"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "RIDLEY_TEST_INTERVAL": "3s"})
+    assert out.returncode == 0, out.stderr
+    assert "collection_interval: 3s" in out.stdout
+    assert "verbosity: basic" in out.stdout
+    code, msg = validate(tmp_path, BASE, override)
+    assert code == 0, msg

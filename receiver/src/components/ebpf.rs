@@ -264,7 +264,13 @@ mod tests {
         );
         let err = format!("{:#}", parse("colection_interval: 1s").err().unwrap());
         assert!(
-            err.starts_with("receivers.ebpf: unknown field `colection_interval`"),
+            err.starts_with(
+                "receivers.ebpf.colection_interval: unknown field `colection_interval`"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with("(did you mean `collection_interval`?)"),
             "{err}"
         );
     }

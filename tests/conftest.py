@@ -152,7 +152,7 @@ class Ridley:
     """The daemon with a file exporter writing OTLP/JSON to `out`."""
 
     def __init__(self, workdir, interval="1s", idle_timeout="5m", receiver_extra="",
-                 exporters="", pipelines=None, processors="", pipeline_processors=()):
+                 exporters="", pipelines=None, processors="", pipeline_processors=(), extensions=""):
         """Default: one metrics pipeline into the file exporter at `out`. `exporters`
         (YAML, indented under `exporters:`) and `pipelines` ({name: [exporter ids]})
         add more; `spans` is the file the `file/spans` exporter writes."""
@@ -174,8 +174,10 @@ class Ridley:
             f"    path: {self.spans_out}\n"
             f"{exporters}"
             + (f"processors:\n{processors}" if processors else "")
+            + (f"extensions:\n{extensions}" if extensions else "")
             + "service:\n"
-            "  pipelines:\n"
+            + ("  extensions: [health_check]\n" if extensions else "")
+            + "  pipelines:\n"
             + "".join(f"    {name}:\n      receivers: [ebpf]\n"
                       f"      processors: [{', '.join(pipeline_processors)}]\n"
                       f"      exporters: [{', '.join(ids)}]\n"

@@ -58,7 +58,7 @@ MISTAKES = [
      "`collection_interval`, `idle_timeout`, `max_connections`, `ring_buffer_size`, `span_pairs_per_link`, "
      "`service_graph_metrics` (did you mean `collection_interval`?)"),
     ("typo in a top-level key", BASE.replace("exporters:\n  debug", "exporter:\n  debug"),
-     "c0.yaml:4:1: exporter: unknown field `exporter`, expected one of `receivers`, `processors`, `exporters`, "
+     "c0.yaml:4:1: exporter: unknown field `exporter`, expected one of `extensions`, `receivers`, `processors`, `exporters`, "
      "`service` (did you mean `exporters`?)"),
     ("bad duration", BASE.replace("5s", "5 parsecs"),
      "c0.yaml:3:5: receivers.ebpf.collection_interval: invalid value: string \"5 parsecs\", expected a duration"),

@@ -156,6 +156,9 @@ pub struct Pipeline {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
+    /// Extensions to start, by id (defined under `extensions`).
+    #[serde(default)]
+    pub extensions: Vec<ComponentId>,
     #[serde(default)]
     pub pipelines: BTreeMap<PipelineId, Pipeline>,
 }
@@ -164,6 +167,8 @@ pub struct Service {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default, deserialize_with = "sections")]
+    pub extensions: BTreeMap<ComponentId, ComponentSection>,
     #[serde(default, deserialize_with = "sections")]
     pub receivers: BTreeMap<ComponentId, ComponentSection>,
     #[serde(default, deserialize_with = "sections")]
@@ -376,8 +381,18 @@ impl Config {
                 ));
             }
         }
+        for id in &self.service.extensions {
+            if !self.extensions.contains_key(id) {
+                return Err(format!(
+                    "service.extensions: {id:?} is not defined under `extensions`",
+                    id = id.to_string()
+                ));
+            }
+            used.insert(("extensions", id.clone()));
+        }
         let mut warnings = Vec::new();
         for (role, defined) in [
+            ("extensions", &self.extensions),
             ("receivers", &self.receivers),
             ("processors", &self.processors),
             ("exporters", &self.exporters),

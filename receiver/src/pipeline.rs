@@ -72,6 +72,17 @@ pub trait Exporter: Send {
     }
 }
 
+/// Runs beside the pipelines (health checks). Started before the receivers, stopped
+/// at shutdown.
+#[async_trait]
+pub trait Extension: Send {
+    async fn run(
+        self: Box<Self>,
+        telemetry: Arc<Telemetry>,
+        shutdown: CancellationToken,
+    ) -> Result<()>;
+}
+
 /// What a component factory gets besides its own config section.
 #[derive(Clone)]
 pub struct BuildContext {
@@ -136,8 +147,10 @@ impl PipelineRun {
 
 /// Built components, ready to run.
 pub struct Service {
+    extensions: Vec<(ComponentId, Box<dyn Extension>)>,
     receivers: Vec<(ComponentId, Box<dyn Receiver>, BatchSender)>,
     pipelines: Vec<PipelineRun>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Service {
@@ -201,9 +214,24 @@ impl Service {
                 Ok((id, receiver, BatchSender { pipelines }))
             })
             .collect::<Result<Vec<_>>>()?;
+        let extensions = config
+            .service
+            .extensions
+            .iter()
+            .map(|id| {
+                let extension = components::build_extension(
+                    &context(id, Signal::Metrics),
+                    section(&config.extensions, id)?,
+                )?;
+                Ok((id.clone(), extension))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        telemetry.expect_receivers(receivers.len() as u64);
         Ok(Service {
+            extensions,
             receivers,
             pipelines,
+            telemetry,
         })
     }
 
@@ -216,6 +244,16 @@ impl Service {
     /// pipelines drain and exporters flush. Returns the first error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut tasks = JoinSet::new();
+        for (id, extension) in self.extensions {
+            let telemetry = self.telemetry.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                extension
+                    .run(telemetry, shutdown)
+                    .await
+                    .with_context(|| format!("extensions.{id}"))
+            });
+        }
         for pipeline in self.pipelines {
             tasks.spawn(pipeline.run());
         }
@@ -235,9 +273,11 @@ impl Service {
                 result
             });
         }
+        let telemetry = self.telemetry.clone();
         let ready = async {
             for (id, rx) in readiness {
                 if rx.await.is_ok() {
+                    telemetry.receiver_ready();
                     tracing::info!(receiver = %id, "receiver ready");
                 }
             }

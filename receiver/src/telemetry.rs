@@ -17,6 +17,8 @@ pub struct ExporterStats {
     pub queue_len: AtomicU64,
     pub dropped_spans: AtomicU64,
     pub dropped_metric_requests: AtomicU64,
+    /// The last send attempt failed.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of one exporter's counters.
@@ -29,14 +31,34 @@ pub struct ExporterSnapshot {
     pub queue_len: u64,
     pub dropped_spans: u64,
     pub dropped_metric_requests: u64,
+    pub failing: bool,
 }
 
 #[derive(Debug, Default)]
 pub struct Telemetry {
     exporters: Mutex<BTreeMap<(String, String), Arc<ExporterStats>>>,
+    receivers_expected: AtomicU64,
+    receivers_ready: AtomicU64,
 }
 
 impl Telemetry {
+    pub fn expect_receivers(&self, count: u64) {
+        self.receivers_expected.store(count, Ordering::Relaxed);
+    }
+
+    /// A receiver has started capturing (for ridley's eBPF receiver: programs attached).
+    pub fn receiver_ready(&self) {
+        self.receivers_ready.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (receivers ready, receivers expected)
+    pub fn receivers(&self) -> (u64, u64) {
+        (
+            self.receivers_ready.load(Ordering::Relaxed),
+            self.receivers_expected.load(Ordering::Relaxed),
+        )
+    }
+
     /// The counters of exporter `id` for `signal`, created on first use.
     pub fn exporter(&self, id: &str, signal: &str) -> Arc<ExporterStats> {
         let mut exporters = self.exporters.lock().unwrap_or_else(|e| e.into_inner());
@@ -58,6 +80,7 @@ impl Telemetry {
                 queue_len: s.queue_len.load(Ordering::Relaxed),
                 dropped_spans: s.dropped_spans.load(Ordering::Relaxed),
                 dropped_metric_requests: s.dropped_metric_requests.load(Ordering::Relaxed),
+                failing: s.failing.load(Ordering::Relaxed),
             })
             .collect()
     }

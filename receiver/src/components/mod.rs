@@ -3,6 +3,7 @@
 mod debug;
 mod ebpf;
 mod file;
+mod health_check;
 mod k8sattributes;
 mod otlp;
 mod otlp_common;
@@ -12,7 +13,7 @@ mod prometheus;
 use anyhow::{Result, bail};
 use config::{ComponentSection, Signal};
 
-use crate::pipeline::{BuildContext, Exporter, Processor, Receiver};
+use crate::pipeline::{BuildContext, Exporter, Extension, Processor, Receiver};
 
 type Factory<T> = fn(&BuildContext, ComponentSection) -> Result<T>;
 
@@ -21,6 +22,9 @@ const ALL_SIGNALS: &[Signal] = &[Signal::Metrics, Signal::Traces];
 
 /// (type, signals it can serve, constructor)
 type Entry<T> = (&'static str, &'static [Signal], Factory<T>);
+
+const EXTENSIONS: &[Entry<Box<dyn Extension>>] =
+    &[("health_check", ALL_SIGNALS, health_check::build)];
 
 const RECEIVERS: &[Entry<Box<dyn Receiver>>] = &[("ebpf", ALL_SIGNALS, ebpf::build)];
 
@@ -70,6 +74,10 @@ fn build<T>(
             )
         }
     }
+}
+
+pub fn build_extension(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
+    build("extensions", EXTENSIONS, cx, section)
 }
 
 pub fn build_receiver(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Receiver>> {

@@ -283,6 +283,7 @@ async fn run_sender(
             match transport.send(&payload).await {
                 Ok(()) => {
                     stats.sent.fetch_add(1, Ordering::Relaxed);
+                    stats.failing.store(false, Ordering::Relaxed);
                     if failing {
                         tracing::info!(exporter = %id, "export recovered");
                         failing = false;
@@ -291,6 +292,7 @@ async fn run_sender(
                 }
                 Err(e) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
+                    stats.failing.store(true, Ordering::Relaxed);
                     if !failing {
                         tracing::warn!(exporter = %id, retryable = e.retryable, "export failed: {}", e.message);
                         failing = true;

@@ -1,0 +1,118 @@
+//! The `health_check` extension, as the collector's: an HTTP endpoint for Kubernetes
+//! probes. `path` (default `/`) answers 200 when every receiver is capturing (eBPF
+//! programs attached) and no exporter's last send failed, else 503, with the details
+//! as JSON; `/livez` answers 200 while the process serves at all.
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
+use config::ComponentSection;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    pipeline::{BuildContext, Extension, parse_section},
+    telemetry::Telemetry,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckConfig {
+    pub endpoint: String,
+    pub path: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            endpoint: "0.0.0.0:13133".to_owned(),
+            path: "/".to_owned(),
+        }
+    }
+}
+
+pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
+    let config: HealthCheckConfig = parse_section("extensions", &cx.id, section)?;
+    let addr: SocketAddr = config.endpoint.parse().with_context(|| {
+        format!(
+            "extensions.{}.endpoint: {:?} is not host:port",
+            cx.id, config.endpoint
+        )
+    })?;
+    if !config.path.starts_with('/') || config.path == "/livez" {
+        anyhow::bail!(
+            "extensions.{}.path: must start with / and not be /livez",
+            cx.id
+        );
+    }
+    // Bound now so that a port in use fails at startup, naming the component.
+    let listener = if cx.validate_only {
+        None
+    } else {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("extensions.{}: listening on {addr}", cx.id))?;
+        listener.set_nonblocking(true)?;
+        Some(listener)
+    };
+    Ok(Box::new(HealthCheck {
+        listener,
+        path: config.path,
+    }))
+}
+
+struct HealthCheck {
+    listener: Option<std::net::TcpListener>,
+    path: String,
+}
+
+async fn readiness(
+    State(telemetry): State<Arc<Telemetry>>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    let (ready, expected) = telemetry.receivers();
+    let exporters: serde_json::Map<String, serde_json::Value> = telemetry
+        .snapshot()
+        .into_iter()
+        .map(|e| {
+            let state = if e.failing { "failing" } else { "ok" };
+            (format!("{}/{}", e.exporter, e.signal), state.into())
+        })
+        .collect();
+    let capturing = ready == expected;
+    let healthy = capturing && exporters.values().all(|v| v == "ok");
+    let body = serde_json::json!({
+        "status": if healthy { "ready" } else { "not ready" },
+        "receivers": if capturing { "capturing" } else { "starting" },
+        "exporters": exporters,
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body))
+}
+
+#[async_trait]
+impl Extension for HealthCheck {
+    async fn run(
+        self: Box<Self>,
+        telemetry: Arc<Telemetry>,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let Some(listener) = self.listener else {
+            return Ok(());
+        };
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let local = listener.local_addr()?;
+        let app = Router::new()
+            .route(&self.path, get(readiness))
+            .route("/livez", get(|| async { "alive" }))
+            .with_state(telemetry);
+        tracing::info!("health check on http://{local}{}", self.path);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .context("serving the health check")
+    }
+}

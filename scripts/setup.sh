@@ -31,9 +31,9 @@ fi
 
 # Python peers for the end-to-end tests: pytest, a real collector (rotel) and the
 # official OTLP protobuf definitions for the sink behind it.
-if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_client, kmock, pytest_asyncio' 2>/dev/null; then
-    log "installing pytest, rotel, opentelemetry-proto, grpcio, prometheus-client, kmock, pytest-asyncio"
-    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio
+if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_client, kmock, pytest_asyncio, yaml' 2>/dev/null; then
+    log "installing pytest, rotel, opentelemetry-proto, grpcio, prometheus-client, kmock, pytest-asyncio, pyyaml"
+    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio pyyaml
 fi
 
 # Kernel interfaces the daemon and the benchmark use.

@@ -27,6 +27,19 @@ def attrs_of(batch, client_ip, server_ip, port):
     return None
 
 
+def until_named(r, peers, server, port, key="client.service.name", value=None, send=1):
+    """Connects from host b to server:port until a fresh batch shows `key` on the link
+    (equal to `value` when given): the watches have caught up. Returns its attributes."""
+    deadline = time.monotonic() + 30
+    while True:
+        peers.connect("b", server, port, send=send)
+        batch = r.wait_for(lambda b: attrs_of(b, B4, server, port) is not None, fresh=True)
+        attrs = attrs_of(batch, B4, server, port)
+        if attrs.get(key) is not None and value in (None, attrs.get(key)):
+            return attrs
+        assert time.monotonic() < deadline, (key, value, {k: v for k, v in attrs.items() if "name" in k})
+
+
 def shop(kube):
     kube.replicaset("shop", "checkout-7d9f", "checkout")
     kube.replicaset("shop", "productcatalog-5c4b", "productcatalog")
@@ -40,13 +53,7 @@ def test_links_are_named_by_pod_workload_namespace_and_node(ridley, peers, kube)
     r = enriched(ridley, kube)
     peers.server("a", A4, 3550, reply=10)
     # Wait for the watches to fill: the link is named once the index knows both pods.
-    deadline = time.monotonic() + 30
-    while True:
-        peers.connect("b", A4, 3550, send=5)
-        batch = r.wait_for(lambda b: attrs_of(b, B4, A4, 3550) is not None, fresh=True)
-        if attrs_of(batch, B4, A4, 3550).get("client.service.name"):
-            break
-        assert time.monotonic() < deadline, "the API emulator's objects never reached the index"
+    until_named(r, peers, A4, 3550, send=5)
     r.stop()
     attrs = attrs_of(r.batches()[-1], B4, A4, 3550)
     assert {k: v for k, v in attrs.items() if k.startswith(("client.", "server."))} == {
@@ -81,14 +88,7 @@ def test_pod_recreated_with_a_new_address_keeps_its_workload_name(ridley, peers,
     kube.delete_pod("shop", "productcatalog-5c4b-y1")
     kube.pod("shop", "productcatalog-5c4b-y2", C4, "ReplicaSet", "productcatalog-5c4b",
              labels={"app.kubernetes.io/name": "productcatalog"})
-    deadline = time.monotonic() + 30
-    while True:
-        peers.connect("b", C4, 3551, send=1)
-        batch = r.wait_for(lambda b: attrs_of(b, B4, C4, 3551) is not None, fresh=True)
-        attrs = attrs_of(batch, B4, C4, 3551)
-        if attrs.get("server.k8s.pod.name") == "productcatalog-5c4b-y2":
-            break
-        assert time.monotonic() < deadline, attrs
+    until_named(r, peers, C4, 3551, key="server.k8s.pod.name", value="productcatalog-5c4b-y2")
     r.stop()
     final = r.batches()[-1]
     assert attrs_of(final, B4, C4, 3551)["server.service.name"] == "productcatalog"
@@ -100,13 +100,7 @@ def test_api_server_down_keeps_the_last_known_names(ridley, peers, kube):
     shop(kube)
     r = enriched(ridley, kube)
     peers.server("a", A4, 3552, reply=1)
-    deadline = time.monotonic() + 30
-    while True:
-        peers.connect("b", A4, 3552, send=1)
-        batch = r.wait_for(lambda b: attrs_of(b, B4, A4, 3552) is not None, fresh=True)
-        if attrs_of(batch, B4, A4, 3552).get("client.service.name"):
-            break
-        assert time.monotonic() < deadline
+    until_named(r, peers, A4, 3552)
     kube.stop()
     r.wait_for(lambda b: any(v > 0 for _, v in b.all_points("ridley.k8s.watch.errors")), fresh=True)
     # New traffic while the API server is away is still named from the last known state.
@@ -181,13 +175,7 @@ def test_cluster_ip_destination_is_resolved_to_its_workload(ridley, peers, kube)
         sh(*nft, f"add rule ip rdlt out ip daddr 10.96.0.10 tcp dport 80 dnat to {A4}:3555")
         r = enriched(ridley, kube)
         peers.server("a", A4, 3555, reply=3)
-        deadline = time.monotonic() + 30
-        while True:
-            assert peers.connect("b", "10.96.0.10", 80, send=4) == ["received 3"]
-            batch = r.wait_for(lambda b: attrs_of(b, B4, "10.96.0.10", 80) is not None, fresh=True)
-            if attrs_of(batch, B4, "10.96.0.10", 80).get("server.service.name"):
-                break
-            assert time.monotonic() < deadline
+        until_named(r, peers, "10.96.0.10", 80, key="server.service.name", send=4)
         r.stop()
     finally:
         sh(*nft, "delete", "table", "ip", "rdlt", check=False)
@@ -208,19 +196,10 @@ def test_updates_and_nodes_follow(ridley, peers, kube):
     peers.server("a", A4, 3556, reply=1)
     peers.server("c", C4, 3557, reply=1)  # a host process on worker-7
 
-    def named(client, server, port, key, value):
-        deadline = time.monotonic() + 30
-        while True:
-            peers.connect("b", server, port, send=1)
-            batch = r.wait_for(lambda b: attrs_of(b, client, server, port) is not None, fresh=True)
-            if attrs_of(batch, client, server, port).get(key) == value:
-                return attrs_of(batch, client, server, port)
-            assert time.monotonic() < deadline, (key, value, {k: v for k, v in attrs_of(batch, client, server, port).items() if "service.name" in k})
-
-    named(B4, A4, 3556, "server.service.name", "productcatalog")
+    until_named(r, peers, A4, 3556, "server.service.name", "productcatalog")
     kube.patch_pod("shop", "productcatalog-5c4b-y1",
                    {"metadata": {"labels": {"app.kubernetes.io/name": "catalog-v2"}}})
-    named(B4, A4, 3556, "server.service.name", "catalog-v2")
-    host = named(B4, C4, 3557, "server.service.name", "worker-7")
+    until_named(r, peers, A4, 3556, "server.service.name", "catalog-v2")
+    host = until_named(r, peers, C4, 3557, "server.service.name", "worker-7")
     assert host["server.k8s.node.name"] == "worker-7"
     r.stop()

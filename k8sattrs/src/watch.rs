@@ -325,7 +325,7 @@ mod tests {
     }
 
     async fn next_request(
-        handle: &mut tower_test::mock::Handle<Request<Body>, Response<Body>>,
+        handle: &mut MockApi,
     ) -> (
         Request<Body>,
         tower_test::mock::SendResponse<Response<Body>>,
@@ -336,11 +336,11 @@ mod tests {
             .expect("mock closed")
     }
 
-    /// A watch that expires (410 Gone) is relisted; the store then holds the new list,
-    /// the failure is counted, and pods are stripped to what the index reads.
-    #[tokio::test]
-    async fn expired_watch_relists_and_is_counted() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    type MockApi = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+    /// The pods reflector of the daemon, talking to a mock API server.
+    fn reflect_pods_from_mock() -> (MockApi, Store<Pod>, Arc<WatchHealth>) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
         let (store, writer) = reflector::store::<Pod>();
         let health = Arc::new(WatchHealth::default());
@@ -351,6 +351,14 @@ mod tests {
             writer,
             health.clone(),
         ));
+        (handle, store, health)
+    }
+
+    /// A watch that expires (410 Gone) is relisted; the store then holds the new list,
+    /// the failure is counted, and pods are stripped to what the index reads.
+    #[tokio::test]
+    async fn expired_watch_relists_and_is_counted() {
+        let (mut handle, store, health) = reflect_pods_from_mock();
 
         let (list, send) = next_request(&mut handle).await;
         assert!(
@@ -414,17 +422,7 @@ mod tests {
     /// retried.
     #[tokio::test]
     async fn server_errors_keep_the_last_state_and_retry() {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
-        let (store, writer) = reflector::store::<Pod>();
-        let health = Arc::new(WatchHealth::default());
-        tokio::spawn(reflect(
-            "pods",
-            Api::all(client),
-            strip_pod,
-            writer,
-            health.clone(),
-        ));
+        let (mut handle, store, health) = reflect_pods_from_mock();
 
         let (_, send) = next_request(&mut handle).await;
         send.send_response(respond(json!({

@@ -354,3 +354,19 @@ impl LinkBatch {
         )
     }
 }
+
+/// A batch with one link `10.0.0.1 -> 10.0.0.2:80`, for tests of what is built from
+/// batches.
+#[cfg(test)]
+pub fn one_link_batch(time: SystemTime, stats: LinkStats) -> LinkBatch {
+    let mut batch = LinkBatch::new(time, time);
+    batch.links = vec![(
+        LinkKey {
+            client: "10.0.0.1".parse().expect("an address"),
+            server: "10.0.0.2".parse().expect("an address"),
+            server_port: 80,
+        },
+        stats,
+    )];
+    batch
+}

@@ -100,10 +100,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::{
-        model::{LinkBatch, LinkKey, LinkStats},
-        otlp,
-    };
+    use crate::{model::LinkStats, otlp};
 
     fn request(bytes: u64, active: u64, connects: &[u64]) -> ExportMetricsServiceRequest {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
@@ -115,15 +112,7 @@ mod tests {
                 .connect_duration
                 .record(Duration::from_micros(*micros));
         }
-        let mut batch = LinkBatch::new(t, t);
-        batch.links = vec![(
-            LinkKey {
-                client: "10.0.0.1".parse().unwrap(),
-                server: "10.0.0.2".parse().unwrap(),
-                server_port: 80,
-            },
-            stats,
-        )];
+        let batch = crate::model::one_link_batch(t, stats);
         otlp::metrics_request(&batch, &otlp::resource(), &[])
     }
 

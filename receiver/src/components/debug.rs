@@ -204,7 +204,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::model::{LinkKey, LinkStats};
+    use crate::model::LinkStats;
 
     #[test]
     fn renders_one_row_per_link() {
@@ -215,15 +215,7 @@ mod tests {
         stats.bytes_transmit = 1234;
         stats.bytes_receive = 99;
         stats.add_failure(FailureReason::Reset);
-        let mut batch = LinkBatch::new(t, t);
-        batch.links = vec![(
-            LinkKey {
-                client: "10.0.0.1".parse().unwrap(),
-                server: "10.0.0.2".parse().unwrap(),
-                server_port: 80,
-            },
-            stats,
-        )];
+        let batch = crate::model::one_link_batch(t, stats);
         let text = render(&batch, Verbosity::Normal);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(

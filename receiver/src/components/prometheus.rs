@@ -250,7 +250,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::model::{LinkKey, LinkStats};
+    use crate::model::LinkStats;
 
     #[test]
     fn names_follow_the_otel_to_prometheus_mapping() {
@@ -282,15 +282,7 @@ mod tests {
         let mut stats = LinkStats::new(t);
         stats.bytes_transmit = 42;
         stats.connect_duration.record(Duration::from_micros(70));
-        let mut batch = LinkBatch::new(t, t);
-        batch.links = vec![(
-            LinkKey {
-                client: "10.0.0.1".parse().unwrap(),
-                server: "10.0.0.2".parse().unwrap(),
-                server_port: 80,
-            },
-            stats,
-        )];
+        let batch = crate::model::one_link_batch(t, stats);
         let text = render(&otlp::metrics_request(&batch, &otlp::resource(), &[]));
         let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";
         assert!(

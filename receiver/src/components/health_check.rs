@@ -2,7 +2,7 @@
 //! probes. `path` (default `/`) answers 200 when every receiver is capturing (eBPF
 //! programs attached) and no exporter's last send failed, else 503, with the details
 //! as JSON; `/livez` answers 200 while the process serves at all.
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -34,27 +34,13 @@ impl Default for HealthCheckConfig {
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
     let config: HealthCheckConfig = parse_section("extensions", &cx.id, section)?;
-    let addr: SocketAddr = config.endpoint.parse().with_context(|| {
-        format!(
-            "extensions.{}.endpoint: {:?} is not host:port",
-            cx.id, config.endpoint
-        )
-    })?;
     if !config.path.starts_with('/') || config.path == "/livez" {
         anyhow::bail!(
             "extensions.{}.path: must start with / and not be /livez",
             cx.id
         );
     }
-    // Bound now so that a port in use fails at startup, naming the component.
-    let listener = if cx.validate_only {
-        None
-    } else {
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("extensions.{}: listening on {addr}", cx.id))?;
-        listener.set_nonblocking(true)?;
-        Some(listener)
-    };
+    let (_, listener) = super::listen(cx, "extensions", &config.endpoint)?;
     Ok(Box::new(HealthCheck {
         listener,
         path: config.path,
@@ -62,7 +48,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Ext
 }
 
 struct HealthCheck {
-    listener: Option<std::net::TcpListener>,
+    listener: Option<tokio::net::TcpListener>,
     path: String,
 }
 
@@ -103,7 +89,6 @@ impl Extension for HealthCheck {
         let Some(listener) = self.listener else {
             return Ok(());
         };
-        let listener = tokio::net::TcpListener::from_std(listener)?;
         let local = listener.local_addr()?;
         let app = Router::new()
             .route(&self.path, get(readiness))

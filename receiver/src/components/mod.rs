@@ -76,6 +76,27 @@ fn build<T>(
     }
 }
 
+/// Parses a component's `endpoint` (`host:port`) and, unless only validating, binds it
+/// at once, so that a bad address or a port in use fails at startup naming the key.
+fn listen(
+    cx: &BuildContext,
+    role: &str,
+    endpoint: &str,
+) -> Result<(std::net::SocketAddr, Option<tokio::net::TcpListener>)> {
+    use anyhow::Context;
+    let id = &cx.id;
+    let addr: std::net::SocketAddr = endpoint
+        .parse()
+        .with_context(|| format!("{role}.{id}.endpoint: {endpoint:?} is not host:port"))?;
+    if cx.validate_only {
+        return Ok((addr, None));
+    }
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("{role}.{id}.endpoint: listening on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok((addr, Some(tokio::net::TcpListener::from_std(listener)?)))
+}
+
 pub fn build_extension(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
     build("extensions", EXTENSIONS, cx, section)
 }

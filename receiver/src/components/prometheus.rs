@@ -6,11 +6,10 @@
 //! attributes go to `target_info`.
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     sync::{Arc, RwLock},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
 use config::ComponentSection;
@@ -42,26 +41,16 @@ fn default_endpoint() -> String {
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
     let config: PrometheusConfig = parse_section("exporters", &cx.id, section)?;
-    let addr: SocketAddr = config.endpoint.parse().with_context(|| {
-        format!(
-            "exporters.{}.endpoint: {:?} is not host:port",
-            cx.id, config.endpoint
-        )
-    })?;
+    let (addr, listener) = super::listen(cx, "exporters", &config.endpoint)?;
     let page = Arc::new(RwLock::new(String::new()));
     let exporter = Box::new(PrometheusExporter {
         page: page.clone(),
         telemetry: cx.telemetry.clone(),
         resource: otlp::resource(),
     });
-    if cx.validate_only {
+    let Some(listener) = listener else {
         return Ok(exporter);
-    }
-    // Bound now so that a port in use fails at startup, with the component named.
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("exporters.{}: listening on {addr}", cx.id))?;
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    };
     let app = Router::new()
         .route("/metrics", get(serve))
         .with_state(page.clone());

@@ -91,3 +91,48 @@ def test_tempo_counts_sampled_pairs_with_the_multiplier():
     graphs = tempo["metrics_generator"]["processor"]["service_graphs"]
     assert graphs["span_multiplier_key"] == "ridley.sampling.ratio"
     assert tempo["overrides"]["defaults"]["metrics_generator"]["processors"] == ["service-graphs"]
+
+
+def test_collector_in_kubernetes_matches_the_standalone_config():
+    docs = {(d["kind"], d["metadata"]["name"]): d
+            for d in yaml.safe_load_all((EXAMPLES / "kubernetes" / "collector.yaml").read_text())}
+    config = yaml.safe_load(docs[("ConfigMap", "otel-collector")]["data"]["collector.yaml"])
+    standalone = yaml.safe_load((EXAMPLES / "collector.yaml").read_text())
+    assert config["service"] == standalone["service"]
+    assert set(config["connectors"]) == set(standalone["connectors"]) == {"servicegraph"}
+    service = docs[("Service", "otel-collector")]
+    # ridley's in-cluster config points here.
+    ridley = yaml.safe_load((ROOT / "config" / "in-cluster-collector.yaml").read_text())
+    host, port = ridley["exporters"]["otlp"]["endpoint"].split(":-")[1].rstrip("}").rsplit(":", 1)
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+
+
+def test_compose_wires_every_piece():
+    compose = yaml.safe_load((EXAMPLES / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"ridley", "otel-collector", "tempo", "jaeger", "prometheus", "grafana"}
+    ridley = services["ridley"]
+    assert ridley["pid"] == "host" and ridley["cap_add"] == ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            assert (EXAMPLES / source).exists(), source
+
+
+def test_grafana_provisioning_and_dashboard():
+    import json
+    datasources = yaml.safe_load((EXAMPLES / "grafana/provisioning/datasources/datasources.yaml").read_text())
+    by_uid = {d["uid"]: d for d in datasources["datasources"]}
+    assert by_uid["tempo"]["jsonData"]["serviceMap"]["datasourceUid"] == "prometheus"
+    dashboard = json.loads((EXAMPLES / "grafana/dashboards/ridley.json").read_text())
+    kinds = {p["type"] for p in dashboard["panels"]}
+    assert "nodegraph" in kinds
+    exprs = " ".join(t.get("expr", "") for p in dashboard["panels"] for t in p["targets"])
+    # The series the panels read are the ones ridley (and the connector) emit.
+    for series in ("ridley_link_bytes_total", "ridley_link_connections_failed_total",
+                   "traces_service_graph_request_total", "traces_service_graph_request_client_seconds_bucket"):
+        assert series in exprs, series
+    for p in dashboard["panels"]:
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] in by_uid

@@ -176,3 +176,30 @@ def test_retransmits_match_the_kernel(ridley, peers):
     final = r.stop()
     link = final.link(B4, A4, 8087)
     assert (link["retransmits"], link["transmit"], link["receive"]) == (kernel_retrans, 4_000_000, 10)
+
+
+def test_the_default_config_starts_and_prints_live_links(peers, tmp_path):
+    """`ridley run` with no config: the embedded default captures and prints the table."""
+    import signal
+    import subprocess
+
+    from conftest import RIDLEY
+    peers.server("a", A4, 8099, reply=5)
+    log = open(tmp_path / "stderr.log", "w")
+    proc = subprocess.Popen([str(RIDLEY), "run"], stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "capture started" not in (tmp_path / "stderr.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.log").read_text()
+            time.sleep(0.05)
+        assert peers.connect("b", A4, 8099, send=6) == ["received 5"]
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    lines = out.splitlines()
+    assert any(l.startswith("CLIENT") and "BYTES C>S" in l for l in lines), out
+    row = next(l.split() for l in lines if l.startswith(B4) and " 8099 " in l)
+    # CLIENT SERVER PORT OPENED ACTIVE REFUSED RESET TIMEOUT BYTES C>S BYTES S>C ...
+    assert row[:10] == [B4, A4, "8099", "1", "0", "0", "0", "0", "6", "5"]

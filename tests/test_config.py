@@ -86,7 +86,7 @@ MISTAKES = [
      "c0.yaml:5:3: in pipeline metrics: exporters.otlphttp: \"collector:4318/v1/metrics\": an otlphttp endpoint "
      "is a URL (http:// or https://)"),
     ("ring buffer not a power of two", BASE.replace("collection_interval: 5s", "ring_buffer_size: 100000"),
-     "c0.yaml:2:3: receivers.ebpf: ring_buffer_size must be a power of two of at least 4096 bytes, got 100000"),
+     "c0.yaml:2:3: receivers.ebpf: ring_buffer_size must be a power of two from 4096 bytes to 1GiB, got 100000"),
     ("invalid YAML", BASE.replace("receivers: [ebpf]", "receivers: [ebpf"),
      None),
     ("bad CIDR in external names", BASE.replace("exporters:\n  debug:", "processors:\n  k8sattributes:\n"
@@ -123,3 +123,30 @@ def test_files_merge_in_order_and_references_expand(tmp_path):
     assert "verbosity: basic" in out.stdout
     code, msg = validate(tmp_path, BASE, override)
     assert code == 0, msg
+
+
+def test_components_lists_types_signals_and_keys():
+    out = subprocess.run([str(RIDLEY), "components"], capture_output=True, text=True)
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert "exporter   prometheus     [metrics]" in lines
+    assert any(l.strip() == "keys: path" for l in lines)
+    assert any(l.strip().startswith("keys: collection_interval, idle_timeout") for l in lines)
+
+
+def test_help_describes_every_command():
+    out = subprocess.run([str(RIDLEY), "--help"], capture_output=True, text=True).stdout
+    for command in ("run", "validate", "config", "components"):
+        assert f"  {command}" in out
+        sub = subprocess.run([str(RIDLEY), command, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and "Usage: ridley " + command in sub.stdout
+
+
+def test_sizes_and_telemetry_levels(tmp_path):
+    text = BASE.replace("collection_interval: 5s", "ring_buffer_size: 512KiB") + (
+        "  telemetry:\n    logs: {level: warn}\n    metrics: {level: none}\n")
+    code, out = validate(tmp_path, text)
+    assert code == 0, out
+    message = error_of(tmp_path, BASE.replace("collection_interval: 5s", "ring_buffer_size: 5 parsecs"))
+    assert message == ('c0.yaml:3:5: receivers.ebpf.ring_buffer_size: "5 parsecs": unknown size unit '
+                       '"parsecs" (B, KiB, MiB, GiB, KB, MB, GB)')

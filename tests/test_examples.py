@@ -51,6 +51,10 @@ def test_daemonset_has_least_privilege_and_probes_that_match_the_config(tmp_path
     assert container["readinessProbe"]["httpGet"]["path"] == "/"
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["health"]
     assert container["args"] == ["run", "--config", "/etc/ridley/ridley.yaml"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/sys/kernel/btf"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/sys/kernel/btf"]["name"]]["hostPath"]["path"] == "/sys/kernel/btf"
 
     # The ConfigMap's config is valid, and serves health where the probes look.
     config_text = docs[("ConfigMap", "ridley")]["data"]["ridley.yaml"]

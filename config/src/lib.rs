@@ -156,11 +156,136 @@ pub struct Pipeline {
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
+    #[serde(default)]
+    pub telemetry: Telemetry,
     /// Extensions to start, by id (defined under `extensions`).
     #[serde(default)]
     pub extensions: Vec<ComponentId>,
     #[serde(default)]
     pub pipelines: BTreeMap<PipelineId, Pipeline>,
+}
+
+/// ridley's own telemetry, as the collector's `service.telemetry`.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    #[serde(default)]
+    pub logs: LogsTelemetry,
+    #[serde(default)]
+    pub metrics: MetricsTelemetry,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LogsTelemetry {
+    /// `error`, `warn`, `info`, `debug` or `trace`; the `RIDLEY_LOG` variable wins.
+    #[serde(default = "default_log_level")]
+    pub level: LogLevel,
+}
+
+impl Default for LogsTelemetry {
+    fn default() -> Self {
+        LogsTelemetry {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> LogLevel {
+    LogLevel::Info
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsTelemetry {
+    /// `basic` (default): ridley's own metrics (`ridley.exporter.*`,
+    /// `ridley.receiver.losses`, `ridley.k8s.watch.errors`) go out with the link
+    /// metrics; `none`: they do not.
+    #[serde(default = "default_metrics_level")]
+    pub level: MetricsLevel,
+}
+
+impl Default for MetricsTelemetry {
+    fn default() -> Self {
+        MetricsTelemetry {
+            level: default_metrics_level(),
+        }
+    }
+}
+
+fn default_metrics_level() -> MetricsLevel {
+    MetricsLevel::Basic
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsLevel {
+    None,
+    Basic,
+}
+
+/// A byte size: a number of bytes, or a string with a unit (`256KiB`, `64MiB`, `1GB`).
+pub fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(n),
+        Raw::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (expected e.g. 4096, 256KiB, 64MiB)"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown size unit {other:?} (B, KiB, MiB, GiB, KB, MB, GB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// The whole document.
@@ -472,6 +597,41 @@ mod tests {
             "{err}"
         );
         assert!(err.ends_with("(did you mean `receivers`?)"), "{err}");
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256KiB"), Ok(262_144));
+        assert_eq!(parse_size("64MiB"), Ok(67_108_864));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(
+            parse_size("3 parsecs"),
+            Err(
+                "\"3 parsecs\": unknown size unit \"parsecs\" (B, KiB, MiB, GiB, KB, MB, GB)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn telemetry_defaults_and_levels() {
+        let loaded = Config::load(&[]).unwrap();
+        assert_eq!(loaded.config.service.telemetry.logs.level, LogLevel::Info);
+        assert_eq!(
+            loaded.config.service.telemetry.metrics.level,
+            MetricsLevel::Basic
+        );
+        let loaded = Config::parse(
+            "receivers: {ebpf: }\nexporters: {debug: }\nservice:\n  telemetry: {logs: {level: debug}, metrics: {level: none}}\n  pipelines: {metrics: {receivers: [ebpf], exporters: [debug]}}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(loaded.config.service.telemetry.logs.level, LogLevel::Debug);
+        assert_eq!(
+            loaded.config.service.telemetry.metrics.level,
+            MetricsLevel::None
+        );
     }
 
     #[test]

@@ -63,23 +63,43 @@ enum Command {
         #[arg(long)]
         print: bool,
     },
+    /// List the component types (extensions, receivers, processors, exporters), the
+    /// signals they serve and their config keys.
+    Components,
+}
+
+/// Logs go to stderr so that the debug exporter's table owns stdout. `RIDLEY_LOG`
+/// (an env-filter) wins over `service.telemetry.logs.level`.
+fn init_logs(level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("RIDLEY_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Logs go to stderr so that the debug exporter's table owns stdout.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("RIDLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let result = match cli.command {
         Command::Run(args) => run(&args.config, false),
         Command::Validate(args) => run(&args.config, true),
         Command::Config { args, .. } => Config::load(&args.config)
             .map(|loaded| print!("{}", loaded.effective_yaml()))
             .map_err(anyhow::Error::from),
+        Command::Components => {
+            for d in components::describe() {
+                let signals: Vec<String> = d.signals.iter().map(|s| s.to_string()).collect();
+                let serves = if d.role == "extension" {
+                    String::new()
+                } else {
+                    format!("[{}]", signals.join(", "))
+                };
+                println!("{:<10} {:<14} {serves}", d.role, d.kind);
+                println!("{:<10} {:<14} keys: {}", "", "", d.keys.join(", "));
+            }
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,6 +113,7 @@ fn main() -> ExitCode {
 /// Loads the config and builds the pipeline; then runs it, or (validate) stops there.
 fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
     let loaded = Config::load(paths)?;
+    init_logs(loaded.config.service.telemetry.logs.level.as_str());
     for warning in &loaded.warnings {
         tracing::warn!("{}: {warning}", loaded.origin());
     }

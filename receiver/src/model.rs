@@ -300,6 +300,8 @@ pub struct LinkBatch {
     /// Links were merged by workload: their addresses stand for several pods and are
     /// not exported (`client.address`, `server.address`).
     pub merged_by_workload: bool,
+    /// Export ridley's own metrics with the links (`service.telemetry.metrics.level`).
+    pub self_metrics: bool,
 }
 
 impl LinkBatch {
@@ -313,6 +315,7 @@ impl LinkBatch {
             service_graph_metrics: false,
             kubernetes_watch_errors: None,
             merged_by_workload: false,
+            self_metrics: true,
         }
     }
 

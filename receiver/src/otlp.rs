@@ -280,32 +280,11 @@ pub fn metrics_request(
             per_link(&|s| s.retransmits),
         ),
     ];
-    metrics.push(sum(
-        "ridley.receiver.losses",
-        "Kernel records or connections the receiver could not account for, by reason.",
-        "{event}",
-        true,
-        batch
-            .losses
-            .entries()
-            .into_iter()
-            .map(|(reason, count)| {
-                p.number(batch.receiver_start, vec![kv_str("reason", reason)], count)
-            })
-            .collect(),
-    ));
     if batch.service_graph_metrics {
         metrics.extend(service_graph_metrics(batch, &p));
     }
-    metrics.extend(exporter_metrics(exporters, batch, &p));
-    if let Some(errors) = batch.kubernetes_watch_errors {
-        metrics.push(sum(
-            "ridley.k8s.watch.errors",
-            "Kubernetes watch and client errors (each retried with backoff; the last known state keeps serving).",
-            "{error}",
-            true,
-            vec![p.number(batch.receiver_start, vec![], errors)],
-        ));
+    if batch.self_metrics {
+        metrics.extend(self_metrics(batch, exporters, &p));
     }
     // Metrics with no points (no links yet) are left out, as the collector does.
     metrics.retain(|m| match &m.data {
@@ -330,6 +309,40 @@ pub fn metrics_request(
             schema_url: String::new(),
         }],
     }
+}
+
+/// ridley's own health: kernel-side losses, exporter outcomes, Kubernetes watch errors.
+fn self_metrics(
+    batch: &LinkBatch,
+    exporters: &[ExporterSnapshot],
+    p: &PointBuilder,
+) -> Vec<Metric> {
+    let mut metrics = Vec::new();
+    metrics.push(sum(
+        "ridley.receiver.losses",
+        "Kernel records or connections the receiver could not account for, by reason.",
+        "{event}",
+        true,
+        batch
+            .losses
+            .entries()
+            .into_iter()
+            .map(|(reason, count)| {
+                p.number(batch.receiver_start, vec![kv_str("reason", reason)], count)
+            })
+            .collect(),
+    ));
+    metrics.extend(exporter_metrics(exporters, batch, p));
+    if let Some(errors) = batch.kubernetes_watch_errors {
+        metrics.push(sum(
+            "ridley.k8s.watch.errors",
+            "Kubernetes watch and client errors (each retried with backoff; the last known state keeps serving).",
+            "{error}",
+            true,
+            vec![p.number(batch.receiver_start, vec![], errors)],
+        ));
+    }
+    metrics
 }
 
 /// The series Tempo's metrics-generator writes, so that Grafana's service map works
@@ -487,6 +500,27 @@ mod tests {
             stats,
         )];
         batch
+    }
+
+    #[test]
+    fn self_metrics_follow_the_telemetry_level() {
+        let names = |b: &LinkBatch| -> Vec<String> {
+            metrics_request(b, &resource(), &[]).resource_metrics[0].scope_metrics[0]
+                .metrics
+                .iter()
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        let mut b = batch();
+        assert!(names(&b).contains(&"ridley.receiver.losses".to_string()));
+        b.self_metrics = false;
+        let without = names(&b);
+        assert!(
+            !without
+                .iter()
+                .any(|n| n.starts_with("ridley.receiver") || n.starts_with("ridley.exporter"))
+        );
+        assert!(without.contains(&"ridley.link.bytes".to_string()));
     }
 
     /// The file exporter's encoding is the collector's OTLP/JSON: camelCase keys,

@@ -116,6 +116,7 @@ pub fn parse_section<T: DeserializeOwned>(
 
 struct PipelineRun {
     name: String,
+    self_metrics: bool,
     processors: Vec<Box<dyn Processor>>,
     exporters: Vec<(ComponentId, Box<dyn Exporter>)>,
     input: mpsc::Receiver<Arc<LinkBatch>>,
@@ -125,6 +126,7 @@ impl PipelineRun {
     async fn run(mut self) -> Result<()> {
         while let Some(batch) = self.input.recv().await {
             let mut batch = Arc::unwrap_or_clone(batch);
+            batch.self_metrics = self.self_metrics;
             for processor in &mut self.processors {
                 batch = processor.process(batch);
             }
@@ -198,6 +200,7 @@ impl Service {
                 .collect::<Result<Vec<_>>>()?;
             pipelines.push(PipelineRun {
                 name: pipeline_id.to_string(),
+                self_metrics: config.service.telemetry.metrics.level == config::MetricsLevel::Basic,
                 processors,
                 exporters,
                 input: rx,

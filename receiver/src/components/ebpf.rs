@@ -34,8 +34,10 @@ pub struct EbpfConfig {
     /// Connections tracked at once in the kernel (per-socket state and client endpoints).
     /// Memory is allocated per open connection, up to this bound.
     pub max_connections: u32,
-    /// Bytes of the ring buffer carrying close records (power of two, >= 4096).
-    pub ring_buffer_size: u32,
+    /// Bytes of the ring buffer carrying close records (power of two, >= 4096); a
+    /// number or a size such as `256KiB`.
+    #[serde(deserialize_with = "config::byte_size")]
+    pub ring_buffer_size: u64,
     /// Connection attempts kept per link per interval, for service-graph span pairs
     /// (0: none). The rest are counted, and the kept ones carry the sampling ratio.
     pub span_pairs_per_link: usize,
@@ -68,9 +70,12 @@ impl EbpfConfig {
         if self.max_connections == 0 {
             bail!("max_connections must be positive");
         }
-        if !self.ring_buffer_size.is_power_of_two() || self.ring_buffer_size < 4096 {
+        if !self.ring_buffer_size.is_power_of_two()
+            || self.ring_buffer_size < 4096
+            || self.ring_buffer_size > 1 << 30
+        {
             bail!(
-                "ring_buffer_size must be a power of two of at least 4096 bytes, got {}",
+                "ring_buffer_size must be a power of two from 4096 bytes to 1GiB, got {}",
                 self.ring_buffer_size
             );
         }
@@ -178,7 +183,8 @@ impl Receiver for EbpfReceiver {
         let config = self.config;
         let sizes = MapSizes {
             max_connections: config.max_connections,
-            ring_buffer_bytes: config.ring_buffer_size,
+            // Validated to be at most 1 GiB.
+            ring_buffer_bytes: config.ring_buffer_size as u32,
         };
         // Parsing kernel BTF and verifying programs takes a while: off the async workers.
         let (capture, events) = tokio::task::spawn_blocking(move || Capture::load(sizes))
@@ -248,6 +254,8 @@ mod tests {
     fn defaults_and_durations() {
         let config: EbpfConfig =
             serde_norway::from_str("collection_interval: 2s\nidle_timeout: 1m\n").unwrap();
+        let sized: EbpfConfig = serde_norway::from_str("ring_buffer_size: 1MiB\n").unwrap();
+        assert_eq!(sized.ring_buffer_size, 1 << 20);
         assert_eq!(config.collection_interval, Duration::from_secs(2));
         assert_eq!(config.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.max_connections, 65536);
@@ -260,7 +268,7 @@ mod tests {
         let err = format!("{:#}", parse("ring_buffer_size: 5000").err().unwrap());
         assert_eq!(
             err,
-            "receivers.ebpf: ring_buffer_size must be a power of two of at least 4096 bytes, got 5000"
+            "receivers.ebpf: ring_buffer_size must be a power of two from 4096 bytes to 1GiB, got 5000"
         );
         let err = format!("{:#}", parse("colection_interval: 1s").err().unwrap());
         assert!(

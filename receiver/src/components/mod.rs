@@ -76,6 +76,58 @@ fn build<T>(
     }
 }
 
+/// One row of `ridley components`.
+pub struct Description {
+    pub role: &'static str,
+    pub kind: &'static str,
+    pub signals: &'static [Signal],
+    /// The component's top-level config keys.
+    pub keys: Vec<String>,
+}
+
+/// Every registered component with the keys its config accepts. The keys come from the
+/// component's own config struct: it is asked to parse a key it cannot know, and its
+/// "expected one of" answer is the list, so this never drifts from the code.
+pub fn describe() -> Vec<Description> {
+    fn rows<T>(role: &'static str, table: &[Entry<T>], out: &mut Vec<Description>) {
+        for (kind, signals, factory) in table {
+            let cx = BuildContext {
+                id: kind.parse().expect("registered types are valid ids"),
+                signal: signals[0],
+                telemetry: Default::default(),
+                validate_only: true,
+            };
+            let mut probe = serde_norway::Mapping::new();
+            probe.insert("ridley-probe".into(), serde_norway::Value::Null);
+            let keys = match factory(&cx, serde_norway::Value::Mapping(probe)) {
+                Ok(_) => Vec::new(),
+                Err(e) => {
+                    let message = e.to_string();
+                    let after = message.split("expected").nth(1).unwrap_or_default();
+                    after
+                        .split('`')
+                        .skip(1)
+                        .step_by(2)
+                        .map(str::to_owned)
+                        .collect()
+                }
+            };
+            out.push(Description {
+                role,
+                kind,
+                signals,
+                keys,
+            });
+        }
+    }
+    let mut out = Vec::new();
+    rows("extension", EXTENSIONS, &mut out);
+    rows("receiver", RECEIVERS, &mut out);
+    rows("processor", PROCESSORS, &mut out);
+    rows("exporter", EXPORTERS, &mut out);
+    out
+}
+
 /// Parses a component's `endpoint` (`host:port`) and, unless only validating, binds it
 /// at once, so that a bad address or a port in use fails at startup naming the key.
 fn listen(
@@ -111,4 +163,28 @@ pub fn build_processor(cx: &BuildContext, section: ComponentSection) -> Result<B
 
 pub fn build_exporter(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
     build("exporters", EXPORTERS, cx, section)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_describe_their_keys() {
+        let all = describe();
+        let keys = |kind: &str| {
+            all.iter()
+                .find(|d| d.kind == kind)
+                .map(|d| d.keys.join(","))
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            keys("ebpf"),
+            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,service_graph_metrics"
+        );
+        assert_eq!(keys("file"), "path");
+        assert_eq!(keys("health_check"), "endpoint,path");
+        assert!(keys("otlp").starts_with("endpoint,metrics_endpoint,traces_endpoint,tls,headers"));
+        assert_eq!(all.len(), 8);
+    }
 }

@@ -25,6 +25,9 @@ HOSTS = {
     "b": ("10.231.0.2", "fd00:231::2"),
     "c": ("10.231.0.3", "fd00:231::3"),
 }
+# This machine's own address on the bridge: a node, whose host processes and
+# host-network pods share it.
+HOST_V4 = "10.231.0.254"
 # On the bridge's subnet, but no host answers it: connects there time out.
 SILENT_V4 = "10.231.0.99"
 
@@ -69,6 +72,8 @@ def network(kernel):
     teardown_network()
     sh("ip", "link", "add", BRIDGE, "type", "bridge")
     sh("ip", "link", "set", BRIDGE, "up")
+    # The host itself on the test network (a node's address), for host-network clients.
+    sh("ip", "addr", "add", f"{HOST_V4}/24", "dev", BRIDGE)
     for host, (v4, v6) in HOSTS.items():
         name = ns(host)
         sh("ip", "netns", "add", name)

@@ -3,7 +3,7 @@ addresses registered with owners in the kmock API emulator; real traffic between
 and the exported metrics and spans name the workloads."""
 import time
 
-from conftest import HOSTS, ns, sh
+from conftest import HOST_V4, HOSTS, ns, sh
 from servicegraph import tempo_edges
 
 A4, _ = HOSTS["a"]
@@ -176,16 +176,26 @@ def test_cluster_ip_destination_is_resolved_to_its_workload(ridley, peers, kube)
         r = enriched(ridley, kube)
         peers.server("a", A4, 3555, reply=3)
         until_named(r, peers, "10.96.0.10", 80, key="server.service.name", send=4)
+        resolved = r.batches()[-1]
+        # The Service goes away: the ClusterIP is no longer resolved (deletes followed too).
+        kube.delete("/api/v1/namespaces/shop/services/catalog-svc")
+        kube.delete("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/catalog-svc-abcde")
+        deadline = time.monotonic() + 30
+        while True:
+            peers.connect("b", "10.96.0.10", 80, send=4)
+            batch = r.wait_for(lambda b: attrs_of(b, B4, "10.96.0.10", 80) is not None, fresh=True)
+            if "server.service.name" not in attrs_of(batch, B4, "10.96.0.10", 80):
+                break
+            assert time.monotonic() < deadline
         r.stop()
     finally:
         sh(*nft, "delete", "table", "ip", "rdlt", check=False)
         sh("ip", "-n", ns("b"), "route", "del", "10.96.0.0/16", check=False)
-    final = r.batches()[-1]
-    attrs = attrs_of(final, B4, "10.96.0.10", 80)
+    attrs = attrs_of(resolved, B4, "10.96.0.10", 80)
     assert (attrs["server.service.name"], attrs["server.k8s.deployment.name"], attrs["server.k8s.service.name"]) == \
         ("productcatalog", "productcatalog", "catalog-svc")
     # One link: the server's socket (which saw the pod address) is left to the client's report.
-    assert [l for l in final.links() if l[0] == B4] == [(B4, "10.96.0.10", 80)]
+    assert [l for l in r.batches()[-1].links() if l[0] == B4] == [(B4, "10.96.0.10", 80)]
 
 
 def test_updates_and_nodes_follow(ridley, peers, kube):
@@ -203,3 +213,74 @@ def test_updates_and_nodes_follow(ridley, peers, kube):
     host = until_named(r, peers, C4, 3557, "server.service.name", "worker-7")
     assert host["server.k8s.node.name"] == "worker-7"
     r.stop()
+
+
+def cgroup2_root():
+    for line in open("/proc/self/mountinfo"):
+        left, _, right = line.partition(" - ")
+        if right.startswith("cgroup2 "):
+            return left.split()[4]
+    raise AssertionError("no cgroup2 mount")
+
+
+def test_host_network_clients_are_named_by_their_cgroup(ridley, peers, kube):
+    """Two clients on the node's own address: one in a host-network pod's cgroup (named
+    by the pod), one a plain host process (named by the node)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import PEER
+
+    uid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+    kube.node("node-1", HOST_V4)
+    kube.create("/api/v1/namespaces/kube-system/pods", {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "agent-x1", "namespace": "kube-system", "uid": uid,
+                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent",
+                                          "uid": "uid-agent", "controller": True}]},
+        "spec": {"nodeName": "node-1", "hostNetwork": True, "containers": [{"name": "agent", "image": "x"}]},
+        "status": {"podIP": HOST_V4, "hostIP": HOST_V4}})
+    pod_cgroup = os.path.join(cgroup2_root(), "ridley-test", "kubepods", "besteffort", f"pod{uid}")
+    os.makedirs(pod_cgroup, exist_ok=True)
+    r = enriched(ridley, kube)
+    peers.server("a", A4, 3558, reply=2)
+
+    def connect(in_pod):
+        def enter():
+            with open(os.path.join(pod_cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        out = subprocess.run([sys.executable, str(PEER), "connect", "--addr", A4, "--port", "3558",
+                              "--send", "3"], preexec_fn=enter if in_pod else None,
+                             capture_output=True, text=True, timeout=30)
+        assert out.stdout.split() == ["received", "2"], out
+
+    def names(batch):
+        found = {}
+        for attrs, _ in batch.points("ridley.link.connections.opened"):
+            if (attrs["client.address"], attrs["server.port"]) == (HOST_V4, 3558):
+                found[attrs.get("ridley.client.cgroup")] = attrs.get("client.service.name")
+        return found
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            connect(in_pod=True)
+            connect(in_pod=False)
+            batch = r.wait_for(lambda b: len(names(b)) == 2, fresh=True)
+            if set(names(batch).values()) == {"agent", "node-1"}:
+                break
+            assert time.monotonic() < deadline, names(batch)
+        r.stop()
+    finally:
+        for d in [pod_cgroup, os.path.dirname(pod_cgroup), os.path.dirname(os.path.dirname(pod_cgroup)),
+                  os.path.join(cgroup2_root(), "ridley-test")]:
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+    final = names(r.batches()[-1])
+    assert final[f"/ridley-test/kubepods/besteffort/pod{uid}"] == "agent"
+    assert list(final.values()).count("node-1") == 1
+    attrs = next(a for a, _ in r.batches()[-1].points("ridley.link.connections.opened")
+                 if a.get("client.service.name") == "agent")
+    assert attrs["client.k8s.daemonset.name"] == "agent" and attrs["client.k8s.pod.uid"] == uid

@@ -177,6 +177,7 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct Index {
     pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
+    pods_by_uid: HashMap<String, Arc<PodInfo>>,
     /// hostNetwork pods share their node's address: told apart by the ports they declare.
     host_pods_by_port: HashMap<(IpAddr, u16), Arc<PodInfo>>,
     nodes_by_ip: HashMap<IpAddr, String>,
@@ -200,6 +201,7 @@ impl Index {
                 continue;
             };
             let info = Arc::new(info);
+            index.pods_by_uid.insert(info.uid.clone(), info.clone());
             let status = pod.status.as_ref();
             let pod_ips = ips(status
                 .and_then(|s| s.pod_ips.as_ref())
@@ -324,6 +326,15 @@ impl Index {
             .map(|name| Resolved::Node { name: name.clone() })
     }
 
+    /// The pod whose UID appears in a cgroup path (`.../pod<uid>/...`, or the systemd
+    /// driver's `...-pod<uid with _>.slice/...`): how a client in the host's network
+    /// namespace is told apart from its node.
+    pub fn resolve_cgroup(&self, path: &str) -> Option<Resolved> {
+        pod_uid_in_cgroup(path)
+            .and_then(|uid| self.pods_by_uid.get(&uid))
+            .map(|pod| Resolved::Pod(pod.clone()))
+    }
+
     /// A pod (not on the host network) or a node of the cluster: an address whose node
     /// runs ridley and reports the connections it opens.
     pub fn is_cluster_member(&self, addr: IpAddr) -> bool {
@@ -333,6 +344,26 @@ impl Index {
     pub fn pods(&self) -> usize {
         self.pods_by_ip.len() + self.host_pods_by_port.len()
     }
+}
+
+/// The pod UID in a kubelet cgroup path, in its canonical dashed form.
+pub fn pod_uid_in_cgroup(path: &str) -> Option<String> {
+    let mut rest = path;
+    while let Some(at) = rest.find("pod") {
+        let candidate = &rest[at + 3..];
+        if candidate.len() >= 36 {
+            let uid = &candidate[..36];
+            let shaped = uid.char_indices().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => c == '-' || c == '_',
+                _ => c.is_ascii_hexdigit(),
+            });
+            if shaped {
+                return Some(uid.replace('_', "-"));
+            }
+        }
+        rest = &rest[at + 3..];
+    }
+    None
 }
 
 fn pod_info(pod: &Pod, owners: &Owners) -> Option<PodInfo> {
@@ -486,6 +517,27 @@ mod tests {
         assert_eq!(index.resolve(ip("203.0.113.1"), None), None);
         assert!(index.is_cluster_member(ip("10.1.0.5")));
         assert!(!index.is_cluster_member(ip("203.0.113.1")));
+    }
+
+    #[test]
+    fn pods_are_found_from_their_cgroup_path() {
+        let uid = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+        assert_eq!(
+            pod_uid_in_cgroup(&format!("/kubepods/besteffort/pod{uid}/abc123")).as_deref(),
+            Some(uid)
+        );
+        let systemd = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-1.scope",
+            uid.replace('-', "_")
+        );
+        assert_eq!(pod_uid_in_cgroup(&systemd).as_deref(), Some(uid));
+        assert_eq!(pod_uid_in_cgroup("/system.slice/sshd.service"), None);
+
+        let mut agent = pod("agent-x", "192.0.2.10", Some(("DaemonSet", "agent")));
+        agent.metadata.uid = Some(uid.into());
+        agent.spec.as_mut().unwrap().host_network = Some(true);
+        let index = Index::build(&snapshot(vec![agent]));
+        assert_eq!(pod_of(index.resolve_cgroup(&systemd)).service_name, "agent");
     }
 
     #[test]

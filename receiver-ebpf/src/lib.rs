@@ -135,6 +135,9 @@ pub struct SockState {
     pub role: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// cgroup v2 id of the task that called `connect()` (clients only; 0 otherwise):
+    /// tells apart clients that share an address (host-network pods, host processes).
+    pub cgroup_id: u64,
 }
 
 /// Key of the `CLIENT_ENDPOINTS` hash: the local end of an established client socket,
@@ -190,6 +193,8 @@ pub struct SockRecord {
     pub role: u8,
     pub flags: u8,
     pub _pad: [u8; 4],
+    /// See [`SockState::cgroup_id`].
+    pub cgroup_id: u64,
 }
 
 impl SockRecord {
@@ -197,7 +202,7 @@ impl SockRecord {
 }
 
 // The layouts are part of the contract: a change here must be deliberate on both sides.
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 136);
-const _: () = assert!(core::mem::size_of::<SockState>() == 40);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
+const _: () = assert!(core::mem::size_of::<SockState>() == 48);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);

@@ -112,17 +112,25 @@ fn ip(addr: [u8; 16]) -> IpAddr {
     }
 }
 
-fn link_of(rec: &SockRecord, end: End) -> LinkKey {
+/// `host_netns`: the host's network namespace, whose client addresses are shared by
+/// every host process and host-network pod: there the client's cgroup tells them apart.
+fn link_of(rec: &SockRecord, end: End, host_netns: u32) -> LinkKey {
     match end {
         End::Client => LinkKey {
             client: ip(rec.local_addr),
             server: ip(rec.remote_addr),
             server_port: rec.remote_port,
+            client_cgroup: if rec.netns == host_netns {
+                rec.cgroup_id
+            } else {
+                0
+            },
         },
         End::Server => LinkKey {
             client: ip(rec.remote_addr),
             server: ip(rec.local_addr),
             server_port: rec.local_port,
+            client_cgroup: 0,
         },
     }
 }
@@ -162,6 +170,7 @@ pub struct Aggregator {
     wall_minus_monotonic_ns: i128,
     /// State of the sampling PRNG (xorshift64*): statistical, not secret.
     rng: u64,
+    host_netns: u32,
 }
 
 /// Sampling knobs and the clock the kernel's timestamps are converted with.
@@ -171,6 +180,8 @@ pub struct AggregatorConfig {
     pub samples_per_link: usize,
     /// Wall-clock time minus CLOCK_MONOTONIC, in ns (see `capture::wall_minus_monotonic_ns`).
     pub wall_minus_monotonic_ns: i128,
+    /// Inode of the host's network namespace (`/proc/1/ns/net`).
+    pub host_netns: u32,
 }
 
 struct Link {
@@ -192,6 +203,7 @@ impl Aggregator {
             samples_per_link: config.samples_per_link,
             wall_minus_monotonic_ns: config.wall_minus_monotonic_ns,
             rng: 0x9e37_79b9_7f4a_7c15 ^ config.wall_minus_monotonic_ns as u64,
+            host_netns: config.host_netns,
         }
     }
 
@@ -303,7 +315,7 @@ impl Aggregator {
                     // No answer before the kernel (ETIMEDOUT) or the application gave up.
                     FailureReason::Timeout
                 };
-                let key = link_of(rec, End::Client);
+                let key = link_of(rec, End::Client, self.host_netns);
                 self.offer_sample(key, rec, Some(reason), now);
                 self.link_mut(key, now).stats.add_failure(reason);
             }
@@ -332,7 +344,7 @@ impl Aggregator {
                 } else {
                     End::Client
                 };
-                let key = link_of(rec, end);
+                let key = link_of(rec, end, self.host_netns);
                 self.record_open(key, rec, failure, now);
                 (key, end, Payload::baseline(rec))
             }
@@ -407,7 +419,7 @@ impl Aggregator {
                 continue;
             }
             let end = end_of(rec);
-            let key = link_of(rec, end);
+            let key = link_of(rec, end, self.host_netns);
             let counted = if rec.flags & flags::TRACKED != 0 {
                 self.record_open(key, rec, None, now);
                 Payload::baseline(rec)
@@ -540,6 +552,7 @@ mod tests {
             samples_per_link: 2,
             // Monotonic 0 is wall-clock 1_700_000_000 s.
             wall_minus_monotonic_ns: 1_700_000_000 * 1_000_000_000,
+            host_netns: 1,
         }
     }
 
@@ -598,6 +611,7 @@ mod tests {
             client: "10.0.0.1".parse().unwrap(),
             server: "10.0.0.2".parse().unwrap(),
             server_port: 80,
+            client_cgroup: 0,
         }
     }
 
@@ -837,6 +851,30 @@ mod tests {
         let s = agg.collect(at(2))[0].1.clone();
         assert_eq!(s.interval, crate::model::IntervalActivity::default());
         assert_eq!(s.opened, 5);
+    }
+
+    #[test]
+    fn host_network_clients_are_told_apart_by_cgroup() {
+        let mut agg = Aggregator::new(config(60));
+        // Netns 7: a pod's own namespace, its address is its own.
+        let mut pod = closed(client(1), 1, 1);
+        pod.cgroup_id = 500;
+        // Netns 1 (the host's): two host processes share the address.
+        let mut host_a = closed(client(2), 1, 1);
+        host_a.netns = 1;
+        host_a.cgroup_id = 600;
+        let mut host_b = host_a;
+        host_b.sk = 3;
+        host_b.cgroup_id = 700;
+        for rec in [pod, host_a, host_b] {
+            agg.apply_event(&rec, at(1));
+        }
+        let cgroups: Vec<u64> = agg
+            .collect(at(1))
+            .iter()
+            .map(|(k, _)| k.client_cgroup)
+            .collect();
+        assert_eq!(cgroups, vec![0, 600, 700]);
     }
 
     #[test]

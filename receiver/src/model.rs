@@ -13,6 +13,9 @@ pub struct LinkKey {
     pub client: IpAddr,
     pub server: IpAddr,
     pub server_port: u16,
+    /// The cgroup v2 id of the client process when its address is shared: a client in
+    /// the host's network namespace (host-network pods, host processes). 0 otherwise.
+    pub client_cgroup: u64,
 }
 
 impl LinkKey {
@@ -280,6 +283,42 @@ pub struct EndIdentity {
     pub attributes: Vec<(String, String)>,
 }
 
+/// One end of a link as identities are keyed: its address, the server port for a
+/// server end, the cgroup for a client end whose address is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndRef {
+    pub addr: IpAddr,
+    pub port: Option<u16>,
+    pub cgroup: u64,
+}
+
+impl EndRef {
+    pub fn client(key: &LinkKey) -> Self {
+        EndRef {
+            addr: key.client,
+            port: None,
+            cgroup: key.client_cgroup,
+        }
+    }
+
+    pub fn server(key: &LinkKey) -> Self {
+        EndRef {
+            addr: key.server,
+            port: Some(key.server_port),
+            cgroup: 0,
+        }
+    }
+
+    /// The address alone.
+    pub fn address(addr: IpAddr) -> Self {
+        EndRef {
+            addr,
+            port: None,
+            cgroup: 0,
+        }
+    }
+}
+
 /// What a receiver emits once per collection interval.
 #[derive(Clone, Debug)]
 pub struct LinkBatch {
@@ -290,9 +329,11 @@ pub struct LinkBatch {
     /// Every live (not yet expired) link, cumulative.
     pub links: Vec<(LinkKey, LinkStats)>,
     pub losses: Losses,
-    /// Identities of link ends (filled by processors): by address, or by address and
-    /// server port where one address hosts several ends (hostNetwork pods).
-    pub ends: std::collections::HashMap<(IpAddr, Option<u16>), EndIdentity>,
+    /// Identities of link ends (filled by processors): by address, server port (where
+    /// one address hosts several servers) and client cgroup (see `LinkKey`).
+    pub ends: std::collections::HashMap<EndRef, EndIdentity>,
+    /// Paths of the client cgroups in `links`, relative to the cgroup v2 root.
+    pub cgroups: std::collections::HashMap<u64, String>,
     /// Also emit `traces_service_graph_*` metrics (receiver option).
     pub service_graph_metrics: bool,
     /// Kubernetes watch errors since start, when a `k8sattributes` processor ran.
@@ -312,6 +353,7 @@ impl LinkBatch {
             links: Vec::new(),
             losses: Losses::default(),
             ends: Default::default(),
+            cgroups: Default::default(),
             service_graph_metrics: false,
             kubernetes_watch_errors: None,
             merged_by_workload: false,
@@ -321,14 +363,14 @@ impl LinkBatch {
 
     /// What processors found out about the client end of `key`.
     pub fn client_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
-        self.ends.get(&(key.client, None))
+        self.ends.get(&EndRef::client(key))
     }
 
     /// What processors found out about the server end of `key`.
     pub fn server_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
         self.ends
-            .get(&(key.server, Some(key.server_port)))
-            .or_else(|| self.ends.get(&(key.server, None)))
+            .get(&EndRef::server(key))
+            .or_else(|| self.ends.get(&EndRef::address(key.server)))
     }
 
     /// Whether each end's address is exported: not for a named end of a link merged by
@@ -368,6 +410,7 @@ pub fn one_link_batch(time: SystemTime, stats: LinkStats) -> LinkBatch {
             client: "10.0.0.1".parse().expect("an address"),
             server: "10.0.0.2".parse().expect("an address"),
             server_port: 80,
+            client_cgroup: 0,
         },
         stats,
     )];

@@ -65,6 +65,13 @@ pub(crate) fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Ve
 /// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
 pub(crate) fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> {
     let mut attributes = link_attributes(key, batch.addresses_exported(key));
+    if key.client_cgroup != 0 {
+        let path = batch.cgroups.get(&key.client_cgroup).cloned();
+        attributes.push(kv_str(
+            "ridley.client.cgroup",
+            path.unwrap_or_else(|| key.client_cgroup.to_string()),
+        ));
+    }
     for (prefix, identity) in [
         ("client", batch.client_identity(key)),
         ("server", batch.server_identity(key)),
@@ -496,6 +503,7 @@ mod tests {
                 client: "10.0.0.1".parse().unwrap(),
                 server: "fd00::2".parse().unwrap(),
                 server_port: 443,
+                client_cgroup: 0,
             },
             stats,
         )];

@@ -283,6 +283,7 @@ mod tests {
             client: "10.0.0.1".parse().unwrap(),
             server: "10.0.0.2".parse().unwrap(),
             server_port: port,
+            client_cgroup: 0,
         };
         batch.links = vec![(key(80), stats), (key(5432), quiet)];
         batch

@@ -26,7 +26,10 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-        helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_seq_write},
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+            generated::bpf_seq_write,
+        },
         macros::{btf_tracepoint, map},
         maps::{HashMap, PerCpuArray, RingBuf},
         programs::BtfTracePointContext,
@@ -168,6 +171,7 @@ mod programs {
         rec.base_total_retrans = st.base_total_retrans;
         rec.role = st.role;
         rec.flags |= st.flags;
+        rec.cgroup_id = st.cgroup_id;
     }
 
     /// Loopback addresses exist once per network namespace, so they need the namespace
@@ -229,6 +233,14 @@ mod programs {
             start_ns: unsafe { bpf_ktime_get_ns() },
             role,
             flags: flags::TRACKED,
+            // SYN_SENT happens in connect(), in the calling task: its cgroup is the
+            // client's. A server child is created in softirq, where it means nothing.
+            cgroup_id: if role == role::CLIENT {
+                // SAFETY: no preconditions.
+                unsafe { bpf_get_current_cgroup_id() }
+            } else {
+                0
+            },
             ..SockState::default()
         };
         if SOCKS.insert(&key, &state, 0).is_err() {

@@ -3,7 +3,10 @@
 //! close records (ring buffer), live-socket walks (`iter/tcp`, per network namespace)
 //! and the kernel loss counters.
 mod btf;
+mod cgroups;
 mod netns;
+
+pub use cgroups::{CgroupPaths, host_netns};
 
 use std::{
     path::Path,

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     aggregate::{Aggregator, AggregatorConfig},
-    capture::{Capture, MapSizes, parse_record, wall_minus_monotonic_ns},
+    capture::{Capture, CgroupPaths, MapSizes, host_netns, parse_record, wall_minus_monotonic_ns},
     model::{LinkBatch, Losses},
     pipeline::{BatchSender, BuildContext, Receiver, parse_section},
 };
@@ -128,6 +128,7 @@ struct Collector {
     start: SystemTime,
     last_losses: Losses,
     service_graph_metrics: bool,
+    cgroups: CgroupPaths,
 }
 
 impl Collector {
@@ -166,6 +167,9 @@ impl Collector {
         );
         let mut batch = LinkBatch::new(now, self.start);
         batch.links = self.aggregator.collect(now);
+        batch.cgroups = self
+            .cgroups
+            .paths(batch.links.iter().map(|(key, _)| key.client_cgroup));
         batch.losses = losses;
         batch.service_graph_metrics = self.service_graph_metrics;
         Ok(batch)
@@ -201,7 +205,9 @@ impl Receiver for EbpfReceiver {
                 idle_timeout: config.idle_timeout,
                 samples_per_link: config.span_pairs_per_link,
                 wall_minus_monotonic_ns: wall_minus_monotonic_ns(),
+                host_netns: host_netns(),
             }),
+            cgroups: CgroupPaths::new(),
             start: SystemTime::now(),
             last_losses: Losses::default(),
             service_graph_metrics: config.service_graph_metrics,

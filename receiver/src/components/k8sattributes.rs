@@ -15,7 +15,7 @@ use k8sattrs::{Index, Watchers, attributes_of, rdns::ReverseDns, watch::ClientSo
 use serde::Deserialize;
 
 use crate::{
-    model::{EndIdentity, IntervalActivity, LinkBatch, LinkKey, LinkStats},
+    model::{EndIdentity, EndRef, IntervalActivity, LinkBatch, LinkKey, LinkStats},
     pipeline::{BuildContext, Processor, parse_section},
 };
 
@@ -126,7 +126,8 @@ const POD_LEVEL: &[&str] = &["k8s.pod.name", "k8s.pod.uid", "k8s.node.name"];
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum MergedEnd {
     Named(EndIdentity),
-    Address(IpAddr),
+    /// Unnamed: the address, and the client's cgroup where the address is shared.
+    Address(IpAddr, u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -153,7 +154,7 @@ struct WorkloadMerger {
     merged: HashMap<MergedKey, MergedLink>,
 }
 
-fn merged_end(identity: Option<&EndIdentity>, addr: IpAddr) -> MergedEnd {
+fn merged_end(identity: Option<&EndIdentity>, addr: IpAddr, cgroup: u64) -> MergedEnd {
     match identity {
         Some(identity) => MergedEnd::Named(EndIdentity {
             service_name: identity.service_name.clone(),
@@ -164,7 +165,7 @@ fn merged_end(identity: Option<&EndIdentity>, addr: IpAddr) -> MergedEnd {
                 .cloned()
                 .collect(),
         }),
-        None => MergedEnd::Address(addr),
+        None => MergedEnd::Address(addr, cgroup),
     }
 }
 
@@ -175,8 +176,8 @@ impl WorkloadMerger {
         let mut members = HashMap::with_capacity(batch.links.len());
         for (key, stats) in std::mem::take(&mut batch.links) {
             let merged_key = MergedKey {
-                client: merged_end(batch.client_identity(&key), key.client),
-                server: merged_end(batch.server_identity(&key), key.server),
+                client: merged_end(batch.client_identity(&key), key.client, key.client_cgroup),
+                server: merged_end(batch.server_identity(&key), key.server, 0),
                 server_port: key.server_port,
                 ipv6: key.network_type() == "ipv6",
             };
@@ -207,12 +208,10 @@ impl WorkloadMerger {
             merged.stats.interval = intervals.remove(key).unwrap_or_default();
             let rep = merged.representative;
             if let MergedEnd::Named(identity) = &key.client {
-                batch.ends.insert((rep.client, None), identity.clone());
+                batch.ends.insert(EndRef::client(&rep), identity.clone());
             }
             if let MergedEnd::Named(identity) = &key.server {
-                batch
-                    .ends
-                    .insert((rep.server, Some(rep.server_port)), identity.clone());
+                batch.ends.insert(EndRef::server(&rep), identity.clone());
             }
             batch.links.push((rep, merged.stats.clone()));
         }
@@ -230,13 +229,27 @@ struct Naming<'a> {
 }
 
 impl Naming<'_> {
+    fn named(&self, resolved: &k8sattrs::Resolved) -> EndIdentity {
+        let named = attributes_of(resolved, self.cluster);
+        EndIdentity {
+            service_name: named.service_name,
+            attributes: named.attributes,
+        }
+    }
+
+    /// A client in the host's network namespace: its cgroup names its pod, if any.
+    fn client_identity(&self, batch: &LinkBatch, key: &LinkKey) -> Option<EndIdentity> {
+        batch
+            .cgroups
+            .get(&key.client_cgroup)
+            .and_then(|path| self.index.resolve_cgroup(path))
+            .map(|resolved| self.named(&resolved))
+            .or_else(|| self.identity(key.client, None))
+    }
+
     fn identity(&self, addr: IpAddr, port: Option<u16>) -> Option<EndIdentity> {
         if let Some(resolved) = self.index.resolve(addr, port) {
-            let named = attributes_of(&resolved, self.cluster);
-            return Some(EndIdentity {
-                service_name: named.service_name,
-                attributes: named.attributes,
-            });
+            return Some(self.named(&resolved));
         }
         let name = self
             .external
@@ -259,16 +272,16 @@ impl Naming<'_> {
         batch.links.retain(|(key, stats)| {
             !(stats.reported_by_server && index.is_cluster_member(key.client))
         });
+        let mut ends = Vec::new();
         for (key, _) in &batch.links {
-            if let Some(client) = self.identity(key.client, None) {
-                batch.ends.insert((key.client, None), client);
+            if let Some(client) = self.client_identity(batch, key) {
+                ends.push((EndRef::client(key), client));
             }
             if let Some(server) = self.identity(key.server, Some(key.server_port)) {
-                batch
-                    .ends
-                    .insert((key.server, Some(key.server_port)), server);
+                ends.push((EndRef::server(key), server));
             }
         }
+        batch.ends.extend(ends);
     }
 }
 
@@ -332,6 +345,7 @@ mod tests {
                 client: client.parse().unwrap(),
                 server: server.parse().unwrap(),
                 server_port: 80,
+                client_cgroup: 0,
             },
             stats,
         )
@@ -397,7 +411,11 @@ mod tests {
 
     fn named(batch: &mut LinkBatch, addr: &str, port: Option<u16>, name: &str, pod: &str) {
         batch.ends.insert(
-            (addr.parse().unwrap(), port),
+            EndRef {
+                addr: addr.parse().unwrap(),
+                port,
+                cgroup: 0,
+            },
             EndIdentity {
                 service_name: name.into(),
                 attributes: vec![

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import itertools
 
+import aiohttp
 import kmock
 
 RESOURCE_VERSIONS = itertools.count(1)
@@ -32,7 +33,7 @@ class Emulator(kmock.KubernetesEmulator):
 
 async def main(port):
     async with Emulator() as emulator, kmock.Server(emulator, port=port) as server:
-        async with __import__("aiohttp").ClientSession() as http:
+        async with aiohttp.ClientSession() as http:
             for path, body in PLACEHOLDERS:
                 name = "placeholder-" + body["kind"].lower()
                 doc = {**body, "metadata": {"name": name}}

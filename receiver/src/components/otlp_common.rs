@@ -350,7 +350,7 @@ fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str) {
     tracing::warn!(exporter = %id, "request dropped: {why}");
 }
 
-/// The exporter both OTLP protocols use; `T` sends.
+/// The exporter both OTLP protocols use; its `Transport` does the sending.
 pub struct OtlpExporter {
     id: String,
     signal: Signal,

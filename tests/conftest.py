@@ -101,18 +101,22 @@ class Peers:
         self.procs.append(proc)
         return proc
 
-    def server(self, host, addr, port, reply=0, reset=False):
+    def server(self, host, addr, port, reply=0, reset=False, close_first=False):
         args = ["serve", "--addr", addr, "--port", port, "--reply", reply]
         if reset:
             args.append("--reset")
+        if close_first:
+            args.append("--close-first")
         proc = self._spawn(host, *args)
         line = proc.stdout.readline().strip()
         assert line == "listening", f"server did not start: {line} {proc.stderr.read()}"
         return proc
 
-    def connect(self, host, addr, port, send=0, count=1, timeout=10.0):
+    def connect(self, host, addr, port, send=0, count=1, timeout=10.0, read_first=False,
+                abort=False):
+        flags = (["--read-first"] if read_first else []) + (["--abort"] if abort else [])
         proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--send", send,
-                           "--count", count, "--timeout", timeout)
+                           "--count", count, "--timeout", timeout, *flags)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         return out.splitlines()

@@ -30,6 +30,10 @@ def serve(args):
 
     def handle(conn):
         with conn:
+            if args.close_first:
+                # The server's FIN goes first: answer, close, never read.
+                conn.sendall(b"s" * args.reply)
+                return
             recv_all(conn)
             if args.reset:
                 # SO_LINGER {on, 0}: close() aborts with a RST instead of a FIN.
@@ -58,7 +62,16 @@ def connect(args):
                 conn.sendall(b"c" * args.before)
                 print("connected", flush=True)
                 sys.stdin.readline()
+            if args.read_first:
+                # The server closes first; our FIN follows its.
+                print(f"received {recv_all(conn)}", flush=True)
+                continue
             conn.sendall(b"c" * args.send)
+            if args.abort:
+                # SO_LINGER {on, 0}: close() aborts with a RST from the client's side.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                print("aborted", flush=True)
+                continue
             if args.pause_after_send:
                 print("sent", flush=True)
                 sys.stdin.readline()
@@ -78,6 +91,8 @@ def main():
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--reply", type=int, default=0)
     s.add_argument("--reset", action="store_true")
+    s.add_argument("--close-first", action="store_true",
+                   help="send --reply bytes and close at once, without reading")
     c = sub.add_parser("connect")
     c.add_argument("--addr", required=True)
     c.add_argument("--port", type=int, required=True)
@@ -87,6 +102,10 @@ def main():
     c.add_argument("--hold", action="store_true",
                    help="send --before bytes, print 'connected', wait for a line on stdin")
     c.add_argument("--before", type=int, default=0)
+    c.add_argument("--read-first", action="store_true",
+                   help="send nothing, read until the server closes, then close")
+    c.add_argument("--abort", action="store_true",
+                   help="send --send bytes, then close with a RST")
     c.add_argument("--pause-after-send", action="store_true",
                    help="after sending, print 'sent' and wait for a line before closing")
     args = parser.parse_args()

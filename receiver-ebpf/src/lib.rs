@@ -134,7 +134,11 @@ pub struct SockState {
     pub base_total_retrans: u32,
     pub role: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Local port at `ESTABLISHED`, host byte order. The kernel releases an
+    /// automatically bound port (`inet_put_port`) before the `TCP_CLOSE` transition, so
+    /// `skc_num` reads 0 there: the close path uses this copy to remove the client's
+    /// `CLIENT_ENDPOINTS` entry and to report the client port.
+    pub local_port: u16,
     /// cgroup v2 id of the task that called `connect()` (clients only; 0 otherwise):
     /// tells apart clients that share an address (host-network pods, host processes).
     pub cgroup_id: u64,

@@ -172,6 +172,10 @@ mod programs {
         rec.role = st.role;
         rec.flags |= st.flags;
         rec.cgroup_id = st.cgroup_id;
+        // At TCP_CLOSE an automatically bound port has already been released.
+        if rec.local_port == 0 {
+            rec.local_port = st.local_port;
+        }
     }
 
     /// Loopback addresses exist once per network namespace, so they need the namespace
@@ -262,6 +266,7 @@ mod programs {
 
         let mut rec = SockRecord::default();
         read_addresses(sk, off, family, &mut rec);
+        st.local_port = rec.local_port;
         if old_state == tcp_state::SYN_SENT {
             // The client's ESTABLISHED precedes the server's: the server needs the client's
             // final ACK, sent only after this transition.
@@ -319,7 +324,7 @@ mod programs {
         if let Some(st) = state {
             copy_state(&st, rec);
             if st.role == role::CLIENT && st.established_ns != 0 {
-                let local = endpoint(rec.local_addr, rec.local_port, rec.netns);
+                let local = endpoint(rec.local_addr, st.local_port, rec.netns);
                 let _ = CLIENT_ENDPOINTS.remove(&local);
             }
         }
@@ -338,7 +343,7 @@ mod programs {
         if st.role == role::CLIENT && st.established_ns != 0 {
             let mut rec = SockRecord::default();
             read_addresses(sk, off, family, &mut rec);
-            let _ = CLIENT_ENDPOINTS.remove(&endpoint(rec.local_addr, rec.local_port, rec.netns));
+            let _ = CLIENT_ENDPOINTS.remove(&endpoint(rec.local_addr, st.local_port, rec.netns));
         }
     }
 

@@ -1,0 +1,101 @@
+"""The kernel maps return to their baseline after traffic: every way a TCP connection can
+end (FIN from either side, RST from either side, refused, timed out, on loopback or
+across namespaces) removes what the programs stored for it. Read with bpftool, the real
+tool, through the map ids the daemon's own file descriptors hold."""
+import json
+import os
+import re
+import time
+
+from conftest import HOSTS, SILENT_V4, sh
+
+A4, _ = HOSTS["a"]
+B4, _ = HOSTS["b"]
+
+# Map names as the kernel keeps them (at most 15 characters).
+TRACKED_MAPS = {"SOCKS": "SOCKS", "CLIENT_ENDPOINT": "CLIENT_ENDPOINTS"}
+
+
+def daemon_map_ids(pid):
+    """Ids of the BPF maps the process holds open, from /proc/<pid>/fdinfo."""
+    ids = set()
+    fdinfo = f"/proc/{pid}/fdinfo"
+    for fd in os.listdir(fdinfo):
+        try:
+            text = open(os.path.join(fdinfo, fd)).read()
+        except OSError:
+            continue  # closed meanwhile
+        m = re.search(r"^map_id:\s+(\d+)$", text, re.M)
+        if m:
+            ids.add(int(m.group(1)))
+    return ids
+
+
+def hash_map_entries(pid):
+    """{map name: entry count} of the daemon's connection-tracking hash maps."""
+    counts = {}
+    for map_id in daemon_map_ids(pid):
+        info = json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)
+        name = TRACKED_MAPS.get(info.get("name"))
+        if name:
+            counts[name] = len(json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout))
+    assert set(counts) == set(TRACKED_MAPS.values()), f"maps not found: {counts}"
+    return counts
+
+
+def wait_for_baseline(pid, baseline, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = hash_map_entries(pid)
+        if counts == baseline or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
+
+
+def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers):
+    # A table much smaller than the traffic: a single leaked entry per connection
+    # would fill it and show up as a table-full loss.
+    r = ridley(receiver_extra="    max_connections: 64\n")
+    pid = r.proc.pid
+    baseline = hash_map_entries(pid)
+
+    peers.server("a", A4, 8600, reply=10)
+    peers.server("a", A4, 8601, reply=20, close_first=True)
+    peers.server("a", A4, 8602, reset=True)
+    peers.server("a", A4, 8603, reply=0)
+    peers.server("b", "127.0.0.1", 8604, reply=5)
+
+    # FIN from the client first, across namespaces: 3x the table size.
+    assert peers.connect("b", A4, 8600, send=7, count=200) == ["received 10"] * 200
+    # FIN from the server first.
+    assert peers.connect("b", A4, 8601, read_first=True, count=20) == ["received 20"] * 20
+    # RST from the server; RST from the client.
+    assert peers.connect("b", A4, 8602, send=3, count=20) == ["received reset"] * 20
+    assert peers.connect("b", A4, 8603, send=9, count=20, abort=True) == ["aborted"] * 20
+    # Refused, timed out.
+    assert peers.connect("b", A4, 8699, count=20) == ["connect failed: [Errno 111] Connection refused"] * 20
+    out = peers.connect("b", SILENT_V4, 80, count=2, timeout=0.5)
+    assert len(out) == 2 and all(line.startswith("connect failed") for line in out), out
+    # Both ends on one host, on loopback (the endpoint key carries the namespace).
+    assert peers.connect("b", "127.0.0.1", 8604, send=1, count=100) == ["received 5"] * 100
+
+    after = wait_for_baseline(pid, baseline)
+    assert after == baseline, f"kernel maps did not return to baseline: {baseline} -> {after}"
+
+    final = r.stop()
+    assert final.losses() == {"ringbuf_full": 0, "socket_table_full": 0,
+                              "endpoint_table_full": 0, "read_error": 0, "close_lost": 0}
+    link = final.link(B4, A4, 8600)
+    assert (link["opened"], link["transmit"], link["receive"]) == (200, 1400, 2000)
+    link = final.link(B4, A4, 8601)
+    assert (link["opened"], link["transmit"], link["receive"]) == (20, 0, 400)
+    link = final.link(B4, A4, 8602)
+    assert (link["opened"], link["failed"], link["transmit"]) == (20, {"reset": 20}, 60)
+    # An abort discards unacknowledged data, so only the opens are certain.
+    assert final.link(B4, A4, 8603)["opened"] == 20
+    link = final.link(B4, A4, 8699)
+    assert (link["opened"], link["failed"]) == (0, {"refused": 20})
+    link = final.link(B4, SILENT_V4, 80)
+    assert (link["opened"], link["failed"]) == (0, {"timeout": 2})
+    link = final.link("127.0.0.1", "127.0.0.1", 8604)
+    assert (link["opened"], link["transmit"], link["receive"]) == (100, 100, 500)

@@ -161,7 +161,8 @@ class Ridley:
     """The daemon with a file exporter writing OTLP/JSON to `out`."""
 
     def __init__(self, workdir, interval="1s", idle_timeout="5m", receiver_extra="",
-                 exporters="", pipelines=None, processors="", pipeline_processors=(), extensions=""):
+                 exporters="", pipelines=None, processors="", pipeline_processors=(), extensions="",
+                 command_prefix=()):
         """Default: one metrics pipeline into the file exporter at `out`. `exporters`
         (YAML, indented under `exporters:`) and `pipelines` ({name: [exporter ids]})
         add more; `spans` is the file the `file/spans` exporter writes."""
@@ -193,7 +194,7 @@ class Ridley:
                       for name, ids in pipelines.items())
         )
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(RIDLEY), "run", "--config", str(config)],
+        self.proc = subprocess.Popen([*command_prefix, str(RIDLEY), "run", "--config", str(config)],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "NO_COLOR": "1", "RUST_BACKTRACE": "0"})
         deadline = time.monotonic() + 60

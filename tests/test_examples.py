@@ -1,6 +1,7 @@
 """Every reference config and example validates: ridley's own configs with `ridley
 validate`, the collector, Tempo and Kubernetes files against the structure their
 consumers require. They need no root."""
+import os
 import pathlib
 import re
 import subprocess
@@ -20,7 +21,10 @@ def kernel():
 
 
 def validate(path):
-    proc = subprocess.run([str(RIDLEY), "validate", "--config", str(path)], capture_output=True, text=True)
+    # What the DaemonSet's downward API sets.
+    env = {**os.environ, "POD_IP": "10.1.2.3"}
+    proc = subprocess.run([str(RIDLEY), "validate", "--config", str(path)], capture_output=True,
+                          text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(")") and ": valid (" in proc.stdout
     return proc.stdout
@@ -59,7 +63,9 @@ def test_daemonset_has_least_privilege_and_probes_that_match_the_config(tmp_path
     # The ConfigMap's config is valid, and serves health where the probes look.
     config_text = docs[("ConfigMap", "ridley")]["data"]["ridley.yaml"]
     config = yaml.safe_load(config_text)
-    assert config["extensions"]["health_check"]["endpoint"] == f"0.0.0.0:{port}"
+    assert config["extensions"]["health_check"]["endpoint"] == f"${{env:POD_IP}}:{port}"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     path = tmp_path / "ridley.yaml"
     path.write_text(config_text)
     assert "(2 pipelines, 1 receivers)" in validate(path)

@@ -186,8 +186,28 @@ pub struct AggregatorConfig {
 
 struct Link {
     stats: LinkStats,
-    /// Last time any counter of the link changed.
-    last_change: SystemTime,
+    /// Monotonic time any counter of the link last changed: expiry must not follow a
+    /// wall clock that can be stepped back (or forward) under us.
+    last_change: Duration,
+}
+
+/// The two clocks of one moment: wall time for what is exported, monotonic time (since
+/// an arbitrary fixed point) for what is measured, such as idleness.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub wall: SystemTime,
+    pub mono: Duration,
+}
+
+impl Now {
+    pub fn current() -> Self {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let origin = *ORIGIN.get_or_init(std::time::Instant::now);
+        Now {
+            wall: SystemTime::now(),
+            mono: origin.elapsed(),
+        }
+    }
 }
 
 impl Aggregator {
@@ -226,7 +246,7 @@ impl Aggregator {
         key: LinkKey,
         rec: &SockRecord,
         failure: Option<FailureReason>,
-        now: SystemTime,
+        now: Now,
     ) {
         let end_ns = if rec.established_ns != 0 {
             rec.established_ns
@@ -253,16 +273,16 @@ impl Aggregator {
         }
     }
 
-    fn link_mut(&mut self, key: LinkKey, now: SystemTime) -> &mut Link {
+    fn link_mut(&mut self, key: LinkKey, now: Now) -> &mut Link {
         let link = self.links.entry(key).or_insert_with(|| Link {
-            stats: LinkStats::new(now),
-            last_change: now,
+            stats: LinkStats::new(now.wall),
+            last_change: now.mono,
         });
-        link.last_change = now;
+        link.last_change = now.mono;
         link
     }
 
-    fn add_payload(&mut self, key: LinkKey, end: End, delta: Payload, now: SystemTime) {
+    fn add_payload(&mut self, key: LinkKey, end: End, delta: Payload, now: Now) {
         if delta == Payload::default() {
             return;
         }
@@ -283,7 +303,7 @@ impl Aggregator {
         key: LinkKey,
         rec: &SockRecord,
         failure: Option<FailureReason>,
-        now: SystemTime,
+        now: Now,
     ) {
         self.offer_sample(key, rec, failure, now);
         let stats = &mut self.link_mut(key, now).stats;
@@ -295,7 +315,7 @@ impl Aggregator {
         }
     }
 
-    fn record_rtt(&mut self, key: LinkKey, rec: &SockRecord, now: SystemTime) {
+    fn record_rtt(&mut self, key: LinkKey, rec: &SockRecord, now: Now) {
         // srtt_us is kept multiplied by 8; 0 means no RTT sample yet.
         if rec.srtt_us_x8 > 0 {
             let rtt = Duration::from_nanos(u64::from(rec.srtt_us_x8) * 1000 / 8);
@@ -306,7 +326,7 @@ impl Aggregator {
     }
 
     /// A record from the ring buffer: a connection closed, or a connect failed.
-    pub fn apply_event(&mut self, rec: &SockRecord, now: SystemTime) {
+    pub fn apply_event(&mut self, rec: &SockRecord, now: Now) {
         match rec.kind {
             kind::CONNECT_FAILED => {
                 let reason = if rec.sk_err == ECONNREFUSED {
@@ -324,7 +344,7 @@ impl Aggregator {
         }
     }
 
-    fn apply_close(&mut self, rec: &SockRecord, now: SystemTime) {
+    fn apply_close(&mut self, rec: &SockRecord, now: Now) {
         let id = ConnId::of(rec);
         self.closed_since_walk.insert(id);
         let final_payload = Payload::of(rec);
@@ -362,8 +382,10 @@ impl Aggregator {
         }
     }
 
-    /// A complete walk of the live sockets of every network namespace.
-    pub fn apply_walk(&mut self, records: &[SockRecord], now: SystemTime) {
+    /// A walk of the live sockets of every network namespace. `complete` is false when
+    /// some namespace could not be walked: connections missing from such a walk are not
+    /// taken for lost (they may live in the namespace that was not seen).
+    pub fn apply_walk(&mut self, records: &[SockRecord], now: Now, complete: bool) {
         self.walk_generation += 1;
         let generation = self.walk_generation;
 
@@ -399,6 +421,21 @@ impl Aggregator {
             .filter(|r| is_connected(r.state) && end_of(r) == End::Client)
             .map(|r| endpoint(r.local_addr, r.local_port, r.netns))
             .collect();
+        // Peers of the server sockets that report their link themselves: seen opening
+        // (exact from the handshake) and not told by the kernel that the client is local.
+        // A client socket on this host that the kernel could not track (its table was
+        // full) is then left to that server: a full table may lose data, never count a
+        // connection from both ends.
+        let reported_by_local_server: HashSet<(IpAddr, u16, u32)> = records
+            .iter()
+            .filter(|r| {
+                is_connected(r.state)
+                    && r.role == role::SERVER
+                    && r.flags & flags::TRACKED != 0
+                    && r.flags & flags::PEER_LOCAL == 0
+            })
+            .map(|r| endpoint(r.remote_addr, r.remote_port, r.netns))
+            .collect();
 
         for rec in records {
             if !is_connected(rec.state) || rec.flags & flags::PEER_LOCAL != 0 {
@@ -433,6 +470,15 @@ impl Aggregator {
                 {
                     continue;
                 }
+                if end == End::Client
+                    && reported_by_local_server.contains(&endpoint(
+                        rec.local_addr,
+                        rec.local_port,
+                        rec.netns,
+                    ))
+                {
+                    continue;
+                }
                 // Opened before the programs were attached: count from now on.
                 self.link_mut(key, now);
                 now_payload
@@ -454,7 +500,7 @@ impl Aggregator {
         // Seen before, absent now, and no close record: the record was lost.
         let mut lost = Vec::new();
         self.conns.retain(|_, conn| {
-            let live = conn.seen == generation;
+            let live = conn.seen == generation || !complete;
             if !live {
                 lost.push(conn.link);
             }
@@ -469,17 +515,14 @@ impl Aggregator {
 
     /// The cumulative state of every link, after expiring links idle for `idle_timeout`
     /// with no open connection.
-    pub fn collect(&mut self, now: SystemTime) -> Vec<(LinkKey, LinkStats)> {
+    pub fn collect(&mut self, now: Now) -> Vec<(LinkKey, LinkStats)> {
         let mut active: HashMap<LinkKey, u64> = HashMap::new();
         for conn in self.conns.values() {
             *active.entry(conn.link).or_default() += 1;
         }
         let idle_timeout = self.idle_timeout;
         self.links.retain(|key, link| {
-            active.contains_key(key)
-                || now
-                    .duration_since(link.last_change)
-                    .is_ok_and(|idle| idle < idle_timeout)
+            active.contains_key(key) || now.mono.saturating_sub(link.last_change) < idle_timeout
         });
         let mut out: Vec<(LinkKey, LinkStats)> = self
             .links
@@ -488,7 +531,7 @@ impl Aggregator {
                 let now_active = active.get(key).copied().unwrap_or(0);
                 if link.stats.active != now_active {
                     link.stats.active = now_active;
-                    link.last_change = now;
+                    link.last_change = now.mono;
                 }
                 let mut stats = link.stats.clone();
                 stats.interval = std::mem::take(&mut link.stats.interval);
@@ -615,8 +658,11 @@ mod tests {
         }
     }
 
-    fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    fn at(secs: u64) -> Now {
+        Now {
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs),
+            mono: Duration::from_secs(secs),
+        }
     }
 
     #[test]
@@ -641,14 +687,14 @@ mod tests {
     #[test]
     fn long_connection_is_counted_by_walks_then_close_without_double_counting() {
         let mut agg = Aggregator::new(config(60));
-        agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(1));
+        agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(1), true);
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
             (100, 40, 1, 1)
         );
 
-        agg.apply_walk(&[live(client(1), 1 + 300, 90)], at(2));
+        agg.apply_walk(&[live(client(1), 1 + 300, 90)], at(2), true);
         let s = agg.collect(at(2))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
@@ -656,7 +702,7 @@ mod tests {
         );
 
         agg.apply_event(&closed(client(1), 350, 95), at(3));
-        agg.apply_walk(&[], at(3));
+        agg.apply_walk(&[], at(3), true);
         let s = agg.collect(at(3))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
@@ -670,7 +716,7 @@ mod tests {
         let mut agg = Aggregator::new(config(60));
         // The close record arrives while the walk that still listed the socket runs.
         agg.apply_event(&closed(client(1), 10, 20), at(1));
-        agg.apply_walk(&[live(client(1), 1 + 10, 20)], at(1));
+        agg.apply_walk(&[live(client(1), 1 + 10, 20)], at(1), true);
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
@@ -752,7 +798,7 @@ mod tests {
             ..SockRecord::default()
         };
         listener.local_addr = v4([0, 0, 0, 0]);
-        agg.apply_walk(&[listener, server], at(1));
+        agg.apply_walk(&[listener, server], at(1), true);
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(agg.collect(at(1))[0].0, key());
         assert_eq!(
@@ -762,7 +808,7 @@ mod tests {
 
         server.bytes_acked += 30; // server -> client
         server.bytes_received += 20; // client -> server
-        agg.apply_walk(&[listener, server], at(2));
+        agg.apply_walk(&[listener, server], at(2), true);
         let s = agg.collect(at(2))[0].1.clone();
         assert_eq!((s.bytes_transmit, s.bytes_receive), (20, 30));
     }
@@ -791,16 +837,70 @@ mod tests {
             local_addr: v4([10, 0, 0, 2]),
             ..SockRecord::default()
         };
-        agg.apply_walk(&[c, s, listener], at(1));
+        agg.apply_walk(&[c, s, listener], at(1), true);
         assert_eq!(agg.open_connections(), 1);
         assert_eq!(agg.collect(at(1))[0].0, key());
     }
 
     #[test]
+    fn untracked_client_of_a_tracked_local_server_is_left_to_the_server() {
+        // The client's socket did not fit the kernel's table; its server's did, and saw
+        // no local client endpoint: the server reports, the client must not as well.
+        let mut agg = Aggregator::new(config(60));
+        let mut c = live(SockRecord::default(), 501, 1);
+        c.sk = 1;
+        c.local_addr = v4([10, 0, 0, 1]);
+        c.local_port = 40000;
+        c.remote_addr = v4([10, 0, 0, 2]);
+        c.remote_port = 80;
+        c.netns = 1;
+        let mut s = live(SockRecord::default(), 1, 501);
+        s.sk = 2;
+        s.local_addr = c.remote_addr;
+        s.local_port = 80;
+        s.remote_addr = c.local_addr;
+        s.remote_port = 40000;
+        s.netns = 2;
+        s.role = role::SERVER;
+        s.flags = flags::TRACKED;
+        s.start_ns = T0;
+        s.established_ns = T0 + 1000;
+        // The handshake's SYN, as the kernel's counters include it.
+        s.base_bytes_acked = 1;
+        s.base_bytes_received = 1;
+        agg.apply_walk(&[c, s], at(1), true);
+        assert_eq!(agg.open_connections(), 1);
+        let links = agg.collect(at(1));
+        assert_eq!(links.len(), 1);
+        assert_eq!(links[0].0, key());
+        assert_eq!(
+            links[0].1.bytes_transmit, 500,
+            "the client's 500 bytes, counted once"
+        );
+    }
+
+    #[test]
+    fn idle_expiry_follows_the_monotonic_clock_not_the_wall_clock() {
+        let mut agg = Aggregator::new(config(30));
+        agg.apply_event(&closed(client(1), 10, 20), at(1));
+        // The wall clock is stepped back a day, then forward a day: neither is idleness.
+        let mut back = at(20);
+        back.wall -= Duration::from_secs(86_400);
+        assert_eq!(agg.collect(back).len(), 1);
+        let mut forward = at(25);
+        forward.wall += Duration::from_secs(86_400);
+        assert_eq!(agg.collect(forward).len(), 1);
+        assert!(
+            agg.collect(at(31)).is_empty(),
+            "30 s of monotonic idleness expires it"
+        );
+    }
+
+    #[test]
     fn vanished_connection_is_counted_as_lost_and_idle_links_expire() {
         let mut agg = Aggregator::new(config(30));
-        agg.apply_walk(&[live(client(1), 11, 0)], at(0));
-        agg.apply_walk(&[], at(10));
+        agg.apply_walk(&[live(client(1), 11, 0)], at(0), true);
+        agg.apply_walk(&[], at(10), true);
         assert_eq!(agg.close_lost, 1);
         let links = agg.collect(at(10));
         assert_eq!(links[0].1.active, 0);
@@ -813,7 +913,7 @@ mod tests {
     fn link_with_open_connection_never_expires() {
         let mut agg = Aggregator::new(config(30));
         for t in 0..10 {
-            agg.apply_walk(&[live(client(1), 11, 0)], at(t * 60));
+            agg.apply_walk(&[live(client(1), 11, 0)], at(t * 60), true);
             assert_eq!(agg.collect(at(t * 60)).len(), 1);
         }
     }

@@ -136,6 +136,7 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
             return Ok(());
         }
         tracing::info!(config = %loaded.origin(), "starting");
+        raise_open_file_limit();
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
         let result = service.run(shutdown).await;
@@ -167,13 +168,45 @@ fn locate_error(loaded: &config::Loaded, error: anyhow::Error) -> anyhow::Error 
     }
 }
 
+/// Each walked namespace, listener connection and exporter holds file descriptors; the
+/// common soft limit of 1024 is easy to reach on a busy node. Raise it to the hard limit.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let soft = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            tracing::info!(from = soft, to = limit.rlim_max, "open file limit raised");
+        } else {
+            tracing::warn!(
+                limit = soft,
+                "could not raise the open file limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 async fn stop_on_signal(shutdown: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    // SIGHUP's default would kill the daemon without its final flush. There is no live
+    // reload (the kernel programs and watches would restart anyway): flush and exit, and
+    // let the supervisor start it again with the new config.
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: flushing and stopping"),
         _ = int.recv() => tracing::info!("SIGINT: flushing and stopping"),
+        _ = hup.recv() => tracing::info!("SIGHUP: flushing and stopping (restart to reload)"),
     }
     shutdown.cancel();
     Ok(())

@@ -260,16 +260,20 @@ pub struct Losses {
     pub read_errors: u64,
     /// Connections that vanished between two walks without a close record.
     pub close_lost: u64,
+    /// Network namespaces a walk could not enter or read (missing privileges, a
+    /// failure inside the namespace): their live connections were not seen that time.
+    pub namespace_skipped: u64,
 }
 
 impl Losses {
-    pub fn entries(&self) -> [(&'static str, u64); 5] {
+    pub fn entries(&self) -> [(&'static str, u64); 6] {
         [
             ("ringbuf_full", self.ringbuf_full),
             ("socket_table_full", self.socket_table_full),
             ("endpoint_table_full", self.endpoint_table_full),
             ("read_error", self.read_errors),
             ("close_lost", self.close_lost),
+            ("namespace_skipped", self.namespace_skipped),
         ]
     }
 }

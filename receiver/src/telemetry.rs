@@ -39,9 +39,43 @@ pub struct Telemetry {
     exporters: Mutex<BTreeMap<(String, String), Arc<ExporterStats>>>,
     receivers_expected: AtomicU64,
     receivers_ready: AtomicU64,
+    /// Why the capture sees less than the whole node, by cause (privileges, namespaces).
+    capture_problems: Mutex<BTreeMap<&'static str, String>>,
+    /// A partial capture still counts as ready (`allow_partial_capture`).
+    partial_capture_accepted: std::sync::atomic::AtomicBool,
 }
 
 impl Telemetry {
+    /// Records (or, with `None`, clears) a reason the capture is partial.
+    pub fn set_capture_problem(&self, cause: &'static str, problem: Option<String>) {
+        let mut problems = self
+            .capture_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(p) => problems.insert(cause, p),
+            None => problems.remove(cause),
+        };
+    }
+
+    /// Every current reason the capture is partial.
+    pub fn capture_problems(&self) -> Vec<String> {
+        let problems = self
+            .capture_problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        problems.values().cloned().collect()
+    }
+
+    pub fn accept_partial_capture(&self, accepted: bool) {
+        self.partial_capture_accepted
+            .store(accepted, Ordering::Relaxed);
+    }
+
+    pub fn partial_capture_accepted(&self) -> bool {
+        self.partial_capture_accepted.load(Ordering::Relaxed)
+    }
+
     pub fn expect_receivers(&self, count: u64) {
         self.receivers_expected.store(count, Ordering::Relaxed);
     }

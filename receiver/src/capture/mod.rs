@@ -90,6 +90,55 @@ fn check_kernel() -> Result<()> {
     Ok(())
 }
 
+/// Capability bits (`include/uapi/linux/capability.h`).
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+/// Inode of the initial PID namespace (`PROC_PID_INIT_INO`): the host's.
+const HOST_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
+
+/// What would make the capture partial although the programs loaded: privileges that
+/// the namespace walk needs, and whether the host's processes (and so the pods'
+/// network namespaces) are visible at all. Each entry names what is missing and what
+/// it costs.
+pub fn privilege_problems() -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut problems = Vec::new();
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        });
+    match effective {
+        Some(caps) => {
+            if caps & (1 << CAP_SYS_ADMIN) == 0 {
+                problems.push(
+                    "CAP_SYS_ADMIN is missing: other network namespaces (pods) cannot be                      entered, so their live connections are not walked"
+                        .to_owned(),
+                );
+            }
+            if caps & (1 << CAP_SYS_PTRACE) == 0 {
+                problems.push(
+                    "CAP_SYS_PTRACE is missing: the network namespaces of processes owned by                      other users cannot be opened"
+                        .to_owned(),
+                );
+            }
+        }
+        None => problems.push("cannot read effective capabilities from /proc/self/status".into()),
+    }
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(meta) if meta.ino() == HOST_PID_NAMESPACE_INODE => {}
+        Ok(_) => problems.push(
+            "not in the host's PID namespace (hostPID: true): pods' network namespaces are              not visible"
+                .to_owned(),
+        ),
+        Err(e) => problems.push(format!("cannot read /proc/self/ns/pid: {e}")),
+    }
+    problems
+}
+
 /// The loaded, attached programs.
 pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
@@ -157,6 +206,7 @@ impl Capture {
             endpoint_table_full: read(counter::ENDPOINTS_FULL)?,
             read_errors: read(counter::READ_ERRORS)?,
             close_lost: 0,
+            namespace_skipped: 0,
         })
     }
 }
@@ -179,9 +229,22 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 }
 
 /// One walk's result.
+#[derive(Default)]
 pub struct Walk {
     pub records: Vec<SockRecord>,
+    /// Namespaces walked.
     pub namespaces: usize,
+    /// Namespaces that could not be entered or read.
+    pub skipped: usize,
+    /// Why the first skipped namespace was skipped.
+    pub first_skip: Option<String>,
+}
+
+impl Walk {
+    fn skip(&mut self, why: String) {
+        self.skipped += 1;
+        self.first_skip.get_or_insert(why);
+    }
 }
 
 type WalkRequest = oneshot::Sender<Result<Walk>>;

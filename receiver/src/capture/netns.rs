@@ -70,26 +70,42 @@ fn walk_current(iter: &mut Iter, out: &mut Vec<SockRecord>, buf: &mut Vec<u8>) -
     Ok(())
 }
 
+/// Walks every namespace it can. A namespace that cannot be entered or read is
+/// skipped and reported in the result (the caller warns and counts it): one bad
+/// namespace, or a missing privilege, must not stop the capture of the others. Only
+/// failing to come back to our own namespace is fatal, because every later walk would
+/// start from the wrong place.
 pub(super) fn walk_all_namespaces(iter: &mut Iter) -> Result<Walk> {
     let home = File::open("/proc/thread-self/ns/net").context("opening own network namespace")?;
-    let mut records = Vec::new();
+    let mut walk = Walk::default();
     let mut buf = Vec::new();
-    let mut namespaces_walked = 0;
     for (inode, path) in namespaces() {
-        // A namespace can vanish between listing and entering (its last process exited):
-        // then it has no sockets left to report.
-        let Ok(ns) = File::open(&path) else { continue };
+        let ns = match File::open(&path) {
+            Ok(ns) => ns,
+            // The namespace vanished between listing and entering (its last process
+            // exited): it has no sockets left to report.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                walk.skip(format!(
+                    "opening {} (namespace {inode}): {e}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
         if let Err(e) = enter(&ns) {
-            tracing::debug!(path = %path.display(), inode, "cannot enter namespace: {e}");
+            walk.skip(format!(
+                "entering {} (namespace {inode}): {e}",
+                path.display()
+            ));
             continue;
         }
-        let walked = walk_current(iter, &mut records, &mut buf);
+        let walked = walk_current(iter, &mut walk.records, &mut buf);
         enter(&home).context("returning to own network namespace")?;
-        walked.with_context(|| format!("walking sockets of {}", path.display()))?;
-        namespaces_walked += 1;
+        match walked {
+            Ok(()) => walk.namespaces += 1,
+            Err(e) => walk.skip(format!("walking sockets of {}: {e:#}", path.display())),
+        }
     }
-    Ok(Walk {
-        records,
-        namespaces: namespaces_walked,
-    })
+    Ok(walk)
 }

@@ -15,8 +15,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    aggregate::{Aggregator, AggregatorConfig},
-    capture::{Capture, CgroupPaths, MapSizes, host_netns, parse_record, wall_minus_monotonic_ns},
+    aggregate::{Aggregator, AggregatorConfig, Now},
+    capture::{
+        Capture, CgroupPaths, MapSizes, Walk, host_netns, parse_record, wall_minus_monotonic_ns,
+    },
     model::{LinkBatch, Losses},
     pipeline::{BatchSender, BuildContext, Receiver, parse_section},
 };
@@ -44,6 +46,9 @@ pub struct EbpfConfig {
     /// Also emit `traces_service_graph_*` metrics, as Tempo's metrics-generator writes
     /// them, so a service map needs only a Prometheus-compatible store.
     pub service_graph_metrics: bool,
+    /// Report ready although the capture is partial (a privilege missing, network
+    /// namespaces that cannot be walked). Off: a partial capture fails readiness.
+    pub allow_partial_capture: bool,
 }
 
 impl Default for EbpfConfig {
@@ -55,20 +60,45 @@ impl Default for EbpfConfig {
             ring_buffer_size: 256 * 1024,
             span_pairs_per_link: 10,
             service_graph_metrics: false,
+            allow_partial_capture: false,
         }
     }
 }
 
+/// Upper bounds that keep every accepted value runnable: timers add these to the
+/// monotonic clock, and the kernel refuses hash maps much larger than this.
+const MAX_COLLECTION_INTERVAL: Duration = Duration::from_secs(3600);
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_CONNECTIONS: u32 = 1 << 22;
+const MAX_SPAN_PAIRS_PER_LINK: usize = 1000;
+
 impl EbpfConfig {
     fn validate(&self) -> Result<()> {
-        if self.collection_interval < Duration::from_millis(100) {
-            bail!("collection_interval must be at least 100ms");
+        if self.collection_interval < Duration::from_millis(100)
+            || self.collection_interval > MAX_COLLECTION_INTERVAL
+        {
+            bail!(
+                "collection_interval must be from 100ms to 1h, got {}",
+                humantime::format_duration(self.collection_interval)
+            );
         }
-        if self.idle_timeout < self.collection_interval {
-            bail!("idle_timeout must be at least collection_interval");
+        if self.idle_timeout < self.collection_interval || self.idle_timeout > MAX_IDLE_TIMEOUT {
+            bail!(
+                "idle_timeout must be from collection_interval to 7d, got {}",
+                humantime::format_duration(self.idle_timeout)
+            );
         }
-        if self.max_connections == 0 {
-            bail!("max_connections must be positive");
+        if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
+            bail!(
+                "max_connections must be from 1 to {MAX_CONNECTIONS}, got {}",
+                self.max_connections
+            );
+        }
+        if self.span_pairs_per_link > MAX_SPAN_PAIRS_PER_LINK {
+            bail!(
+                "span_pairs_per_link must be at most {MAX_SPAN_PAIRS_PER_LINK}, got {}",
+                self.span_pairs_per_link
+            );
         }
         if !self.ring_buffer_size.is_power_of_two()
             || self.ring_buffer_size < 4096
@@ -89,11 +119,15 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Rec
     config
         .validate()
         .with_context(|| format!("receivers.{id}"))?;
-    Ok(Box::new(EbpfReceiver { config }))
+    Ok(Box::new(EbpfReceiver {
+        config,
+        telemetry: cx.telemetry.clone(),
+    }))
 }
 
 struct EbpfReceiver {
     config: EbpfConfig,
+    telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 type Events = AsyncFd<RingBuf<MapData>>;
@@ -103,7 +137,7 @@ const DRAIN_PERIOD: Duration = Duration::from_millis(200);
 
 /// Applies every close record waiting in the ring buffer.
 fn drain(events: &mut RingBuf<MapData>, aggregator: &mut Aggregator) {
-    let now = SystemTime::now();
+    let now = Now::current();
     while let Some(item) = events.next() {
         if let Some(record) = parse_record(&item) {
             aggregator.apply_event(&record, now);
@@ -129,6 +163,10 @@ struct Collector {
     last_losses: Losses,
     service_graph_metrics: bool,
     cgroups: CgroupPaths,
+    /// Namespaces skipped by the previous walk, to log only changes.
+    last_skipped: usize,
+    namespace_skipped: u64,
+    telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 impl Collector {
@@ -147,10 +185,13 @@ impl Collector {
         };
         // Every close up to the end of the walk is in the buffer now.
         drain(self.events.get_mut(), &mut self.aggregator);
-        let now = SystemTime::now();
-        self.aggregator.apply_walk(&walk.records, now);
+        let now = Now::current();
+        self.note_skipped_namespaces(&walk);
+        self.aggregator
+            .apply_walk(&walk.records, now, walk.skipped == 0);
         let mut losses = self.capture.kernel_losses()?;
         self.aggregator.add_losses(&mut losses);
+        losses.namespace_skipped = self.namespace_skipped;
         if losses != self.last_losses {
             tracing::warn!(
                 ?losses,
@@ -165,7 +206,7 @@ impl Collector {
             closed_unseen = self.aggregator.closed_unknown(),
             "collected"
         );
-        let mut batch = LinkBatch::new(now, self.start);
+        let mut batch = LinkBatch::new(now.wall, self.start);
         batch.links = self.aggregator.collect(now);
         batch.cgroups = self
             .cgroups
@@ -173,6 +214,34 @@ impl Collector {
         batch.losses = losses;
         batch.service_graph_metrics = self.service_graph_metrics;
         Ok(batch)
+    }
+
+    /// Namespaces the walk could not see make the capture partial: said once per change
+    /// at WARN, counted as a loss, and shown by health_check.
+    fn note_skipped_namespaces(&mut self, walk: &Walk) {
+        self.namespace_skipped += walk.skipped as u64;
+        if walk.skipped == self.last_skipped {
+            return;
+        }
+        if walk.skipped == 0 {
+            tracing::info!("every network namespace walked again");
+            self.telemetry.set_capture_problem("namespaces", None);
+        } else {
+            let why = walk.first_skip.clone().unwrap_or_default();
+            tracing::warn!(
+                skipped = walk.skipped,
+                walked = walk.namespaces,
+                "capture is partial: network namespaces could not be walked (first: {why})"
+            );
+            self.telemetry.set_capture_problem(
+                "namespaces",
+                Some(format!(
+                    "{} network namespaces could not be walked: {why}",
+                    walk.skipped
+                )),
+            );
+        }
+        self.last_skipped = walk.skipped;
     }
 }
 
@@ -185,6 +254,15 @@ impl Receiver for EbpfReceiver {
         shutdown: CancellationToken,
     ) -> Result<()> {
         let config = self.config;
+        let telemetry = self.telemetry;
+        telemetry.accept_partial_capture(config.allow_partial_capture);
+        let problems = crate::capture::privilege_problems();
+        for problem in &problems {
+            tracing::warn!("capture will be partial: {problem}");
+        }
+        if !problems.is_empty() {
+            telemetry.set_capture_problem("privileges", Some(problems.join("; ")));
+        }
         let sizes = MapSizes {
             max_connections: config.max_connections,
             // Validated to be at most 1 GiB.
@@ -211,6 +289,9 @@ impl Receiver for EbpfReceiver {
             start: SystemTime::now(),
             last_losses: Losses::default(),
             service_graph_metrics: config.service_graph_metrics,
+            last_skipped: 0,
+            namespace_skipped: 0,
+            telemetry,
         };
         // The first walk sets the baseline of connections that predate the programs.
         collector.collect().await?;
@@ -267,6 +348,32 @@ mod tests {
         assert_eq!(config.max_connections, 65536);
         assert_eq!(config.ring_buffer_size, 262144);
         assert_eq!(config.span_pairs_per_link, 10);
+    }
+
+    #[test]
+    fn values_that_could_not_run_are_rejected() {
+        let cases = [
+            (
+                "collection_interval: 10000000000000000000s",
+                "receivers.ebpf: collection_interval must be from 100ms to 1h, got 316880878140years 3months 14days 10h 5m 52s",
+            ),
+            (
+                "idle_timeout: 30d",
+                "receivers.ebpf: idle_timeout must be from collection_interval to 7d, got 30days",
+            ),
+            (
+                "max_connections: 4294967295",
+                "receivers.ebpf: max_connections must be from 1 to 4194304, got 4294967295",
+            ),
+            (
+                "span_pairs_per_link: 100000",
+                "receivers.ebpf: span_pairs_per_link must be at most 1000, got 100000",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let err = format!("{:#}", parse(yaml).err().expect(yaml));
+            assert_eq!(err, expected, "{yaml}");
+        }
     }
 
     #[test]

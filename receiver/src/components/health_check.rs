@@ -26,7 +26,8 @@ pub struct HealthCheckConfig {
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
-            endpoint: "0.0.0.0:13133".to_owned(),
+            // Loopback by default, as the collector's; the DaemonSet binds the pod IP.
+            endpoint: "127.0.0.1:13133".to_owned(),
             path: "/".to_owned(),
         }
     }
@@ -65,10 +66,18 @@ async fn readiness(
         })
         .collect();
     let capturing = ready == expected;
-    let healthy = capturing && exporters.values().all(|v| v == "ok");
+    let problems = telemetry.capture_problems();
+    let complete = problems.is_empty() || telemetry.partial_capture_accepted();
+    let healthy = capturing && complete && exporters.values().all(|v| v == "ok");
+    let receivers = match (capturing, problems.is_empty()) {
+        (false, _) => "starting",
+        (true, true) => "capturing",
+        (true, false) => "partial",
+    };
     let body = serde_json::json!({
         "status": if healthy { "ready" } else { "not ready" },
-        "receivers": if capturing { "capturing" } else { "starting" },
+        "receivers": receivers,
+        "capture_problems": problems,
         "exporters": exporters,
     });
     let code = if healthy {
@@ -95,8 +104,7 @@ impl Extension for HealthCheck {
             .route("/livez", get(|| async { "alive" }))
             .with_state(telemetry);
         tracing::info!("health check on http://{local}{}", self.path);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        super::http_listener::serve("health_check", listener, app, shutdown, Default::default())
             .await
             .context("serving the health check")
     }

@@ -4,6 +4,7 @@ mod debug;
 mod ebpf;
 mod file;
 mod health_check;
+mod http_listener;
 mod k8sattributes;
 mod otlp;
 mod otlp_common;
@@ -137,9 +138,8 @@ fn listen(
 ) -> Result<(std::net::SocketAddr, Option<tokio::net::TcpListener>)> {
     use anyhow::Context;
     let id = &cx.id;
-    let addr: std::net::SocketAddr = endpoint
-        .parse()
-        .with_context(|| format!("{role}.{id}.endpoint: {endpoint:?} is not host:port"))?;
+    let addr = parse_endpoint(endpoint)
+        .with_context(|| format!("{role}.{id}.endpoint: {endpoint:?} is not ip:port"))?;
     if cx.validate_only {
         return Ok((addr, None));
     }
@@ -147,6 +147,19 @@ fn listen(
         .with_context(|| format!("{role}.{id}.endpoint: listening on {addr}"))?;
     listener.set_nonblocking(true)?;
     Ok((addr, Some(tokio::net::TcpListener::from_std(listener)?)))
+}
+
+/// `ip:port`, `[ipv6]:port`, or a bare IPv6 address before the last colon, which is
+/// what `${env:POD_IP}:port` gives on an IPv6 cluster.
+fn parse_endpoint(endpoint: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(addr) = endpoint.parse() {
+        return Ok(addr);
+    }
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("no port"))?;
+    let ip: std::net::IpAddr = host.parse()?;
+    Ok(std::net::SocketAddr::new(ip, port.parse()?))
 }
 
 pub fn build_extension(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
@@ -170,6 +183,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn endpoints_with_bare_ipv6_addresses_parse() {
+        let parse = |s: &str| parse_endpoint(s).map(|a| a.to_string()).ok();
+        assert_eq!(parse("10.1.2.3:13133").as_deref(), Some("10.1.2.3:13133"));
+        assert_eq!(parse("[fd00::1]:13133").as_deref(), Some("[fd00::1]:13133"));
+        assert_eq!(parse("fd00::1:13133").as_deref(), Some("[fd00::1]:13133"));
+        assert_eq!(parse("localhost:13133"), None);
+        assert_eq!(parse("10.1.2.3"), None);
+    }
+
+    #[test]
     fn components_describe_their_keys() {
         let all = describe();
         let keys = |kind: &str| {
@@ -180,7 +203,7 @@ mod tests {
         };
         assert_eq!(
             keys("ebpf"),
-            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,service_graph_metrics"
+            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,service_graph_metrics,allow_partial_capture"
         );
         assert_eq!(keys("file"), "path");
         assert_eq!(keys("health_check"), "endpoint,path");

@@ -35,8 +35,10 @@ pub struct PrometheusConfig {
     pub endpoint: String,
 }
 
+/// Loopback by default, as the collector's components: exposing metrics on every
+/// interface is a choice (the DaemonSet binds the pod IP from the downward API).
 fn default_endpoint() -> String {
-    "0.0.0.0:9464".to_owned()
+    "127.0.0.1:9464".to_owned()
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
@@ -56,8 +58,12 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         .with_state(page.clone());
     let id = cx.id.to_string();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(exporter = %id, "metrics endpoint stopped: {e}");
+        let stats = Default::default();
+        let forever = tokio_util::sync::CancellationToken::new();
+        if let Err(e) =
+            super::http_listener::serve("prometheus", listener, app, forever, stats).await
+        {
+            tracing::error!(exporter = %id, "metrics endpoint stopped: {e:#}");
         }
     });
     tracing::info!(exporter = %cx.id, "serving Prometheus metrics on http://{addr}/metrics");

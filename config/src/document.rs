@@ -1,7 +1,12 @@
 //! The YAML documents behind a configuration: `${...}` expansion, merging several
-//! files in order, and finding where a key path was written (file, line, column), so
-//! that every error can point at its source.
+//! files in order, finding where a key path was written (file, line, column), so
+//! that every error can point at its source, and hiding secrets when it is printed.
 use serde_norway::{Mapping, Value};
+
+use crate::limits::{
+    MAX_EXPANDED_SIZE, MAX_NESTING_DEPTH, MAX_REFERENCED_FILE_SIZE, nesting_depth,
+    read_regular_file, show_size,
+};
 
 /// One configuration file as read.
 #[derive(Clone, Debug)]
@@ -14,19 +19,27 @@ pub struct Source {
 /// string value, as the collector does: a value that is exactly one reference takes the
 /// referenced text parsed as YAML (so `${env:PORT}` can be an int), a reference inside a
 /// longer string is replaced as text, and `$$` is a literal `$`. Keys are not expanded.
-pub fn expand(value: &mut Value, path: &mut Vec<String>) -> Result<(), (String, String)> {
+///
+/// `budget` is how many bytes the references may still substitute (it starts at
+/// [`MAX_EXPANDED_SIZE`] for a whole configuration); a `${file:PATH}` reads only a
+/// regular file of at most [`MAX_REFERENCED_FILE_SIZE`].
+pub fn expand(
+    value: &mut Value,
+    path: &mut Vec<String>,
+    budget: &mut u64,
+) -> Result<(), (String, String)> {
     match value {
         Value::Mapping(map) => {
             for (key, item) in map.iter_mut() {
                 path.push(key.as_str().unwrap_or("?").to_owned());
-                expand(item, path)?;
+                expand(item, path, budget)?;
                 path.pop();
             }
         }
         Value::Sequence(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 path.push(i.to_string());
-                expand(item, path)?;
+                expand(item, path, budget)?;
                 path.pop();
             }
         }
@@ -34,8 +47,10 @@ pub fn expand(value: &mut Value, path: &mut Vec<String>) -> Result<(), (String, 
             let at = || path.join(".");
             let whole =
                 text.starts_with("${") && text.ends_with('}') && text.matches("${").count() == 1;
-            let expanded = expand_text(text).map_err(|e| (at(), e))?;
-            *value = if whole {
+            let expanded = expand_text(text, budget).map_err(|e| (at(), e))?;
+            // Text nested too deep for the limit would not be a scalar: it stays a string,
+            // without being handed to the parser.
+            *value = if whole && nesting_depth(&expanded, MAX_NESTING_DEPTH).is_ok() {
                 serde_norway::from_str::<Value>(&expanded)
                     .ok()
                     .filter(|v| !matches!(v, Value::Mapping(_) | Value::Sequence(_) | Value::Null))
@@ -49,7 +64,7 @@ pub fn expand(value: &mut Value, path: &mut Vec<String>) -> Result<(), (String, 
     Ok(())
 }
 
-fn expand_text(text: &str) -> Result<String, String> {
+fn expand_text(text: &str, budget: &mut u64) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -62,7 +77,15 @@ fn expand_text(text: &str) -> Result<String, String> {
             let end = body
                 .find('}')
                 .ok_or_else(|| format!("unterminated reference in {text:?}"))?;
-            out.push_str(&resolve(&body[..end])?);
+            let reference = &body[..end];
+            let resolved = resolve(reference)?;
+            *budget = budget.checked_sub(resolved.len() as u64).ok_or_else(|| {
+                format!(
+                    "${{{reference}}}: the references expand to more than the {} limit for a configuration",
+                    show_size(MAX_EXPANDED_SIZE)
+                )
+            })?;
+            out.push_str(&resolved);
             rest = &body[end + 1..];
         } else {
             out.push('$');
@@ -79,7 +102,7 @@ fn resolve(reference: &str) -> Result<String, String> {
         _ => ("env", reference),
     };
     match scheme {
-        "file" => std::fs::read_to_string(name)
+        "file" => read_regular_file(name.as_ref(), MAX_REFERENCED_FILE_SIZE, "a referenced file")
             .map(|s| s.trim_end_matches('\n').to_owned())
             .map_err(|e| format!("${{file:{name}}}: cannot read {name}: {e}")),
         _ => {
@@ -170,6 +193,108 @@ pub fn suggestion(message: &str) -> Option<String> {
         .map(|(_, best)| format!(" (did you mean `{best}`?)"))
 }
 
+/// What `ridley config --print` shows in place of a secret.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// A copy of `value` with its secrets replaced by [`REDACTED`]: every value under a
+/// `headers` mapping, and the values of keys named as secrets ([`is_secret_key`]). A
+/// mapping under a secret-named key is structure, not a secret: its own keys are judged
+/// one by one. Nulls stay: they say a secret is not set, not what it is.
+pub fn redact(value: &Value) -> Value {
+    let mut value = value.clone();
+    redact_in(&mut value);
+    value
+}
+
+fn redact_in(value: &mut Value) {
+    match value {
+        Value::Mapping(map) => {
+            for (key, item) in map.iter_mut() {
+                let name = key.as_str().unwrap_or_default();
+                if name.eq_ignore_ascii_case("headers") {
+                    redact_all(item);
+                } else if is_secret_key(name) {
+                    redact_secret(item);
+                } else {
+                    redact_in(item);
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(redact_in),
+        Value::Tagged(tagged) => redact_in(&mut tagged.value),
+        _ => {}
+    }
+}
+
+fn redact_all(value: &mut Value) {
+    match value {
+        Value::Null => {}
+        Value::Mapping(map) => map.values_mut().for_each(redact_all),
+        Value::Sequence(items) => items.iter_mut().for_each(redact_all),
+        Value::Tagged(tagged) => redact_all(&mut tagged.value),
+        _ => *value = Value::String(REDACTED.to_owned()),
+    }
+}
+
+fn redact_secret(value: &mut Value) {
+    match value {
+        Value::Null => {}
+        Value::Mapping(_) => redact_in(value),
+        Value::Sequence(items) => items.iter_mut().for_each(redact_secret),
+        Value::Tagged(tagged) => redact_secret(&mut tagged.value),
+        _ => *value = Value::String(REDACTED.to_owned()),
+    }
+}
+
+/// Words that make a key name a secret's, alone (`token`, `api_key`, `bearerToken`) or
+/// ending a word (`apikey`, `clientsecret`), singular or plural.
+const SECRET_WORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "key",
+    "credential",
+    "authorization",
+];
+
+/// Whether a key names a secret: one of its words (split at `_`, `-`, `.`, spaces and
+/// camelCase humps) is or ends with one of [`SECRET_WORDS`], and its last word does not
+/// make it a path to one (`key_file`, `token_path`). `keep_pod_detail` is not a secret:
+/// `keep` is not `key`.
+pub fn is_secret_key(name: &str) -> bool {
+    let mut words: Vec<String> = Vec::new();
+    let mut previous_lower = false;
+    for c in name.chars() {
+        if !c.is_alphanumeric() {
+            previous_lower = false;
+            words.push(String::new());
+            continue;
+        }
+        if c.is_uppercase() && previous_lower || words.is_empty() {
+            words.push(String::new());
+        }
+        previous_lower = c.is_lowercase() || c.is_ascii_digit();
+        if let Some(word) = words.last_mut() {
+            word.extend(c.to_lowercase());
+        }
+    }
+    words.retain(|w| !w.is_empty());
+    if words
+        .last()
+        .is_some_and(|last| matches!(last.as_str(), "file" | "path" | "dir"))
+    {
+        return false;
+    }
+    words.iter().any(|word| {
+        let singular = word.strip_suffix('s').unwrap_or(word);
+        SECRET_WORDS
+            .iter()
+            .any(|secret| word.ends_with(secret) || singular.ends_with(secret))
+    })
+}
+
 /// An empty mapping, the value of an empty document.
 pub fn empty() -> Value {
     Value::Mapping(Mapping::new())
@@ -190,10 +315,11 @@ mod tests {
         let mut v = yaml(
             "a: ${env:RIDLEY_TEST_PORT}\nb: host:${RIDLEY_TEST_PORT}\nc: ${env:RIDLEY_TEST_UNSET:-x}\nd: $$5\n",
         );
-        expand(&mut v, &mut vec![]).unwrap();
+        expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap();
         assert_eq!(v, yaml("a: 4317\nb: host:4317\nc: x\nd: $5\n"));
         let mut v = yaml("exporters:\n  otlp:\n    endpoint: ${env:RIDLEY_TEST_UNSET}\n");
-        let (path, message) = expand(&mut v, &mut vec![]).unwrap_err();
+        let (path, message) =
+            expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap_err();
         assert_eq!(path, "exporters.otlp.endpoint");
         assert!(
             message.starts_with("${env:RIDLEY_TEST_UNSET}: environment variable"),
@@ -230,5 +356,164 @@ mod tests {
             Some(" (did you mean `collection_interval`?)")
         );
         assert_eq!(suggestion("unknown field `zzz`, expected `path`"), None);
+    }
+
+    fn scratch(name: &str, contents: &[u8]) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("ridley-document-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    fn expand_error(text: &str) -> String {
+        let mut v = yaml(text);
+        let (path, message) =
+            expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap_err();
+        format!("{path}: {message}")
+    }
+
+    #[test]
+    fn file_references_read_only_small_regular_files() {
+        assert_eq!(
+            expand_error("a:\n  b: ${file:/dev/zero}\n"),
+            "a.b: ${file:/dev/zero}: cannot read /dev/zero: not a regular file (it is a character device)"
+        );
+        let limit = MAX_REFERENCED_FILE_SIZE as usize;
+        let big = scratch("big", &vec![b'x'; limit + 1]);
+        assert_eq!(
+            expand_error(&format!("a: ${{file:{}}}\n", big.display())),
+            format!(
+                "a: ${{file:{0}}}: cannot read {0}: larger than the 1 MiB limit for a referenced file",
+                big.display()
+            )
+        );
+        // Exactly at the limit is fine.
+        let full = scratch("full", &vec![b'x'; limit]);
+        let mut v = yaml(&format!("a: ${{file:{}}}\n", full.display()));
+        expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap();
+        assert_eq!(v["a"].as_str().map(str::len), Some(limit));
+        std::fs::remove_file(big).unwrap();
+        std::fs::remove_file(full).unwrap();
+    }
+
+    #[test]
+    fn references_share_one_budget() {
+        let file = scratch("token", b"0123456789\n");
+        let text = format!("a: x${{file:{0}}}\nb: y${{file:{0}}}\n", file.display());
+        let mut v = yaml(&text);
+        let mut budget = 19;
+        let (path, message) = expand(&mut v, &mut vec![], &mut budget).unwrap_err();
+        assert_eq!(path, "b");
+        assert_eq!(
+            message,
+            format!(
+                "${{file:{}}}: the references expand to more than the 16 MiB limit for a configuration",
+                file.display()
+            )
+        );
+        let mut v = yaml(&text);
+        let mut budget = 20;
+        expand(&mut v, &mut vec![], &mut budget).unwrap();
+        assert_eq!(budget, 0);
+        assert_eq!(v, yaml("a: x0123456789\nb: y0123456789\n"));
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn a_deeply_nested_reference_stays_text_and_is_not_parsed() {
+        let deep = "{a: ".repeat(200_000);
+        let file = scratch("deep", deep.as_bytes());
+        let mut v = yaml(&format!("a: ${{file:{}}}\n", file.display()));
+        let started = std::time::Instant::now();
+        expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(v["a"].as_str(), Some(deep.as_str()));
+        std::fs::remove_file(file).unwrap();
+    }
+
+    #[test]
+    fn secret_keys_are_told_by_their_words() {
+        for secret in [
+            "password",
+            "api_key",
+            "apikey",
+            "apiKey",
+            "X-API-Key",
+            "bearer_token",
+            "client_secret",
+            "authorization",
+            "Authorization",
+            "key",
+            "tokens",
+            "key_pem",
+            "db_passwd",
+            "credentials",
+        ] {
+            assert!(is_secret_key(secret), "{secret}");
+        }
+        for plain in [
+            "key_file",
+            "cert_file",
+            "ca_file",
+            "token_path",
+            "keep_pod_detail",
+            "kubeconfig",
+            "endpoint",
+            "headers",
+            "auth",
+            "collection_interval",
+            "",
+        ] {
+            assert!(!is_secret_key(plain), "{plain}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_headers_and_secret_values() {
+        let effective = yaml(concat!(
+            "exporters:\n",
+            "  otlphttp:\n",
+            "    endpoint: https://collector:4318\n",
+            "    headers: {Authorization: Bearer abc, X-Scope-OrgID: tenant-1, X-Empty: null}\n",
+            "    tls: {key_file: /etc/tls/client.key, ca_file: /etc/tls/ca.pem}\n",
+            "    api_key: 12345\n",
+            "    tokens: [one, two]\n",
+            "    password:\n",
+            "    client_secret: {name: vault, key: s3cr3t}\n",
+            "processors:\n",
+            "  k8sattributes: {keep_pod_detail: true}\n",
+        ));
+        let redacted = redact(&effective);
+        assert_eq!(
+            serde_norway::to_string(&redacted).unwrap(),
+            concat!(
+                "exporters:\n",
+                "  otlphttp:\n",
+                "    endpoint: https://collector:4318\n",
+                "    headers:\n",
+                "      Authorization: '[REDACTED]'\n",
+                "      X-Scope-OrgID: '[REDACTED]'\n",
+                "      X-Empty: null\n",
+                "    tls:\n",
+                "      key_file: /etc/tls/client.key\n",
+                "      ca_file: /etc/tls/ca.pem\n",
+                "    api_key: '[REDACTED]'\n",
+                "    tokens:\n",
+                "    - '[REDACTED]'\n",
+                "    - '[REDACTED]'\n",
+                "    password: null\n",
+                "    client_secret:\n",
+                "      name: vault\n",
+                "      key: '[REDACTED]'\n",
+                "processors:\n",
+                "  k8sattributes:\n",
+                "    keep_pod_detail: true\n",
+            )
+        );
+        // The value itself is untouched.
+        assert_eq!(
+            effective["exporters"]["otlphttp"]["headers"]["Authorization"].as_str(),
+            Some("Bearer abc")
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! cross-reference checks. It must not know any component's own keys: each component
 //! parses its section (kept here as an untyped YAML value) with its own config struct.
 pub mod document;
+pub mod limits;
 
 use std::{collections::BTreeMap, fmt, path::PathBuf, str::FromStr};
 
@@ -350,8 +351,14 @@ impl Loaded {
         locate_in(&self.sources, path)
     }
 
-    /// The effective configuration as YAML (what `ridley config --print` shows).
+    /// The effective configuration as YAML (what `ridley config --print` shows), with
+    /// secrets (header values, passwords, tokens, keys) shown as `[REDACTED]`.
     pub fn effective_yaml(&self) -> String {
+        serde_norway::to_string(&document::redact(&self.effective)).unwrap_or_default()
+    }
+
+    /// The effective configuration as YAML, secrets included (`--no-redact`).
+    pub fn effective_yaml_unredacted(&self) -> String {
         serde_norway::to_string(&self.effective).unwrap_or_default()
     }
 }
@@ -370,6 +377,30 @@ fn locate_in(sources: &[Source], path: &str) -> Option<String> {
         })
         .max_by_key(|(depth, ..)| *depth)
         .map(|(_, s, line, col)| format!("{}:{line}:{col}", s.origin))
+}
+
+/// Size and nesting, checked before the YAML parser sees the text: its time grows with
+/// the square of the nesting depth.
+fn check_bounds(source: &Source) -> Result<(), ConfigError> {
+    if source.text.len() as u64 > limits::MAX_CONFIG_FILE_SIZE {
+        return Err(ConfigError::Invalid {
+            location: format!("{}: ", source.origin),
+            message: format!(
+                "larger than the {} limit for a config file",
+                limits::show_size(limits::MAX_CONFIG_FILE_SIZE)
+            ),
+        });
+    }
+    limits::nesting_depth(&source.text, limits::MAX_NESTING_DEPTH).map_err(|(line, column)| {
+        ConfigError::Invalid {
+            location: format!("{}:{line}:{column}: ", source.origin),
+            message: format!(
+                "YAML nested more than {} levels deep (the limit for a config file)",
+                limits::MAX_NESTING_DEPTH
+            ),
+        }
+    })?;
+    Ok(())
 }
 
 fn invalid(sources: &[Source], path: &str, message: String) -> ConfigError {
@@ -391,6 +422,7 @@ impl Config {
     }
 
     /// Loads and merges `paths` in order, or the embedded default when there are none.
+    /// Each must be a regular file of at most [`limits::MAX_CONFIG_FILE_SIZE`].
     pub fn load(paths: &[PathBuf]) -> Result<Loaded, ConfigError> {
         if paths.is_empty() {
             return Config::parse(DEFAULT_CONFIG, "embedded default config");
@@ -398,10 +430,12 @@ impl Config {
         let sources = paths
             .iter()
             .map(|path| {
-                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-                    path: path.display().to_string(),
-                    error,
-                })?;
+                let text =
+                    limits::read_regular_file(path, limits::MAX_CONFIG_FILE_SIZE, "a config file")
+                        .map_err(|error| ConfigError::Read {
+                            path: path.display().to_string(),
+                            error,
+                        })?;
                 Ok(Source {
                     origin: path.display().to_string(),
                     text,
@@ -413,7 +447,9 @@ impl Config {
 
     fn from_sources(sources: Vec<Source>) -> Result<Loaded, ConfigError> {
         let mut merged = document::empty();
+        let mut budget = limits::MAX_EXPANDED_SIZE;
         for source in &sources {
+            check_bounds(source)?;
             let mut value: serde_norway::Value =
                 serde_norway::from_str(&source.text).map_err(|e| {
                     let location = e
@@ -434,13 +470,15 @@ impl Config {
             if value.is_null() {
                 value = document::empty();
             }
-            document::expand(&mut value, &mut Vec::new()).map_err(|(path, message)| {
-                invalid(
-                    std::slice::from_ref(source),
-                    &path,
-                    format!("{path}: {message}"),
-                )
-            })?;
+            document::expand(&mut value, &mut Vec::new(), &mut budget).map_err(
+                |(path, message)| {
+                    invalid(
+                        std::slice::from_ref(source),
+                        &path,
+                        format!("{path}: {message}"),
+                    )
+                },
+            )?;
             document::merge(&mut merged, value);
         }
         let config: Config = serde_path_to_error::deserialize(merged.clone()).map_err(|e| {
@@ -643,5 +681,113 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("unknown pipeline signal \"logs\""), "{err}");
+    }
+
+    fn scratch(name: &str, contents: &[u8]) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("ridley-config-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    const BASE: &str = "receivers: {ebpf: }\nexporters: {debug: }\nservice: {pipelines: {metrics: {receivers: [ebpf], exporters: [debug]}}}\n";
+
+    #[test]
+    fn oversized_config_is_refused_before_parsing() {
+        let limit = limits::MAX_CONFIG_FILE_SIZE as usize;
+        let mut text = BASE.to_owned();
+        text.push_str(&"#".repeat(limit - text.len()));
+        let exact = scratch("exact.yaml", text.as_bytes());
+        assert!(Config::load(std::slice::from_ref(&exact)).is_ok());
+        text.push('\n');
+        let big = scratch("big.yaml", text.as_bytes());
+        assert_eq!(
+            Config::load(std::slice::from_ref(&big))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "reading {}: larger than the 4 MiB limit for a config file",
+                big.display()
+            )
+        );
+        assert_eq!(
+            Config::parse(&text, "big.yaml").unwrap_err().to_string(),
+            "big.yaml: larger than the 4 MiB limit for a config file"
+        );
+        std::fs::remove_file(exact).unwrap();
+        std::fs::remove_file(big).unwrap();
+    }
+
+    #[test]
+    fn config_must_be_a_regular_file() {
+        assert_eq!(
+            Config::load(&[PathBuf::from("/dev/zero")])
+                .unwrap_err()
+                .to_string(),
+            "reading /dev/zero: not a regular file (it is a character device)"
+        );
+        let dir = std::env::temp_dir();
+        assert_eq!(
+            Config::load(std::slice::from_ref(&dir))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "reading {}: not a regular file (it is a directory)",
+                dir.display()
+            )
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_quickly_with_file_and_line() {
+        let block: String = (0..200)
+            .map(|i| format!("{}a:\n", "  ".repeat(i)))
+            .collect();
+        assert_eq!(
+            Config::parse(&block, "deep.yaml").unwrap_err().to_string(),
+            "deep.yaml:65:129: YAML nested more than 64 levels deep (the limit for a config file)"
+        );
+        // 600 KB of nested flow mappings: minutes in the YAML parser, refused at once.
+        let flow = format!("receivers: {}", "{a: ".repeat(150_000));
+        let started = std::time::Instant::now();
+        assert_eq!(
+            Config::parse(&flow, "flow.yaml").unwrap_err().to_string(),
+            "flow.yaml:1:264: YAML nested more than 64 levels deep (the limit for a config file)"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let path = scratch("deep.yaml", flow.as_bytes());
+        assert_eq!(
+            Config::load(std::slice::from_ref(&path))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "{}:1:264: YAML nested more than 64 levels deep (the limit for a config file)",
+                path.display()
+            )
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn print_redacts_secrets_unless_asked() {
+        let loaded = Config::parse(
+            &format!(
+                "{BASE}extensions:\n  bearer: {{token: abc, key_file: /k}}\nprocessors:\n  k8sattributes: {{keep_pod_detail: true}}\n"
+            ),
+            "t.yaml",
+        )
+        .unwrap();
+        let printed = loaded.effective_yaml();
+        assert!(
+            printed.contains("  bearer:\n    token: '[REDACTED]'\n    key_file: /k\n"),
+            "{printed}"
+        );
+        assert!(printed.contains("    keep_pod_detail: true\n"), "{printed}");
+        assert!(!printed.contains("abc"), "{printed}");
+        let full = loaded.effective_yaml_unredacted();
+        assert!(
+            full.contains("  bearer:\n    token: abc\n    key_file: /k\n"),
+            "{full}"
+        );
     }
 }

@@ -55,13 +55,18 @@ enum Command {
     /// Check a configuration without loading eBPF or opening anything: exit 0, or print
     /// every error with its file, line and column.
     Validate(ConfigArgs),
-    /// Print the effective configuration: files merged and `${...}` references expanded.
+    /// Print the effective configuration: files merged and `${...}` references expanded,
+    /// secrets shown as `[REDACTED]`.
     Config {
         #[command(flatten)]
         args: ConfigArgs,
         /// Print the merged configuration as YAML (the only action today).
         #[arg(long)]
         print: bool,
+        /// Print secrets in full: the values under `headers` and of keys such as
+        /// `password`, `api_key`, `bearer_token` or `client_secret`.
+        #[arg(long)]
+        no_redact: bool,
     },
     /// List the component types (extensions, receivers, processors, exporters), the
     /// signals they serve and their config keys.
@@ -84,8 +89,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(&args.config, false),
         Command::Validate(args) => run(&args.config, true),
-        Command::Config { args, .. } => Config::load(&args.config)
-            .map(|loaded| print!("{}", loaded.effective_yaml()))
+        Command::Config {
+            args, no_redact, ..
+        } => Config::load(&args.config)
+            .map(|loaded| {
+                let yaml = if no_redact {
+                    loaded.effective_yaml_unredacted()
+                } else {
+                    loaded.effective_yaml()
+                };
+                print!("{yaml}");
+            })
             .map_err(anyhow::Error::from),
         Command::Components => {
             for d in components::describe() {

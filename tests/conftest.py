@@ -113,13 +113,21 @@ class Peers:
         return proc
 
     def connect(self, host, addr, port, send=0, count=1, timeout=10.0, read_first=False,
-                abort=False):
+                abort=False, source=None):
         flags = (["--read-first"] if read_first else []) + (["--abort"] if abort else [])
+        flags += ["--source", source] if source else []
         proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--send", send,
                            "--count", count, "--timeout", timeout, *flags)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         return out.splitlines()
+
+    def scan(self, host, addr, first, last):
+        """Connects once to every port from `first` to `last`; returns how many refused."""
+        proc = self._spawn(host, "connect", "--addr", addr, "--port", 0, "--ports", f"{first}-{last}")
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        return int(out.split()[1])
 
     def hold(self, host, addr, port, before, send):
         """A connection that sends `before` bytes now and `send` bytes on release()."""
@@ -259,6 +267,8 @@ def _value(any_value):
         return any_value["stringValue"]
     if "intValue" in any_value:
         return int(any_value["intValue"])
+    if "boolValue" in any_value:
+        return any_value["boolValue"]
     raise AssertionError(f"unexpected attribute value {any_value}")
 
 

@@ -35,7 +35,10 @@ def main():
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    # The sink accepts what the collector forwards, however large; the limits under
+    # test are the collector's own.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])
     sink = Sink(args.out)
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(sink, server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)

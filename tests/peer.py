@@ -46,11 +46,30 @@ def serve(args):
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
+def scan(args):
+    """One connect to each port of a range; prints how many were refused."""
+    first, last = map(int, args.ports.split("-"))
+    refused = 0
+    for port in range(first, last + 1):
+        conn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            conn.connect((args.addr, port))
+        except ConnectionRefusedError:
+            refused += 1
+        finally:
+            conn.close()
+    print(f"refused {refused}", flush=True)
+
+
 def connect(args):
+    if args.ports:
+        return scan(args)
     family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
     for _ in range(args.count):
         conn = socket.socket(family, socket.SOCK_STREAM)
         conn.settimeout(args.timeout)
+        if args.source:
+            conn.bind((args.source, 0))
         try:
             conn.connect((args.addr, args.port))
         except OSError as e:
@@ -102,6 +121,8 @@ def main():
     c.add_argument("--hold", action="store_true",
                    help="send --before bytes, print 'connected', wait for a line on stdin")
     c.add_argument("--before", type=int, default=0)
+    c.add_argument("--source", help="local address to connect from")
+    c.add_argument("--ports", help="FIRST-LAST: one connect to each port (a scan)")
     c.add_argument("--read-first", action="store_true",
                    help="send nothing, read until the server closes, then close")
     c.add_argument("--abort", action="store_true",

@@ -10,7 +10,8 @@ B4, B6 = HOSTS["b"]
 C4, C6 = HOSTS["c"]
 
 NO_LOSSES = {"ringbuf_full": 0, "socket_table_full": 0, "endpoint_table_full": 0,
-             "read_error": 0, "close_lost": 0, "namespace_skipped": 0}
+             "read_error": 0, "link_limit": 0, "close_lost": 0,
+             "namespace_skipped": 0}
 
 
 def test_clients_and_servers_across_namespaces_exact_bytes(ridley, peers):

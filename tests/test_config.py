@@ -3,6 +3,7 @@ anything starts, with the file, line, column, key path, what was expected and wh
 found. These run the real binary; they need no root."""
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -27,14 +28,14 @@ def kernel():
     assert RIDLEY.exists(), f"{RIDLEY} is not built"
 
 
-def validate(tmp_path, *texts, env=None):
+def validate(tmp_path, *texts, env=None, timeout=10):
     paths = []
     for i, text in enumerate(texts):
         path = tmp_path / f"c{i}.yaml"
         path.write_text(text)
         paths += ["--config", str(path)]
     proc = subprocess.run([str(RIDLEY), "validate", *paths], capture_output=True, text=True,
-                          env={**os.environ, **(env or {}), "NO_COLOR": "1"}, cwd=tmp_path)
+                          env={**os.environ, **(env or {}), "NO_COLOR": "1"}, cwd=tmp_path, timeout=timeout)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 
@@ -56,7 +57,8 @@ MISTAKES = [
     ("typo in a key", BASE.replace("collection_interval", "colection_interval"),
      "c0.yaml:3:5: receivers.ebpf.colection_interval: unknown field `colection_interval`, expected one of "
      "`collection_interval`, `idle_timeout`, `max_connections`, `ring_buffer_size`, `span_pairs_per_link`, "
-     "`service_graph_metrics` (did you mean `collection_interval`?)"),
+     "`service_graph_metrics`, `max_links`, `group_public_clients`, `keep_client_ranges`, "
+     "`allow_partial_capture` (did you mean `collection_interval`?)"),
     ("typo in a top-level key", BASE.replace("exporters:\n  debug", "exporter:\n  debug"),
      "c0.yaml:4:1: exporter: unknown field `exporter`, expected one of `extensions`, `receivers`, `processors`, `exporters`, "
      "`service` (did you mean `exporters`?)"),
@@ -150,3 +152,97 @@ def test_sizes_and_telemetry_levels(tmp_path):
     message = error_of(tmp_path, BASE.replace("collection_interval: 5s", "ring_buffer_size: 5 parsecs"))
     assert message == ('c0.yaml:3:5: receivers.ebpf.ring_buffer_size: "5 parsecs": unknown size unit '
                        '"parsecs" (B, KiB, MiB, GiB, KB, MB, GB)')
+
+
+def validate_file(tmp_path, name):
+    """`ridley validate --config NAME` in tmp_path; a few seconds at most, whatever NAME is."""
+    proc = subprocess.run([str(RIDLEY), "validate", "--config", name], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=5)
+    return proc.returncode, proc.stderr.strip()
+
+
+def test_only_regular_files_are_read(tmp_path):
+    # A FIFO with no writer: opening it for reading used to wait forever.
+    os.mkfifo(tmp_path / "fifo")
+    assert validate_file(tmp_path, "fifo") == (1, "error: reading fifo: not a regular file (it is a FIFO)")
+    assert validate_file(tmp_path, "/dev/zero") == (
+        1, "error: reading /dev/zero: not a regular file (it is a character device)")
+    (tmp_path / "dir").mkdir()
+    assert validate_file(tmp_path, "dir") == (1, "error: reading dir: not a regular file (it is a directory)")
+    # The same for ${file:...}: /dev/zero used to be read until memory ran out.
+    for name, kind in [("fifo", "a FIFO"), ("/dev/zero", "a character device"), ("dir", "a directory")]:
+        message = error_of(tmp_path, BASE.replace("5s", "${file:%s}" % name), timeout=5)
+        assert message == (f"c0.yaml:3:5: receivers.ebpf.collection_interval: ${{file:{name}}}: cannot read "
+                           f"{name}: not a regular file (it is {kind})")
+
+
+def test_oversized_files_are_refused(tmp_path):
+    limit = 4 << 20
+    padding = "#" * (limit - len(BASE))
+    code, out = validate(tmp_path, BASE + padding)
+    assert code == 0, out
+    message = error_of(tmp_path, BASE + padding + "\n")
+    assert message == "reading c0.yaml: larger than the 4 MiB limit for a config file"
+    (tmp_path / "interval").write_text("5s" + " " * ((1 << 20) - 2))
+    code, out = validate(tmp_path, BASE.replace("5s", "${file:interval}"))
+    assert code == 0, out
+    (tmp_path / "interval").write_text("5s" + " " * ((1 << 20) - 1))
+    message = error_of(tmp_path, BASE.replace("5s", "${file:interval}"))
+    assert message == ("c0.yaml:3:5: receivers.ebpf.collection_interval: ${file:interval}: cannot read interval: "
+                       "larger than the 1 MiB limit for a referenced file")
+
+
+def test_deep_nesting_is_refused_quickly(tmp_path):
+    block = "".join("  " * i + "a:\n" for i in range(200))
+    # 600 KB of nested flow mappings took the YAML parser minutes.
+    flow = "receivers: " + "{a: " * 150_000
+    for text, where in [(block, "c0.yaml:65:129"), (flow, "c0.yaml:1:264")]:
+        started = time.monotonic()
+        message = error_of(tmp_path, text)
+        assert time.monotonic() - started < 2
+        assert message == f"{where}: YAML nested more than 64 levels deep (the limit for a config file)"
+    # 64 levels are fine as far as nesting goes: the next complaint is about the content.
+    at_limit = "".join("  " * i + "a:\n" for i in range(64))
+    assert error_of(tmp_path, at_limit).startswith("c0.yaml:1:1: a: unknown field `a`")
+
+
+SECRETS = """receivers:
+  ebpf:
+    collection_interval: 5s
+processors:
+  k8sattributes:
+    keep_pod_detail: true
+exporters:
+  otlphttp:
+    endpoint: https://collector.example:4318
+    headers:
+      Authorization: Bearer ${env:RIDLEY_TEST_TOKEN}
+      X-Scope-OrgID: tenant-1
+    tls:
+      cert_file: /etc/ridley/client.crt
+      key_file: /etc/ridley/client.key
+service:
+  pipelines:
+    metrics:
+      receivers: [ebpf]
+      processors: [k8sattributes]
+      exporters: [otlphttp]
+"""
+
+
+def print_config(tmp_path, *flags):
+    (tmp_path / "c.yaml").write_text(SECRETS)
+    proc = subprocess.run([str(RIDLEY), "config", "--print", *flags, "--config", "c.yaml"], capture_output=True,
+                          text=True, cwd=tmp_path, env={**os.environ, "RIDLEY_TEST_TOKEN": "s3cr3t"}, timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_print_redacts_secrets_unless_asked(tmp_path):
+    redacted = SECRETS.replace("Bearer ${env:RIDLEY_TEST_TOKEN}", "'[REDACTED]'").replace(
+        "tenant-1", "'[REDACTED]'").replace(" [ebpf]", "\n      - ebpf").replace(
+        " [k8sattributes]", "\n      - k8sattributes").replace(" [otlphttp]", "\n      - otlphttp")
+    assert print_config(tmp_path) == redacted
+    full = print_config(tmp_path, "--no-redact")
+    assert "      Authorization: Bearer s3cr3t\n      X-Scope-OrgID: tenant-1\n" in full
+    assert full.replace("Bearer s3cr3t", "'[REDACTED]'").replace("tenant-1", "'[REDACTED]'") == redacted

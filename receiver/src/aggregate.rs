@@ -135,6 +135,29 @@ fn link_of(rec: &SockRecord, end: End, host_netns: u32) -> LinkKey {
     }
 }
 
+/// A globally routable address: not private, loopback, link-local, carrier-grade NAT
+/// (100.64.0.0/10), unique-local IPv6 (fc00::/7) or unspecified.
+fn is_public(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
 /// An endpoint as seen across the host: loopback addresses are per network namespace.
 fn endpoint(addr: [u8; 16], port: u16, netns: u32) -> (IpAddr, u16, u32) {
     let addr = ip(addr);
@@ -171,10 +194,15 @@ pub struct Aggregator {
     /// State of the sampling PRNG (xorshift64*): statistical, not secret.
     rng: u64,
     host_netns: u32,
+    max_links: usize,
+    group_public_clients: bool,
+    keep_client_ranges: Vec<ipnet::IpNet>,
+    /// Records counted in the overflow series (the link limit was reached).
+    link_limit_hits: u64,
 }
 
 /// Sampling knobs and the clock the kernel's timestamps are converted with.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct AggregatorConfig {
     pub idle_timeout: Duration,
     pub samples_per_link: usize,
@@ -182,6 +210,12 @@ pub struct AggregatorConfig {
     pub wall_minus_monotonic_ns: i128,
     /// Inode of the host's network namespace (`/proc/1/ns/net`).
     pub host_netns: u32,
+    /// Links kept at most; beyond it, new links are counted in [`LinkKey::OVERFLOW`].
+    pub max_links: usize,
+    /// Group public client addresses into one client per server port.
+    pub group_public_clients: bool,
+    /// Client ranges never grouped (public ranges of partners, clusters on public IPs).
+    pub keep_client_ranges: Vec<ipnet::IpNet>,
 }
 
 struct Link {
@@ -224,7 +258,35 @@ impl Aggregator {
             wall_minus_monotonic_ns: config.wall_minus_monotonic_ns,
             rng: 0x9e37_79b9_7f4a_7c15 ^ config.wall_minus_monotonic_ns as u64,
             host_netns: config.host_netns,
+            max_links: config.max_links,
+            group_public_clients: config.group_public_clients,
+            keep_client_ranges: config.keep_client_ranges,
+            link_limit_hits: 0,
         }
+    }
+
+    /// The link a connection's records are counted in: its own, with a public client
+    /// grouped, or the overflow series once `max_links` links exist. This is what bounds
+    /// the receiver's memory under a port scan or an internet-facing server.
+    fn admit(&mut self, mut key: LinkKey) -> LinkKey {
+        if self.group_public_clients
+            && is_public(key.client)
+            && !self
+                .keep_client_ranges
+                .iter()
+                .any(|net| net.contains(&key.client))
+        {
+            key.client = match key.client {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            key.client_cgroup = 0;
+        }
+        if self.links.contains_key(&key) || self.links.len() < self.max_links {
+            return key;
+        }
+        self.link_limit_hits += 1;
+        LinkKey::OVERFLOW
     }
 
     fn next_random(&mut self) -> u64 {
@@ -335,7 +397,7 @@ impl Aggregator {
                     // No answer before the kernel (ETIMEDOUT) or the application gave up.
                     FailureReason::Timeout
                 };
-                let key = link_of(rec, End::Client, self.host_netns);
+                let key = self.admit(link_of(rec, End::Client, self.host_netns));
                 self.offer_sample(key, rec, Some(reason), now);
                 self.link_mut(key, now).stats.add_failure(reason);
             }
@@ -364,7 +426,7 @@ impl Aggregator {
                 } else {
                     End::Client
                 };
-                let key = link_of(rec, end, self.host_netns);
+                let key = self.admit(link_of(rec, end, self.host_netns));
                 self.record_open(key, rec, failure, now);
                 (key, end, Payload::baseline(rec))
             }
@@ -456,7 +518,7 @@ impl Aggregator {
                 continue;
             }
             let end = end_of(rec);
-            let key = link_of(rec, end, self.host_netns);
+            let key = self.admit(link_of(rec, end, self.host_netns));
             let counted = if rec.flags & flags::TRACKED != 0 {
                 self.record_open(key, rec, None, now);
                 Payload::baseline(rec)
@@ -545,6 +607,7 @@ impl Aggregator {
     /// Receiver-side losses (the kernel's are read from its counters).
     pub fn add_losses(&self, losses: &mut Losses) {
         losses.close_lost = self.close_lost;
+        losses.link_limit = self.link_limit_hits;
     }
 
     pub fn open_connections(&self) -> usize {
@@ -596,6 +659,9 @@ mod tests {
             // Monotonic 0 is wall-clock 1_700_000_000 s.
             wall_minus_monotonic_ns: 1_700_000_000 * 1_000_000_000,
             host_netns: 1,
+            max_links: 100,
+            group_public_clients: true,
+            keep_client_ranges: vec!["203.0.113.0/24".parse().unwrap()],
         }
     }
 
@@ -876,6 +942,70 @@ mod tests {
         assert_eq!(
             links[0].1.bytes_transmit, 500,
             "the client's 500 bytes, counted once"
+        );
+    }
+
+    #[test]
+    fn links_beyond_the_limit_go_to_the_overflow_series() {
+        let mut config = config(60);
+        config.max_links = 3;
+        let mut agg = Aggregator::new(config);
+        // A scan: one client, 10 closed ports.
+        for port in 0..10u16 {
+            let mut refused = client(u64::from(port) + 1);
+            refused.kind = kind::CONNECT_FAILED;
+            refused.state = tcp_state::SYN_SENT;
+            refused.established_ns = 0;
+            refused.sk_err = 111;
+            refused.remote_port = 1000 + port;
+            agg.apply_event(&refused, at(1));
+        }
+        let links = agg.collect(at(1));
+        assert_eq!(links.len(), 4, "3 links and the overflow series");
+        let overflow = links
+            .iter()
+            .find(|(k, _)| k.is_overflow())
+            .expect("overflow");
+        assert_eq!(overflow.1.failed(FailureReason::Refused), 7);
+        let total: u64 = links
+            .iter()
+            .map(|(_, s)| s.failed(FailureReason::Refused))
+            .sum();
+        assert_eq!(total, 10, "nothing lost, only grouped");
+        let mut losses = Losses::default();
+        agg.add_losses(&mut losses);
+        assert_eq!(losses.link_limit, 7);
+    }
+
+    #[test]
+    fn public_clients_are_grouped_per_server_port_unless_kept() {
+        let mut agg = Aggregator::new(config(60));
+        let server_of = |sk: u64, peer: [u8; 4]| {
+            let mut rec = closed(client(sk), 10, 20);
+            rec.role = role::SERVER;
+            rec.local_addr = v4([10, 0, 0, 2]);
+            rec.local_port = 443;
+            rec.remote_addr = v4(peer);
+            rec.remote_port = 50000;
+            rec
+        };
+        for (sk, peer) in [
+            (1, [8, 8, 8, 8]),
+            (2, [1, 1, 1, 1]),
+            (3, [203, 0, 113, 5]),
+            (4, [10, 9, 9, 9]),
+            (5, [100, 64, 0, 1]),
+        ] {
+            agg.apply_event(&server_of(sk, peer), at(1));
+        }
+        let clients: Vec<String> = agg
+            .collect(at(1))
+            .iter()
+            .map(|(k, s)| format!("{}:{}", k.client, s.opened))
+            .collect();
+        assert_eq!(
+            clients,
+            ["0.0.0.0:2", "10.9.9.9:1", "100.64.0.1:1", "203.0.113.5:1"]
         );
     }
 

@@ -19,6 +19,26 @@ pub struct LinkKey {
 }
 
 impl LinkKey {
+    /// The one series that counts everything beyond the receiver's link limit (the
+    /// OpenTelemetry SDK's cardinality-limit convention: `otel.metric.overflow = true`).
+    /// No real link has an unspecified server address and port 0.
+    pub const OVERFLOW: LinkKey = LinkKey {
+        client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        server: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        server_port: 0,
+        client_cgroup: 0,
+    };
+
+    pub fn is_overflow(&self) -> bool {
+        *self == Self::OVERFLOW
+    }
+
+    /// The client end stands for every public address that talked to this server port
+    /// (see the receiver's `group_public_clients`): exported as `external`.
+    pub fn client_is_grouped(&self) -> bool {
+        self.client.is_unspecified() && !self.is_overflow()
+    }
+
     /// `network.type`: `ipv4` or `ipv6` (IPv4-mapped IPv6 is already shown as IPv4).
     pub fn network_type(&self) -> &'static str {
         match self.server {
@@ -258,6 +278,9 @@ pub struct Losses {
     pub endpoint_table_full: u64,
     /// Kernel memory reads that failed.
     pub read_errors: u64,
+    /// Connection records counted in the overflow series because the link limit was
+    /// reached (not lost, but no longer told apart by link).
+    pub link_limit: u64,
     /// Connections that vanished between two walks without a close record.
     pub close_lost: u64,
     /// Network namespaces a walk could not enter or read (missing privileges, a
@@ -266,12 +289,13 @@ pub struct Losses {
 }
 
 impl Losses {
-    pub fn entries(&self) -> [(&'static str, u64); 6] {
+    pub fn entries(&self) -> [(&'static str, u64); 7] {
         [
             ("ringbuf_full", self.ringbuf_full),
             ("socket_table_full", self.socket_table_full),
             ("endpoint_table_full", self.endpoint_table_full),
             ("read_error", self.read_errors),
+            ("link_limit", self.link_limit),
             ("close_lost", self.close_lost),
             ("namespace_skipped", self.namespace_skipped),
         ]
@@ -322,6 +346,9 @@ impl EndRef {
         }
     }
 }
+
+/// The name of a grouped client end (public addresses, see `LinkKey::client_is_grouped`).
+pub const GROUPED_CLIENT_NAME: &str = "external";
 
 /// What a receiver emits once per collection interval.
 #[derive(Clone, Debug)]
@@ -393,7 +420,11 @@ impl LinkBatch {
     pub fn end_names(&self, key: &LinkKey) -> (EndIdentity, EndIdentity) {
         let or_address = |identity: Option<&EndIdentity>, addr: IpAddr| {
             identity.cloned().unwrap_or_else(|| EndIdentity {
-                service_name: addr.to_string(),
+                service_name: if addr.is_unspecified() {
+                    GROUPED_CLIENT_NAME.to_owned()
+                } else {
+                    addr.to_string()
+                },
                 attributes: Vec::new(),
             })
         };

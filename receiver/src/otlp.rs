@@ -41,9 +41,22 @@ pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
 /// The link attributes every `ridley.link.*` point and span carries; an end's address
 /// only where it names one socket address (see `LinkBatch::addresses_exported`).
 pub(crate) fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Vec<KeyValue> {
-    let client = with_addresses
-        .0
-        .then(|| kv_str("client.address", key.client.to_string()));
+    if key.is_overflow() {
+        return vec![kv(
+            "otel.metric.overflow",
+            any_value::Value::BoolValue(true),
+        )];
+    }
+    let client = if key.client_is_grouped() {
+        Some(kv_str(
+            "ridley.client.group",
+            crate::model::GROUPED_CLIENT_NAME,
+        ))
+    } else {
+        with_addresses
+            .0
+            .then(|| kv_str("client.address", key.client.to_string()))
+    };
     let server = with_addresses
         .1
         .then(|| kv_str("server.address", key.server.to_string()));
@@ -65,6 +78,9 @@ pub(crate) fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Ve
 /// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
 pub(crate) fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> {
     let mut attributes = link_attributes(key, batch.addresses_exported(key));
+    if key.is_overflow() {
+        return attributes;
+    }
     if key.client_cgroup != 0 {
         let path = batch.cgroups.get(&key.client_cgroup).cloned();
         attributes.push(kv_str(
@@ -365,7 +381,7 @@ fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
         durations: Histogram,
     }
     let mut edges: BTreeMap<(String, String), Edge> = BTreeMap::new();
-    for (key, stats) in &batch.links {
+    for (key, stats) in batch.links.iter().filter(|(key, _)| !key.is_overflow()) {
         let (client, server) = batch.end_names(key);
         let (client, server) = (client.service_name, server.service_name);
         let edge = edges.entry((client, server)).or_insert_with(|| Edge {

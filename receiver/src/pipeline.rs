@@ -16,6 +16,10 @@ use crate::{components, model::LinkBatch, telemetry::Telemetry};
 /// cumulative state, so a slow exporter skips to the newest rather than queueing.
 const PIPELINE_QUEUE: usize = 4;
 
+/// How long the exporters of a pipeline may take to flush at shutdown, together: well
+/// under Kubernetes' default 30 s grace period.
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where a receiver sends its batches: every pipeline that lists it.
 #[derive(Clone)]
 pub struct BatchSender {
@@ -66,9 +70,11 @@ pub trait Processor: Send {
 #[async_trait]
 pub trait Exporter: Send {
     async fn export(&mut self, batch: &LinkBatch) -> Result<()>;
-    /// Flushes what is buffered; called once, after the last batch.
-    async fn shutdown(&mut self) -> Result<()> {
-        Ok(())
+    /// Flushes what is buffered, giving up at `deadline`; called once, after the last
+    /// batch. Returns how many requests were dropped on the way out.
+    async fn shutdown(&mut self, deadline: tokio::time::Instant) -> Result<u64> {
+        let _ = deadline;
+        Ok(0)
     }
 }
 
@@ -138,11 +144,30 @@ impl PipelineRun {
                 }
             }
         }
-        for (id, exporter) in &mut self.exporters {
-            if let Err(e) = exporter.shutdown().await {
-                tracing::error!(pipeline = %self.name, exporter = %id, "flush failed: {e:#}");
+        // Every exporter flushes at once, under one deadline: a dead backend costs the
+        // shutdown at most SHUTDOWN_TIMEOUT, however many exporters there are.
+        let started = tokio::time::Instant::now();
+        let deadline = started + SHUTDOWN_TIMEOUT;
+        let flushes = self.exporters.iter_mut().map(|(id, exporter)| async move {
+            let result = exporter.shutdown(deadline).await;
+            (id.clone(), result)
+        });
+        let mut dropped = 0;
+        for (id, result) in futures::future::join_all(flushes).await {
+            match result {
+                Ok(n) => dropped += n,
+                Err(e) => {
+                    tracing::error!(pipeline = %self.name, exporter = %id, "flush failed: {e:#}")
+                }
             }
         }
+        tracing::info!(
+            pipeline = %self.name,
+            exporters = self.exporters.len(),
+            dropped_requests = dropped,
+            took = ?started.elapsed(),
+            "pipeline flushed"
+        );
         Ok(())
     }
 }

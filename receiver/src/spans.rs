@@ -168,7 +168,8 @@ pub fn trace_requests(
     max_pairs_per_request: usize,
 ) -> Vec<(ExportTraceServiceRequest, usize)> {
     let mut pairs: Vec<(EndIdentity, EndIdentity, Pair)> = Vec::new();
-    for (key, stats) in &batch.links {
+    // The overflow series has no ends to name: it is counted in metrics only.
+    for (key, stats) in batch.links.iter().filter(|(key, _)| !key.is_overflow()) {
         let (client, server) = batch.end_names(key);
         let interval = &stats.interval;
         if !interval.samples.is_empty() {

@@ -15,10 +15,20 @@ pub struct ExporterStats {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
     pub queue_len: AtomicU64,
+    /// Encoded bytes waiting in the queue.
+    pub queue_bytes: AtomicU64,
     pub dropped_spans: AtomicU64,
     pub dropped_metric_requests: AtomicU64,
+    /// Requests of either signal dropped (queue full, out of retries, shutdown).
+    pub dropped_requests_total: AtomicU64,
     /// The last send attempt failed.
     pub failing: std::sync::atomic::AtomicBool,
+}
+
+impl ExporterStats {
+    pub fn dropped_requests(&self) -> u64 {
+        self.dropped_requests_total.load(Ordering::Relaxed)
+    }
 }
 
 /// A snapshot of one exporter's counters.
@@ -29,6 +39,7 @@ pub struct ExporterSnapshot {
     pub sent: u64,
     pub failed: u64,
     pub queue_len: u64,
+    pub queue_bytes: u64,
     pub dropped_spans: u64,
     pub dropped_metric_requests: u64,
     pub failing: bool,
@@ -112,6 +123,7 @@ impl Telemetry {
                 sent: s.sent.load(Ordering::Relaxed),
                 failed: s.failed.load(Ordering::Relaxed),
                 queue_len: s.queue_len.load(Ordering::Relaxed),
+                queue_bytes: s.queue_bytes.load(Ordering::Relaxed),
                 dropped_spans: s.dropped_spans.load(Ordering::Relaxed),
                 dropped_metric_requests: s.dropped_metric_requests.load(Ordering::Relaxed),
                 failing: s.failing.load(Ordering::Relaxed),

@@ -207,6 +207,7 @@ impl Capture {
             read_errors: read(counter::READ_ERRORS)?,
             close_lost: 0,
             namespace_skipped: 0,
+            link_limit: 0,
         })
     }
 }

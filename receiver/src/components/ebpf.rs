@@ -46,6 +46,18 @@ pub struct EbpfConfig {
     /// Also emit `traces_service_graph_*` metrics, as Tempo's metrics-generator writes
     /// them, so a service map needs only a Prometheus-compatible store.
     pub service_graph_metrics: bool,
+    /// Links kept at most. Beyond it, new links are counted together in one overflow
+    /// series (`otel.metric.overflow = true`) and the `link_limit` loss reason: memory and
+    /// export size stay bounded under a port scan.
+    pub max_links: usize,
+    /// Count clients with public (globally routable) addresses as one `external` client
+    /// per server address and port, so that an internet-facing server is a few links,
+    /// not one per visitor. Private, loopback, link-local, CGNAT and ULA addresses, and
+    /// `keep_client_ranges`, keep their own links.
+    pub group_public_clients: bool,
+    /// Client ranges never grouped (CIDRs): partners named by `external_names`, or a
+    /// cluster whose pods have public addresses.
+    pub keep_client_ranges: Vec<String>,
     /// Report ready although the capture is partial (a privilege missing, network
     /// namespaces that cannot be walked). Off: a partial capture fails readiness.
     pub allow_partial_capture: bool,
@@ -60,6 +72,9 @@ impl Default for EbpfConfig {
             ring_buffer_size: 256 * 1024,
             span_pairs_per_link: 10,
             service_graph_metrics: false,
+            max_links: 2000,
+            group_public_clients: true,
+            keep_client_ranges: Vec::new(),
             allow_partial_capture: false,
         }
     }
@@ -71,6 +86,7 @@ const MAX_COLLECTION_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_CONNECTIONS: u32 = 1 << 22;
 const MAX_SPAN_PAIRS_PER_LINK: usize = 1000;
+const MAX_LINKS: usize = 1_000_000;
 
 impl EbpfConfig {
     fn validate(&self) -> Result<()> {
@@ -93,6 +109,17 @@ impl EbpfConfig {
                 "max_connections must be from 1 to {MAX_CONNECTIONS}, got {}",
                 self.max_connections
             );
+        }
+        if self.max_links == 0 || self.max_links > MAX_LINKS {
+            bail!(
+                "max_links must be from 1 to {MAX_LINKS}, got {}",
+                self.max_links
+            );
+        }
+        for range in &self.keep_client_ranges {
+            range
+                .parse::<ipnet::IpNet>()
+                .with_context(|| format!("keep_client_ranges: {range:?} is not a CIDR"))?;
         }
         if self.span_pairs_per_link > MAX_SPAN_PAIRS_PER_LINK {
             bail!(
@@ -284,6 +311,13 @@ impl Receiver for EbpfReceiver {
                 samples_per_link: config.span_pairs_per_link,
                 wall_minus_monotonic_ns: wall_minus_monotonic_ns(),
                 host_netns: host_netns(),
+                max_links: config.max_links,
+                group_public_clients: config.group_public_clients,
+                keep_client_ranges: config
+                    .keep_client_ranges
+                    .iter()
+                    .filter_map(|r| r.parse().ok())
+                    .collect(),
             }),
             cgroups: CgroupPaths::new(),
             start: SystemTime::now(),

@@ -119,13 +119,13 @@ impl Exporter for FileExporter {
             .with_context(|| format!("writing {path}"))
     }
 
-    async fn shutdown(&mut self) -> Result<()> {
+    async fn shutdown(&mut self, _deadline: tokio::time::Instant) -> Result<u64> {
         if let Some(file) = self.file.as_mut() {
             file.sync_all()
                 .await
                 .with_context(|| format!("syncing {}", self.path.display()))?;
         }
-        Ok(())
+        Ok(0)
     }
 }
 

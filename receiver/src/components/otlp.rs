@@ -102,21 +102,36 @@ impl GrpcTransport {
     }
 }
 
-/// The OTLP spec's retryable gRPC codes.
+/// The OTLP spec's retryable gRPC codes; `RESOURCE_EXHAUSTED` only with a
+/// `RetryInfo` (the server can recover), whose delay is then honoured.
 fn send_error(status: tonic::Status) -> SendError {
-    let retryable = matches!(
-        status.code(),
+    use tonic_types::StatusExt;
+    let throttle = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .map(|delay| delay.min(std::time::Duration::from_secs(3600)));
+    let retryable = match status.code() {
         Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::OutOfRange
-            | Code::Unavailable
-            | Code::DataLoss
-            | Code::ResourceExhausted
-    );
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::OutOfRange
+        | Code::Unavailable
+        | Code::DataLoss => true,
+        Code::ResourceExhausted => throttle.is_some(),
+        _ => false,
+    };
+    // tonic's message alone hides a transport error's cause.
+    let mut message = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(&status);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
     SendError {
         retryable,
-        message: format!("{:?}: {}", status.code(), status.message()),
+        throttle,
+        message,
     }
 }
 
@@ -124,7 +139,7 @@ fn send_error(status: tonic::Status) -> SendError {
 impl Transport for GrpcTransport {
     async fn send(&self, payload: &Payload) -> Result<(), SendError> {
         match payload {
-            Payload::Metrics(request) => {
+            Payload::Metrics { request, .. } => {
                 let response = self
                     .metrics
                     .clone()

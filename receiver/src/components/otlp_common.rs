@@ -3,9 +3,14 @@
 //! itself; each transport only knows how to send one request.
 //!
 //! Nothing is lost silently and memory stays bounded while a collector is away:
-//! cumulative metric requests supersede each other (the queue keeps only the newest,
-//! which carries every count), delta metric requests and span requests wait in the
-//! bounded queue, and what does not fit or runs out of retries is dropped and counted.
+//! cumulative metric requests supersede each other (the queue keeps only the newest
+//! batch, which carries every count), delta metric requests and span requests wait in
+//! the queue (bounded in requests and in bytes), and what does not fit or runs out of
+//! retries is dropped and counted. No request is larger than `max_request_size`: a
+//! batch too large for one is split, so that one oversized request cannot block the
+//! rest. Retries follow the collector's exporterhelper: exponential backoff with
+//! randomization, a limit on the time spent per request, and the server's throttling
+//! (HTTP `Retry-After`, gRPC `RetryInfo`) honoured.
 use std::{
     collections::{BTreeMap, VecDeque},
     path::PathBuf,
@@ -18,6 +23,7 @@ use async_trait::async_trait;
 use config::Signal;
 use opentelemetry_proto::tonic::{
     collector::{metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest},
+    metrics::v1::{Metric, metric},
     resource::v1::Resource,
 };
 use serde::Deserialize;
@@ -32,10 +38,10 @@ use crate::{
     temporality::DeltaConverter,
 };
 
-/// Span pairs per trace export request.
+/// Span pairs per trace export request (about 2.7 KB each: well below any limit).
 const PAIRS_PER_REQUEST: usize = 512;
-/// How long shutdown waits for the queue to drain.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// What a request may carry besides its points (resource, scope, metric headers).
+const REQUEST_ENVELOPE_BYTES: usize = 16 * 1024;
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields, default)]
@@ -76,6 +82,11 @@ pub struct RetryConfig {
     /// Give up on a request after this long (0: never).
     #[serde(with = "humantime_serde")]
     pub max_elapsed_time: Duration,
+    /// Each interval is this many times the previous one.
+    pub multiplier: f32,
+    /// Each wait is drawn from `interval * (1 +- randomization_factor)`, so that the
+    /// agents of a cluster do not retry in step.
+    pub randomization_factor: f32,
 }
 
 impl Default for RetryConfig {
@@ -86,7 +97,64 @@ impl Default for RetryConfig {
             initial_interval: Duration::from_secs(5),
             max_interval: Duration::from_secs(30),
             max_elapsed_time: Duration::from_secs(300),
+            multiplier: 1.5,
+            randomization_factor: 0.5,
         }
+    }
+}
+
+/// Bounds that keep every accepted retry setting runnable and polite.
+const MIN_RETRY_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(3600);
+
+impl RetryConfig {
+    fn validate(&self) -> Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let in_range = |d: Duration| (MIN_RETRY_INTERVAL..=MAX_RETRY_INTERVAL).contains(&d);
+        if !in_range(self.initial_interval) || !in_range(self.max_interval) {
+            bail!(
+                "retry_on_failure: initial_interval and max_interval must be from 10ms to 1h, got {} and {}",
+                humantime::format_duration(self.initial_interval),
+                humantime::format_duration(self.max_interval)
+            );
+        }
+        if self.max_interval < self.initial_interval {
+            bail!("retry_on_failure: max_interval must be at least initial_interval");
+        }
+        if self.max_elapsed_time > Duration::from_secs(24 * 3600) {
+            bail!("retry_on_failure: max_elapsed_time must be at most 24h (0: no limit)");
+        }
+        if !(1.0..=10.0).contains(&self.multiplier) {
+            bail!(
+                "retry_on_failure: multiplier must be from 1 to 10, got {}",
+                self.multiplier
+            );
+        }
+        if !(0.0..=1.0).contains(&self.randomization_factor) {
+            bail!(
+                "retry_on_failure: randomization_factor must be from 0 to 1, got {}",
+                self.randomization_factor
+            );
+        }
+        Ok(())
+    }
+
+    /// The exponential sequence of waits (before randomization), without end.
+    fn backoff(&self) -> backon::ExponentialBackoff {
+        use backon::BackoffBuilder;
+        backon::ExponentialBuilder::new()
+            .with_min_delay(self.initial_interval)
+            .with_max_delay(self.max_interval)
+            .with_factor(self.multiplier)
+            .without_max_times()
+            .build()
+    }
+
+    fn randomize(&self, wait: Duration) -> Duration {
+        let spread = 2.0 * fastrand::f64() - 1.0;
+        wait.mul_f64((1.0 + f64::from(self.randomization_factor) * spread).max(0.0))
     }
 }
 
@@ -97,6 +165,10 @@ pub struct QueueConfig {
     pub enabled: bool,
     /// Requests held at most.
     pub queue_size: usize,
+    /// Bytes (encoded requests) held at most, whatever their number: the bound that
+    /// matters for memory. A number or a size such as `16MiB`.
+    #[serde(deserialize_with = "config::byte_size")]
+    pub max_bytes: u64,
 }
 
 impl Default for QueueConfig {
@@ -104,6 +176,7 @@ impl Default for QueueConfig {
         QueueConfig {
             enabled: true,
             queue_size: 1000,
+            max_bytes: 16 << 20,
         }
     }
 }
@@ -135,6 +208,17 @@ pub struct OtlpConfig {
     /// Metric temporality sent: `cumulative` (default) or `delta`.
     #[serde(default)]
     pub temporality: Temporality,
+    /// Encoded size of one request at most; larger batches are split. Below the 4 MiB
+    /// a collector's OTLP receiver accepts by default.
+    #[serde(
+        default = "default_max_request_size",
+        deserialize_with = "config::byte_size"
+    )]
+    pub max_request_size: u64,
+}
+
+fn default_max_request_size() -> u64 {
+    3 << 20
 }
 
 fn default_timeout() -> Duration {
@@ -152,10 +236,19 @@ impl OtlpConfig {
         if self.sending_queue.enabled && self.sending_queue.queue_size == 0 {
             bail!("sending_queue.queue_size must be positive");
         }
-        if self.timeout.is_zero() {
-            bail!("timeout must be positive");
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
+            bail!("timeout must be from 1ns to 1h");
         }
-        Ok(())
+        if self.sending_queue.enabled && self.sending_queue.max_bytes < self.max_request_size {
+            bail!("sending_queue.max_bytes must be at least max_request_size");
+        }
+        if !(64 * 1024..=64 << 20).contains(&self.max_request_size) {
+            bail!(
+                "max_request_size must be from 64KiB to 64MiB, got {}",
+                self.max_request_size
+            );
+        }
+        self.retry_on_failure.validate()
     }
 
     pub fn read_tls_file(path: &Option<PathBuf>, what: &str) -> Result<Option<Vec<u8>>> {
@@ -170,7 +263,12 @@ impl OtlpConfig {
 /// One request, as queued.
 #[derive(Clone, Debug)]
 pub enum Payload {
-    Metrics(ExportMetricsServiceRequest),
+    Metrics {
+        request: ExportMetricsServiceRequest,
+        /// Which batch it came from: a cumulative batch supersedes every part of the
+        /// batches before it.
+        batch: u64,
+    },
     Traces {
         request: ExportTraceServiceRequest,
         pairs: usize,
@@ -180,8 +278,20 @@ pub enum Payload {
 impl Payload {
     fn spans(&self) -> u64 {
         match self {
-            Payload::Metrics(_) => 0,
+            Payload::Metrics { .. } => 0,
             Payload::Traces { pairs, .. } => 2 * *pairs as u64,
+        }
+    }
+
+    fn is_metrics(&self) -> bool {
+        matches!(self, Payload::Metrics { .. })
+    }
+
+    fn encoded_len(&self) -> usize {
+        use prost::Message;
+        match self {
+            Payload::Metrics { request, .. } => request.encoded_len(),
+            Payload::Traces { request, .. } => request.encoded_len(),
         }
     }
 }
@@ -190,7 +300,107 @@ impl Payload {
 pub struct SendError {
     /// Worth trying again (unavailable, throttled, timed out), as the OTLP spec says.
     pub retryable: bool,
+    /// The server asked to wait this long before the next attempt (HTTP `Retry-After`,
+    /// gRPC `RetryInfo`).
+    pub throttle: Option<Duration>,
     pub message: String,
+}
+
+/// Splits a metrics request into requests of at most `max_bytes` encoded, by data
+/// point, each carrying the same resource and scope and the headers of the metrics
+/// it has points of. One point is never split (a point is far below any limit).
+pub fn split_metrics_request(
+    request: ExportMetricsServiceRequest,
+    max_bytes: usize,
+) -> Vec<ExportMetricsServiceRequest> {
+    use opentelemetry_proto::tonic::metrics::v1::{ResourceMetrics, ScopeMetrics};
+    use prost::Message;
+    if request.encoded_len() <= max_bytes {
+        return vec![request];
+    }
+    let budget = max_bytes.saturating_sub(REQUEST_ENVELOPE_BYTES).max(1);
+    let mut out = Vec::new();
+    for rm in request.resource_metrics {
+        for sm in rm.scope_metrics {
+            let mut chunks: Vec<Vec<Metric>> = vec![Vec::new()];
+            let mut used = 0;
+            for piece in sm.metrics.into_iter().flat_map(one_point_pieces) {
+                let size = piece.encoded_len();
+                if used + size > budget && used > 0 {
+                    chunks.push(Vec::new());
+                    used = 0;
+                }
+                used += size;
+                let chunk = chunks.last_mut().expect("never empty");
+                let left = match chunk.last_mut() {
+                    Some(last) if last.name == piece.name => absorb(last, piece),
+                    _ => Some(piece),
+                };
+                chunk.extend(left);
+            }
+            out.extend(chunks.into_iter().filter(|c| !c.is_empty()).map(|metrics| {
+                ExportMetricsServiceRequest {
+                    resource_metrics: vec![ResourceMetrics {
+                        resource: rm.resource.clone(),
+                        scope_metrics: vec![ScopeMetrics {
+                            scope: sm.scope.clone(),
+                            metrics,
+                            schema_url: sm.schema_url.clone(),
+                        }],
+                        schema_url: rm.schema_url.clone(),
+                    }],
+                }
+            }));
+        }
+    }
+    out
+}
+
+/// A metric as one metric per data point (same name, description, unit, kind).
+fn one_point_pieces(mut metric: Metric) -> Vec<Metric> {
+    let piece = |header: &Metric, data: metric::Data| Metric {
+        data: Some(data),
+        ..header.clone()
+    };
+    match metric.data.take() {
+        Some(metric::Data::Sum(mut sum)) => std::mem::take(&mut sum.data_points)
+            .into_iter()
+            .map(|p| {
+                let mut one = sum.clone();
+                one.data_points = vec![p];
+                piece(&metric, metric::Data::Sum(one))
+            })
+            .collect(),
+        Some(metric::Data::Histogram(mut histogram)) => std::mem::take(&mut histogram.data_points)
+            .into_iter()
+            .map(|p| {
+                let mut one = histogram.clone();
+                one.data_points = vec![p];
+                piece(&metric, metric::Data::Histogram(one))
+            })
+            .collect(),
+        // Kinds ridley does not emit travel whole.
+        other => vec![Metric {
+            data: other,
+            ..metric
+        }],
+    }
+}
+
+/// Moves the points of `piece` into `into` when both are of the same kind; otherwise
+/// gives the piece back.
+fn absorb(into: &mut Metric, piece: Metric) -> Option<Metric> {
+    match (into.data.as_mut(), piece.data) {
+        (Some(metric::Data::Sum(a)), Some(metric::Data::Sum(b))) => {
+            a.data_points.extend(b.data_points);
+            None
+        }
+        (Some(metric::Data::Histogram(a)), Some(metric::Data::Histogram(b))) => {
+            a.data_points.extend(b.data_points);
+            None
+        }
+        (_, data) => Some(Metric { data, ..piece }),
+    }
 }
 
 /// Sends one request over one protocol.
@@ -199,61 +409,104 @@ pub trait Transport: Send + Sync + 'static {
     async fn send(&self, payload: &Payload) -> Result<(), SendError>;
 }
 
+#[derive(Default)]
+struct Queued {
+    items: VecDeque<(Payload, usize)>,
+    bytes: usize,
+}
+
 struct Queue {
-    items: Mutex<VecDeque<Payload>>,
+    queued: Mutex<Queued>,
     notify: Notify,
     closing: std::sync::atomic::AtomicBool,
+    /// Requests held at most.
     capacity: usize,
-    /// Metric requests are cumulative: a newer one supersedes any queued one.
+    /// Encoded bytes held at most.
+    max_bytes: usize,
+    /// Metric requests are cumulative: a newer batch supersedes any queued one.
     coalesce_metrics: bool,
     stats: Arc<ExporterStats>,
 }
 
 impl Queue {
     fn push(&self, payload: Payload) {
-        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        if self.coalesce_metrics && matches!(payload, Payload::Metrics(_)) {
-            items.retain(|p| !matches!(p, Payload::Metrics(_)));
-        }
-        if items.len() >= self.capacity {
-            match payload {
-                Payload::Traces { .. } => {
-                    count_drop(&self.stats, &payload);
-                    return;
-                }
-                Payload::Metrics(_) => {
-                    // Newer data is worth more: the oldest metric request goes, or the
-                    // oldest request of any kind when no metric request is queued.
-                    let victim = items
-                        .iter()
-                        .position(|p| matches!(p, Payload::Metrics(_)))
-                        .unwrap_or(0);
-                    if let Some(victim) = items.remove(victim) {
-                        count_drop(&self.stats, &victim);
-                    }
-                }
+        let size = payload.encoded_len();
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        if let (true, Payload::Metrics { batch, .. }) = (self.coalesce_metrics, &payload) {
+            let batch = *batch;
+            let before = q.items.len();
+            q.items
+                .retain(|(p, _)| !matches!(p, Payload::Metrics { batch: b, .. } if *b != batch));
+            if q.items.len() != before {
+                q.bytes = q.items.iter().map(|(_, size)| size).sum();
             }
         }
-        items.push_back(payload);
-        self.stats
-            .queue_len
-            .store(items.len() as u64, Ordering::Relaxed);
-        drop(items);
+        while q.items.len() >= self.capacity || q.bytes + size > self.max_bytes {
+            if !payload.is_metrics() {
+                count_drop(&self.stats, &payload);
+                self.publish(&q);
+                return;
+            }
+            // Newer data is worth more: the oldest metric request goes, or the oldest
+            // request of any kind when no metric request is queued.
+            let victim = q
+                .items
+                .iter()
+                .position(|(p, _)| p.is_metrics())
+                .unwrap_or(0);
+            let Some((victim, victim_size)) = q.items.remove(victim) else {
+                break;
+            };
+            q.bytes -= victim_size;
+            count_drop(&self.stats, &victim);
+        }
+        q.items.push_back((payload, size));
+        q.bytes += size;
+        self.publish(&q);
+        drop(q);
         self.notify.notify_one();
     }
 
-    fn pop(&self) -> Option<Payload> {
-        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        let item = items.pop_front();
+    fn publish(&self, q: &Queued) {
         self.stats
             .queue_len
-            .store(items.len() as u64, Ordering::Relaxed);
-        item
+            .store(q.items.len() as u64, Ordering::Relaxed);
+        self.stats
+            .queue_bytes
+            .store(q.bytes as u64, Ordering::Relaxed);
     }
 
-    fn has_newer_metrics(&self) -> bool {
-        let items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        items.iter().any(|p| matches!(p, Payload::Metrics(_)))
+    fn pop(&self) -> Option<Payload> {
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let (item, size) = q.items.pop_front()?;
+        q.bytes -= size;
+        self.publish(&q);
+        Some(item)
+    }
+
+    /// A metrics request of a later batch is queued: this one carries nothing more.
+    fn is_superseded(&self, payload: &Payload) -> bool {
+        let Payload::Metrics { batch, .. } = payload else {
+            return false;
+        };
+        if !self.coalesce_metrics {
+            return false;
+        }
+        let q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        q.items
+            .iter()
+            .any(|(p, _)| matches!(p, Payload::Metrics { batch: b, .. } if b > batch))
+    }
+
+    fn drop_all(&self) -> u64 {
+        let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = q.items.len() as u64;
+        for (payload, _) in q.items.drain(..) {
+            count_drop(&self.stats, &payload);
+        }
+        q.bytes = 0;
+        self.publish(&q);
+        dropped
     }
 
     fn is_closing(&self) -> bool {
@@ -261,6 +514,10 @@ impl Queue {
     }
 }
 
+/// Sends queued requests one at a time. The backoff belongs to the sender, not to a
+/// request: after a failure, nothing is sent before the wait is over, whichever
+/// request comes next (a newer cumulative batch included), so a dead or throttling
+/// collector sees at most one attempt per wait. A success resets it.
 async fn run_sender(
     queue: Arc<Queue>,
     transport: Arc<dyn Transport>,
@@ -269,7 +526,9 @@ async fn run_sender(
 ) {
     let stats = queue.stats.clone();
     let mut failing = false;
-    loop {
+    let mut backoff = retry.backoff();
+    let mut not_before = tokio::time::Instant::now();
+    'requests: loop {
         let Some(payload) = queue.pop() else {
             if queue.is_closing() {
                 return;
@@ -278,8 +537,21 @@ async fn run_sender(
             continue;
         };
         let started = Instant::now();
-        let mut backoff = retry.initial_interval;
         loop {
+            // Sleep out the wait, waking early only for shutdown.
+            while tokio::time::Instant::now() < not_before {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(not_before) => {}
+                    _ = queue.notify.notified() => {}
+                }
+                if queue.is_closing() {
+                    count_drop(&stats, &payload);
+                    continue 'requests;
+                }
+            }
+            if queue.is_superseded(&payload) {
+                continue 'requests;
+            }
             match transport.send(&payload).await {
                 Ok(()) => {
                     stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -288,7 +560,8 @@ async fn run_sender(
                         tracing::info!(exporter = %id, "export recovered");
                         failing = false;
                     }
-                    break;
+                    backoff = retry.backoff();
+                    continue 'requests;
                 }
                 Err(e) => {
                     stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -297,33 +570,15 @@ async fn run_sender(
                         tracing::warn!(exporter = %id, retryable = e.retryable, "export failed: {}", e.message);
                         failing = true;
                     }
+                    let base = backoff.next().unwrap_or(retry.max_interval);
+                    let wait = retry.randomize(base).max(e.throttle.unwrap_or_default());
+                    not_before = tokio::time::Instant::now() + wait;
                     let out_of_time = !retry.max_elapsed_time.is_zero()
-                        && started.elapsed() + backoff > retry.max_elapsed_time;
+                        && started.elapsed() + wait > retry.max_elapsed_time;
                     if !e.retryable || !retry.enabled || out_of_time || queue.is_closing() {
-                        drop_payload(&stats, &payload, &id, &e.message);
-                        break;
+                        drop_payload(&stats, &payload, &id, &e.message, !queue.is_closing());
+                        continue 'requests;
                     }
-                    let superseded = || {
-                        matches!(payload, Payload::Metrics(_))
-                            && queue.coalesce_metrics
-                            && queue.has_newer_metrics()
-                    };
-                    // Sleep out the backoff, waking early only for shutdown or for a newer
-                    // cumulative request (which carries everything this one did).
-                    let wake_at = tokio::time::Instant::now() + backoff;
-                    loop {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(wake_at) => break,
-                            _ = queue.notify.notified() => {}
-                        }
-                        if queue.is_closing() || superseded() {
-                            break;
-                        }
-                    }
-                    if superseded() {
-                        break;
-                    }
-                    backoff = (backoff * 2).min(retry.max_interval);
                 }
             }
         }
@@ -331,13 +586,14 @@ async fn run_sender(
 }
 
 fn count_drop(stats: &ExporterStats, payload: &Payload) {
+    stats.dropped_requests_total.fetch_add(1, Ordering::Relaxed);
     match payload {
         Payload::Traces { .. } => {
             stats
                 .dropped_spans
                 .fetch_add(payload.spans(), Ordering::Relaxed);
         }
-        Payload::Metrics(_) => {
+        Payload::Metrics { .. } => {
             stats
                 .dropped_metric_requests
                 .fetch_add(1, Ordering::Relaxed);
@@ -345,9 +601,12 @@ fn count_drop(stats: &ExporterStats, payload: &Payload) {
     }
 }
 
-fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str) {
+/// Counts a dropped request; logs it unless shutting down (shutdown logs one summary).
+fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str, log: bool) {
     count_drop(stats, payload);
-    tracing::warn!(exporter = %id, "request dropped: {why}");
+    if log {
+        tracing::warn!(exporter = %id, "request dropped: {why}");
+    }
 }
 
 /// The exporter both OTLP protocols use; its `Transport` does the sending.
@@ -361,6 +620,9 @@ pub struct OtlpExporter {
     queue: Arc<Queue>,
     transport: Arc<dyn Transport>,
     retry: RetryConfig,
+    max_request_size: usize,
+    /// Batches exported so far: the generation of cumulative metric requests.
+    batches: u64,
     sender: Option<JoinHandle<()>>,
 }
 
@@ -378,7 +640,7 @@ impl OtlpExporter {
             ids: IdGenerator::default(),
             delta: delta.then(DeltaConverter::default),
             queue: Arc::new(Queue {
-                items: Mutex::new(VecDeque::new()),
+                queued: Mutex::new(Queued::default()),
                 notify: Notify::new(),
                 closing: Default::default(),
                 capacity: if config.sending_queue.enabled {
@@ -386,11 +648,18 @@ impl OtlpExporter {
                 } else {
                     1
                 },
+                max_bytes: if config.sending_queue.enabled {
+                    config.sending_queue.max_bytes as usize
+                } else {
+                    config.max_request_size as usize
+                },
                 coalesce_metrics: !delta,
                 stats,
             }),
             transport,
             retry: config.retry_on_failure.clone(),
+            max_request_size: config.max_request_size as usize,
+            batches: 0,
             sender: None,
         }
     }
@@ -415,7 +684,13 @@ impl Exporter for OtlpExporter {
                 if let Some(delta) = self.delta.as_mut() {
                     delta.convert(&mut request);
                 }
-                self.queue.push(Payload::Metrics(request));
+                self.batches += 1;
+                for request in split_metrics_request(request, self.max_request_size) {
+                    self.queue.push(Payload::Metrics {
+                        request,
+                        batch: self.batches,
+                    });
+                }
             }
             Signal::Traces => {
                 for (request, pairs) in
@@ -428,19 +703,30 @@ impl Exporter for OtlpExporter {
         Ok(())
     }
 
-    async fn shutdown(&mut self) -> Result<()> {
+    async fn shutdown(&mut self, deadline: tokio::time::Instant) -> Result<u64> {
         let Some(sender) = self.sender.take() else {
-            return Ok(());
+            return Ok(0);
         };
-        // Let the queue drain for a while, then stop retrying and drop what is left.
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while self.queue.stats.queue_len.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        let dropped_before = self.queue.stats.dropped_requests();
+        // Let the queue drain until shortly before the deadline, then stop retrying and
+        // drop what is left: the in-flight request gets the rest of the time.
+        let stop_at = deadline - (deadline - tokio::time::Instant::now()) / 4;
+        while self.queue.stats.queue_len.load(Ordering::Relaxed) > 0
+            && tokio::time::Instant::now() < stop_at
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.queue.closing.store(true, Ordering::Relaxed);
-        self.queue.notify.notify_one();
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, sender).await;
-        Ok(())
+        self.queue.notify.notify_waiters();
+        if tokio::time::timeout_at(deadline, sender).await.is_err() {
+            // The in-flight request outlived the deadline: it is abandoned with the task.
+            self.queue
+                .stats
+                .dropped_requests_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.queue.drop_all();
+        Ok(self.queue.stats.dropped_requests() - dropped_before)
     }
 }
 
@@ -450,17 +736,24 @@ mod tests {
 
     fn queue(capacity: usize, coalesce_metrics: bool) -> Queue {
         Queue {
-            items: Mutex::new(VecDeque::new()),
+            queued: Mutex::new(Queued::default()),
             notify: Notify::new(),
             closing: Default::default(),
             capacity,
+            max_bytes: usize::MAX,
             coalesce_metrics,
             stats: Arc::default(),
         }
     }
 
+    static BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    /// A metrics request of a new batch.
     fn metrics() -> Payload {
-        Payload::Metrics(ExportMetricsServiceRequest::default())
+        Payload::Metrics {
+            request: ExportMetricsServiceRequest::default(),
+            batch: BATCH.fetch_add(1, Ordering::Relaxed) + 1,
+        }
     }
 
     fn traces(pairs: usize) -> Payload {
@@ -503,5 +796,222 @@ mod tests {
         }
         assert_eq!(q.stats.queue_len.load(Ordering::Relaxed), 2);
         assert_eq!(q.stats.dropped_metric_requests.load(Ordering::Relaxed), 3);
+    }
+}
+
+#[cfg(test)]
+mod bounds_tests {
+    use super::*;
+    use crate::model::{LinkBatch, LinkKey, LinkStats};
+    use prost::Message;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A batch of `n` links with distinct server ports, as a port scan makes.
+    fn scan_batch(n: u16) -> LinkBatch {
+        let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut batch = LinkBatch::new(t, t);
+        batch.links = (1..=n)
+            .map(|port| {
+                let mut stats = LinkStats::new(t);
+                stats.opened = u64::from(port);
+                (
+                    LinkKey {
+                        client: "10.0.0.1".parse().unwrap(),
+                        server: "10.0.0.2".parse().unwrap(),
+                        server_port: port,
+                        client_cgroup: 0,
+                    },
+                    stats,
+                )
+            })
+            .collect();
+        batch
+    }
+
+    fn points(request: &ExportMetricsServiceRequest, name: &str) -> Vec<i64> {
+        use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value;
+        request.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .filter(|m| m.name == name)
+            .flat_map(|m| match &m.data {
+                Some(metric::Data::Sum(s)) => s
+                    .data_points
+                    .iter()
+                    .map(|p| match p.value {
+                        Some(Value::AsInt(v)) => v,
+                        _ => 0,
+                    })
+                    .collect(),
+                _ => vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_large_batch_is_split_into_requests_below_the_limit_losing_nothing() {
+        let request = otlp::metrics_request(&scan_batch(3000), &otlp::resource(), &[]);
+        let whole = request.encoded_len();
+        assert!(
+            whole > 4 << 20,
+            "a 3,000-port scan is {whole} bytes in one request"
+        );
+        let parts = split_metrics_request(request.clone(), 1 << 20);
+        assert!(parts.len() >= 5, "{} parts", parts.len());
+        for part in &parts {
+            assert!(part.encoded_len() <= 1 << 20, "{}", part.encoded_len());
+        }
+        let opened: Vec<i64> = parts
+            .iter()
+            .flat_map(|p| points(p, "ridley.link.connections.opened"))
+            .collect();
+        assert_eq!(opened, (1..=3000).collect::<Vec<i64>>());
+        let all = |r: &ExportMetricsServiceRequest| {
+            r.resource_metrics[0].scope_metrics[0]
+                .metrics
+                .iter()
+                .map(|m| match &m.data {
+                    Some(metric::Data::Sum(s)) => s.data_points.len(),
+                    Some(metric::Data::Histogram(h)) => h.data_points.len(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+        };
+        assert_eq!(parts.iter().map(all).sum::<usize>(), all(&request));
+        // Small requests pass unchanged.
+        let small = otlp::metrics_request(&scan_batch(3), &otlp::resource(), &[]);
+        assert_eq!(split_metrics_request(small.clone(), 1 << 20), vec![small]);
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let q = Queue {
+            queued: Mutex::new(Queued::default()),
+            notify: Notify::new(),
+            closing: Default::default(),
+            capacity: 1000,
+            max_bytes: 100_000,
+            coalesce_metrics: false,
+            stats: Arc::default(),
+        };
+        let request = otlp::metrics_request(&scan_batch(30), &otlp::resource(), &[]);
+        let size = request.encoded_len();
+        for batch in 0..100 {
+            q.push(Payload::Metrics {
+                request: request.clone(),
+                batch,
+            });
+        }
+        let held = q.stats.queue_len.load(Ordering::Relaxed) as usize;
+        assert_eq!(held, 100_000 / size);
+        assert_eq!(
+            q.stats.queue_bytes.load(Ordering::Relaxed) as usize,
+            held * size
+        );
+        assert_eq!(
+            q.stats.dropped_metric_requests.load(Ordering::Relaxed) as usize,
+            100 - held
+        );
+    }
+
+    struct Failing {
+        attempts: AtomicUsize,
+        throttle: Option<Duration>,
+    }
+
+    #[async_trait]
+    impl Transport for Failing {
+        async fn send(&self, _: &Payload) -> Result<(), SendError> {
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            Err(SendError {
+                retryable: true,
+                throttle: self.throttle,
+                message: "unavailable".into(),
+            })
+        }
+    }
+
+    /// Attempts a dead (or throttling) backend receives in `window`, while a new
+    /// cumulative batch arrives every second.
+    async fn attempts_against(throttle: Option<Duration>, window: Duration) -> usize {
+        let transport = Arc::new(Failing {
+            attempts: AtomicUsize::new(0),
+            throttle,
+        });
+        let queue = Arc::new(Queue {
+            queued: Mutex::new(Queued::default()),
+            notify: Notify::new(),
+            closing: Default::default(),
+            capacity: 10,
+            max_bytes: usize::MAX,
+            coalesce_metrics: true,
+            stats: Arc::default(),
+        });
+        let retry = RetryConfig {
+            initial_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(30),
+            randomization_factor: 0.0,
+            ..RetryConfig::default()
+        };
+        let sender = tokio::spawn(run_sender(
+            queue.clone(),
+            transport.clone(),
+            retry,
+            "otlp".into(),
+        ));
+        let started = tokio::time::Instant::now();
+        let mut batch = 0;
+        while started.elapsed() < window {
+            batch += 1;
+            queue.push(Payload::Metrics {
+                request: ExportMetricsServiceRequest::default(),
+                batch,
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        sender.abort();
+        transport.attempts.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn newer_batches_do_not_skip_the_backoff() {
+        // Waits 1, 1.5, 2.25, 3.4, 5.1, 7.6, 11.4, 17.1 s: 9 attempts in 60 s (one per
+        // new batch would be 60).
+        assert_eq!(attempts_against(None, Duration::from_secs(60)).await, 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn server_throttling_is_honoured() {
+        // Retry-After: 60 s: one attempt a minute.
+        let attempts = attempts_against(Some(Duration::from_secs(60)), Duration::from_secs(300));
+        assert_eq!(attempts.await, 5);
+    }
+
+    #[test]
+    fn retry_settings_that_could_not_run_are_rejected() {
+        let bad = |f: &dyn Fn(&mut RetryConfig)| {
+            let mut retry = RetryConfig::default();
+            f(&mut retry);
+            retry.validate().err().map(|e| e.to_string())
+        };
+        assert_eq!(
+            bad(&|r| r.initial_interval = Duration::ZERO).as_deref(),
+            Some(
+                "retry_on_failure: initial_interval and max_interval must be from 10ms to 1h, got 0s and 30s"
+            )
+        );
+        assert!(
+            bad(&|r| r.initial_interval = Duration::from_secs(10_000_000_000_000_000_000))
+                .is_some()
+        );
+        assert_eq!(
+            bad(&|r| r.multiplier = 0.5).as_deref(),
+            Some("retry_on_failure: multiplier must be from 1 to 10, got 0.5")
+        );
+        assert_eq!(
+            bad(&|r| r.randomization_factor = 2.0).as_deref(),
+            Some("retry_on_failure: randomization_factor must be from 0 to 1, got 2")
+        );
+        assert_eq!(bad(&|_| {}), None);
     }
 }

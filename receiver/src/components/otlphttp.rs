@@ -92,7 +92,7 @@ impl HttpTransport {
 impl Transport for HttpTransport {
     async fn send(&self, payload: &Payload) -> Result<(), SendError> {
         let (url, body) = match payload {
-            Payload::Metrics(request) => (&self.metrics_url, request.encode_to_vec()),
+            Payload::Metrics { request, .. } => (&self.metrics_url, request.encode_to_vec()),
             Payload::Traces { request, .. } => (&self.traces_url, request.encode_to_vec()),
         };
         let mut request = self.client.post(url.as_str());
@@ -104,6 +104,7 @@ impl Transport for HttpTransport {
                 .and_then(|()| encoder.finish())
                 .map_err(|e| SendError {
                     retryable: false,
+                    throttle: None,
                     message: format!("gzip: {e}"),
                 })?
         } else {
@@ -114,7 +115,10 @@ impl Transport for HttpTransport {
         }
         let response = request.body(body).send().await.map_err(|e| SendError {
             retryable: true,
-            message: format!("{url}: {e}"),
+            throttle: None,
+            // reqwest's Display hides the cause (connection refused, certificate
+            // rejected): keep the whole chain.
+            message: format!("{url}: {}", error_chain(&e)),
         })?;
         let status = response.status();
         if status.is_success() {
@@ -128,9 +132,65 @@ impl Transport for HttpTransport {
                 | StatusCode::SERVICE_UNAVAILABLE
                 | StatusCode::GATEWAY_TIMEOUT
         );
+        let throttle = retry_after(response.headers(), std::time::SystemTime::now());
         Err(SendError {
             retryable,
+            throttle,
             message: format!("{url}: HTTP {status}"),
         })
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The server's `Retry-After`: seconds, or an HTTP date (RFC 9110). Capped at an hour:
+/// a bogus value must not silence an exporter for good.
+fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<std::time::Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => std::time::Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(wait.min(std::time::Duration::from_secs(3600)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let with = |value: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers, now)
+        };
+        assert_eq!(with("60"), Some(std::time::Duration::from_secs(60)));
+        let later = httpdate::fmt_http_date(now + std::time::Duration::from_secs(120));
+        assert_eq!(with(&later), Some(std::time::Duration::from_secs(120)));
+        assert_eq!(with("999999"), Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(with("soon"), None);
+        assert_eq!(retry_after(&reqwest::header::HeaderMap::new(), now), None);
     }
 }

@@ -1,0 +1,86 @@
+"""Bounded under hostile conditions: a port scan, an internet of clients, a collector
+that limits request size. Each test reproduces the fault and asserts the bound."""
+import time
+
+from conftest import HOSTS, ns, sh
+
+A4, _ = HOSTS["a"]
+B4, _ = HOSTS["b"]
+C4, _ = HOSTS["c"]
+
+
+def points_by_port(batch, name):
+    """{server.port: value} of a link metric, for links from B4 to A4."""
+    return {a["server.port"]: v for a, v in batch.all_points(name)
+            if a.get("client.address") == B4 and a.get("server.address") == A4}
+
+
+def refused(batch, name="ridley.link.connections.failed"):
+    return {a.get("server.port", "overflow"): v for a, v in batch.all_points(name)
+            if a.get("error.type") == "refused" or a.get("otel.metric.overflow")}
+
+
+def test_a_port_scan_is_bounded_by_the_link_limit_and_loses_no_count(ridley, peers):
+    r = ridley(receiver_extra="    max_links: 50\n")
+    assert peers.scan("b", A4, 20000, 20299) == 300
+    final = r.stop()
+    failed = final.all_points("ridley.link.connections.failed")
+    own = {a["server.port"]: v for a, v in failed if a.get("client.address") == B4}
+    overflow = [(a, v) for a, v in failed if a.get("otel.metric.overflow") is True]
+    assert len(own) == 50 and set(own.values()) == {1}
+    assert len(overflow) == 1, overflow
+    attrs, value = overflow[0]
+    # The overflow point carries nothing but the convention's attribute and the reason.
+    assert attrs == {"otel.metric.overflow": True, "error.type": "refused"}
+    assert value == 250
+    assert sum(own.values()) + value == 300
+    assert final.losses()["link_limit"] == 250
+
+
+def test_a_scan_larger_than_the_collectors_request_limit_still_arrives(ridley, peers, collector):
+    """2,600 links are about 5 MB of metrics, above the 4 MiB a collector's gRPC receiver
+    accepts: split into requests of at most `max_request_size`, every link arrives."""
+    collector.start()
+    exporters = (
+        "  otlp:\n"
+        f"    endpoint: {collector.grpc_endpoint}\n"
+        "    tls: {insecure: true}\n"
+        "    retry_on_failure: {initial_interval: 200ms, max_interval: 1s}\n"
+    )
+    r = ridley(exporters=exporters, pipelines={"metrics": ["otlp"]},
+               receiver_extra="    max_links: 5000\n")
+    assert peers.scan("b", A4, 30000, 32599) == 2600
+
+    def all_arrived(c):
+        return len(refused(c.metrics())) >= 2600
+
+    collector.wait_for(all_arrived, timeout=60)
+    r.stop()
+    got = refused(collector.metrics())
+    assert {p: got[p] for p in range(30000, 32600)} == {p: 1 for p in range(30000, 32600)}
+    assert "request dropped" not in r.log_path.read_text()
+
+
+def test_public_clients_are_one_external_peer_per_server_port(ridley, peers):
+    public = ["198.51.100.7", "198.51.100.8"]
+    for addr in public:
+        sh("ip", "-n", ns("c"), "addr", "add", f"{addr}/32", "dev", "eth0")
+        sh("ip", "-n", ns("a"), "route", "add", f"{addr}/32", "via", C4)
+    try:
+        r = ridley()
+        peers.server("a", A4, 8800, reply=7)
+        for addr in public:
+            assert peers.connect("c", A4, 8800, send=3, count=2, source=addr) == ["received 7"] * 2
+        assert peers.connect("b", A4, 8800, send=3) == ["received 7"]
+        final = r.stop()
+    finally:
+        for addr in public:
+            sh("ip", "-n", ns("a"), "route", "del", f"{addr}/32", check=False)
+            sh("ip", "-n", ns("c"), "addr", "del", f"{addr}/32", "dev", "eth0", check=False)
+    opened = [(a.get("client.address"), a.get("ridley.client.group"), v)
+              for a, v in final.all_points("ridley.link.connections.opened")
+              if a.get("server.port") == 8800]
+    assert sorted(opened, key=str) == sorted([(None, "external", 4), (B4, None, 1)], key=str)
+    bytes_ = {a["network.io.direction"]: v for a, v in final.all_points("ridley.link.bytes")
+              if a.get("ridley.client.group") == "external"}
+    assert bytes_ == {"transmit": 12, "receive": 28}

@@ -4,7 +4,13 @@
 //! Watches, not snapshots: each reflector lists once and then follows changes, relisting
 //! on its own after a `410 Gone` or a dropped stream. Errors never reach the data path:
 //! the stores keep their last state, the watcher retries with backoff, and the failure
-//! is logged and counted ([`WatchHealth`]).
+//! is logged once per change of state and counted ([`WatchHealth`]).
+//!
+//! Bounded against a broken or hostile API server: retries back off exponentially with
+//! jitter up to [`MAX_RETRY_DELAY`] and only start again from the beginning once a watch
+//! has been healthy for [`HEALTHY_FOR`]; every response body is cut off at
+//! [`MAX_RESPONSE_BYTES`] (lists are paged, so a real page is far smaller); error texts
+//! are shortened before they are logged.
 use std::{
     collections::BTreeSet,
     path::PathBuf,
@@ -35,6 +41,80 @@ use kube::{
 
 use crate::index::{Owners, SERVICE_NAME_ANNOTATION, Snapshot};
 
+/// First retry delay of a failing watch or client.
+const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Retry delay cap.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+/// A watch counts as recovered (its backoff starts again from the beginning) only after
+/// being healthy this long.
+pub const HEALTHY_FOR: Duration = Duration::from_secs(120);
+/// Bytes of one API response at most (a list page, or one watch connection's stream):
+/// a response that does not end cannot take the daemon's memory with it.
+pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Objects per list page.
+const LIST_PAGE_SIZE: u32 = 100;
+/// Characters of an error kept in a log line.
+const MAX_LOGGED_ERROR: usize = 300;
+
+/// Exponential backoff (kube's, with jitter) whose reset is ignored until the watch has
+/// been healthy for [`HEALTHY_FOR`]. kube resets a stream's backoff on every item, and a
+/// relist that will fail still yields one (its `Init` event) first: with a plain reset a
+/// broken API server would be asked again every second, forever.
+struct WatchBackoff {
+    inner: watcher::ExponentialBackoff,
+    last_failure: Option<std::time::Instant>,
+}
+
+impl WatchBackoff {
+    fn new() -> Self {
+        WatchBackoff {
+            inner: backon::ExponentialBuilder::new()
+                .with_min_delay(MIN_RETRY_DELAY)
+                .with_max_delay(MAX_RETRY_DELAY)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .into(),
+            last_failure: None,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        self.last_failure = Some(std::time::Instant::now());
+        self.inner.next()
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        if self
+            .last_failure
+            .is_none_or(|failed| failed.elapsed() >= HEALTHY_FOR)
+        {
+            self.inner.reset();
+        }
+    }
+}
+
+/// An error's text, cut to a length fit for a log line (an API server can answer with
+/// a body of any size, and some errors quote it).
+fn short(error: &dyn std::fmt::Display) -> String {
+    let mut text = error.to_string();
+    if text.len() > MAX_LOGGED_ERROR {
+        let cut = (0..=MAX_LOGGED_ERROR)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
 /// Watch failures, for logs and self-telemetry.
 #[derive(Debug, Default)]
 pub struct WatchHealth {
@@ -64,7 +144,8 @@ impl WatchHealth {
         if failing.insert(resource) {
             tracing::warn!(
                 resource,
-                "watch failing, serving the last known state and retrying: {error}"
+                "watch failing, serving the last known state and retrying with backoff: {}",
+                short(error)
             );
         }
     }
@@ -105,7 +186,17 @@ impl ClientSource {
             }
             None => Config::infer().await?,
         };
-        Ok(Client::try_from(config)?)
+        let limit_bodies = tower::util::MapResponseLayer::new(
+            |response: http::Response<Box<kube::client::DynBody>>| {
+                response.map(|body| {
+                    Box::new(http_body_util::Limited::new(body, MAX_RESPONSE_BYTES))
+                        as Box<kube::client::DynBody>
+                })
+            },
+        );
+        Ok(kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&limit_bodies)
+            .build())
     }
 }
 
@@ -171,13 +262,16 @@ async fn reflect<K>(
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+    let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE))
+        .backoff(WatchBackoff::new())
         .modify(modify)
         .reflect(writer);
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
+            // `Init` starts a relist that may yet fail: only a completed list or a
+            // delivered change shows that the watch works again.
+            Ok(watcher::Event::Init) => {}
             Ok(_) => health.ok(resource),
             Err(e) => health.error(resource, &e),
         }
@@ -227,15 +321,19 @@ impl Watchers {
             }
         });
         tokio::spawn(async move {
-            let mut delay = Duration::from_secs(1);
+            let mut delays = WatchBackoff::new();
             let client = loop {
                 match source.client().await {
                     Ok(client) => break client,
                     Err(e) => {
-                        health.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("Kubernetes client: {e:#}; retrying in {delay:?}");
+                        let delay = delays.next().unwrap_or(MAX_RETRY_DELAY);
+                        if health.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            tracing::warn!(
+                                "Kubernetes client: {}; retrying with backoff",
+                                short(&format!("{e:#}"))
+                            );
+                        }
                         tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(60));
                     }
                 }
             };

@@ -76,9 +76,16 @@ enum Command {
 /// Logs go to stderr so that the debug exporter's table owns stdout. `RIDLEY_LOG`
 /// (an env-filter) wins over `service.telemetry.logs.level`.
 fn init_logs(level: &str) {
+    // kube's watcher logs some failures at every retry; ridley logs each watch's changes
+    // of state itself, once. Below debug, keep kube to its errors.
+    let default = if matches!(level, "debug" | "trace") {
+        level.to_owned()
+    } else {
+        format!("{level},kube_runtime=error,kube_client=error,kube_client::client::builder=off")
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("RIDLEY_LOG").unwrap_or_else(|_| EnvFilter::new(level)),
+            EnvFilter::try_from_env("RIDLEY_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();

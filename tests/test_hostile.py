@@ -84,3 +84,33 @@ def test_public_clients_are_one_external_peer_per_server_port(ridley, peers):
     bytes_ = {a["network.io.direction"]: v for a, v in final.all_points("ridley.link.bytes")
               if a.get("ridley.client.group") == "external"}
     assert bytes_ == {"transmit": 12, "receive": 28}
+
+
+def test_a_closed_stdout_is_reported_once_and_capture_goes_on(tmp_path):
+    """The debug exporter's reader goes away: one warning, no error per interval, and
+    the daemon still captures and stops cleanly."""
+    import signal
+    import subprocess
+
+    from conftest import RIDLEY
+    config = tmp_path / "debug.yaml"
+    config.write_text(
+        "receivers:\n  ebpf:\n    collection_interval: 200ms\n    idle_timeout: 1m\n"
+        "exporters:\n  debug:\n"
+        "service:\n  pipelines:\n    metrics:\n      receivers: [ebpf]\n      exporters: [debug]\n")
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(RIDLEY), "run", "--config", str(config)],
+                                stdout=subprocess.PIPE, stderr=log)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()
+        time.sleep(2.5)  # about 12 intervals
+        assert proc.poll() is None, log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text
+    assert text.count("stdout is closed: the debug exporter stops writing") == 1, text
+    assert "export failed" not in text, text

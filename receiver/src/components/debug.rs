@@ -35,6 +35,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         config,
         signal: cx.signal,
         telemetry: cx.telemetry.clone(),
+        stdout_closed: false,
     }))
 }
 
@@ -42,6 +43,8 @@ struct DebugExporter {
     config: DebugConfig,
     signal: Signal,
     telemetry: std::sync::Arc<Telemetry>,
+    /// Whoever read stdout went away: said once, then nothing more is written.
+    stdout_closed: bool,
 }
 
 /// One line per link with the span pairs the traces pipeline emits for it.
@@ -190,12 +193,22 @@ impl Exporter for DebugExporter {
             }
             Signal::Traces => render_traces(batch),
         };
+        if self.stdout_closed {
+            return Ok(());
+        }
         let mut stdout = std::io::stdout().lock();
-        stdout
+        let written = stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.write_all(b"\n"))
-            .and_then(|()| stdout.flush())
-            .context("writing to stdout")
+            .and_then(|()| stdout.flush());
+        match written {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.stdout_closed = true;
+                tracing::warn!("stdout is closed: the debug exporter stops writing");
+                Ok(())
+            }
+            other => other.context("writing to stdout"),
+        }
     }
 }
 

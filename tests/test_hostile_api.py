@@ -121,7 +121,7 @@ def test_an_endless_response_is_cut_off_and_memory_stays_bounded(ridley, broken_
     assert r.proc.poll() is None, "still running"
     r.stop()
     # Every response was cut by ridley well before the server's 256 MiB: at 16 MiB of
-    # body plus what sat in socket buffers.
+    # body, plus what sat in the two sockets' buffers (up to about 10 MiB on loopback).
     assert api.bytes_per_response, "the server saw its responses end"
-    assert max(api.bytes_per_response) < 24 << 20, api.bytes_per_response
+    assert max(api.bytes_per_response) < 32 << 20, api.bytes_per_response
     assert peak < 200, f"peak RSS {peak:.0f} MiB"

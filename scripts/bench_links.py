@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""What a link costs (prints figures; asserts nothing about speed).
+
+A client namespace connects once to each of N closed ports of a server namespace (a
+port scan: N links of one refused connection each). For each exporter and each N, the
+daemon's resident memory once the links are exported, its CPU per collection interval,
+and the memory per link above an idle daemon. Bounded: N connects, a fixed number of
+intervals, every process ended by its pid.
+"""
+import argparse
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RIDLEY = pathlib.Path(os.environ.get("RIDLEY_BIN", ROOT / "target" / "release" / "ridley"))
+SERVER_NS, CLIENT_NS = "rdlk-srv", "rdlk-cli"
+SERVER_IP, CLIENT_IP = "10.233.0.1", "10.233.0.2"
+INTERVAL_S = 2.0
+MEASURED_INTERVALS = 5
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+def setup_network():
+    teardown_network()
+    sh("ip", "netns", "add", SERVER_NS)
+    sh("ip", "netns", "add", CLIENT_NS)
+    sh("ip", "link", "add", "rdlk-a", "netns", SERVER_NS, "type", "veth", "peer", "name", "rdlk-b",
+       "netns", CLIENT_NS)
+    for ns, dev, ip in ((SERVER_NS, "rdlk-a", SERVER_IP), (CLIENT_NS, "rdlk-b", CLIENT_IP)):
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+
+def teardown_network():
+    for ns in (SERVER_NS, CLIENT_NS):
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scan(first, count):
+    code = (
+        "import socket\n"
+        f"for port in range({first}, {first + count}):\n"
+        "    s = socket.socket()\n"
+        "    try:\n"
+        f"        s.connect(('{SERVER_IP}', port))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    s.close()\n"
+    )
+    sh("ip", "netns", "exec", CLIENT_NS, sys.executable, "-c", code)
+
+
+def rss_mib(pid):
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def cpu_s(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def exporter_config(kind, workdir):
+    if kind == "file":
+        return f"  file:\n    path: {workdir / 'out.jsonl'}\n", "file"
+    if kind == "prometheus":
+        return f"  prometheus:\n    endpoint: 127.0.0.1:{free_port()}\n", "prometheus"
+    # A collector that is not there: encoding and queueing, every request retried.
+    return (f"  otlp:\n    endpoint: 127.0.0.1:{free_port()}\n    tls: {{insecure: true}}\n",
+            "otlp")
+
+
+def measure(kind, links, workdir):
+    exporters, exporter_id = exporter_config(kind, workdir)
+    config = workdir / f"{kind}-{links}.yaml"
+    config.write_text(
+        "receivers:\n  ebpf:\n"
+        f"    collection_interval: {INTERVAL_S}s\n    idle_timeout: 10m\n"
+        f"    max_links: {max(links, 1) + 10}\n"
+        f"exporters:\n{exporters}"
+        "service:\n  telemetry:\n    logs: {level: warn}\n"
+        f"  pipelines:\n    metrics:\n      receivers: [ebpf]\n      exporters: [{exporter_id}]\n")
+    log = open(workdir / f"{kind}-{links}.log", "w")
+    proc = subprocess.Popen([str(RIDLEY), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=log)
+    try:
+        time.sleep(3)
+        if links:
+            scan(20000, links)
+        time.sleep(2 * INTERVAL_S)  # the links are in the table and have been exported
+        cpu_before = cpu_s(proc.pid)
+        time.sleep(MEASURED_INTERVALS * INTERVAL_S)
+        cpu_per_interval = (cpu_s(proc.pid) - cpu_before) / MEASURED_INTERVALS
+        rss = rss_mib(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    return rss, cpu_per_interval
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--links", default="1000,4000")
+    parser.add_argument("--exporters", default="file,prometheus,otlp")
+    args = parser.parse_args()
+    if not RIDLEY.exists():
+        sys.exit(f"{RIDLEY} is not built (cargo build --release)")
+    setup_network()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = pathlib.Path(tmp)
+            print(f"{'exporter':<11} {'links':>6} {'RSS MiB':>8} {'KiB/link':>9} "
+                  f"{'CPU ms/interval':>16} {'us/link/interval':>17}")
+            for kind in args.exporters.split(","):
+                idle_rss, idle_cpu = measure(kind, 0, workdir)
+                print(f"{kind:<11} {0:>6} {idle_rss:>8.1f} {'':>9} {idle_cpu * 1000:>16.1f} {'':>17}")
+                for links in map(int, args.links.split(",")):
+                    rss, cpu = measure(kind, links, workdir)
+                    per_link_kib = (rss - idle_rss) * 1024 / links
+                    per_link_us = (cpu - idle_cpu) * 1e6 / links
+                    print(f"{kind:<11} {links:>6} {rss:>8.1f} {per_link_kib:>9.1f} "
+                          f"{cpu * 1000:>16.1f} {per_link_us:>17.1f}", flush=True)
+    finally:
+        teardown_network()
+
+
+if __name__ == "__main__":
+    main()

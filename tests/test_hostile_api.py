@@ -16,7 +16,8 @@ RESOURCES = ("pods", "replicasets", "jobs", "services", "endpointslices", "nodes
 
 class BrokenApi:
     """`mode`: `error` answers 500 with a JSON Status; `endless` answers a list whose
-    body never ends (stopped by the client, or after `cap` bytes)."""
+    body never ends (stopped by the client, or after `cap` bytes); `hang` never answers
+    (for 20 s at most), so that the requests counted are the watches open at once."""
 
     def __init__(self, tmp_path, mode, cap=256 << 20):
         self.port = free_port()
@@ -30,6 +31,7 @@ class BrokenApi:
             "contexts: [{name: test, context: {cluster: broken, user: test}}]\n"
             "current-context: test\n")
         api = self
+        self.stopping = threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -40,6 +42,9 @@ class BrokenApi:
             def do_GET(self):
                 resource = re.sub(r"\?.*", "", self.path).rstrip("/").split("/")[-1]
                 api.requests[resource] += 1
+                if mode == "hang":
+                    api.stopping.wait(20)
+                    return
                 if mode == "error":
                     body = b'{"kind":"Status","apiVersion":"v1","status":"Failure","code":500}'
                     self.send_response(500)
@@ -68,6 +73,7 @@ class BrokenApi:
         self.thread.start()
 
     def stop(self):
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -125,3 +131,15 @@ def test_an_endless_response_is_cut_off_and_memory_stays_bounded(ridley, broken_
     assert api.bytes_per_response, "the server saw its responses end"
     assert max(api.bytes_per_response) < 32 << 20, api.bytes_per_response
     assert peak < 200, f"peak RSS {peak:.0f} MiB"
+
+
+def test_one_watch_set_per_process_with_the_daemonset_config(ridley, broken_api):
+    """The shipped DaemonSet lists k8sattributes in its metrics and its traces pipeline:
+    one instance, so six watches (one per resource), not twelve."""
+    api = broken_api("hang")
+    r = ridley(processors=f"  k8sattributes:\n    kubeconfig: {api.kubeconfig}\n",
+               pipeline_processors=["k8sattributes"],
+               pipelines={"metrics": ["file"], "traces": ["file/spans"]})
+    time.sleep(3)
+    r.stop()
+    assert dict(api.requests) == {res: 1 for res in RESOURCES}

@@ -149,14 +149,22 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
         let service = pipeline::Service::build(&loaded.config, telemetry, validate_only)
             .map_err(|e| locate_error(&loaded, e))?;
         if validate_only {
-            let (pipelines, receivers) = service.summary();
+            let (pipelines, receivers, _, _) = service.summary();
             println!(
                 "{}: valid ({pipelines} pipelines, {receivers} receivers)",
                 loaded.origin()
             );
             return Ok(());
         }
-        tracing::info!(config = %loaded.origin(), "starting");
+        let (pipelines, receivers, processors, exporters) = service.summary();
+        tracing::info!(
+            config = %loaded.origin(),
+            pipelines,
+            receivers,
+            processors,
+            exporters,
+            "starting (one instance per component id)"
+        );
         raise_open_file_limit();
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(stop_on_signal(shutdown.clone()));

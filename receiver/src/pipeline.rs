@@ -1,6 +1,11 @@
 //! The collector's shape: receivers produce [`LinkBatch`]es, processors transform them,
 //! exporters send them out. One trait per role; components are built from the registry
 //! (`components.rs`) by their type name and wired by `service.pipelines`.
+//!
+//! One instance per component id, shared by every pipeline that lists it: a receiver
+//! feeds all its pipelines, a processor in two pipelines keeps one state (one set of
+//! Kubernetes watches), an exporter in a metrics and a traces pipeline is one exporter
+//! (one connection) that is told the signal of each batch.
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::{Context, Result, anyhow};
@@ -65,11 +70,11 @@ pub trait Processor: Send {
     fn process(&mut self, batch: LinkBatch) -> LinkBatch;
 }
 
-/// Sends batches out as one signal. An exporter listed in a metrics and a traces
-/// pipeline is built once per pipeline, each instance serving one signal.
+/// Sends batches out. One instance serves every pipeline that lists it: `signal` says
+/// which one a batch comes from.
 #[async_trait]
 pub trait Exporter: Send {
-    async fn export(&mut self, batch: &LinkBatch) -> Result<()>;
+    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()>;
     /// Flushes what is buffered, giving up at `deadline`; called once, after the last
     /// batch. Returns how many requests were dropped on the way out.
     async fn shutdown(&mut self, deadline: tokio::time::Instant) -> Result<u64> {
@@ -93,8 +98,8 @@ pub trait Extension: Send {
 #[derive(Clone)]
 pub struct BuildContext {
     pub id: ComponentId,
-    /// The signal of the pipeline the component is built for.
-    pub signal: Signal,
+    /// The signals of the pipelines that list the component.
+    pub signals: Vec<Signal>,
     pub telemetry: Arc<Telemetry>,
     /// Only check the configuration (`ridley validate`): no ports, no connections.
     pub validate_only: bool,
@@ -120,11 +125,15 @@ pub fn parse_section<T: DeserializeOwned>(
     })
 }
 
+type SharedProcessor = Arc<std::sync::Mutex<Box<dyn Processor>>>;
+type SharedExporter = Arc<tokio::sync::Mutex<Box<dyn Exporter>>>;
+
 struct PipelineRun {
     name: String,
+    signal: Signal,
     self_metrics: bool,
-    processors: Vec<Box<dyn Processor>>,
-    exporters: Vec<(ComponentId, Box<dyn Exporter>)>,
+    processors: Vec<SharedProcessor>,
+    exporters: Vec<(ComponentId, SharedExporter)>,
     input: mpsc::Receiver<Arc<LinkBatch>>,
 }
 
@@ -133,41 +142,19 @@ impl PipelineRun {
         while let Some(batch) = self.input.recv().await {
             let mut batch = Arc::unwrap_or_clone(batch);
             batch.self_metrics = self.self_metrics;
-            for processor in &mut self.processors {
+            for processor in &self.processors {
+                let mut processor = processor.lock().unwrap_or_else(|e| e.into_inner());
                 batch = processor.process(batch);
             }
-            for (id, exporter) in &mut self.exporters {
+            for (id, exporter) in &self.exporters {
                 // One exporter failing must not starve the others; the next batch is
                 // cumulative, so nothing is lost once it recovers.
-                if let Err(e) = exporter.export(&batch).await {
+                let result = exporter.lock().await.export(self.signal, &batch).await;
+                if let Err(e) = result {
                     tracing::error!(pipeline = %self.name, exporter = %id, "export failed: {e:#}");
                 }
             }
         }
-        // Every exporter flushes at once, under one deadline: a dead backend costs the
-        // shutdown at most SHUTDOWN_TIMEOUT, however many exporters there are.
-        let started = tokio::time::Instant::now();
-        let deadline = started + SHUTDOWN_TIMEOUT;
-        let flushes = self.exporters.iter_mut().map(|(id, exporter)| async move {
-            let result = exporter.shutdown(deadline).await;
-            (id.clone(), result)
-        });
-        let mut dropped = 0;
-        for (id, result) in futures::future::join_all(flushes).await {
-            match result {
-                Ok(n) => dropped += n,
-                Err(e) => {
-                    tracing::error!(pipeline = %self.name, exporter = %id, "flush failed: {e:#}")
-                }
-            }
-        }
-        tracing::info!(
-            pipeline = %self.name,
-            exporters = self.exporters.len(),
-            dropped_requests = dropped,
-            took = ?started.elapsed(),
-            "pipeline flushed"
-        );
         Ok(())
     }
 }
@@ -177,23 +164,107 @@ pub struct Service {
     extensions: Vec<(ComponentId, Box<dyn Extension>)>,
     receivers: Vec<(ComponentId, Box<dyn Receiver>, BatchSender)>,
     pipelines: Vec<PipelineRun>,
+    exporters: Vec<(ComponentId, SharedExporter)>,
+    processors: usize,
     telemetry: Arc<Telemetry>,
 }
 
+/// The signals of the pipelines that list each component id, per role, and for
+/// exporters the pipeline that listed it first for each signal (errors name it).
+#[derive(Default)]
+struct Uses {
+    receivers: BTreeMap<ComponentId, Vec<Signal>>,
+    processors: BTreeMap<ComponentId, Vec<Signal>>,
+    exporters: BTreeMap<ComponentId, Vec<Signal>>,
+    exporter_pipelines: BTreeMap<(ComponentId, Signal), String>,
+}
+
+impl Uses {
+    fn of(config: &Config) -> Self {
+        let mut uses = Uses::default();
+        for (pipeline_id, pipeline) in &config.service.pipelines {
+            let signal = pipeline_id.signal;
+            for (ids, table) in [
+                (&pipeline.receivers, &mut uses.receivers),
+                (&pipeline.processors, &mut uses.processors),
+                (&pipeline.exporters, &mut uses.exporters),
+            ] {
+                for id in ids {
+                    let signals = table.entry(id.clone()).or_default();
+                    if !signals.contains(&signal) {
+                        signals.push(signal);
+                    }
+                }
+            }
+            for id in &pipeline.exporters {
+                uses.exporter_pipelines
+                    .entry((id.clone(), signal))
+                    .or_insert_with(|| pipeline_id.to_string());
+            }
+        }
+        uses
+    }
+
+    /// Where an exporter error is reported: the pipeline of a signal the exporter
+    /// cannot serve, else the first pipeline that lists it.
+    fn exporter_pipeline(&self, id: &ComponentId, supported: &[Signal]) -> String {
+        let signals = self
+            .exporters
+            .get(id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let signal = signals
+            .iter()
+            .find(|s| !supported.contains(s))
+            .or(signals.first());
+        signal
+            .and_then(|s| self.exporter_pipelines.get(&(id.clone(), *s)))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
 impl Service {
-    /// Builds every component. With `validate_only`, components check their config and
-    /// start nothing (no listening port, no API watch, no eBPF).
+    /// Builds every component once. With `validate_only`, components check their config
+    /// and start nothing (no listening port, no API watch, no eBPF).
     pub fn build(config: &Config, telemetry: Arc<Telemetry>, validate_only: bool) -> Result<Self> {
-        let mut senders: BTreeMap<ComponentId, Vec<(String, mpsc::Sender<_>)>> = BTreeMap::new();
-        let mut pipelines = Vec::new();
-        let context = |id: &ComponentId, signal: Signal| BuildContext {
+        let uses = Uses::of(config);
+        let context = |id: &ComponentId, signals: &[Signal]| BuildContext {
             id: id.clone(),
-            signal,
+            signals: signals.to_vec(),
             telemetry: telemetry.clone(),
             validate_only,
         };
+        let processors: BTreeMap<ComponentId, SharedProcessor> = uses
+            .processors
+            .iter()
+            .map(|(id, signals)| {
+                let processor = components::build_processor(
+                    &context(id, signals),
+                    section(&config.processors, id)?,
+                )?;
+                Ok((id.clone(), Arc::new(std::sync::Mutex::new(processor))))
+            })
+            .collect::<Result<_>>()?;
+        let exporters: BTreeMap<ComponentId, SharedExporter> = uses
+            .exporters
+            .iter()
+            .map(|(id, signals)| {
+                let exporter = components::build_exporter(
+                    &context(id, signals),
+                    section(&config.exporters, id)?,
+                )
+                .with_context(|| {
+                    let supported = components::exporter_signals(id.kind());
+                    format!("in pipeline {}", uses.exporter_pipeline(id, supported))
+                })?;
+                Ok((id.clone(), Arc::new(tokio::sync::Mutex::new(exporter))))
+            })
+            .collect::<Result<_>>()?;
+
+        let mut senders: BTreeMap<ComponentId, Vec<(String, mpsc::Sender<_>)>> = BTreeMap::new();
+        let mut pipelines = Vec::new();
         for (pipeline_id, pipeline) in &config.service.pipelines {
-            let signal = pipeline_id.signal;
             let (tx, rx) = mpsc::channel(PIPELINE_QUEUE);
             for receiver in &pipeline.receivers {
                 senders
@@ -201,42 +272,38 @@ impl Service {
                     .or_default()
                     .push((pipeline_id.to_string(), tx.clone()));
             }
-            let processors = pipeline
-                .processors
-                .iter()
-                .map(|id| {
-                    components::build_processor(
-                        &context(id, signal),
-                        section(&config.processors, id)?,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let exporters = pipeline
-                .exporters
-                .iter()
-                .map(|id| {
-                    let exporter = components::build_exporter(
-                        &context(id, signal),
-                        section(&config.exporters, id)?,
-                    )
-                    .with_context(|| format!("in pipeline {pipeline_id}"))?;
-                    Ok((id.clone(), exporter))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let shared = |id: &ComponentId| -> Result<_> {
+                Ok((
+                    id.clone(),
+                    exporters
+                        .get(id)
+                        .cloned()
+                        .ok_or_else(|| anyhow!("component {id} is not defined"))?,
+                ))
+            };
             pipelines.push(PipelineRun {
                 name: pipeline_id.to_string(),
+                signal: pipeline_id.signal,
                 self_metrics: config.service.telemetry.metrics.level == config::MetricsLevel::Basic,
-                processors,
-                exporters,
+                processors: pipeline
+                    .processors
+                    .iter()
+                    .filter_map(|id| processors.get(id).cloned())
+                    .collect(),
+                exporters: pipeline
+                    .exporters
+                    .iter()
+                    .map(shared)
+                    .collect::<Result<_>>()?,
                 input: rx,
             });
         }
         let receivers = senders
             .into_iter()
             .map(|(id, pipelines)| {
-                // Receivers emit one batch for every signal of the pipelines they feed.
+                let signals = uses.receivers.get(&id).cloned().unwrap_or_default();
                 let receiver = components::build_receiver(
-                    &context(&id, Signal::Metrics),
+                    &context(&id, &signals),
                     section(&config.receivers, &id)?,
                 )?;
                 Ok((id, receiver, BatchSender { pipelines }))
@@ -248,7 +315,7 @@ impl Service {
             .iter()
             .map(|id| {
                 let extension = components::build_extension(
-                    &context(id, Signal::Metrics),
+                    &context(id, &[]),
                     section(&config.extensions, id)?,
                 )?;
                 Ok((id.clone(), extension))
@@ -259,13 +326,20 @@ impl Service {
             extensions,
             receivers,
             pipelines,
+            processors: processors.len(),
+            exporters: exporters.into_iter().collect(),
             telemetry,
         })
     }
 
-    /// Counts of what was built: (pipelines, receivers).
-    pub fn summary(&self) -> (usize, usize) {
-        (self.pipelines.len(), self.receivers.len())
+    /// Counts of what was built: (pipelines, receivers, processors, exporters).
+    pub fn summary(&self) -> (usize, usize, usize, usize) {
+        (
+            self.pipelines.len(),
+            self.receivers.len(),
+            self.processors,
+            self.exporters.len(),
+        )
     }
 
     /// Runs every component until `shutdown`; then receivers send their last batch,
@@ -282,8 +356,9 @@ impl Service {
                     .with_context(|| format!("extensions.{id}"))
             });
         }
+        let mut pipelines = JoinSet::new();
         for pipeline in self.pipelines {
-            tasks.spawn(pipeline.run());
+            pipelines.spawn(pipeline.run());
         }
         let mut readiness = Vec::new();
         for (id, receiver, out) in self.receivers {
@@ -316,14 +391,43 @@ impl Service {
             _ = shutdown.cancelled() => {},
         }
         let mut first_error = None;
-        while let Some(joined) = tasks.join_next().await {
-            let result = joined.map_err(|e| anyhow!("component task panicked: {e}"))?;
-            if let Err(e) = result {
-                first_error.get_or_insert(e);
+        // Receivers end after their final batch; then the pipelines drain; then every
+        // exporter flushes once.
+        for joined in [tasks.join_all().await, pipelines.join_all().await] {
+            for result in joined {
+                if let Err(e) = result {
+                    first_error.get_or_insert(e);
+                }
             }
         }
+        flush_exporters(&self.exporters).await;
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Every exporter flushes at once, under one deadline: a dead backend costs the
+/// shutdown at most [`SHUTDOWN_TIMEOUT`], however many exporters there are. One line
+/// sums it up.
+async fn flush_exporters(exporters: &[(ComponentId, SharedExporter)]) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + SHUTDOWN_TIMEOUT;
+    let flushes = exporters.iter().map(|(id, exporter)| async move {
+        let result = exporter.lock().await.shutdown(deadline).await;
+        (id, result)
+    });
+    let mut dropped = 0;
+    for (id, result) in futures::future::join_all(flushes).await {
+        match result {
+            Ok(n) => dropped += n,
+            Err(e) => tracing::error!(exporter = %id, "flush failed: {e:#}"),
+        }
+    }
+    tracing::info!(
+        exporters = exporters.len(),
+        dropped_requests = dropped,
+        took = ?started.elapsed(),
+        "exporters flushed"
+    );
 }
 
 fn section(

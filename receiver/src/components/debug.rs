@@ -33,7 +33,6 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
     let config: DebugConfig = parse_section("exporters", &cx.id, section)?;
     Ok(Box::new(DebugExporter {
         config,
-        signal: cx.signal,
         telemetry: cx.telemetry.clone(),
         stdout_closed: false,
     }))
@@ -41,7 +40,6 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
 
 struct DebugExporter {
     config: DebugConfig,
-    signal: Signal,
     telemetry: std::sync::Arc<Telemetry>,
     /// Whoever read stdout went away: said once, then nothing more is written.
     stdout_closed: bool,
@@ -184,8 +182,8 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
 
 #[async_trait]
 impl Exporter for DebugExporter {
-    async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
-        let text = match self.signal {
+    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()> {
+        let text = match signal {
             Signal::Metrics => {
                 let mut text = render(batch, self.config.verbosity);
                 text.push_str(&render_exporters(&self.telemetry.snapshot()));

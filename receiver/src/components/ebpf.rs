@@ -364,7 +364,7 @@ mod tests {
     fn parse(yaml: &str) -> Result<Box<dyn Receiver>> {
         let cx = BuildContext {
             id: "ebpf".parse().unwrap(),
-            signal: config::Signal::Metrics,
+            signals: vec![config::Signal::Metrics],
             telemetry: Default::default(),
             validate_only: true,
         };

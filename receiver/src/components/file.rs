@@ -33,7 +33,6 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         path: config.path,
         file: None,
         resource: otlp::resource(),
-        signal: cx.signal,
         ids: IdGenerator::default(),
         telemetry: cx.telemetry.clone(),
     }))
@@ -43,7 +42,6 @@ struct FileExporter {
     path: PathBuf,
     file: Option<tokio::fs::File>,
     resource: Resource,
-    signal: Signal,
     ids: IdGenerator,
     telemetry: Arc<Telemetry>,
 }
@@ -62,9 +60,9 @@ impl FileExporter {
         Ok(self.file.as_mut().expect("just opened"))
     }
 
-    fn lines(&mut self, batch: &LinkBatch) -> Result<Vec<u8>> {
+    fn lines(&mut self, signal: Signal, batch: &LinkBatch) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        match self.signal {
+        match signal {
             Signal::Metrics => {
                 let request =
                     otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
@@ -145,8 +143,8 @@ fn strip_null_fields(json: &[u8], out: &mut Vec<u8>) {
 
 #[async_trait]
 impl Exporter for FileExporter {
-    async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
-        let lines = self.lines(batch)?;
+    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()> {
+        let lines = self.lines(signal, batch)?;
         if lines.is_empty() {
             return Ok(());
         }

@@ -107,6 +107,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
             .reverse_dns
             .enabled
             .then(|| ReverseDns::start(config.reverse_dns.max_entries, config.reverse_dns.ttl)),
+        last: None,
     }))
 }
 
@@ -117,6 +118,8 @@ struct K8sAttributes {
     last_errors: u64,
     merger: Option<WorkloadMerger>,
     reverse_dns: Option<ReverseDns>,
+    /// The last batch processed, by collection time (see `process`).
+    last: Option<(std::time::SystemTime, LinkBatch)>,
 }
 
 /// Attributes that name one pod, dropped when replicas merge into their workload.
@@ -286,7 +289,23 @@ impl Naming<'_> {
 }
 
 impl Processor for K8sAttributes {
-    fn process(&mut self, mut batch: LinkBatch) -> LinkBatch {
+    fn process(&mut self, batch: LinkBatch) -> LinkBatch {
+        // One instance serves every pipeline that lists it: the second pipeline's copy
+        // of a batch gets the first one's result instead of a second index build.
+        if let Some((time, done)) = &self.last {
+            if *time == batch.time {
+                return done.clone();
+            }
+        }
+        let time = batch.time;
+        let done = self.enrich(batch);
+        self.last = Some((time, done.clone()));
+        done
+    }
+}
+
+impl K8sAttributes {
+    fn enrich(&mut self, mut batch: LinkBatch) -> LinkBatch {
         let Some(watchers) = &self.watchers else {
             return batch;
         };

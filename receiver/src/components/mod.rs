@@ -49,10 +49,9 @@ fn build<T>(
     let id = &cx.id;
     match table.iter().find(|(kind, _, _)| *kind == id.kind()) {
         Some((_, signals, factory)) => {
-            if !signals.contains(&cx.signal) {
+            if let Some(unsupported) = cx.signals.iter().find(|s| !signals.contains(s)) {
                 bail!(
-                    "{role}.{id}: cannot be used in a {} pipeline (it supports {})",
-                    cx.signal,
+                    "{role}.{id}: cannot be used in a {unsupported} pipeline (it supports {})",
                     signals
                         .iter()
                         .map(|s| s.to_string())
@@ -94,7 +93,7 @@ pub fn describe() -> Vec<Description> {
         for (kind, signals, factory) in table {
             let cx = BuildContext {
                 id: kind.parse().expect("registered types are valid ids"),
-                signal: signals[0],
+                signals: signals.to_vec(),
                 telemetry: Default::default(),
                 validate_only: true,
             };
@@ -172,6 +171,14 @@ pub fn build_receiver(cx: &BuildContext, section: ComponentSection) -> Result<Bo
 
 pub fn build_processor(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
     build("processors", PROCESSORS, cx, section)
+}
+
+/// The signals an exporter type serves (none for an unknown type).
+pub fn exporter_signals(kind: &str) -> &'static [Signal] {
+    EXPORTERS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map_or(&[], |(_, signals, _)| *signals)
 }
 
 pub fn build_exporter(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {

@@ -609,36 +609,57 @@ fn drop_payload(stats: &ExporterStats, payload: &Payload, id: &str, why: &str, l
     }
 }
 
-/// The exporter both OTLP protocols use; its `Transport` does the sending.
+/// One signal's way out: its own bounded queue and sender task (and its own health),
+/// over the exporter's one transport.
+struct Lane {
+    queue: Arc<Queue>,
+    sender: Option<JoinHandle<()>>,
+}
+
+impl Lane {
+    async fn shutdown(&mut self, deadline: tokio::time::Instant) -> u64 {
+        let Some(sender) = self.sender.take() else {
+            return 0;
+        };
+        let stats = &self.queue.stats;
+        let dropped_before = stats.dropped_requests();
+        // Let the queue drain until shortly before the deadline, then stop retrying and
+        // drop what is left: the in-flight request gets the rest of the time.
+        let stop_at = deadline - (deadline - tokio::time::Instant::now()) / 4;
+        while stats.queue_len.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < stop_at {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.queue.closing.store(true, Ordering::Relaxed);
+        self.queue.notify.notify_waiters();
+        if tokio::time::timeout_at(deadline, sender).await.is_err() {
+            // The in-flight request outlived the deadline: it is abandoned with the task.
+            stats.dropped_requests_total.fetch_add(1, Ordering::Relaxed);
+        }
+        self.queue.drop_all();
+        stats.dropped_requests() - dropped_before
+    }
+}
+
+/// The exporter both OTLP protocols use; its `Transport` does the sending. One instance
+/// serves every pipeline that lists it, a lane per signal.
 pub struct OtlpExporter {
     id: String,
-    signal: Signal,
     resource: Resource,
     telemetry: Arc<Telemetry>,
     ids: IdGenerator,
     delta: Option<DeltaConverter>,
-    queue: Arc<Queue>,
+    lanes: std::collections::BTreeMap<Signal, Lane>,
     transport: Arc<dyn Transport>,
     retry: RetryConfig,
     max_request_size: usize,
     /// Batches exported so far: the generation of cumulative metric requests.
     batches: u64,
-    sender: Option<JoinHandle<()>>,
 }
 
 impl OtlpExporter {
     pub fn new(cx: &BuildContext, config: &OtlpConfig, transport: Arc<dyn Transport>) -> Self {
-        let stats = cx
-            .telemetry
-            .exporter(&cx.id.to_string(), &cx.signal.to_string());
         let delta = config.temporality == Temporality::Delta;
-        OtlpExporter {
-            id: cx.id.to_string(),
-            signal: cx.signal,
-            resource: otlp::resource(),
-            telemetry: cx.telemetry.clone(),
-            ids: IdGenerator::default(),
-            delta: delta.then(DeltaConverter::default),
+        let lane = |signal: Signal| Lane {
             queue: Arc::new(Queue {
                 queued: Mutex::new(Queued::default()),
                 notify: Notify::new(),
@@ -653,31 +674,45 @@ impl OtlpExporter {
                 } else {
                     config.max_request_size as usize
                 },
-                coalesce_metrics: !delta,
-                stats,
+                coalesce_metrics: signal == Signal::Metrics && !delta,
+                stats: cx
+                    .telemetry
+                    .exporter(&cx.id.to_string(), &signal.to_string()),
             }),
+            sender: None,
+        };
+        OtlpExporter {
+            id: cx.id.to_string(),
+            resource: otlp::resource(),
+            telemetry: cx.telemetry.clone(),
+            ids: IdGenerator::default(),
+            delta: delta.then(DeltaConverter::default),
+            lanes: cx.signals.iter().map(|s| (*s, lane(*s))).collect(),
             transport,
             retry: config.retry_on_failure.clone(),
             max_request_size: config.max_request_size as usize,
             batches: 0,
-            sender: None,
         }
     }
 }
 
 #[async_trait]
 impl Exporter for OtlpExporter {
-    async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
-        if self.sender.is_none() {
+    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()> {
+        let lane = self
+            .lanes
+            .get_mut(&signal)
+            .ok_or_else(|| anyhow::anyhow!("not built for {signal} pipelines"))?;
+        if lane.sender.is_none() {
             // Started on first use: components are built before the runtime runs.
-            self.sender = Some(tokio::spawn(run_sender(
-                self.queue.clone(),
+            lane.sender = Some(tokio::spawn(run_sender(
+                lane.queue.clone(),
                 self.transport.clone(),
                 self.retry.clone(),
-                self.id.clone(),
+                format!("{}/{signal}", self.id),
             )));
         }
-        match self.signal {
+        match signal {
             Signal::Metrics => {
                 let mut request =
                     otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
@@ -686,7 +721,7 @@ impl Exporter for OtlpExporter {
                 }
                 self.batches += 1;
                 for request in split_metrics_request(request, self.max_request_size) {
-                    self.queue.push(Payload::Metrics {
+                    lane.queue.push(Payload::Metrics {
                         request,
                         batch: self.batches,
                     });
@@ -696,7 +731,7 @@ impl Exporter for OtlpExporter {
                 for (request, pairs) in
                     spans::trace_requests(batch, &mut self.ids, PAIRS_PER_REQUEST)
                 {
-                    self.queue.push(Payload::Traces { request, pairs });
+                    lane.queue.push(Payload::Traces { request, pairs });
                 }
             }
         }
@@ -704,29 +739,8 @@ impl Exporter for OtlpExporter {
     }
 
     async fn shutdown(&mut self, deadline: tokio::time::Instant) -> Result<u64> {
-        let Some(sender) = self.sender.take() else {
-            return Ok(0);
-        };
-        let dropped_before = self.queue.stats.dropped_requests();
-        // Let the queue drain until shortly before the deadline, then stop retrying and
-        // drop what is left: the in-flight request gets the rest of the time.
-        let stop_at = deadline - (deadline - tokio::time::Instant::now()) / 4;
-        while self.queue.stats.queue_len.load(Ordering::Relaxed) > 0
-            && tokio::time::Instant::now() < stop_at
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        self.queue.closing.store(true, Ordering::Relaxed);
-        self.queue.notify.notify_waiters();
-        if tokio::time::timeout_at(deadline, sender).await.is_err() {
-            // The in-flight request outlived the deadline: it is abandoned with the task.
-            self.queue
-                .stats
-                .dropped_requests_total
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        self.queue.drop_all();
-        Ok(self.queue.stats.dropped_requests() - dropped_before)
+        let flushes = self.lanes.values_mut().map(|lane| lane.shutdown(deadline));
+        Ok(futures::future::join_all(flushes).await.into_iter().sum())
     }
 }
 

@@ -89,7 +89,7 @@ struct PrometheusExporter {
 
 #[async_trait]
 impl Exporter for PrometheusExporter {
-    async fn export(&mut self, batch: &LinkBatch) -> Result<()> {
+    async fn export(&mut self, _signal: config::Signal, batch: &LinkBatch) -> Result<()> {
         let request = otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
         let text = render(&request);
         *self.page.write().unwrap_or_else(|e| e.into_inner()) = text;

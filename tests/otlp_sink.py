@@ -34,6 +34,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="and this key (PEM)")
     args = parser.parse_args()
     # The sink accepts what the collector forwards, however large; the limits under
     # test are the collector's own.
@@ -42,7 +44,12 @@ def main():
     sink = Sink(args.out)
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(sink, server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    if args.tls_cert:
+        with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        server.add_secure_port(f"127.0.0.1:{args.port}", credentials)
+    else:
+        server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print("listening", flush=True)
     server.wait_for_termination()

@@ -10,6 +10,7 @@ mod otlp;
 mod otlp_common;
 mod otlphttp;
 mod prometheus;
+mod tls;
 
 use anyhow::{Result, bail};
 use config::{ComponentSection, Signal};

@@ -13,7 +13,7 @@ use tonic::{
     Code,
     codec::CompressionEncoding,
     metadata::{MetadataKey, MetadataMap, MetadataValue},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    transport::{Channel, Endpoint},
 };
 
 use super::otlp_common::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
@@ -54,26 +54,18 @@ impl GrpcTransport {
             bail!("metrics_endpoint and traces_endpoint are otlphttp keys; use endpoint");
         }
         let uri = endpoint_uri(config);
-        let mut endpoint = Endpoint::from_str(&uri)
+        let endpoint = Endpoint::from_str(&uri)
             .with_context(|| format!("endpoint {uri:?} is not a valid URI"))?
             .connect_timeout(config.timeout)
             .timeout(config.timeout);
-        if uri.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(ca) = OtlpConfig::read_tls_file(&config.tls.ca_file, "ca_file")? {
-                tls = tls.ca_certificate(Certificate::from_pem(ca));
-            }
-            if let (Some(cert), Some(key)) = (
-                OtlpConfig::read_tls_file(&config.tls.cert_file, "cert_file")?,
-                OtlpConfig::read_tls_file(&config.tls.key_file, "key_file")?,
-            ) {
-                tls = tls.identity(Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint.tls_config(tls).context("tls")?;
-        }
         // Connects on first use and reconnects by itself: a collector that is down at
-        // startup is a retry, not an error.
-        let channel = endpoint.connect_lazy();
+        // startup is a retry, not an error. TLS is ridley's own (see `tls.rs`).
+        let channel = if uri.starts_with("https://") {
+            let tls = super::tls::client_config(&config.tls, &[b"h2"])?;
+            endpoint.connect_with_connector_lazy(tls_connector(tls))
+        } else {
+            endpoint.connect_lazy()
+        };
         let mut headers = MetadataMap::new();
         for (key, value) in &config.headers {
             let name = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes())
@@ -100,6 +92,43 @@ impl GrpcTransport {
         *request.metadata_mut() = self.headers.clone();
         request
     }
+}
+
+/// Connects TCP, then TLS with `config`, to the endpoint's host and port.
+fn tls_connector(
+    config: rustls::ClientConfig,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = anyhow::Error,
+    Future = impl Send,
+> + Send
++ Clone
++ 'static {
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    tower::service_fn(move |uri: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| anyhow::anyhow!("{uri}: no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .with_context(|| format!("connecting to {host}:{port}"))?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .with_context(|| format!("{host:?} is not a server name"))?;
+            let stream = tls
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS with {host}:{port}"))?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        }
+    })
 }
 
 /// The OTLP spec's retryable gRPC codes; `RESOURCE_EXHAUSTED` only with a

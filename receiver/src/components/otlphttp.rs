@@ -64,21 +64,12 @@ impl HttpTransport {
             .connect_timeout(config.timeout)
             .default_headers(headers)
             .use_rustls_tls();
-        if let Some(ca) = OtlpConfig::read_tls_file(&config.tls.ca_file, "ca_file")? {
-            builder = builder.add_root_certificate(
-                reqwest::Certificate::from_pem(&ca)
-                    .context("tls.ca_file: not a PEM certificate")?,
-            );
-        }
-        if let (Some(mut cert), Some(key)) = (
-            OtlpConfig::read_tls_file(&config.tls.cert_file, "cert_file")?,
-            OtlpConfig::read_tls_file(&config.tls.key_file, "key_file")?,
-        ) {
-            cert.extend_from_slice(&key);
-            builder = builder.identity(
-                reqwest::Identity::from_pem(&cert).context("tls.cert_file/key_file: not PEM")?,
-            );
-        }
+        // ridley's own TLS setup (system roots, ca_file, client certificate): the same
+        // rules as the gRPC exporter.
+        builder = builder.use_preconfigured_tls(super::tls::client_config(
+            &config.tls,
+            &[b"h2", b"http/1.1"],
+        )?);
         Ok(HttpTransport {
             client: builder.build().context("building the HTTP client")?,
             metrics_url: signal_url(&config.endpoint, &config.metrics_endpoint, "v1/metrics")?,

@@ -114,3 +114,31 @@ def test_a_closed_stdout_is_reported_once_and_capture_goes_on(tmp_path):
     assert proc.returncode == 0, text
     assert text.count("stdout is closed: the debug exporter stops writing") == 1, text
     assert "export failed" not in text, text
+
+
+def test_shutdown_with_dead_backends_keeps_one_deadline(ridley, peers):
+    """Four exporters, each with a dead collector and retries pending: they flush in
+    parallel under one 10 s deadline (formerly one after another, 4-10 s each), and one
+    line sums up what was dropped."""
+    from conftest import free_port
+    exporters = "".join(
+        f"  {kind}:\n    endpoint: {scheme}127.0.0.1:{free_port()}\n"
+        + ("    tls: {insecure: true}\n" if kind.startswith("otlp/") or kind == "otlp" else "")
+        + "    retry_on_failure: {initial_interval: 1s, max_interval: 2s, max_elapsed_time: 0s}\n"
+        for kind, scheme in [("otlp", ""), ("otlp/b", ""), ("otlphttp", "http://"),
+                             ("otlphttp/b", "http://")])
+    ids = ["otlp", "otlp/b", "otlphttp", "otlphttp/b"]
+    r = ridley(exporters=exporters, pipelines={"metrics": ["file", *ids], "traces": ids},
+               interval="200ms")
+    peers.server("a", A4, 8950, reply=1)
+    assert peers.connect("b", A4, 8950, send=1, count=20) == ["received 1"] * 20
+    time.sleep(1.5)
+    started = time.monotonic()
+    r.stop()
+    took = time.monotonic() - started
+    log = r.log_path.read_text()
+    assert took < 20, f"shutdown took {took:.1f} s"
+    assert log.count("exporters flushed") == 1, log
+    assert "request dropped" not in log, log
+    summary = next(line for line in log.splitlines() if "exporters flushed" in line)
+    assert "exporters=5" in summary, summary

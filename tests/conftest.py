@@ -129,6 +129,13 @@ class Peers:
         assert proc.returncode == 0, err
         return int(out.split()[1])
 
+    def hold_all(self, host, addr, port, count, send):
+        """`count` connections open at once, `send` bytes sent on each; release() closes."""
+        proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--count", count,
+                           "--send", send, "--hold-all", stdin=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == "held", proc.stderr.read()
+        return proc
+
     def hold(self, host, addr, port, before, send):
         """A connection that sends `before` bytes now and `send` bytes on release()."""
         proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--hold",

@@ -61,9 +61,29 @@ def scan(args):
     print(f"refused {refused}", flush=True)
 
 
+def hold_all(args):
+    """Opens --count connections at once, sends --send bytes on each, prints 'held',
+    waits for a line on stdin, then closes them all in order (client FIN first)."""
+    conns = []
+    for _ in range(args.count):
+        conn = socket.create_connection((args.addr, args.port), timeout=args.timeout)
+        conn.sendall(b"c" * args.send)
+        conns.append(conn)
+    print("held", flush=True)
+    sys.stdin.readline()
+    got = 0
+    for conn in conns:
+        conn.shutdown(socket.SHUT_WR)
+        got += recv_all(conn)
+        conn.close()
+    print(f"received {got}", flush=True)
+
+
 def connect(args):
     if args.ports:
         return scan(args)
+    if args.hold_all:
+        return hold_all(args)
     family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
     for _ in range(args.count):
         conn = socket.socket(family, socket.SOCK_STREAM)
@@ -122,6 +142,8 @@ def main():
                    help="send --before bytes, print 'connected', wait for a line on stdin")
     c.add_argument("--before", type=int, default=0)
     c.add_argument("--source", help="local address to connect from")
+    c.add_argument("--hold-all", action="store_true",
+                   help="open --count connections at once and hold them until a line on stdin")
     c.add_argument("--ports", help="FIRST-LAST: one connect to each port (a scan)")
     c.add_argument("--read-first", action="store_true",
                    help="send nothing, read until the server closes, then close")

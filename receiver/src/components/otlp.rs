@@ -206,3 +206,32 @@ impl Transport for GrpcTransport {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    #[test]
+    fn retry_info_is_honoured_and_makes_resource_exhausted_retryable() {
+        let throttled = tonic::Status::with_error_details(
+            Code::ResourceExhausted,
+            "slow down",
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(42))),
+        );
+        let e = send_error(throttled);
+        assert!(e.retryable);
+        assert_eq!(e.throttle, Some(std::time::Duration::from_secs(42)));
+
+        let exhausted = send_error(tonic::Status::new(Code::ResourceExhausted, "too big"));
+        assert!(
+            !exhausted.retryable,
+            "without RetryInfo the server cannot recover"
+        );
+        assert_eq!(exhausted.throttle, None);
+
+        let unavailable = send_error(tonic::Status::new(Code::Unavailable, "down"));
+        assert!(unavailable.retryable);
+        assert_eq!(unavailable.message, "Unavailable: down");
+    }
+}

@@ -246,3 +246,26 @@ def test_print_redacts_secrets_unless_asked(tmp_path):
     full = print_config(tmp_path, "--no-redact")
     assert "      Authorization: Bearer s3cr3t\n      X-Scope-OrgID: tenant-1\n" in full
     assert full.replace("Bearer s3cr3t", "'[REDACTED]'").replace("tenant-1", "'[REDACTED]'") == redacted
+
+
+def test_validate_opens_nothing_and_run_stops_before_capture_on_a_port_in_use(tmp_path):
+    """Building components has no side effects: `validate` accepts a config whose port is
+    taken (it binds nothing); `run` fails at start, naming the key, before any capture."""
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    text = BASE.replace("exporters:\n  debug:",
+                        f"extensions:\n  health_check:\n    endpoint: 127.0.0.1:{port}\n"
+                        "exporters:\n  debug:") + "  extensions: [health_check]\n"
+    code, out = validate(tmp_path, text)
+    assert code == 0, out
+    proc = subprocess.run([str(RIDLEY), "run", "--config", str(tmp_path / "c0.yaml")],
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "NO_COLOR": "1"})
+    taken.close()
+    assert proc.returncode == 1, proc.stderr
+    assert (f"error: starting extensions.health_check: extensions.health_check.endpoint: "
+            f"listening on 127.0.0.1:{port}: Address already in use") in proc.stderr, proc.stderr
+    assert "capture started" not in proc.stderr

@@ -146,7 +146,7 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
     runtime.block_on(async {
         // Built inside the runtime: network exporters set up their clients here.
         let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
-        let service = pipeline::Service::build(&loaded.config, telemetry, validate_only)
+        let service = pipeline::Service::build(&loaded.config, telemetry)
             .map_err(|e| locate_error(&loaded, e))?;
         if validate_only {
             let (pipelines, receivers, _, _) = service.summary();

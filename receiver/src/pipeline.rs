@@ -67,6 +67,11 @@ pub trait Receiver: Send {
 }
 
 pub trait Processor: Send {
+    /// Starts what the processor needs in the background (watches, resolvers); called
+    /// once, inside the runtime, before the first batch. Building has no side effects.
+    fn start(&mut self) -> Result<()> {
+        Ok(())
+    }
     fn process(&mut self, batch: LinkBatch) -> LinkBatch;
 }
 
@@ -74,6 +79,11 @@ pub trait Processor: Send {
 /// which one a batch comes from.
 #[async_trait]
 pub trait Exporter: Send {
+    /// Opens what the exporter serves or holds (a listening port); called once before
+    /// the first batch. Building has no side effects.
+    async fn start(&mut self) -> Result<()> {
+        Ok(())
+    }
     async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()>;
     /// Flushes what is buffered, giving up at `deadline`; called once, after the last
     /// batch. Returns how many requests were dropped on the way out.
@@ -87,6 +97,11 @@ pub trait Exporter: Send {
 /// at shutdown.
 #[async_trait]
 pub trait Extension: Send {
+    /// Opens what the extension serves (a listening port), so that a port in use stops
+    /// the daemon before capture starts. Building has no side effects.
+    async fn start(&mut self) -> Result<()> {
+        Ok(())
+    }
     async fn run(
         self: Box<Self>,
         telemetry: Arc<Telemetry>,
@@ -101,8 +116,6 @@ pub struct BuildContext {
     /// The signals of the pipelines that list the component.
     pub signals: Vec<Signal>,
     pub telemetry: Arc<Telemetry>,
-    /// Only check the configuration (`ridley validate`): no ports, no connections.
-    pub validate_only: bool,
 }
 
 /// Parses a component's own section with its config struct (which should
@@ -165,7 +178,7 @@ pub struct Service {
     receivers: Vec<(ComponentId, Box<dyn Receiver>, BatchSender)>,
     pipelines: Vec<PipelineRun>,
     exporters: Vec<(ComponentId, SharedExporter)>,
-    processors: usize,
+    processor_instances: Vec<(ComponentId, SharedProcessor)>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -225,15 +238,14 @@ impl Uses {
 }
 
 impl Service {
-    /// Builds every component once. With `validate_only`, components check their config
-    /// and start nothing (no listening port, no API watch, no eBPF).
-    pub fn build(config: &Config, telemetry: Arc<Telemetry>, validate_only: bool) -> Result<Self> {
+    /// Builds every component once: configuration parsed and validated, nothing opened
+    /// (no listening port, no API watch, no eBPF): `ridley validate` stops here.
+    pub fn build(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self> {
         let uses = Uses::of(config);
         let context = |id: &ComponentId, signals: &[Signal]| BuildContext {
             id: id.clone(),
             signals: signals.to_vec(),
             telemetry: telemetry.clone(),
-            validate_only,
         };
         let processors: BTreeMap<ComponentId, SharedProcessor> = uses
             .processors
@@ -326,7 +338,7 @@ impl Service {
             extensions,
             receivers,
             pipelines,
-            processors: processors.len(),
+            processor_instances: processors.into_iter().collect(),
             exporters: exporters.into_iter().collect(),
             telemetry,
         })
@@ -337,14 +349,15 @@ impl Service {
         (
             self.pipelines.len(),
             self.receivers.len(),
-            self.processors,
+            self.processor_instances.len(),
             self.exporters.len(),
         )
     }
 
     /// Runs every component until `shutdown`; then receivers send their last batch,
     /// pipelines drain and exporters flush. Returns the first error.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        self.start().await?;
         let mut tasks = JoinSet::new();
         for (id, extension) in self.extensions {
             let telemetry = self.telemetry.clone();
@@ -402,6 +415,35 @@ impl Service {
         }
         flush_exporters(&self.exporters).await;
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Service {
+    /// Starts every component once, extensions first: a port in use or a bad kubeconfig
+    /// stops the daemon before capture starts.
+    async fn start(&mut self) -> Result<()> {
+        for (id, extension) in &mut self.extensions {
+            extension
+                .start()
+                .await
+                .with_context(|| format!("starting extensions.{id}"))?;
+        }
+        for (id, processor) in &self.processor_instances {
+            processor
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start()
+                .with_context(|| format!("starting processors.{id}"))?;
+        }
+        for (id, exporter) in &self.exporters {
+            exporter
+                .lock()
+                .await
+                .start()
+                .await
+                .with_context(|| format!("starting exporters.{id}"))?;
+        }
+        Ok(())
     }
 }
 

@@ -366,7 +366,6 @@ mod tests {
             id: "ebpf".parse().unwrap(),
             signals: vec![config::Signal::Metrics],
             telemetry: Default::default(),
-            validate_only: true,
         };
         build(&cx, serde_norway::from_str(yaml).unwrap())
     }

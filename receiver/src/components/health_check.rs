@@ -41,14 +41,15 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Ext
             cx.id
         );
     }
-    let (_, listener) = super::listen(cx, "extensions", &config.endpoint)?;
     Ok(Box::new(HealthCheck {
-        listener,
+        endpoint: super::endpoint(cx, "extensions", &config.endpoint)?,
+        listener: None,
         path: config.path,
     }))
 }
 
 struct HealthCheck {
+    endpoint: super::Endpoint,
     listener: Option<tokio::net::TcpListener>,
     path: String,
 }
@@ -90,6 +91,11 @@ async fn readiness(
 
 #[async_trait]
 impl Extension for HealthCheck {
+    async fn start(&mut self) -> Result<()> {
+        self.listener = Some(self.endpoint.bind()?);
+        Ok(())
+    }
+
     async fn run(
         self: Box<Self>,
         telemetry: Arc<Telemetry>,

@@ -91,27 +91,25 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
             );
         }
     }
-    // Validation starts no watch: a processor that is never run.
-    let watchers = (!cx.validate_only).then(|| {
-        Watchers::start(ClientSource {
-            kubeconfig: config.kubeconfig,
-        })
-    });
     Ok(Box::new(K8sAttributes {
-        watchers,
+        source: ClientSource {
+            kubeconfig: config.kubeconfig,
+        },
+        reverse_dns_config: config.reverse_dns,
+        watchers: None,
         cluster: config.cluster_name,
         external,
         last_errors: 0,
         merger: (!config.keep_pod_detail).then(WorkloadMerger::default),
-        reverse_dns: config
-            .reverse_dns
-            .enabled
-            .then(|| ReverseDns::start(config.reverse_dns.max_entries, config.reverse_dns.ttl)),
+        reverse_dns: None,
         last: None,
     }))
 }
 
 struct K8sAttributes {
+    /// Where the API server is, for `start`.
+    source: ClientSource,
+    reverse_dns_config: ReverseDnsConfig,
     watchers: Option<Watchers>,
     cluster: Option<String>,
     external: Vec<(IpNet, String)>,
@@ -289,6 +287,17 @@ impl Naming<'_> {
 }
 
 impl Processor for K8sAttributes {
+    /// Starts the one set of watches (and the resolver) this instance serves every
+    /// pipeline from.
+    fn start(&mut self) -> Result<()> {
+        self.watchers = Some(Watchers::start(self.source.clone()));
+        let dns = &self.reverse_dns_config;
+        self.reverse_dns = dns
+            .enabled
+            .then(|| ReverseDns::start(dns.max_entries, dns.ttl));
+        Ok(())
+    }
+
     fn process(&mut self, batch: LinkBatch) -> LinkBatch {
         // One instance serves every pipeline that lists it: the second pipeline's copy
         // of a batch gets the first one's result instead of a second index build.

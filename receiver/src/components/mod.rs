@@ -96,7 +96,6 @@ pub fn describe() -> Vec<Description> {
                 id: kind.parse().expect("registered types are valid ids"),
                 signals: signals.to_vec(),
                 telemetry: Default::default(),
-                validate_only: true,
             };
             let mut probe = serde_norway::Mapping::new();
             probe.insert("ridley-probe".into(), serde_norway::Value::Null);
@@ -129,24 +128,32 @@ pub fn describe() -> Vec<Description> {
     out
 }
 
-/// Parses a component's `endpoint` (`host:port`) and, unless only validating, binds it
-/// at once, so that a bad address or a port in use fails at startup naming the key.
-fn listen(
-    cx: &BuildContext,
-    role: &str,
-    endpoint: &str,
-) -> Result<(std::net::SocketAddr, Option<tokio::net::TcpListener>)> {
+/// A component's `endpoint` (`ip:port`), checked when the component is built; the
+/// error names the key.
+fn endpoint(cx: &BuildContext, role: &str, endpoint: &str) -> Result<Endpoint> {
     use anyhow::Context;
-    let id = &cx.id;
-    let addr = parse_endpoint(endpoint)
-        .with_context(|| format!("{role}.{id}.endpoint: {endpoint:?} is not ip:port"))?;
-    if cx.validate_only {
-        return Ok((addr, None));
+    let key = format!("{role}.{}.endpoint", cx.id);
+    let addr =
+        parse_endpoint(endpoint).with_context(|| format!("{key}: {endpoint:?} is not ip:port"))?;
+    Ok(Endpoint { key, addr })
+}
+
+/// Where a component listens, and the key that said so.
+struct Endpoint {
+    key: String,
+    addr: std::net::SocketAddr,
+}
+
+impl Endpoint {
+    /// Binds it: called when the component starts, so that a port in use stops the
+    /// daemon before capture starts, naming the key.
+    fn bind(&self) -> Result<tokio::net::TcpListener> {
+        use anyhow::Context;
+        let listener = std::net::TcpListener::bind(self.addr)
+            .with_context(|| format!("{}: listening on {}", self.key, self.addr))?;
+        listener.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(listener)?)
     }
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("{role}.{id}.endpoint: listening on {addr}"))?;
-    listener.set_nonblocking(true)?;
-    Ok((addr, Some(tokio::net::TcpListener::from_std(listener)?)))
 }
 
 /// `ip:port`, `[ipv6]:port`, or a bare IPv6 address before the last colon, which is

@@ -43,31 +43,14 @@ fn default_endpoint() -> String {
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
     let config: PrometheusConfig = parse_section("exporters", &cx.id, section)?;
-    let (addr, listener) = super::listen(cx, "exporters", &config.endpoint)?;
-    let page = Arc::new(RwLock::new(String::new()));
-    let exporter = Box::new(PrometheusExporter {
-        page: page.clone(),
+    Ok(Box::new(PrometheusExporter {
+        id: cx.id.to_string(),
+        endpoint: super::endpoint(cx, "exporters", &config.endpoint)?,
+        page: Arc::new(RwLock::new(String::new())),
         telemetry: cx.telemetry.clone(),
         resource: otlp::resource(),
-    });
-    let Some(listener) = listener else {
-        return Ok(exporter);
-    };
-    let app = Router::new()
-        .route("/metrics", get(serve))
-        .with_state(page.clone());
-    let id = cx.id.to_string();
-    tokio::spawn(async move {
-        let stats = Default::default();
-        let forever = tokio_util::sync::CancellationToken::new();
-        if let Err(e) =
-            super::http_listener::serve("prometheus", listener, app, forever, stats).await
-        {
-            tracing::error!(exporter = %id, "metrics endpoint stopped: {e:#}");
-        }
-    });
-    tracing::info!(exporter = %cx.id, "serving Prometheus metrics on http://{addr}/metrics");
-    Ok(exporter)
+        stop: tokio_util::sync::CancellationToken::new(),
+    }))
 }
 
 async fn serve(State(page): State<Arc<RwLock<String>>>) -> impl IntoResponse {
@@ -82,13 +65,44 @@ async fn serve(State(page): State<Arc<RwLock<String>>>) -> impl IntoResponse {
 }
 
 struct PrometheusExporter {
+    id: String,
+    endpoint: super::Endpoint,
     page: Arc<RwLock<String>>,
     telemetry: Arc<Telemetry>,
     resource: opentelemetry_proto::tonic::resource::v1::Resource,
+    /// Stops the endpoint at shutdown.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 #[async_trait]
 impl Exporter for PrometheusExporter {
+    async fn start(&mut self) -> Result<()> {
+        let listener = self.endpoint.bind()?;
+        let app = Router::new()
+            .route("/metrics", get(serve))
+            .with_state(self.page.clone());
+        let (id, stop) = (self.id.clone(), self.stop.clone());
+        tokio::spawn(async move {
+            let stats = Default::default();
+            if let Err(e) =
+                super::http_listener::serve("prometheus", listener, app, stop, stats).await
+            {
+                tracing::error!(exporter = %id, "metrics endpoint stopped: {e:#}");
+            }
+        });
+        tracing::info!(
+            exporter = %self.id,
+            "serving Prometheus metrics on http://{}/metrics",
+            self.endpoint.addr
+        );
+        Ok(())
+    }
+
+    async fn shutdown(&mut self, _deadline: tokio::time::Instant) -> Result<u64> {
+        self.stop.cancel();
+        Ok(0)
+    }
+
     async fn export(&mut self, _signal: config::Signal, batch: &LinkBatch) -> Result<()> {
         let request = otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
         let text = render(&request);

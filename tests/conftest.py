@@ -221,7 +221,9 @@ class Ridley:
     def batches(self):
         if not self.out.exists():
             return []
-        return [Batch([json.loads(line)]) for line in self.out.read_text().splitlines() if line]
+        # Only whole lines: the exporter may be in the middle of writing a large batch.
+        complete = self.out.read_text().split("\n")[:-1]
+        return [Batch([json.loads(line)]) for line in complete if line]
 
     def spans(self):
         return read_spans(self.spans_out)
@@ -375,7 +377,7 @@ def read_spans(path):
     spans = []
     if not path.exists():
         return spans
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n")[:-1]:
         doc = json.loads(line)
         for rs in doc.get("resourceSpans", []):
             resource = {a["key"]: _any(a["value"]) for a in rs.get("resource", {}).get("attributes", [])}
@@ -481,7 +483,9 @@ class Collector:
     def docs(self):
         if not self.out.exists():
             return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line]
+        # Only whole lines: the sink may be in the middle of writing a large request.
+        complete = self.out.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in complete if line]
 
     def metrics(self):
         return Batch([d for d in self.docs() if "resourceMetrics" in d])

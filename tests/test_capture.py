@@ -204,3 +204,16 @@ def test_the_default_config_starts_and_prints_live_links(peers, tmp_path):
     row = next(l.split() for l in lines if l.startswith(B4) and " 8099 " in l)
     # CLIENT SERVER PORT OPENED ACTIVE REFUSED RESET TIMEOUT BYTES C>S BYTES S>C ...
     assert row[:10] == [B4, A4, "8099", "1", "0", "0", "0", "0", "6", "5"]
+
+
+def test_the_resource_names_the_node(ridley, peers, monkeypatch):
+    """In a cluster the downward API's node name is host.name, k8s.node.name and
+    service.instance.id; outside one, the host's name."""
+    import socket
+    r = ridley()
+    assert r.stop().resource["host.name"] == socket.gethostname()
+    monkeypatch.setenv("K8S_NODE_NAME", "node-7")
+    r = ridley()
+    resource = r.stop().resource
+    assert (resource["host.name"], resource["k8s.node.name"], resource["service.instance.id"]) == (
+        "node-7", "node-7", "node-7")

@@ -78,7 +78,7 @@ MISTAKES = [
      "c0.yaml:8:5: not valid YAML: service.pipelines: duplicate entry with key \"metrics\""),
     ("unknown component type", BASE.replace("  debug:", "  kafka:").replace("[debug]", "[kafka]"),
      "c0.yaml:5:3: in pipeline metrics: exporters.kafka: unknown exporters type \"kafka\" (available: debug, "
-     "file, otlp, otlphttp, prometheus)"),
+     "file, otlp, otlphttp, otlp_grpc, otlp_http, prometheus)"),
     ("exporter in a pipeline of the wrong signal", BASE.replace("  debug:", "  prometheus:").replace(
         "    metrics:\n      receivers: [ebpf]\n      exporters: [debug]", "    traces:\n      receivers: [ebpf]\n"
         "      exporters: [prometheus]"),
@@ -269,3 +269,44 @@ def test_validate_opens_nothing_and_run_stops_before_capture_on_a_port_in_use(tm
     assert (f"error: starting extensions.health_check: extensions.health_check.endpoint: "
             f"listening on 127.0.0.1:{port}: Address already in use") in proc.stderr, proc.stderr
     assert "capture started" not in proc.stderr
+
+
+def test_the_collectors_current_exporter_names_are_accepted(tmp_path):
+    text = BASE.replace("  debug:", "  otlp_grpc:\n    endpoint: collector:4317\n"
+                        "  otlp_http/backup:\n    endpoint: http://collector:4318").replace(
+        "[debug]", "[otlp_grpc, otlp_http/backup]")
+    code, out = validate(tmp_path, text)
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("encoding", ["console", "json"])
+def test_logs_are_plain_text_off_a_terminal_or_json(tmp_path, encoding):
+    """Logs to a pipe carry no colour codes (even without NO_COLOR); `json` writes one
+    object per line with the level and message."""
+    import json
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "logs.yaml"
+    config.write_text(BASE.replace("exporters:\n  debug:",
+                                   f"extensions:\n  health_check:\n    endpoint: 127.0.0.1:{port}\n"
+                                   "exporters:\n  debug:")
+                      + f"  extensions: [health_check]\n  telemetry:\n    logs: {{encoding: {encoding}}}\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.run([str(RIDLEY), "run", "--config", str(config)], capture_output=True,
+                          text=True, timeout=30, env=env)
+    taken.close()
+    assert proc.returncode == 1, proc.stderr
+    assert "\x1b[" not in proc.stderr
+    log_lines = [line for line in proc.stderr.splitlines() if not line.startswith("error: ")]
+    starting = [line for line in log_lines if "starting (one instance per component id)" in line]
+    assert len(starting) == 1, proc.stderr
+    if encoding == "json":
+        record = json.loads(starting[0])
+        assert record["level"] == "INFO"
+        assert record["fields"]["message"] == "starting (one instance per component id)"
+        assert all(json.loads(line) for line in log_lines)
+    else:
+        assert " INFO " in starting[0]

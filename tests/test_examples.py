@@ -137,7 +137,11 @@ def test_grafana_provisioning_and_dashboard():
     assert by_uid["tempo"]["jsonData"]["serviceMap"]["datasourceUid"] == "prometheus"
     dashboard = json.loads((EXAMPLES / "grafana/dashboards/ridley.json").read_text())
     kinds = {p["type"] for p in dashboard["panels"]}
-    assert "nodegraph" in kinds
+    # Grafana's built-in panel ids are case-sensitive: `nodeGraph`, not `nodegraph`.
+    builtin = {"nodeGraph", "timeseries", "table", "stat", "bargauge", "gauge", "piechart",
+               "heatmap", "text", "barchart", "histogram", "state-timeline", "status-history"}
+    assert kinds <= builtin, kinds - builtin
+    assert "nodeGraph" in kinds
     exprs = " ".join(t.get("expr", "") for p in dashboard["panels"] for t in p["targets"])
     # The series the panels read are the ones ridley (and the connector) emit.
     for series in ("ridley_link_bytes_total", "ridley_link_connections_failed_total",

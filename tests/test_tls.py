@@ -109,8 +109,14 @@ def test_a_certificate_given_as_ca_file_is_trusted(ridley, peers, tmp_path, kind
         sink.wait()
 
 
-def test_a_server_certificate_for_another_name_is_still_refused(ridley, tmp_path):
-    """Trusting the certificate in ca_file does not trust it for any name."""
+@pytest.mark.parametrize("tls, delivered", [
+    ("{{ca_file: {cert}}}", False),
+    ("{{ca_file: {cert}, server_name_override: elsewhere.example}}", True),
+    ("{{insecure_skip_verify: true}}", True),
+], ids=["refused", "server_name_override", "insecure_skip_verify"])
+def test_a_server_certificate_for_another_name(ridley, tmp_path, tls, delivered):
+    """Trusting the certificate in ca_file does not trust it for any name; the name can
+    be overridden, or verification skipped (said at WARN)."""
     key, cert = tmp_path / "other.key", tmp_path / "other.pem"
     sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
        "-subj", "/CN=elsewhere", "-addext", "subjectAltName=DNS:elsewhere.example",
@@ -120,16 +126,22 @@ def test_a_server_certificate_for_another_name_is_still_refused(ridley, tmp_path
         exporters = (
             "  otlphttp:\n"
             f"    endpoint: https://127.0.0.1:{https.port}\n"
-            f"    tls: {{ca_file: {cert}}}\n"
+            f"    tls: {tls.format(cert=cert)}\n"
             "    retry_on_failure: {initial_interval: 100ms, max_interval: 200ms}\n"
         )
         r = ridley(exporters=exporters, pipelines={"metrics": ["file", "otlphttp"]})
         deadline = time.monotonic() + 20
-        while "export failed" not in r.log_path.read_text():
+        while "export failed" not in r.log_path.read_text() and not https.posts:
             assert time.monotonic() < deadline, r.log_path.read_text()
             time.sleep(0.1)
         r.stop()
-        assert https.posts == []
-        assert "NotValidForName" in r.log_path.read_text()
+        log = r.log_path.read_text()
+        if delivered:
+            assert https.posts and "export failed" not in log, log
+        else:
+            assert https.posts == []
+            assert "NotValidForName" in log
+        assert ("tls.insecure_skip_verify: the collector's certificate is not checked" in log) == (
+            "insecure" in tls)
     finally:
         https.stop()

@@ -182,14 +182,27 @@ pub struct LogsTelemetry {
     /// `error`, `warn`, `info`, `debug` or `trace`; the `RIDLEY_LOG` variable wins.
     #[serde(default = "default_log_level")]
     pub level: LogLevel,
+    /// `console` (plain text, coloured only on a terminal) or `json` (one object per
+    /// line, for log pipelines), as the collector's key.
+    #[serde(default)]
+    pub encoding: LogEncoding,
 }
 
 impl Default for LogsTelemetry {
     fn default() -> Self {
         LogsTelemetry {
             level: default_log_level(),
+            encoding: LogEncoding::default(),
         }
     }
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogEncoding {
+    #[default]
+    Console,
+    Json,
 }
 
 fn default_log_level() -> LogLevel {

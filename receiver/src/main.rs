@@ -75,7 +75,7 @@ enum Command {
 
 /// Logs go to stderr so that the debug exporter's table owns stdout. `RIDLEY_LOG`
 /// (an env-filter) wins over `service.telemetry.logs.level`.
-fn init_logs(level: &str) {
+fn init_logs(level: &str, encoding: config::LogEncoding) {
     // kube's watcher logs some failures at every retry; ridley logs each watch's changes
     // of state itself, once. Below debug, keep kube to its errors.
     let default = if matches!(level, "debug" | "trace") {
@@ -83,12 +83,20 @@ fn init_logs(level: &str) {
     } else {
         format!("{level},kube_runtime=error,kube_client=error,kube_client::client::builder=off")
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("RIDLEY_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_env("RIDLEY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match encoding {
+        config::LogEncoding::Json => logs.json().init(),
+        // Colour only for a person at a terminal (and never with NO_COLOR set): a log
+        // collector must not get escape codes.
+        config::LogEncoding::Console => {
+            use std::io::IsTerminal;
+            let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            logs.with_ansi(colour).init()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -134,7 +142,8 @@ fn main() -> ExitCode {
 /// Loads the config and builds the pipeline; then runs it, or (validate) stops there.
 fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
     let loaded = Config::load(paths)?;
-    init_logs(loaded.config.service.telemetry.logs.level.as_str());
+    let logs = &loaded.config.service.telemetry.logs;
+    init_logs(logs.level.as_str(), logs.encoding);
     for warning in &loaded.warnings {
         tracing::warn!("{}: {warning}", loaded.origin());
     }

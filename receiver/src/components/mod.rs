@@ -38,6 +38,9 @@ const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
     ("file", ALL_SIGNALS, file::build),
     ("otlp", ALL_SIGNALS, otlp::build),
     ("otlphttp", ALL_SIGNALS, otlphttp::build),
+    // The collector's current names for the same two exporters.
+    ("otlp_grpc", ALL_SIGNALS, otlp::build),
+    ("otlp_http", ALL_SIGNALS, otlphttp::build),
     ("prometheus", METRICS, prometheus::build),
 ];
 
@@ -223,6 +226,6 @@ mod tests {
         assert_eq!(keys("file"), "path");
         assert_eq!(keys("health_check"), "endpoint,path");
         assert!(keys("otlp").starts_with("endpoint,metrics_endpoint,traces_endpoint,tls,headers"));
-        assert_eq!(all.len(), 8);
+        assert_eq!(all.len(), 10);
     }
 }

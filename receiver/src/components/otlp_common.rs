@@ -53,6 +53,10 @@ pub struct TlsConfig {
     /// Client certificate (PEM) for mutual TLS; needs `key_file`.
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// Accept any server certificate (encrypted, not authenticated): for tests only.
+    pub insecure_skip_verify: bool,
+    /// The name the server's certificate must carry, instead of the endpoint's host.
+    pub server_name_override: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]

@@ -177,7 +177,7 @@ class Ridley:
 
     def __init__(self, workdir, interval="1s", idle_timeout="5m", receiver_extra="",
                  exporters="", pipelines=None, processors="", pipeline_processors=(), extensions="",
-                 command_prefix=()):
+                 command_prefix=(), service_extra=""):
         """Default: one metrics pipeline into the file exporter at `out`. `exporters`
         (YAML, indented under `exporters:`) and `pipelines` ({name: [exporter ids]})
         add more; `spans` is the file the `file/spans` exporter writes."""
@@ -201,6 +201,7 @@ class Ridley:
             + (f"processors:\n{processors}" if processors else "")
             + (f"extensions:\n{extensions}" if extensions else "")
             + "service:\n"
+            + service_extra
             + ("  extensions: [health_check]\n" if extensions else "")
             + "  pipelines:\n"
             + "".join(f"    {name}:\n      receivers: [ebpf]\n"

@@ -310,3 +310,10 @@ def test_logs_are_plain_text_off_a_terminal_or_json(tmp_path, encoding):
         assert all(json.loads(line) for line in log_lines)
     else:
         assert " INFO " in starting[0]
+
+
+def test_shutdown_timeout_is_bounded(tmp_path):
+    assert error_of(tmp_path, BASE + "  shutdown_timeout: 1h\n") == (
+        "c0.yaml:11:3: service.shutdown_timeout: must be from 100ms to 5m, got 1h")
+    code, out = validate(tmp_path, BASE + "  shutdown_timeout: 20s\n")
+    assert code == 0, out

@@ -164,6 +164,14 @@ pub struct Service {
     pub extensions: Vec<ComponentId>,
     #[serde(default)]
     pub pipelines: BTreeMap<PipelineId, Pipeline>,
+    /// How long exporters may take, together, to flush at shutdown (100ms to 5m).
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: std::time::Duration,
+}
+
+/// Well under Kubernetes' default 30 s grace period.
+fn default_shutdown_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 /// ridley's own telemetry, as the collector's `service.telemetry`.

@@ -21,9 +21,9 @@ use crate::{components, model::LinkBatch, telemetry::Telemetry};
 /// cumulative state, so a slow exporter skips to the newest rather than queueing.
 const PIPELINE_QUEUE: usize = 4;
 
-/// How long the exporters of a pipeline may take to flush at shutdown, together: well
-/// under Kubernetes' default 30 s grace period.
-const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Accepted values of `service.shutdown_timeout`.
+const SHUTDOWN_TIMEOUT_RANGE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(300);
 
 /// Where a receiver sends its batches: every pipeline that lists it.
 #[derive(Clone)]
@@ -179,6 +179,7 @@ pub struct Service {
     pipelines: Vec<PipelineRun>,
     exporters: Vec<(ComponentId, SharedExporter)>,
     processor_instances: Vec<(ComponentId, SharedProcessor)>,
+    shutdown_timeout: std::time::Duration,
     telemetry: Arc<Telemetry>,
 }
 
@@ -241,6 +242,13 @@ impl Service {
     /// Builds every component once: configuration parsed and validated, nothing opened
     /// (no listening port, no API watch, no eBPF): `ridley validate` stops here.
     pub fn build(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self> {
+        let shutdown_timeout = config.service.shutdown_timeout;
+        if !SHUTDOWN_TIMEOUT_RANGE.contains(&shutdown_timeout) {
+            anyhow::bail!(
+                "service.shutdown_timeout: must be from 100ms to 5m, got {}",
+                humantime::format_duration(shutdown_timeout)
+            );
+        }
         let uses = Uses::of(config);
         let context = |id: &ComponentId, signals: &[Signal]| BuildContext {
             id: id.clone(),
@@ -340,6 +348,7 @@ impl Service {
             pipelines,
             processor_instances: processors.into_iter().collect(),
             exporters: exporters.into_iter().collect(),
+            shutdown_timeout,
             telemetry,
         })
     }
@@ -413,7 +422,7 @@ impl Service {
                 }
             }
         }
-        flush_exporters(&self.exporters).await;
+        flush_exporters(&self.exporters, self.shutdown_timeout).await;
         first_error.map_or(Ok(()), Err)
     }
 }
@@ -448,11 +457,14 @@ impl Service {
 }
 
 /// Every exporter flushes at once, under one deadline: a dead backend costs the
-/// shutdown at most [`SHUTDOWN_TIMEOUT`], however many exporters there are. One line
-/// sums it up.
-async fn flush_exporters(exporters: &[(ComponentId, SharedExporter)]) {
+/// shutdown at most `timeout` (`service.shutdown_timeout`), however many exporters
+/// there are. One line sums it up.
+async fn flush_exporters(
+    exporters: &[(ComponentId, SharedExporter)],
+    timeout: std::time::Duration,
+) {
     let started = tokio::time::Instant::now();
-    let deadline = started + SHUTDOWN_TIMEOUT;
+    let deadline = started + timeout;
     let flushes = exporters.iter().map(|(id, exporter)| async move {
         let result = exporter.lock().await.shutdown(deadline).await;
         (id, result)

@@ -13,6 +13,11 @@ need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v bpftool >/dev/null || need_apt+=(bpftool)
 command -v nft >/dev/null || need_apt+=(nftables)
+# Containers: the image test runs the DaemonSet's security context under podman + runc
+# (Debian's default crun does not handle this host kind's hybrid cgroups).
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

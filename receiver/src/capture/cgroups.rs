@@ -9,17 +9,28 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Where cgroup2 is mounted (`/sys/fs/cgroup` on pure v2 hosts, `/sys/fs/cgroup/unified`
-/// on hybrid ones).
+/// Where the host's cgroup2 hierarchy is mounted under `HOST_MOUNT` (the DaemonSet's
+/// hostPath mount), else where this process sees cgroup2 (`/sys/fs/cgroup` on pure v2
+/// hosts, `/sys/fs/cgroup/unified` on hybrid ones). In a container with a cgroup
+/// namespace of its own, only the host's mount shows other pods' cgroups.
 fn cgroup2_root() -> Option<PathBuf> {
+    const HOST_MOUNT: &str = "/host/sys/fs/cgroup";
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mounts.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        right
-            .starts_with("cgroup2 ")
-            .then(|| left.split(' ').nth(4).map(PathBuf::from))
-            .flatten()
-    })
+    let cgroup2: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split(' ').nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .collect();
+    cgroup2
+        .iter()
+        .find(|path| path.starts_with(HOST_MOUNT))
+        .or(cgroup2.first())
+        .cloned()
 }
 
 #[derive(Default)]
@@ -45,8 +56,15 @@ fn walk(root: &Path, dir: &Path, out: &mut HashMap<u64, String>) {
 
 impl CgroupPaths {
     pub fn new() -> Self {
+        let root = cgroup2_root();
+        match &root {
+            Some(root) => tracing::info!("cgroup paths from {}", root.display()),
+            None => tracing::warn!(
+                "no cgroup2 mount: host-network clients cannot be told apart by cgroup"
+            ),
+        }
         CgroupPaths {
-            root: cgroup2_root(),
+            root,
             by_id: HashMap::new(),
         }
     }

@@ -423,11 +423,25 @@ fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
         failed: u64,
         durations: Histogram,
     }
-    let mut edges: BTreeMap<(String, String), Edge> = BTreeMap::new();
+    // Keyed by namespace and name of each end: Grafana's namespace-aware service map
+    // reads `client_service_namespace` / `server_service_namespace`.
+    let mut edges: BTreeMap<(String, String, String, String), Edge> = BTreeMap::new();
+    let namespace = |end: &crate::model::EndIdentity| {
+        end.attributes
+            .iter()
+            .find(|(k, _)| k == "service.namespace")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     for (key, stats) in batch.links.iter().filter(|(key, _)| !key.is_overflow()) {
         let (client, server) = batch.end_names(key);
-        let (client, server) = (client.service_name, server.service_name);
-        let edge = edges.entry((client, server)).or_insert_with(|| Edge {
+        let edge_key = (
+            namespace(&client),
+            client.service_name,
+            namespace(&server),
+            server.service_name,
+        );
+        let edge = edges.entry(edge_key).or_insert_with(|| Edge {
             start: stats.start_time,
             requests: 0,
             failed: 0,
@@ -440,22 +454,24 @@ fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
         edge.failed += stats.failed_total();
         edge.durations.merge(&stats.connect_duration);
     }
-    let labels = |client: &str, server: &str| {
+    let labels = |(client_ns, client, server_ns, server): &(String, String, String, String)| {
         vec![
-            kv_str("client", client),
-            kv_str("server", server),
+            kv_str("client", client.as_str()),
+            kv_str("server", server.as_str()),
             kv_str("connection_type", ""),
+            kv_str("client_service_namespace", client_ns.as_str()),
+            kv_str("server_service_namespace", server_ns.as_str()),
         ]
     };
     let mut total = Vec::new();
     let mut failed = Vec::new();
     let mut client_seconds = Vec::new();
     let mut server_seconds = Vec::new();
-    for ((client, server), edge) in &edges {
-        total.push(p.number(edge.start, labels(client, server), edge.requests));
-        failed.push(p.number(edge.start, labels(client, server), edge.failed));
-        client_seconds.push(p.histogram(edge.start, labels(client, server), &edge.durations));
-        server_seconds.push(p.histogram(edge.start, labels(client, server), &edge.durations));
+    for (ends, edge) in &edges {
+        total.push(p.number(edge.start, labels(ends), edge.requests));
+        failed.push(p.number(edge.start, labels(ends), edge.failed));
+        client_seconds.push(p.histogram(edge.start, labels(ends), &edge.durations));
+        server_seconds.push(p.histogram(edge.start, labels(ends), &edge.durations));
     }
     vec![
         sum(
@@ -622,5 +638,63 @@ mod tests {
         let hist = &metrics[4]["histogram"]["dataPoints"][0];
         assert_eq!(hist["count"], "1");
         assert_eq!(hist["bucketCounts"][1], "1");
+    }
+}
+
+#[cfg(test)]
+mod service_graph_tests {
+    use super::*;
+    use crate::model::{EndIdentity, EndRef, LinkStats, one_link_batch};
+
+    #[test]
+    fn edges_carry_the_namespace_of_each_end() {
+        let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut stats = LinkStats::new(t);
+        stats.opened = 4;
+        let mut batch = one_link_batch(t, stats);
+        batch.service_graph_metrics = true;
+        let key = batch.links[0].0;
+        let named = |name: &str, ns: &str| EndIdentity {
+            service_name: name.into(),
+            attributes: vec![("service.namespace".into(), ns.into())],
+        };
+        batch
+            .ends
+            .insert(EndRef::client(&key), named("web", "shop"));
+        batch.ends.insert(EndRef::server(&key), named("db", "data"));
+        let request = metrics_request(&batch, &resource(), &[]);
+        let metric = request.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == "traces_service_graph_request_total")
+            .expect("the series is there");
+        let Some(metric::Data::Sum(sum)) = &metric.data else {
+            panic!("a sum")
+        };
+        let labels: Vec<(String, String)> = sum.data_points[0]
+            .attributes
+            .iter()
+            .map(
+                |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(any_value::Value::StringValue(v)) => (kv.key.clone(), v.clone()),
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        let expected: Vec<(String, String)> = [
+            ("client", "web"),
+            ("server", "db"),
+            ("connection_type", ""),
+            ("client_service_namespace", "shop"),
+            ("server_service_namespace", "data"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(labels, expected);
+        assert_eq!(
+            sum.data_points[0].value,
+            Some(number_data_point::Value::AsInt(4))
+        );
     }
 }

@@ -162,18 +162,42 @@ fn label_value(value: &Option<AnyValue>) -> String {
         .replace('\n', "\\n")
 }
 
-fn labels(attributes: &[KeyValue], extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = attributes
-        .iter()
-        .map(|kv| format!("{}=\"{}\"", sanitize(&kv.key), label_value(&kv.value)))
-        .collect();
-    if let Some((key, value)) = extra {
-        parts.push(format!("{key}=\"{value}\""));
+/// `k="v",...` of a point's attributes followed by the scope's labels, built once per
+/// point (histogram bucket lines only append `le`).
+fn label_body(attributes: &[KeyValue], scope: &str) -> String {
+    let mut body = String::new();
+    for kv in attributes {
+        let _ = write!(
+            body,
+            "{}=\"{}\",",
+            sanitize(&kv.key),
+            label_value(&kv.value)
+        );
     }
-    if parts.is_empty() {
+    body.push_str(scope);
+    body
+}
+
+/// `{body}`, or nothing for an empty body.
+fn braced(body: &str) -> String {
+    if body.is_empty() {
         String::new()
     } else {
-        format!("{{{}}}", parts.join(","))
+        format!("{{{body}}}")
+    }
+}
+
+/// The instrumentation scope as the OpenTelemetry-Prometheus compatibility spec puts it
+/// on every series: `otel_scope_name`, `otel_scope_version`.
+fn scope_labels(
+    scope: Option<&opentelemetry_proto::tonic::common::v1::InstrumentationScope>,
+) -> String {
+    match scope {
+        Some(scope) if !scope.name.is_empty() => format!(
+            "otel_scope_name=\"{}\",otel_scope_version=\"{}\"",
+            scope.name, scope.version
+        ),
+        _ => String::new(),
     }
 }
 
@@ -198,9 +222,13 @@ pub fn render(request: &ExportMetricsServiceRequest) -> String {
                 out,
                 "# HELP target_info Target metadata\n# TYPE target_info gauge"
             );
-            let _ = writeln!(out, "target_info{} 1", labels(&resource.attributes, None));
+            let body = label_body(&resource.attributes, "");
+            let _ = writeln!(out, "target_info{} 1", braced(body.trim_end_matches(',')));
         }
-        for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+        for (scope, metric) in rm.scope_metrics.iter().flat_map(|sm| {
+            let scope = scope_labels(sm.scope.as_ref());
+            sm.metrics.iter().map(move |m| (scope.clone(), m))
+        }) {
             match &metric.data {
                 Some(Data::Sum(sum)) => {
                     let name = metric_name(&metric.name, &metric.unit, sum.is_monotonic);
@@ -216,10 +244,11 @@ pub fn render(request: &ExportMetricsServiceRequest) -> String {
                             Some(Value::AsDouble(d)) => d,
                             None => continue,
                         };
+                        let body = label_body(&p.attributes, &scope);
                         let _ = writeln!(
                             out,
                             "{name}{} {}",
-                            labels(&p.attributes, None),
+                            braced(body.trim_end_matches(',')),
                             number(value)
                         );
                     }
@@ -232,17 +261,23 @@ pub fn render(request: &ExportMetricsServiceRequest) -> String {
                         metric.description
                     );
                     for p in &histogram.data_points {
+                        let body = label_body(&p.attributes, &scope);
+                        let sep = if body.is_empty() || body.ends_with(',') {
+                            ""
+                        } else {
+                            ","
+                        };
                         let mut cumulative = 0;
                         for (i, count) in p.bucket_counts.iter().enumerate() {
                             cumulative += count;
                             let le = p.explicit_bounds.get(i).copied().unwrap_or(f64::INFINITY);
                             let _ = writeln!(
                                 out,
-                                "{name}_bucket{} {cumulative}",
-                                labels(&p.attributes, Some(("le", number(le))))
+                                "{name}_bucket{{{body}{sep}le=\"{}\"}} {cumulative}",
+                                number(le)
                             );
                         }
-                        let l = labels(&p.attributes, None);
+                        let l = braced(body.trim_end_matches(','));
                         let _ = writeln!(out, "{name}_sum{l} {}", number(p.sum.unwrap_or(0.0)));
                         let _ = writeln!(out, "{name}_count{l} {}", p.count);
                     }
@@ -298,21 +333,25 @@ mod tests {
             text.contains("# TYPE ridley_link_bytes_total counter"),
             "{text}"
         );
-        assert!(text.contains(&format!(
-            "ridley_link_bytes_total{{{link},network_io_direction=\"transmit\"}} 42"
-        )));
-        assert!(text.contains(&format!(
-            "ridley_link_connect_duration_seconds_bucket{{{link},le=\"0.00005\"}} 0"
-        )));
-        assert!(text.contains(&format!(
-            "ridley_link_connect_duration_seconds_bucket{{{link},le=\"0.0001\"}} 1"
-        )));
-        assert!(text.contains(&format!(
-            "ridley_link_connect_duration_seconds_bucket{{{link},le=\"+Inf\"}} 1"
-        )));
-        assert!(text.contains(&format!(
-            "ridley_link_connect_duration_seconds_count{{{link}}} 1"
-        )));
+        let scope = format!(
+            "otel_scope_name=\"ridley\",otel_scope_version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        );
+        for line in [
+            format!(
+                "ridley_link_bytes_total{{{link},network_io_direction=\"transmit\",{scope}}} 42"
+            ),
+            format!(
+                "ridley_link_connect_duration_seconds_bucket{{{link},{scope},le=\"0.00005\"}} 0"
+            ),
+            format!(
+                "ridley_link_connect_duration_seconds_bucket{{{link},{scope},le=\"0.0001\"}} 1"
+            ),
+            format!("ridley_link_connect_duration_seconds_bucket{{{link},{scope},le=\"+Inf\"}} 1"),
+            format!("ridley_link_connect_duration_seconds_count{{{link},{scope}}} 1"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
         assert!(text.contains("target_info{service_name=\"ridley\""));
     }
 }

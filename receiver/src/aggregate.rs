@@ -13,9 +13,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ridley_ebpf::{SockRecord, flags, kind, role, tcp_state};
+use ridley_ebpf::{SockRecord, flags, tcp_state};
 
-use crate::model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses};
+use crate::{
+    capture::{OpenedAs, RecordExt, RecordKind},
+    model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses},
+};
 
 const ECONNREFUSED: i32 = 111;
 const ECONNRESET: i32 = 104;
@@ -389,8 +392,8 @@ impl Aggregator {
 
     /// A record from the ring buffer: a connection closed, or a connect failed.
     pub fn apply_event(&mut self, rec: &SockRecord, now: Now) {
-        match rec.kind {
-            kind::CONNECT_FAILED => {
+        match rec.record_kind() {
+            Some(RecordKind::ConnectFailed) => {
                 let reason = if rec.sk_err == ECONNREFUSED {
                     FailureReason::Refused
                 } else {
@@ -401,8 +404,8 @@ impl Aggregator {
                 self.offer_sample(key, rec, Some(reason), now);
                 self.link_mut(key, now).stats.add_failure(reason);
             }
-            kind::CLOSED => self.apply_close(rec, now),
-            _ => {}
+            Some(RecordKind::Closed) => self.apply_close(rec, now),
+            Some(RecordKind::Live) | None => {}
         }
     }
 
@@ -421,7 +424,7 @@ impl Aggregator {
             }
             None if rec.flags & flags::TRACKED != 0 => {
                 // Opened and closed between two walks: the whole connection is here.
-                let end = if rec.role == role::SERVER {
+                let end = if rec.opened_as() == OpenedAs::Server {
                     End::Server
                 } else {
                     End::Client
@@ -468,11 +471,11 @@ impl Aggregator {
                 || listeners.contains(&(r.netns, r.local_port, IpAddr::V6(Ipv6Addr::UNSPECIFIED)))
         };
         let end_of = |r: &SockRecord| -> End {
-            match r.role {
-                role::CLIENT => End::Client,
-                role::SERVER => End::Server,
-                _ if is_server(r) => End::Server,
-                _ => End::Client,
+            match r.opened_as() {
+                OpenedAs::Client => End::Client,
+                OpenedAs::Server => End::Server,
+                OpenedAs::Unknown if is_server(r) => End::Server,
+                OpenedAs::Unknown => End::Client,
             }
         };
         // Local client ends, so that a server socket whose client is on this host is
@@ -492,7 +495,7 @@ impl Aggregator {
             .iter()
             .filter(|r| {
                 is_connected(r.state)
-                    && r.role == role::SERVER
+                    && r.opened_as() == OpenedAs::Server
                     && r.flags & flags::TRACKED != 0
                     && r.flags & flags::PEER_LOCAL == 0
             })
@@ -649,6 +652,7 @@ fn close_failure(rec: &SockRecord) -> Option<FailureReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ridley_ebpf::{kind, role};
 
     const T0: u64 = 1_000_000_000;
 

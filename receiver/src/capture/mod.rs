@@ -44,6 +44,54 @@ pub struct MapSizes {
     pub ring_buffer_bytes: u32,
 }
 
+/// What a record reports: the user-side reading of `SockRecord::kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// The socket reached `TCP_CLOSE` after being established; counters are final.
+    Closed,
+    /// An active open failed (`SYN_SENT` -> `TCP_CLOSE`).
+    ConnectFailed,
+    /// A live socket from the periodic walk.
+    Live,
+}
+
+/// How a socket was opened: the user-side reading of `SockRecord::role`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenedAs {
+    /// `connect()`.
+    Client,
+    /// Accepted from a listener.
+    Server,
+    /// Not seen opening (it predates the programs, or the table was full).
+    Unknown,
+}
+
+/// Typed views of the kernel's plain-data record.
+pub trait RecordExt {
+    /// `None` for a kind this build does not know (a newer kernel program).
+    fn record_kind(&self) -> Option<RecordKind>;
+    fn opened_as(&self) -> OpenedAs;
+}
+
+impl RecordExt for SockRecord {
+    fn record_kind(&self) -> Option<RecordKind> {
+        match self.kind {
+            ridley_ebpf::kind::CLOSED => Some(RecordKind::Closed),
+            ridley_ebpf::kind::CONNECT_FAILED => Some(RecordKind::ConnectFailed),
+            ridley_ebpf::kind::LIVE => Some(RecordKind::Live),
+            _ => None,
+        }
+    }
+
+    fn opened_as(&self) -> OpenedAs {
+        match self.role {
+            ridley_ebpf::role::CLIENT => OpenedAs::Client,
+            ridley_ebpf::role::SERVER => OpenedAs::Server,
+            _ => OpenedAs::Unknown,
+        }
+    }
+}
+
 /// Copies one record out of kernel-written bytes. Returns `None` on a short buffer.
 pub fn parse_record(bytes: &[u8]) -> Option<SockRecord> {
     if bytes.len() < SockRecord::SIZE {

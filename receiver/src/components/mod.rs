@@ -22,27 +22,117 @@ type Factory<T> = fn(&BuildContext, ComponentSection) -> Result<T>;
 const METRICS: &[Signal] = &[Signal::Metrics];
 const ALL_SIGNALS: &[Signal] = &[Signal::Metrics, Signal::Traces];
 
-/// (type, signals it can serve, constructor)
-type Entry<T> = (&'static str, &'static [Signal], Factory<T>);
+/// The top-level keys of a component's config struct.
+type Keys = fn() -> &'static [&'static str];
 
-const EXTENSIONS: &[Entry<Box<dyn Extension>>] =
-    &[("health_check", ALL_SIGNALS, health_check::build)];
+/// (type, signals it can serve, constructor, config keys)
+type Entry<T> = (&'static str, &'static [Signal], Factory<T>, Keys);
 
-const RECEIVERS: &[Entry<Box<dyn Receiver>>] = &[("ebpf", ALL_SIGNALS, ebpf::build)];
+const EXTENSIONS: &[Entry<Box<dyn Extension>>] = &[(
+    "health_check",
+    ALL_SIGNALS,
+    health_check::build,
+    config_keys::<health_check::HealthCheckConfig>,
+)];
 
-const PROCESSORS: &[Entry<Box<dyn Processor>>] =
-    &[("k8sattributes", ALL_SIGNALS, k8sattributes::build)];
+const RECEIVERS: &[Entry<Box<dyn Receiver>>] = &[(
+    "ebpf",
+    ALL_SIGNALS,
+    ebpf::build,
+    config_keys::<ebpf::EbpfConfig>,
+)];
+
+const PROCESSORS: &[Entry<Box<dyn Processor>>] = &[(
+    "k8sattributes",
+    ALL_SIGNALS,
+    k8sattributes::build,
+    config_keys::<k8sattributes::K8sAttributesConfig>,
+)];
 
 const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
-    ("debug", ALL_SIGNALS, debug::build),
-    ("file", ALL_SIGNALS, file::build),
-    ("otlp", ALL_SIGNALS, otlp::build),
-    ("otlphttp", ALL_SIGNALS, otlphttp::build),
+    (
+        "debug",
+        ALL_SIGNALS,
+        debug::build,
+        config_keys::<debug::DebugConfig>,
+    ),
+    (
+        "file",
+        ALL_SIGNALS,
+        file::build,
+        config_keys::<file::FileConfig>,
+    ),
+    (
+        "otlp",
+        ALL_SIGNALS,
+        otlp::build,
+        config_keys::<otlp_common::OtlpConfig>,
+    ),
+    (
+        "otlphttp",
+        ALL_SIGNALS,
+        otlphttp::build,
+        config_keys::<otlp_common::OtlpConfig>,
+    ),
     // The collector's current names for the same two exporters.
-    ("otlp_grpc", ALL_SIGNALS, otlp::build),
-    ("otlp_http", ALL_SIGNALS, otlphttp::build),
-    ("prometheus", METRICS, prometheus::build),
+    (
+        "otlp_grpc",
+        ALL_SIGNALS,
+        otlp::build,
+        config_keys::<otlp_common::OtlpConfig>,
+    ),
+    (
+        "otlp_http",
+        ALL_SIGNALS,
+        otlphttp::build,
+        config_keys::<otlp_common::OtlpConfig>,
+    ),
+    (
+        "prometheus",
+        METRICS,
+        prometheus::build,
+        config_keys::<prometheus::PrometheusConfig>,
+    ),
 ];
+
+/// The keys a config struct accepts, read from its `Deserialize` implementation: serde
+/// hands a struct's field names to `deserialize_struct`, and this deserializer does
+/// nothing but keep them. The list cannot drift from the code.
+fn config_keys<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    struct KeyProbe<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for KeyProbe<'_> {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("keys read"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    // The error is the point: the probe stops as soon as it has the field names.
+    let _ = T::deserialize(KeyProbe(&mut fields));
+    fields
+}
 
 fn build<T>(
     role: &str,
@@ -51,8 +141,8 @@ fn build<T>(
     section: ComponentSection,
 ) -> Result<T> {
     let id = &cx.id;
-    match table.iter().find(|(kind, _, _)| *kind == id.kind()) {
-        Some((_, signals, factory)) => {
+    match table.iter().find(|(kind, _, _, _)| *kind == id.kind()) {
+        Some((_, signals, factory, _)) => {
             if let Some(unsupported) = cx.signals.iter().find(|s| !signals.contains(s)) {
                 bail!(
                     "{role}.{id}: cannot be used in a {unsupported} pipeline (it supports {})",
@@ -66,7 +156,7 @@ fn build<T>(
             factory(cx, section)
         }
         None => {
-            let known: Vec<&str> = table.iter().map(|(kind, _, _)| *kind).collect();
+            let known: Vec<&str> = table.iter().map(|(kind, _, _, _)| *kind).collect();
             bail!(
                 "{role}.{id}: unknown {role} type {:?} (available: {})",
                 id.kind(),
@@ -89,39 +179,16 @@ pub struct Description {
     pub keys: Vec<String>,
 }
 
-/// Every registered component with the keys its config accepts. The keys come from the
-/// component's own config struct: it is asked to parse a key it cannot know, and its
-/// "expected one of" answer is the list, so this never drifts from the code.
+/// Every registered component with the keys its config accepts, from its config
+/// struct's `Deserialize` implementation (see `config_keys`).
 pub fn describe() -> Vec<Description> {
     fn rows<T>(role: &'static str, table: &[Entry<T>], out: &mut Vec<Description>) {
-        for (kind, signals, factory) in table {
-            let cx = BuildContext {
-                id: kind.parse().expect("registered types are valid ids"),
-                signals: signals.to_vec(),
-                telemetry: Default::default(),
-            };
-            let mut probe = serde_norway::Mapping::new();
-            probe.insert("ridley-probe".into(), serde_norway::Value::Null);
-            let keys = match factory(&cx, serde_norway::Value::Mapping(probe)) {
-                Ok(_) => Vec::new(),
-                Err(e) => {
-                    let message = e.to_string();
-                    let after = message.split("expected").nth(1).unwrap_or_default();
-                    after
-                        .split('`')
-                        .skip(1)
-                        .step_by(2)
-                        .map(str::to_owned)
-                        .collect()
-                }
-            };
-            out.push(Description {
-                role,
-                kind,
-                signals,
-                keys,
-            });
-        }
+        out.extend(table.iter().map(|(kind, signals, _, keys)| Description {
+            role,
+            kind,
+            signals,
+            keys: keys().iter().map(|k| k.to_string()).collect(),
+        }));
     }
     let mut out = Vec::new();
     rows("extension", EXTENSIONS, &mut out);
@@ -188,8 +255,8 @@ pub fn build_processor(cx: &BuildContext, section: ComponentSection) -> Result<B
 pub fn exporter_signals(kind: &str) -> &'static [Signal] {
     EXPORTERS
         .iter()
-        .find(|(k, _, _)| *k == kind)
-        .map_or(&[], |(_, signals, _)| *signals)
+        .find(|(k, _, _, _)| *k == kind)
+        .map_or(&[], |(_, signals, _, _)| *signals)
 }
 
 pub fn build_exporter(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {

@@ -150,3 +150,18 @@ def test_grafana_provisioning_and_dashboard():
     for p in dashboard["panels"]:
         for t in p["targets"]:
             assert t["datasource"]["uid"] in by_uid
+
+
+def test_kustomize_renders_every_manifest_unchanged():
+    """`kubectl apply -k examples/otel-collector/kubernetes` applies exactly the objects
+    of the two manifests, as written (kustomize renders offline)."""
+    kubernetes = EXAMPLES / "kubernetes"
+    rendered = subprocess.run(["kubectl", "kustomize", str(kubernetes)], capture_output=True,
+                              text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    ours = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
+            for path in ("ridley.yaml", "collector.yaml")
+            for d in yaml.safe_load_all((kubernetes / path).read_text()) if d}
+    got = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
+           for d in yaml.safe_load_all(rendered.stdout) if d}
+    assert got == ours

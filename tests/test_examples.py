@@ -165,3 +165,19 @@ def test_kustomize_renders_every_manifest_unchanged():
     got = {(d["kind"], d["metadata"].get("namespace", ""), d["metadata"]["name"]): d
            for d in yaml.safe_load_all(rendered.stdout) if d}
     assert got == ours
+
+
+@pytest.mark.parametrize("path", ["ridley.yaml", "collector.yaml"])
+def test_manifests_match_the_kubernetes_schemas(path):
+    """Every object against the Kubernetes OpenAPI schemas (kubernetes-validate, strict:
+    an unknown or misplaced field is an error), for the oldest and newest versions the
+    DaemonSet's fields need."""
+    import kubernetes_validate
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / "kubernetes" / path).read_text()) if d]
+    for version in ("1.30", "1.33"):
+        for doc in docs:
+            kubernetes_validate.validate(doc, version, strict=True)
+    # The check can fail: a misspelled field in a copy of the first object is refused.
+    broken = {**docs[0], "metadata": {**docs[0]["metadata"], "lables": {"x": "y"}}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.33", strict=True)

@@ -883,23 +883,30 @@ mod tests {
         assert_eq!((s.bytes_transmit, s.bytes_receive), (20, 30));
     }
 
-    #[test]
-    fn preexisting_pair_on_one_host_is_reported_once_by_the_client() {
-        let mut agg = Aggregator::new(config(60));
-        let mut c = live(SockRecord::default(), 10, 10);
+    /// Both live ends of 10.0.0.1:40000 -> 10.0.0.2:80 on this host, in namespaces 1 and
+    /// 2, untracked, with the given (acked, received) counters.
+    fn local_pair(client: (u64, u64), server: (u64, u64)) -> (SockRecord, SockRecord) {
+        let mut c = live(SockRecord::default(), client.0, client.1);
         c.sk = 1;
         c.local_addr = v4([10, 0, 0, 1]);
         c.local_port = 40000;
         c.remote_addr = v4([10, 0, 0, 2]);
         c.remote_port = 80;
         c.netns = 1;
-        let mut s = c;
+        let mut s = live(SockRecord::default(), server.0, server.1);
         s.sk = 2;
         s.local_addr = c.remote_addr;
         s.local_port = 80;
         s.remote_addr = c.local_addr;
         s.remote_port = 40000;
         s.netns = 2;
+        (c, s)
+    }
+
+    #[test]
+    fn preexisting_pair_on_one_host_is_reported_once_by_the_client() {
+        let mut agg = Aggregator::new(config(60));
+        let (c, s) = local_pair((10, 10), (10, 10));
         let listener = SockRecord {
             state: tcp_state::LISTEN,
             local_port: 80,
@@ -917,20 +924,7 @@ mod tests {
         // The client's socket did not fit the kernel's table; its server's did, and saw
         // no local client endpoint: the server reports, the client must not as well.
         let mut agg = Aggregator::new(config(60));
-        let mut c = live(SockRecord::default(), 501, 1);
-        c.sk = 1;
-        c.local_addr = v4([10, 0, 0, 1]);
-        c.local_port = 40000;
-        c.remote_addr = v4([10, 0, 0, 2]);
-        c.remote_port = 80;
-        c.netns = 1;
-        let mut s = live(SockRecord::default(), 1, 501);
-        s.sk = 2;
-        s.local_addr = c.remote_addr;
-        s.local_port = 80;
-        s.remote_addr = c.local_addr;
-        s.remote_port = 40000;
-        s.netns = 2;
+        let (c, mut s) = local_pair((501, 1), (1, 501));
         s.role = role::SERVER;
         s.flags = flags::TRACKED;
         s.start_ns = T0;

@@ -3,10 +3,7 @@
 //! span, each under the resource of its end. This is the shape Tempo's
 //! metrics-generator, the collector's `servicegraph` connector and Jaeger turn into a
 //! dependency graph. Built with opentelemetry-proto's generated types.
-use std::{
-    collections::BTreeMap,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -220,25 +217,24 @@ pub fn trace_requests(
 }
 
 fn request(pairs: &[(EndIdentity, EndIdentity, Pair)]) -> ExportTraceServiceRequest {
-    // Group spans by their end's identity: one ResourceSpans per service.
-    let mut by_resource: BTreeMap<String, (EndIdentity, Vec<Span>)> = BTreeMap::new();
+    // Group spans by their end's whole identity: two services of the same name in two
+    // namespaces are two resources, each with its own attributes.
+    let mut index: std::collections::HashMap<&EndIdentity, usize> = Default::default();
+    let mut by_resource: Vec<(&EndIdentity, Vec<Span>)> = Vec::new();
     for (client, server, p) in pairs {
-        by_resource
-            .entry(client.service_name.clone())
-            .or_insert_with(|| (client.clone(), Vec::new()))
-            .1
-            .push(p.client.clone());
-        by_resource
-            .entry(server.service_name.clone())
-            .or_insert_with(|| (server.clone(), Vec::new()))
-            .1
-            .push(p.server.clone());
+        for (identity, span) in [(client, &p.client), (server, &p.server)] {
+            let slot = *index.entry(identity).or_insert_with(|| {
+                by_resource.push((identity, Vec::new()));
+                by_resource.len() - 1
+            });
+            by_resource[slot].1.push(span.clone());
+        }
     }
     ExportTraceServiceRequest {
         resource_spans: by_resource
-            .into_values()
+            .into_iter()
             .map(|(identity, spans)| ResourceSpans {
-                resource: Some(resource(&identity)),
+                resource: Some(resource(identity)),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(InstrumentationScope {
                         name: SCOPE_NAME.to_owned(),
@@ -296,7 +292,7 @@ mod tests {
         assert_eq!(requests.len(), 1);
         let (request, pairs) = &requests[0];
         assert_eq!(*pairs, 3);
-        let by_service: BTreeMap<String, Vec<Span>> = request
+        let by_service: std::collections::BTreeMap<String, Vec<Span>> = request
             .resource_spans
             .iter()
             .map(|rs| {
@@ -366,5 +362,75 @@ mod tests {
                 .sum();
             assert_eq!(spans, 2 * pairs);
         }
+    }
+}
+
+#[cfg(test)]
+mod resource_tests {
+    use super::*;
+    use crate::model::{EndRef, LinkStats};
+
+    #[test]
+    fn same_named_services_in_two_namespaces_are_two_resources() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut batch = LinkBatch::new(t + Duration::from_secs(10), t);
+        let key = |client: &str| LinkKey {
+            client: client.parse().unwrap(),
+            server: "10.0.0.9".parse().unwrap(),
+            server_port: 80,
+            client_cgroup: 0,
+        };
+        for client in ["10.0.0.1", "10.0.0.2"] {
+            let mut stats = LinkStats::new(t);
+            stats.interval.attempts = 1;
+            stats.interval.samples = vec![ConnectionSample {
+                start: t,
+                duration: Duration::from_micros(100),
+                failure: None,
+            }];
+            batch.links.push((key(client), stats));
+        }
+        let api = |ns: &str| EndIdentity {
+            service_name: "api".into(),
+            attributes: vec![("service.namespace".into(), ns.into())],
+        };
+        batch
+            .ends
+            .insert(EndRef::client(&key("10.0.0.1")), api("blue"));
+        batch
+            .ends
+            .insert(EndRef::client(&key("10.0.0.2")), api("green"));
+        let requests = trace_requests(&batch, &mut IdGenerator::default(), 100);
+        let namespaces: Vec<(String, String, usize)> = requests[0]
+            .0
+            .resource_spans
+            .iter()
+            .map(|rs| {
+                let attr = |k: &str| {
+                    rs.resource
+                        .as_ref()
+                        .and_then(|r| r.attributes.iter().find(|a| a.key == k))
+                        .and_then(|a| a.value.as_ref())
+                        .and_then(|v| match &v.value {
+                            Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                            _ => None,
+                        })
+                        .unwrap_or_default()
+                };
+                (
+                    attr("service.name"),
+                    attr("service.namespace"),
+                    rs.scope_spans[0].spans.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            namespaces,
+            vec![
+                ("api".into(), "blue".into(), 1),
+                ("10.0.0.9".into(), "".into(), 2),
+                ("api".into(), "green".into(), 1),
+            ]
+        );
     }
 }

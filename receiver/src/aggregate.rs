@@ -521,29 +521,29 @@ impl Aggregator {
                 continue;
             }
             let end = end_of(rec);
-            let key = self.admit(link_of(rec, end, self.host_netns));
-            let counted = if rec.flags & flags::TRACKED != 0 {
-                self.record_open(key, rec, None, now);
-                Payload::baseline(rec)
-            } else {
-                if end == End::Server
-                    && client_endpoints.contains(&endpoint(
+            let tracked = rec.flags & flags::TRACKED != 0;
+            // An untracked end whose local peer reports the connection is left to it.
+            let peer_reports = !tracked
+                && match end {
+                    End::Server => client_endpoints.contains(&endpoint(
                         rec.remote_addr,
                         rec.remote_port,
                         rec.netns,
-                    ))
-                {
-                    continue;
-                }
-                if end == End::Client
-                    && reported_by_local_server.contains(&endpoint(
+                    )),
+                    End::Client => reported_by_local_server.contains(&endpoint(
                         rec.local_addr,
                         rec.local_port,
                         rec.netns,
-                    ))
-                {
-                    continue;
-                }
+                    )),
+                };
+            if peer_reports {
+                continue;
+            }
+            let key = self.admit(link_of(rec, end, self.host_netns));
+            let counted = if tracked {
+                self.record_open(key, rec, None, now);
+                Payload::baseline(rec)
+            } else {
                 // Opened before the programs were attached: count from now on.
                 self.link_mut(key, now);
                 now_payload
@@ -1005,6 +1005,28 @@ mod tests {
             clients,
             ["0.0.0.0:2", "10.9.9.9:1", "100.64.0.1:1", "203.0.113.5:1"]
         );
+    }
+
+    #[test]
+    fn a_socket_left_to_its_peer_is_not_counted_against_the_link_limit() {
+        let mut config = config(60);
+        config.max_links = 1;
+        let mut agg = Aggregator::new(config);
+        let mut other = closed(client(9), 1, 1);
+        other.remote_port = 443;
+        agg.apply_event(&other, at(1));
+        let (c, mut s) = local_pair((501, 1), (1, 501));
+        s.role = role::SERVER;
+        s.flags = flags::TRACKED;
+        for t in 1..=3 {
+            // The untracked client is skipped every walk; only the server is admitted,
+            // once, into the overflow series.
+            agg.apply_walk(&[c, s], at(t), true);
+        }
+        let mut losses = Losses::default();
+        agg.add_losses(&mut losses);
+        assert_eq!(losses.link_limit, 1);
+        assert_eq!(agg.open_connections(), 1);
     }
 
     #[test]

@@ -317,3 +317,13 @@ def test_shutdown_timeout_is_bounded(tmp_path):
         "c0.yaml:11:3: service.shutdown_timeout: must be from 100ms to 5m, got 1h")
     code, out = validate(tmp_path, BASE + "  shutdown_timeout: 20s\n")
     assert code == 0, out
+
+
+def test_tls_files_are_regular_files_only(tmp_path):
+    """A FIFO given as `tls.ca_file` is refused at once, not waited on."""
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    text = BASE.replace("  debug:", f"  otlp:\n    endpoint: https://collector:4317\n"
+                        f"    tls: {{ca_file: {fifo}}}").replace("[debug]", "[otlp]")
+    message = error_of(tmp_path, text, timeout=5)
+    assert "tls.ca_file: reading" in message and "not a regular file (it is a FIFO)" in message, message

@@ -138,7 +138,7 @@ fn send_error(status: tonic::Status) -> SendError {
     let throttle = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay)
-        .map(|delay| delay.min(std::time::Duration::from_secs(3600)));
+        .map(|delay| delay.min(super::otlp_common::MAX_THROTTLE));
     let retryable = match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
@@ -151,11 +151,9 @@ fn send_error(status: tonic::Status) -> SendError {
     };
     // tonic's message alone hides a transport error's cause.
     let mut message = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(&status);
-    while let Some(cause) = source {
+    if let Some(cause) = std::error::Error::source(&status) {
         message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
+        message.push_str(&super::otlp_common::error_chain(cause));
     }
     SendError {
         retryable,

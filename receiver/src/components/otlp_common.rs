@@ -255,13 +255,38 @@ impl OtlpConfig {
         self.retry_on_failure.validate()
     }
 
+    /// A PEM file of `tls`: a regular file of at most 1 MiB (the config's rule for
+    /// referenced files), so a FIFO or a device given by mistake cannot hang or fill us.
     pub fn read_tls_file(path: &Option<PathBuf>, what: &str) -> Result<Option<Vec<u8>>> {
         path.as_ref()
             .map(|p| {
-                std::fs::read(p).with_context(|| format!("tls.{what}: reading {}", p.display()))
+                config::limits::read_regular_file(
+                    p,
+                    config::limits::MAX_REFERENCED_FILE_SIZE,
+                    "a referenced file",
+                )
+                .map(String::into_bytes)
+                .with_context(|| format!("tls.{what}: reading {}", p.display()))
             })
             .transpose()
     }
+}
+
+/// The longest wait a server's throttling (HTTP `Retry-After`, gRPC `RetryInfo`) may
+/// impose: a bogus value must not silence an exporter for good.
+pub const MAX_THROTTLE: Duration = Duration::from_secs(3600);
+
+/// An error and its causes, `: `-separated: transport errors (connection refused, a
+/// rejected certificate) hide their cause in `Display`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// One request, as queued.

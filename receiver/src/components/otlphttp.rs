@@ -109,7 +109,7 @@ impl Transport for HttpTransport {
             throttle: None,
             // reqwest's Display hides the cause (connection refused, certificate
             // rejected): keep the whole chain.
-            message: format!("{url}: {}", error_chain(&e)),
+            message: format!("{url}: {}", super::otlp_common::error_chain(&e)),
         })?;
         let status = response.status();
         if status.is_success() {
@@ -132,18 +132,6 @@ impl Transport for HttpTransport {
     }
 }
 
-/// An error and its causes, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The server's `Retry-After`: seconds, or an HTTP date (RFC 9110). Capped at an hour:
 /// a bogus value must not silence an exporter for good.
 fn retry_after(
@@ -162,7 +150,7 @@ fn retry_after(
             .duration_since(now)
             .unwrap_or_default(),
     };
-    Some(wait.min(std::time::Duration::from_secs(3600)))
+    Some(wait.min(super::otlp_common::MAX_THROTTLE))
 }
 
 #[cfg(test)]

@@ -84,6 +84,9 @@ def test_idle_and_slow_clients_cannot_exhaust_the_health_endpoint(ridley, peers)
     final = r.stop()
     link = final.link(B4, A4, 8701)
     assert (link["opened"], link["transmit"], link["receive"]) == (2, 10, 6)
+    # Every connection past the limit is counted where it was refused.
+    refused = {a["listener"]: v for a, v in final.all_points("ridley.listener.refused")}
+    assert refused == {"health_check": 300 - 64}
 
 
 def test_partial_capture_is_said_counted_and_fails_readiness(ridley, peers):

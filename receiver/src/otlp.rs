@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::{
 
 use crate::{
     model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkKey, LinkStats},
-    telemetry::ExporterSnapshot,
+    telemetry::{ExporterSnapshot, Telemetry},
 };
 
 pub const SCOPE_NAME: &str = "ridley";
@@ -246,7 +246,7 @@ fn histogram(name: &str, description: &str, points: Vec<HistogramDataPoint>) -> 
 pub fn metrics_request(
     batch: &LinkBatch,
     resource: &Resource,
-    exporters: &[ExporterSnapshot],
+    telemetry: &Telemetry,
 ) -> ExportMetricsServiceRequest {
     let p = PointBuilder { batch };
     let links = &batch.links;
@@ -350,7 +350,7 @@ pub fn metrics_request(
         metrics.extend(service_graph_metrics(batch, &p));
     }
     if batch.self_metrics {
-        metrics.extend(self_metrics(batch, exporters, &p));
+        metrics.extend(self_metrics(batch, telemetry, &p));
     }
     // Metrics with no points (no links yet) are left out, as the collector does.
     metrics.retain(|m| match &m.data {
@@ -378,11 +378,7 @@ pub fn metrics_request(
 }
 
 /// ridley's own health: kernel-side losses, exporter outcomes, Kubernetes watch errors.
-fn self_metrics(
-    batch: &LinkBatch,
-    exporters: &[ExporterSnapshot],
-    p: &PointBuilder,
-) -> Vec<Metric> {
+fn self_metrics(batch: &LinkBatch, telemetry: &Telemetry, p: &PointBuilder) -> Vec<Metric> {
     let mut metrics = Vec::new();
     metrics.push(sum(
         "ridley.receiver.losses",
@@ -398,7 +394,20 @@ fn self_metrics(
             })
             .collect(),
     ));
-    metrics.extend(exporter_metrics(exporters, batch, p));
+    metrics.extend(exporter_metrics(&telemetry.snapshot(), batch, p));
+    metrics.push(sum(
+        "ridley.listener.refused",
+        "Connections closed at accept because the listener's connection limit was reached.",
+        "{connection}",
+        true,
+        telemetry
+            .listener_refusals()
+            .into_iter()
+            .map(|(listener, n)| {
+                p.number(batch.receiver_start, vec![kv_str("listener", listener)], n)
+            })
+            .collect(),
+    ));
     if let Some(errors) = batch.kubernetes_watch_errors {
         metrics.push(sum(
             "ridley.k8s.watch.errors",
@@ -521,8 +530,10 @@ fn exporter_metrics(
     let start = batch.receiver_start;
     let mut requests = Vec::new();
     let mut queue = Vec::new();
+    let mut queue_bytes = Vec::new();
     let mut dropped = Vec::new();
     for e in exporters {
+        queue_bytes.push(p.number(start, attrs(e), e.queue_bytes));
         requests.push(p.number(start, with(e, "outcome", "success"), e.sent));
         requests.push(p.number(start, with(e, "outcome", "failure"), e.failed));
         queue.push(p.number(start, attrs(e), e.queue_len));
@@ -547,6 +558,13 @@ fn exporter_metrics(
             "{request}",
             false,
             queue,
+        ),
+        sum(
+            "ridley.exporter.queue.bytes",
+            "Encoded bytes waiting in the exporter's sending queue (bounded by sending_queue.max_bytes).",
+            "By",
+            false,
+            queue_bytes,
         ),
         sum(
             "ridley.exporter.dropped",
@@ -588,11 +606,12 @@ mod tests {
     #[test]
     fn self_metrics_follow_the_telemetry_level() {
         let names = |b: &LinkBatch| -> Vec<String> {
-            metrics_request(b, &resource(), &[]).resource_metrics[0].scope_metrics[0]
-                .metrics
-                .iter()
-                .map(|m| m.name.clone())
-                .collect()
+            metrics_request(b, &resource(), &Default::default()).resource_metrics[0].scope_metrics
+                [0]
+            .metrics
+            .iter()
+            .map(|m| m.name.clone())
+            .collect()
         };
         let mut b = batch();
         assert!(names(&b).contains(&"ridley.receiver.losses".to_string()));
@@ -610,7 +629,7 @@ mod tests {
     /// 64-bit integers as strings, enums as numbers.
     #[test]
     fn json_encoding_matches_otlp_json() {
-        let request = metrics_request(&batch(), &resource(), &[]);
+        let request = metrics_request(&batch(), &resource(), &Default::default());
         let json: serde_json::Value = serde_json::to_value(&request).unwrap();
         let metrics = &json["resourceMetrics"][0]["scopeMetrics"][0]["metrics"];
         let bytes = &metrics[0];
@@ -662,7 +681,7 @@ mod service_graph_tests {
             .ends
             .insert(EndRef::client(&key), named("web", "shop"));
         batch.ends.insert(EndRef::server(&key), named("db", "data"));
-        let request = metrics_request(&batch, &resource(), &[]);
+        let request = metrics_request(&batch, &resource(), &Default::default());
         let metric = request.resource_metrics[0].scope_metrics[0]
             .metrics
             .iter()

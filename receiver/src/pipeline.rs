@@ -115,6 +115,8 @@ pub struct BuildContext {
     pub id: ComponentId,
     /// The signals of the pipelines that list the component.
     pub signals: Vec<Signal>,
+    /// How many pipelines list it (one instance serves them all).
+    pub pipelines: usize,
     pub telemetry: Arc<Telemetry>,
 }
 
@@ -250,9 +252,22 @@ impl Service {
             );
         }
         let uses = Uses::of(config);
+        let listed_by = |id: &ComponentId| {
+            config
+                .service
+                .pipelines
+                .values()
+                .filter(|p| {
+                    p.receivers.contains(id)
+                        || p.processors.contains(id)
+                        || p.exporters.contains(id)
+                })
+                .count()
+        };
         let context = |id: &ComponentId, signals: &[Signal]| BuildContext {
             id: id.clone(),
             signals: signals.to_vec(),
+            pipelines: listed_by(id),
             telemetry: telemetry.clone(),
         };
         let processors: BTreeMap<ComponentId, SharedProcessor> = uses

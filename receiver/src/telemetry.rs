@@ -54,6 +54,8 @@ pub struct Telemetry {
     capture_problems: Mutex<BTreeMap<&'static str, String>>,
     /// A partial capture still counts as ready (`allow_partial_capture`).
     partial_capture_accepted: std::sync::atomic::AtomicBool,
+    /// Connections each HTTP listener closed at accept (its connection limit reached).
+    listener_refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
 }
 
 impl Telemetry {
@@ -76,6 +78,27 @@ impl Telemetry {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         problems.values().cloned().collect()
+    }
+
+    /// The refusal counter of listener `name`, created on first use.
+    pub fn listener_refusals_of(&self, name: &'static str) -> Arc<AtomicU64> {
+        let mut listeners = self
+            .listener_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        listeners.entry(name).or_default().clone()
+    }
+
+    /// (listener, connections refused) for every listener.
+    pub fn listener_refusals(&self) -> Vec<(&'static str, u64)> {
+        let listeners = self
+            .listener_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        listeners
+            .iter()
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     pub fn accept_partial_capture(&self, accepted: bool) {

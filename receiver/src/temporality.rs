@@ -113,7 +113,7 @@ mod tests {
                 .record(Duration::from_micros(*micros));
         }
         let batch = crate::model::one_link_batch(t, stats);
-        otlp::metrics_request(&batch, &otlp::resource(), &[])
+        otlp::metrics_request(&batch, &otlp::resource(), &Default::default())
     }
 
     fn metric<'a>(

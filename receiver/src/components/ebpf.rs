@@ -365,6 +365,7 @@ mod tests {
         let cx = BuildContext {
             id: "ebpf".parse().unwrap(),
             signals: vec![config::Signal::Metrics],
+            pipelines: 1,
             telemetry: Default::default(),
         };
         build(&cx, serde_norway::from_str(yaml).unwrap())

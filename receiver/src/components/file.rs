@@ -64,8 +64,7 @@ impl FileExporter {
         let mut out = Vec::new();
         match signal {
             Signal::Metrics => {
-                let request =
-                    otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
+                let request = otlp::metrics_request(batch, &self.resource, &self.telemetry);
                 write_line(&mut out, &request)?;
             }
             Signal::Traces => {

@@ -105,12 +105,13 @@ impl Extension for HealthCheck {
             return Ok(());
         };
         let local = listener.local_addr()?;
+        let refused = telemetry.listener_refusals_of("health_check");
         let app = Router::new()
             .route(&self.path, get(readiness))
             .route("/livez", get(|| async { "alive" }))
             .with_state(telemetry);
         tracing::info!("health check on http://{local}{}", self.path);
-        super::http_listener::serve("health_check", listener, app, shutdown, Default::default())
+        super::http_listener::serve("health_check", listener, app, shutdown, refused)
             .await
             .context("serving the health check")
     }

@@ -17,20 +17,15 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection, idle or not, is closed after this long.
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
-/// Counters of one endpoint's refusals, for tests and logs.
-#[derive(Debug, Default)]
-pub struct ListenerStats {
-    pub refused_over_limit: std::sync::atomic::AtomicU64,
-}
-
-/// Serves `app` on `listener` until `shutdown`. Accept errors (out of descriptors, a
+/// Serves `app` on `listener` until `shutdown`; connections closed at accept are
+/// counted in `refused` (`ridley.listener.refused`). Accept errors (out of descriptors, a
 /// reset before accept) are logged once per kind of error and never end the server.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
     app: Router,
     shutdown: CancellationToken,
-    stats: Arc<ListenerStats>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut last_error: Option<std::io::ErrorKind> = None;
@@ -52,10 +47,8 @@ pub async fn serve(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            let refused = stats
-                .refused_over_limit
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if refused == 0 {
+            let before = refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if before == 0 {
                 tracing::warn!(
                     endpoint = name,
                     limit = MAX_CONNECTIONS,

@@ -103,6 +103,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
         merger: (!config.keep_pod_detail).then(WorkloadMerger::default),
         reverse_dns: None,
         last: None,
+        shared: cx.pipelines > 1,
     }))
 }
 
@@ -118,6 +119,8 @@ struct K8sAttributes {
     reverse_dns: Option<ReverseDns>,
     /// The last batch processed, by collection time (see `process`).
     last: Option<(std::time::SystemTime, LinkBatch)>,
+    /// Listed by several pipelines: keep `last` for the others.
+    shared: bool,
 }
 
 /// Attributes that name one pod, dropped when replicas merge into their workload.
@@ -299,8 +302,9 @@ impl Processor for K8sAttributes {
     }
 
     fn process(&mut self, batch: LinkBatch) -> LinkBatch {
-        // One instance serves every pipeline that lists it: the second pipeline's copy
-        // of a batch gets the first one's result instead of a second index build.
+        // One instance serves every pipeline that lists it: when there are several, the
+        // second pipeline's copy of a batch gets the first one's result instead of a
+        // second index build (one processed batch is kept; none with one pipeline).
         if let Some((time, done)) = &self.last {
             if *time == batch.time {
                 return done.clone();
@@ -308,7 +312,9 @@ impl Processor for K8sAttributes {
         }
         let time = batch.time;
         let done = self.enrich(batch);
-        self.last = Some((time, done.clone()));
+        if self.shared {
+            self.last = Some((time, done.clone()));
+        }
         done
     }
 }

@@ -743,8 +743,7 @@ impl Exporter for OtlpExporter {
         }
         match signal {
             Signal::Metrics => {
-                let mut request =
-                    otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
+                let mut request = otlp::metrics_request(batch, &self.resource, &self.telemetry);
                 if let Some(delta) = self.delta.as_mut() {
                     delta.convert(&mut request);
                 }
@@ -893,7 +892,8 @@ mod bounds_tests {
 
     #[test]
     fn a_large_batch_is_split_into_requests_below_the_limit_losing_nothing() {
-        let request = otlp::metrics_request(&scan_batch(3000), &otlp::resource(), &[]);
+        let request =
+            otlp::metrics_request(&scan_batch(3000), &otlp::resource(), &Default::default());
         let whole = request.encoded_len();
         assert!(
             whole > 4 << 20,
@@ -922,7 +922,7 @@ mod bounds_tests {
         };
         assert_eq!(parts.iter().map(all).sum::<usize>(), all(&request));
         // Small requests pass unchanged.
-        let small = otlp::metrics_request(&scan_batch(3), &otlp::resource(), &[]);
+        let small = otlp::metrics_request(&scan_batch(3), &otlp::resource(), &Default::default());
         assert_eq!(split_metrics_request(small.clone(), 1 << 20), vec![small]);
     }
 
@@ -937,7 +937,8 @@ mod bounds_tests {
             coalesce_metrics: false,
             stats: Arc::default(),
         };
-        let request = otlp::metrics_request(&scan_batch(30), &otlp::resource(), &[]);
+        let request =
+            otlp::metrics_request(&scan_batch(30), &otlp::resource(), &Default::default());
         let size = request.encoded_len();
         for batch in 0..100 {
             q.push(Payload::Metrics {

@@ -82,10 +82,10 @@ impl Exporter for PrometheusExporter {
             .route("/metrics", get(serve))
             .with_state(self.page.clone());
         let (id, stop) = (self.id.clone(), self.stop.clone());
+        let refused = self.telemetry.listener_refusals_of("prometheus");
         tokio::spawn(async move {
-            let stats = Default::default();
             if let Err(e) =
-                super::http_listener::serve("prometheus", listener, app, stop, stats).await
+                super::http_listener::serve("prometheus", listener, app, stop, refused).await
             {
                 tracing::error!(exporter = %id, "metrics endpoint stopped: {e:#}");
             }
@@ -104,7 +104,7 @@ impl Exporter for PrometheusExporter {
     }
 
     async fn export(&mut self, _signal: config::Signal, batch: &LinkBatch) -> Result<()> {
-        let request = otlp::metrics_request(batch, &self.resource, &self.telemetry.snapshot());
+        let request = otlp::metrics_request(batch, &self.resource, &self.telemetry);
         let text = render(&request);
         *self.page.write().unwrap_or_else(|e| e.into_inner()) = text;
         Ok(())
@@ -327,7 +327,11 @@ mod tests {
         stats.bytes_transmit = 42;
         stats.connect_duration.record(Duration::from_micros(70));
         let batch = crate::model::one_link_batch(t, stats);
-        let text = render(&otlp::metrics_request(&batch, &otlp::resource(), &[]));
+        let text = render(&otlp::metrics_request(
+            &batch,
+            &otlp::resource(),
+            &Default::default(),
+        ));
         let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";
         assert!(
             text.contains("# TYPE ridley_link_bytes_total counter"),

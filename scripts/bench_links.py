@@ -20,32 +20,13 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RIDLEY = pathlib.Path(os.environ.get("RIDLEY_BIN", ROOT / "target" / "release" / "ridley"))
-SERVER_NS, CLIENT_NS = "rdlk-srv", "rdlk-cli"
-SERVER_IP, CLIENT_IP = "10.233.0.1", "10.233.0.2"
 INTERVAL_S = 2.0
 MEASURED_INTERVALS = 5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-
-def sh(*cmd, check=True):
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def setup_network():
-    teardown_network()
-    sh("ip", "netns", "add", SERVER_NS)
-    sh("ip", "netns", "add", CLIENT_NS)
-    sh("ip", "link", "add", "rdlk-a", "netns", SERVER_NS, "type", "veth", "peer", "name", "rdlk-b",
-       "netns", CLIENT_NS)
-    for ns, dev, ip in ((SERVER_NS, "rdlk-a", SERVER_IP), (CLIENT_NS, "rdlk-b", CLIENT_IP)):
-        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-        sh("ip", "-n", ns, "link", "set", dev, "up")
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-
-def teardown_network():
-    for ns in (SERVER_NS, CLIENT_NS):
-        sh("ip", "netns", "del", ns, check=False)
+# The same two namespaces as the connection-storm benchmark.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench import CLIENT_NS, SERVER_IP, setup_network, sh, teardown_network  # noqa: E402
 
 
 def free_port():

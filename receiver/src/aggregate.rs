@@ -41,15 +41,15 @@ impl ConnId {
     }
 }
 
-/// Payload counters of one socket, SYN and FIN removed.
+/// SocketBytes counters of one socket, SYN and FIN removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Payload {
+struct SocketBytes {
     sent: u64,
     received: u64,
     retransmits: u64,
 }
 
-impl Payload {
+impl SocketBytes {
     /// The kernel's `bytes_acked` / `bytes_received` count SYN and FIN as one byte each.
     /// SYN is already in the baseline taken at ESTABLISHED; FIN is removed here:
     /// ours when it was sent (a closing state) and acknowledged (`snd_una == write_seq`),
@@ -65,7 +65,7 @@ impl Payload {
         );
         let fin_acked = fin_sent && rec.snd_una == rec.write_seq;
         let peer_fin = rec.flags & flags::PEER_FIN != 0;
-        Payload {
+        SocketBytes {
             sent: rec.bytes_acked.saturating_sub(u64::from(fin_acked)),
             received: rec.bytes_received.saturating_sub(u64::from(peer_fin)),
             retransmits: u64::from(rec.total_retrans),
@@ -74,25 +74,25 @@ impl Payload {
 
     /// What the handshake left in the counters, recorded by the kernel at ESTABLISHED.
     fn baseline(rec: &SockRecord) -> Self {
-        Payload {
+        SocketBytes {
             sent: rec.base_bytes_acked,
             received: rec.base_bytes_received,
             retransmits: u64::from(rec.base_total_retrans),
         }
     }
 
-    fn since(self, earlier: Payload) -> Payload {
+    fn since(self, earlier: SocketBytes) -> SocketBytes {
         // Counters only grow for one connection; a smaller value means a stale read of a
         // socket being torn down, which must not count backwards.
-        Payload {
+        SocketBytes {
             sent: self.sent.saturating_sub(earlier.sent),
             received: self.received.saturating_sub(earlier.received),
             retransmits: self.retransmits.saturating_sub(earlier.retransmits),
         }
     }
 
-    fn max(self, other: Payload) -> Payload {
-        Payload {
+    fn max(self, other: SocketBytes) -> SocketBytes {
+        SocketBytes {
             sent: self.sent.max(other.sent),
             received: self.received.max(other.received),
             retransmits: self.retransmits.max(other.retransmits),
@@ -172,7 +172,7 @@ struct Conn {
     link: LinkKey,
     end: End,
     /// What has been added to the link so far (absolute counter values).
-    counted: Payload,
+    counted: SocketBytes,
     /// The walk generation that last saw it.
     seen: u64,
 }
@@ -347,8 +347,8 @@ impl Aggregator {
         link
     }
 
-    fn add_payload(&mut self, key: LinkKey, end: End, delta: Payload, now: Now) {
-        if delta == Payload::default() {
+    fn add_payload(&mut self, key: LinkKey, end: End, delta: SocketBytes, now: Now) {
+        if delta == SocketBytes::default() {
             return;
         }
         let stats = &mut self.link_mut(key, now).stats;
@@ -412,7 +412,7 @@ impl Aggregator {
     fn apply_close(&mut self, rec: &SockRecord, now: Now) {
         let id = ConnId::of(rec);
         self.closed_since_walk.insert(id);
-        let final_payload = Payload::of(rec);
+        let final_payload = SocketBytes::of(rec);
         let failure = close_failure(rec);
         let (key, end, counted) = match self.conns.remove(&id) {
             Some(conn) => {
@@ -431,7 +431,7 @@ impl Aggregator {
                 };
                 let key = self.admit(link_of(rec, end, self.host_netns));
                 self.record_open(key, rec, failure, now);
-                (key, end, Payload::baseline(rec))
+                (key, end, SocketBytes::baseline(rec))
             }
             None => {
                 self.closed_unknown += 1;
@@ -510,7 +510,7 @@ impl Aggregator {
             if self.closed_since_walk.contains(&id) {
                 continue;
             }
-            let now_payload = Payload::of(rec);
+            let now_payload = SocketBytes::of(rec);
             if let Some(conn) = self.conns.get_mut(&id) {
                 conn.seen = generation;
                 let delta = now_payload.since(conn.counted);
@@ -542,7 +542,7 @@ impl Aggregator {
             let key = self.admit(link_of(rec, end, self.host_netns));
             let counted = if tracked {
                 self.record_open(key, rec, None, now);
-                Payload::baseline(rec)
+                SocketBytes::baseline(rec)
             } else {
                 // Opened before the programs were attached: count from now on.
                 self.link_mut(key, now);

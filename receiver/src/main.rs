@@ -8,13 +8,12 @@
 //! the config document's structure (that is the `config` crate's).
 mod aggregate;
 mod capture;
+mod component;
 mod components;
+mod encode;
 mod model;
-mod otlp;
-mod pipeline;
-mod spans;
+mod service;
 mod telemetry;
-mod temporality;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -155,7 +154,7 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
     runtime.block_on(async {
         // Built inside the runtime: network exporters set up their clients here.
         let telemetry = std::sync::Arc::new(telemetry::Telemetry::default());
-        let service = pipeline::Service::build(&loaded.config, telemetry)
+        let service = service::Service::build(&loaded.config, telemetry)
             .map_err(|e| locate_error(&loaded, e))?;
         if validate_only {
             let (pipelines, receivers, _, _) = service.summary();

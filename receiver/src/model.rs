@@ -1,5 +1,5 @@
 //! The data that flows through the pipeline: links and their cumulative statistics.
-//! OTLP is produced from this at the exporter edge (`otlp.rs`), never here.
+//! OTLP is produced from this in `encode/`, never here.
 use std::{
     fmt,
     net::IpAddr,

@@ -8,8 +8,8 @@ use config::{ComponentSection, Signal};
 use serde::Deserialize;
 
 use crate::{
+    component::{BuildContext, Exporter, parse_section},
     model::{FailureReason, LinkBatch},
-    pipeline::{BuildContext, Exporter, parse_section},
     telemetry::{ExporterSnapshot, Telemetry},
 };
 

@@ -19,8 +19,8 @@ use crate::{
     capture::{
         Capture, CgroupPaths, MapSizes, Walk, host_netns, parse_record, wall_minus_monotonic_ns,
     },
+    component::{BatchSender, BuildContext, Receiver, parse_section},
     model::{LinkBatch, Losses},
-    pipeline::{BatchSender, BuildContext, Receiver, parse_section},
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,7 +182,7 @@ async fn drain_when_ready(events: &mut Events, aggregator: &mut Aggregator) -> R
     Ok(())
 }
 
-struct Collector {
+struct CaptureLoop {
     capture: Capture,
     events: Events,
     aggregator: Aggregator,
@@ -196,7 +196,7 @@ struct Collector {
     telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
-impl Collector {
+impl CaptureLoop {
     /// Walks live sockets (draining close records meanwhile), applies the walk and
     /// returns the batch for this interval.
     async fn collect(&mut self) -> Result<LinkBatch> {
@@ -303,7 +303,7 @@ impl Receiver for EbpfReceiver {
         // long as the AsyncFd (which owns the ring buffer) lives.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer: {e}"))?;
-        let mut collector = Collector {
+        let mut collector = CaptureLoop {
             capture,
             events,
             aggregator: Aggregator::new(AggregatorConfig {

@@ -10,10 +10,10 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::{
+    component::{BuildContext, Exporter, parse_section},
+    encode,
+    encode::spans::{self, IdGenerator},
     model::LinkBatch,
-    otlp,
-    pipeline::{BuildContext, Exporter, parse_section},
-    spans::{self, IdGenerator},
     telemetry::Telemetry,
 };
 
@@ -32,7 +32,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
     Ok(Box::new(FileExporter {
         path: config.path,
         file: None,
-        resource: otlp::resource(),
+        resource: encode::resource(),
         ids: IdGenerator::default(),
         telemetry: cx.telemetry.clone(),
     }))
@@ -64,7 +64,8 @@ impl FileExporter {
         let mut out = Vec::new();
         match signal {
             Signal::Metrics => {
-                let request = otlp::metrics_request(batch, &self.resource, &self.telemetry);
+                let request =
+                    encode::metrics::metrics_request(batch, &self.resource, &self.telemetry);
                 write_line(&mut out, &request)?;
             }
             Signal::Traces => {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    pipeline::{BuildContext, Extension, parse_section},
+    component::{BuildContext, Extension, parse_section},
     telemetry::Telemetry,
 };
 

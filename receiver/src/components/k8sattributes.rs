@@ -15,8 +15,8 @@ use k8sattrs::{Index, Watchers, attributes_of, rdns::ReverseDns, watch::ClientSo
 use serde::Deserialize;
 
 use crate::{
+    component::{BuildContext, Processor, parse_section},
     model::{EndIdentity, EndRef, IntervalActivity, LinkBatch, LinkKey, LinkStats},
-    pipeline::{BuildContext, Processor, parse_section},
 };
 
 #[derive(Debug, Deserialize, Clone)]

@@ -7,7 +7,7 @@ mod health_check;
 mod http_listener;
 mod k8sattributes;
 mod otlp;
-mod otlp_common;
+mod otlp_exporter;
 mod otlphttp;
 mod prometheus;
 mod tls;
@@ -15,7 +15,7 @@ mod tls;
 use anyhow::{Result, bail};
 use config::{ComponentSection, Signal};
 
-use crate::pipeline::{BuildContext, Exporter, Extension, Processor, Receiver};
+use crate::component::{BuildContext, Exporter, Extension, Processor, Receiver};
 
 type Factory<T> = fn(&BuildContext, ComponentSection) -> Result<T>;
 
@@ -66,26 +66,26 @@ const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
         "otlp",
         ALL_SIGNALS,
         otlp::build,
-        config_keys::<otlp_common::OtlpConfig>,
+        config_keys::<otlp_exporter::OtlpConfig>,
     ),
     (
         "otlphttp",
         ALL_SIGNALS,
         otlphttp::build,
-        config_keys::<otlp_common::OtlpConfig>,
+        config_keys::<otlp_exporter::OtlpConfig>,
     ),
     // The collector's current names for the same two exporters.
     (
         "otlp_grpc",
         ALL_SIGNALS,
         otlp::build,
-        config_keys::<otlp_common::OtlpConfig>,
+        config_keys::<otlp_exporter::OtlpConfig>,
     ),
     (
         "otlp_http",
         ALL_SIGNALS,
         otlphttp::build,
-        config_keys::<otlp_common::OtlpConfig>,
+        config_keys::<otlp_exporter::OtlpConfig>,
     ),
     (
         "prometheus",

@@ -1,5 +1,5 @@
 //! The `otlp` exporter: OTLP over gRPC (tonic, with opentelemetry-proto's generated
-//! service clients), with the collector's keys. Queueing and retries: `otlp_common`.
+//! service clients), with the collector's keys. Queueing and retries: `otlp_exporter`.
 use std::{str::FromStr, sync::Arc};
 
 use anyhow::{Context, Result, bail};
@@ -16,8 +16,8 @@ use tonic::{
     transport::{Channel, Endpoint},
 };
 
-use super::otlp_common::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
-use crate::pipeline::{BuildContext, Exporter, parse_section};
+use super::otlp_exporter::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
+use crate::component::{BuildContext, Exporter, parse_section};
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
     let config: OtlpConfig = parse_section("exporters", &cx.id, section)?;
@@ -138,7 +138,7 @@ fn send_error(status: tonic::Status) -> SendError {
     let throttle = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay)
-        .map(|delay| delay.min(super::otlp_common::MAX_THROTTLE));
+        .map(|delay| delay.min(super::otlp_exporter::MAX_THROTTLE));
     let retryable = match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
@@ -153,7 +153,7 @@ fn send_error(status: tonic::Status) -> SendError {
     let mut message = format!("{:?}: {}", status.code(), status.message());
     if let Some(cause) = std::error::Error::source(&status) {
         message.push_str(": ");
-        message.push_str(&super::otlp_common::error_chain(cause));
+        message.push_str(&super::otlp_exporter::error_chain(cause));
     }
     SendError {
         retryable,

@@ -1,6 +1,6 @@
 //! The `otlphttp` exporter: OTLP over HTTP with protobuf bodies (opentelemetry-proto
 //! messages encoded by prost), with the collector's keys. Queueing and retries:
-//! `otlp_common`.
+//! `otlp_exporter`.
 use std::{io::Write, sync::Arc};
 
 use anyhow::{Context, Result, bail};
@@ -12,8 +12,8 @@ use reqwest::{
     header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue},
 };
 
-use super::otlp_common::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
-use crate::pipeline::{BuildContext, Exporter, parse_section};
+use super::otlp_exporter::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
+use crate::component::{BuildContext, Exporter, parse_section};
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
     let config: OtlpConfig = parse_section("exporters", &cx.id, section)?;
@@ -109,7 +109,7 @@ impl Transport for HttpTransport {
             throttle: None,
             // reqwest's Display hides the cause (connection refused, certificate
             // rejected): keep the whole chain.
-            message: format!("{url}: {}", super::otlp_common::error_chain(&e)),
+            message: format!("{url}: {}", super::otlp_exporter::error_chain(&e)),
         })?;
         let status = response.status();
         if status.is_success() {
@@ -150,7 +150,7 @@ fn retry_after(
             .duration_since(now)
             .unwrap_or_default(),
     };
-    Some(wait.min(super::otlp_common::MAX_THROTTLE))
+    Some(wait.min(super::otlp_exporter::MAX_THROTTLE))
 }
 
 #[cfg(test)]

@@ -21,9 +21,9 @@ use opentelemetry_proto::tonic::{
 use serde::Deserialize;
 
 use crate::{
+    component::{BuildContext, Exporter, parse_section},
+    encode,
     model::LinkBatch,
-    otlp,
-    pipeline::{BuildContext, Exporter, parse_section},
     telemetry::Telemetry,
 };
 
@@ -48,7 +48,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         endpoint: super::endpoint(cx, "exporters", &config.endpoint)?,
         page: Arc::new(RwLock::new(String::new())),
         telemetry: cx.telemetry.clone(),
-        resource: otlp::resource(),
+        resource: encode::resource(),
         stop: tokio_util::sync::CancellationToken::new(),
     }))
 }
@@ -104,7 +104,7 @@ impl Exporter for PrometheusExporter {
     }
 
     async fn export(&mut self, _signal: config::Signal, batch: &LinkBatch) -> Result<()> {
-        let request = otlp::metrics_request(batch, &self.resource, &self.telemetry);
+        let request = encode::metrics::metrics_request(batch, &self.resource, &self.telemetry);
         let text = render(&request);
         *self.page.write().unwrap_or_else(|e| e.into_inner()) = text;
         Ok(())
@@ -327,9 +327,9 @@ mod tests {
         stats.bytes_transmit = 42;
         stats.connect_duration.record(Duration::from_micros(70));
         let batch = crate::model::one_link_batch(t, stats);
-        let text = render(&otlp::metrics_request(
+        let text = render(&encode::metrics::metrics_request(
             &batch,
-            &otlp::resource(),
+            &encode::resource(),
             &Default::default(),
         ));
         let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";

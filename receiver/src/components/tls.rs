@@ -16,7 +16,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 
-use super::otlp_common::{OtlpConfig, TlsConfig};
+use super::otlp_exporter::{OtlpConfig, TlsConfig};
 
 /// The rustls configuration for `tls`, offering `alpn` protocols.
 pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<rustls::ClientConfig> {

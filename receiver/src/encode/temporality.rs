@@ -100,7 +100,7 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::{model::LinkStats, otlp};
+    use crate::{encode, model::LinkStats};
 
     fn request(bytes: u64, active: u64, connects: &[u64]) -> ExportMetricsServiceRequest {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
@@ -113,7 +113,7 @@ mod tests {
                 .record(Duration::from_micros(*micros));
         }
         let batch = crate::model::one_link_batch(t, stats);
-        otlp::metrics_request(&batch, &otlp::resource(), &Default::default())
+        encode::metrics::metrics_request(&batch, &encode::resource(), &Default::default())
     }
 
     fn metric<'a>(

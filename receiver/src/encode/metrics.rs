@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
-    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    common::v1::{InstrumentationScope, KeyValue},
     metrics::v1::{
         AggregationTemporality, Histogram as OtlpHistogram, HistogramDataPoint, Metric,
         NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
@@ -13,159 +13,11 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 
+use super::{SCOPE_NAME, kv_str, link_point_attributes, unix_nanos};
 use crate::{
-    model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkKey, LinkStats},
+    model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkStats},
     telemetry::{ExporterSnapshot, Telemetry},
 };
-
-pub const SCOPE_NAME: &str = "ridley";
-
-pub(crate) fn kv(key: &str, value: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue { value: Some(value) }),
-        key_strindex: 0,
-    }
-}
-
-pub(crate) fn kv_str(key: &str, value: impl Into<String>) -> KeyValue {
-    kv(key, any_value::Value::StringValue(value.into()))
-}
-
-pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-/// The link attributes every `ridley.link.*` point and span carries; an end's address
-/// only where it names one socket address (see `LinkBatch::addresses_exported`).
-pub(crate) fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Vec<KeyValue> {
-    if key.is_overflow() {
-        return vec![kv(
-            "otel.metric.overflow",
-            any_value::Value::BoolValue(true),
-        )];
-    }
-    let client = if key.client_is_grouped() {
-        Some(kv_str(
-            "ridley.client.group",
-            crate::model::GROUPED_CLIENT_NAME,
-        ))
-    } else {
-        with_addresses
-            .0
-            .then(|| kv_str("client.address", key.client.to_string()))
-    };
-    let server = with_addresses
-        .1
-        .then(|| kv_str("server.address", key.server.to_string()));
-    client
-        .into_iter()
-        .chain(server)
-        .chain([
-            kv(
-                "server.port",
-                any_value::Value::IntValue(i64::from(key.server_port)),
-            ),
-            kv_str("network.transport", "tcp"),
-            kv_str("network.type", key.network_type()),
-        ])
-        .collect()
-}
-
-/// Link attributes plus what processors know of each end, prefixed `client.` and
-/// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
-pub(crate) fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> {
-    let mut attributes = link_attributes(key, batch.addresses_exported(key));
-    if key.is_overflow() {
-        return attributes;
-    }
-    if key.client_cgroup != 0 {
-        let path = batch.cgroups.get(&key.client_cgroup).cloned();
-        attributes.push(kv_str(
-            "ridley.client.cgroup",
-            path.unwrap_or_else(|| key.client_cgroup.to_string()),
-        ));
-    }
-    for (prefix, identity) in [
-        ("client", batch.client_identity(key)),
-        ("server", batch.server_identity(key)),
-    ] {
-        if let Some(identity) = identity {
-            attributes.push(kv_str(
-                &format!("{prefix}.service.name"),
-                identity.service_name.clone(),
-            ));
-            for (k, v) in &identity.attributes {
-                attributes.push(kv_str(&format!("{prefix}.{k}"), v.clone()));
-            }
-        }
-    }
-    attributes
-}
-
-/// The resource of everything ridley exports about itself and its links: the
-/// reporting node, never the container ridley runs in. Worked out once per process.
-pub fn resource() -> Resource {
-    static RESOURCE: std::sync::OnceLock<Resource> = std::sync::OnceLock::new();
-    RESOURCE
-        .get_or_init(|| {
-            let node = node_name();
-            let host = node.clone().unwrap_or_else(host_name);
-            let mut attributes = vec![
-                kv_str("service.name", "ridley"),
-                kv_str("service.version", env!("CARGO_PKG_VERSION")),
-                kv_str("host.name", host.clone()),
-                // One agent per node: the node names the instance, so that series from
-                // different nodes never collide in a remote-write store.
-                kv_str("service.instance.id", host),
-            ];
-            if let Some(node) = node {
-                attributes.push(kv_str("k8s.node.name", node));
-            }
-            Resource {
-                attributes,
-                dropped_attributes_count: 0,
-                entity_refs: vec![],
-            }
-        })
-        .clone()
-}
-
-/// The Kubernetes node, from the downward API (`spec.nodeName` as `K8S_NODE_NAME`).
-fn node_name() -> Option<String> {
-    std::env::var("K8S_NODE_NAME")
-        .ok()
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-}
-
-/// The host's name: read in the host's UTS namespace (through PID 1, visible with the
-/// host PID namespace) so that a container's own hostname never stands for the node;
-/// our own namespace's name where the host's cannot be entered.
-fn host_name() -> String {
-    let read = || {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|name| name.trim().to_owned())
-            .ok()
-    };
-    let in_host_uts = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let host = std::fs::File::open("/proc/1/ns/uts").ok()?;
-        // SAFETY: setns on a valid namespace fd; it moves only this short-lived thread.
-        if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWUTS) } != 0 {
-            return None;
-        }
-        read()
-    })
-    .join()
-    .ok()
-    .flatten();
-    in_host_uts
-        .or_else(read)
-        .unwrap_or_else(|| "unknown".to_owned())
-}
 
 struct PointBuilder<'a> {
     batch: &'a LinkBatch,
@@ -581,6 +433,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::{encode::resource, model::LinkKey};
 
     fn batch() -> LinkBatch {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
@@ -663,7 +516,9 @@ mod tests {
 #[cfg(test)]
 mod service_graph_tests {
     use super::*;
+    use crate::encode::resource;
     use crate::model::{EndIdentity, EndRef, LinkStats, one_link_batch};
+    use opentelemetry_proto::tonic::common::v1::any_value;
 
     #[test]
     fn edges_carry_the_namespace_of_each_end() {

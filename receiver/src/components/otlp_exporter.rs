@@ -30,12 +30,12 @@ use serde::Deserialize;
 use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
+    component::{BuildContext, Exporter},
+    encode,
+    encode::spans::{self, IdGenerator},
+    encode::temporality::DeltaConverter,
     model::LinkBatch,
-    otlp,
-    pipeline::{BuildContext, Exporter},
-    spans::{self, IdGenerator},
     telemetry::{ExporterStats, Telemetry},
-    temporality::DeltaConverter,
 };
 
 /// Span pairs per trace export request (about 2.7 KB each: well below any limit).
@@ -712,7 +712,7 @@ impl OtlpExporter {
         };
         OtlpExporter {
             id: cx.id.to_string(),
-            resource: otlp::resource(),
+            resource: encode::resource(),
             telemetry: cx.telemetry.clone(),
             ids: IdGenerator::default(),
             delta: delta.then(DeltaConverter::default),
@@ -743,7 +743,8 @@ impl Exporter for OtlpExporter {
         }
         match signal {
             Signal::Metrics => {
-                let mut request = otlp::metrics_request(batch, &self.resource, &self.telemetry);
+                let mut request =
+                    encode::metrics::metrics_request(batch, &self.resource, &self.telemetry);
                 if let Some(delta) = self.delta.as_mut() {
                     delta.convert(&mut request);
                 }
@@ -892,8 +893,11 @@ mod bounds_tests {
 
     #[test]
     fn a_large_batch_is_split_into_requests_below_the_limit_losing_nothing() {
-        let request =
-            otlp::metrics_request(&scan_batch(3000), &otlp::resource(), &Default::default());
+        let request = encode::metrics::metrics_request(
+            &scan_batch(3000),
+            &encode::resource(),
+            &Default::default(),
+        );
         let whole = request.encoded_len();
         assert!(
             whole > 4 << 20,
@@ -922,7 +926,11 @@ mod bounds_tests {
         };
         assert_eq!(parts.iter().map(all).sum::<usize>(), all(&request));
         // Small requests pass unchanged.
-        let small = otlp::metrics_request(&scan_batch(3), &otlp::resource(), &Default::default());
+        let small = encode::metrics::metrics_request(
+            &scan_batch(3),
+            &encode::resource(),
+            &Default::default(),
+        );
         assert_eq!(split_metrics_request(small.clone(), 1 << 20), vec![small]);
     }
 
@@ -937,8 +945,11 @@ mod bounds_tests {
             coalesce_metrics: false,
             stats: Arc::default(),
         };
-        let request =
-            otlp::metrics_request(&scan_batch(30), &otlp::resource(), &Default::default());
+        let request = encode::metrics::metrics_request(
+            &scan_batch(30),
+            &encode::resource(),
+            &Default::default(),
+        );
         let size = request.encoded_len();
         for batch in 0..100 {
             q.push(Payload::Metrics {

@@ -13,8 +13,8 @@ use opentelemetry_proto::tonic::{
 };
 
 use crate::{
+    encode::{SCOPE_NAME, kv, kv_str, link_attributes, unix_nanos},
     model::{ConnectionSample, EndIdentity, LinkBatch, LinkKey},
-    otlp::{SCOPE_NAME, kv, kv_str, link_attributes, unix_nanos},
 };
 
 /// Attribute carrying the sampling ratio of a pair: Tempo's `span_multiplier_key`
@@ -70,7 +70,7 @@ struct Pair {
     server: Span,
 }
 
-fn resource(identity: &EndIdentity) -> Resource {
+fn end_resource(identity: &EndIdentity) -> Resource {
     let mut attributes = vec![kv_str("service.name", identity.service_name.clone())];
     attributes.extend(
         identity
@@ -234,7 +234,7 @@ fn request(pairs: &[(EndIdentity, EndIdentity, Pair)]) -> ExportTraceServiceRequ
         resource_spans: by_resource
             .into_iter()
             .map(|(identity, spans)| ResourceSpans {
-                resource: Some(resource(identity)),
+                resource: Some(end_resource(identity)),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(InstrumentationScope {
                         name: SCOPE_NAME.to_owned(),

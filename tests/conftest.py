@@ -224,7 +224,7 @@ class Ridley:
             return []
         # Only whole lines: the exporter may be in the middle of writing a large batch.
         complete = self.out.read_text().split("\n")[:-1]
-        return [Batch([json.loads(line)]) for line in complete if line]
+        return batches_of([json.loads(line) for line in complete if line])
 
     def spans(self):
         return read_spans(self.spans_out)
@@ -280,6 +280,24 @@ def _value(any_value):
     if "boolValue" in any_value:
         return any_value["boolValue"]
     raise AssertionError(f"unexpected attribute value {any_value}")
+
+
+def is_self_telemetry(doc):
+    """ridley's own telemetry travels as a request of its own, after each batch of links."""
+    return any(m["name"] == "ridley.receiver.losses"
+               for rm in doc.get("resourceMetrics", [])
+               for sm in rm.get("scopeMetrics", []) for m in sm.get("metrics", []))
+
+
+def batches_of(docs):
+    """One Batch per interval: a links request and the telemetry request after it."""
+    grouped = []
+    for doc in docs:
+        if is_self_telemetry(doc) and grouped:
+            grouped[-1].append(doc)
+        else:
+            grouped.append([doc])
+    return [Batch(group) for group in grouped]
 
 
 class Batch:

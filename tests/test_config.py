@@ -57,7 +57,7 @@ MISTAKES = [
     ("typo in a key", BASE.replace("collection_interval", "colection_interval"),
      "c0.yaml:3:5: receivers.ebpf.colection_interval: unknown field `colection_interval`, expected one of "
      "`collection_interval`, `idle_timeout`, `max_connections`, `ring_buffer_size`, `span_pairs_per_link`, "
-     "`service_graph_metrics`, `max_links`, `group_public_clients`, `keep_client_ranges`, "
+     "`max_links`, `group_public_clients`, `keep_client_ranges`, "
      "`allow_partial_capture` (did you mean `collection_interval`?)"),
     ("typo in a top-level key", BASE.replace("exporters:\n  debug", "exporter:\n  debug"),
      "c0.yaml:4:1: exporter: unknown field `exporter`, expected one of `extensions`, `receivers`, `processors`, `exporters`, "
@@ -66,6 +66,13 @@ MISTAKES = [
      "c0.yaml:3:5: receivers.ebpf.collection_interval: invalid value: string \"5 parsecs\", expected a duration"),
     ("wrong type", BASE.replace("collection_interval: 5s", "max_connections: lots"),
      "c0.yaml:3:5: receivers.ebpf.max_connections: invalid type: string \"lots\", expected u32"),
+    ("the receiver's old service-graph switch", BASE.replace("5s", "5s\n    service_graph_metrics: true"),
+     "c0.yaml:4:5: receivers.ebpf.service_graph_metrics: the service graph is a processor of its own now: "
+     "remove this key and list the `servicegraph` processor (after k8sattributes) in a metrics pipeline"),
+    ("the service graph in a traces pipeline",
+     BASE.replace("exporters:\n  debug:", "processors:\n  servicegraph:\nexporters:\n  debug:")
+         .replace("    metrics:", "    traces:").replace("      exporters: [debug]", "      processors: [servicegraph]\n      exporters: [debug]"),
+     "c0.yaml:5:3: processors.servicegraph: cannot be used in a traces pipeline (it supports metrics)"),
     ("undefined exporter in a pipeline", BASE.replace("exporters: [debug]", "exporters: [debug, otlp]"),
      "c0.yaml:10:7: service.pipelines.metrics.exporters: \"otlp\" is not defined under `exporters`"),
     ("missing env var", BASE.replace("5s", "${env:RIDLEY_TEST_NOT_SET}"),

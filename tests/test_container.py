@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import HOSTS, ON_CI, ROOT, RIDLEY, Batch, sh
+from conftest import HOSTS, ON_CI, ROOT, RIDLEY, batches_of, sh
 
 A4, _ = HOSTS["a"]
 B4, _ = HOSTS["b"]
@@ -128,7 +128,7 @@ def test_the_daemonset_security_context_captures_exactly_in_a_container(image, p
             podman("logs", name).stderr
         assert "SIGTERM: flushing and stopping" in podman("logs", name).stderr
         lines = (out / "metrics.jsonl").read_text().split("\n")[:-1]
-        final = Batch([json.loads(lines[-1])])
+        final = batches_of([json.loads(line) for line in lines])[-1]
         link = final.link(B4, A4, 9100)
         assert (link["opened"], link["transmit"], link["receive"], link["failed"]) == (3, 3702, 900, {})
     finally:

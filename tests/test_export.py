@@ -101,14 +101,15 @@ def test_collector_down_then_up_loses_no_counts(ridley, peers, collector):
     peers.server("a", A4, 8094, reply=300)
     assert peers.connect("b", A4, 8094, send=700, count=4) == ["received 300"] * 4
     # Several intervals with the collector away: the daemon keeps running, the metric
-    # queue holds only the newest cumulative request, failures are counted.
+    # queue holds only the newest cumulative request of each stream (the links and
+    # ridley's own telemetry), failures are counted.
     down = r.wait_for(lambda b: any(v > 0 for a, v in b.all_points("ridley.exporter.requests")
                                     if a["exporter"] == "otlp" and a["signal"] == "metrics"
                                     and a["outcome"] == "failure"))
     time.sleep(2)
     assert r.proc.poll() is None
     queue = r.batches()[-1].all_points("ridley.exporter.queue.size")
-    assert [v for a, v in queue if a["exporter"] == "otlp" and a["signal"] == "metrics"] in ([0], [1])
+    assert [v for a, v in queue if a["exporter"] == "otlp" and a["signal"] == "metrics"] in ([0], [1], [2])
     assert down.link(B4, A4, 8094)["opened"] == 4
 
     collector.start()
@@ -153,7 +154,7 @@ def _delta_sum(collector, name, direction=None):
 
 
 def test_service_graph_metrics_emitted_directly(ridley, peers):
-    r = ridley(receiver_extra="    service_graph_metrics: true\n")
+    r = ridley(processors="  servicegraph:\n", pipeline_processors=["servicegraph"])
     peers.server("a", A4, 8096, reply=1)
     peers.connect("b", A4, 8096, send=1, count=3)
     peers.connect("c", A4, 8097, count=2)  # refused

@@ -11,7 +11,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{model::LinkBatch, telemetry::Telemetry};
+use crate::{
+    model::{Data, LinkBatch},
+    telemetry::Telemetry,
+};
 
 /// Where a receiver sends its batches: every pipeline that lists it.
 #[derive(Clone)]
@@ -72,7 +75,9 @@ pub trait Exporter: Send {
     async fn start(&mut self) -> Result<()> {
         Ok(())
     }
-    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()>;
+    /// Sends `data` of a `signal` pipeline: links, or (metrics pipelines only) ridley's
+    /// own telemetry.
+    async fn export(&mut self, signal: Signal, data: Data<'_>) -> Result<()>;
     /// Flushes what is buffered, giving up at `deadline`; called once, after the last
     /// batch. Returns how many requests were dropped on the way out.
     async fn shutdown(&mut self, deadline: tokio::time::Instant) -> Result<u64> {

@@ -289,6 +289,19 @@ pub struct Losses {
 }
 
 impl Losses {
+    /// Both counts added, reason by reason (losses of several receivers).
+    pub fn plus(self, other: &Losses) -> Losses {
+        Losses {
+            ringbuf_full: self.ringbuf_full + other.ringbuf_full,
+            socket_table_full: self.socket_table_full + other.socket_table_full,
+            endpoint_table_full: self.endpoint_table_full + other.endpoint_table_full,
+            read_errors: self.read_errors + other.read_errors,
+            link_limit: self.link_limit + other.link_limit,
+            close_lost: self.close_lost + other.close_lost,
+            namespace_skipped: self.namespace_skipped + other.namespace_skipped,
+        }
+    }
+
     pub fn entries(&self) -> [(&'static str, u64); 7] {
         [
             ("ringbuf_full", self.ringbuf_full),
@@ -350,45 +363,54 @@ impl EndRef {
 /// The name of a grouped client end (public addresses, see `LinkKey::client_is_grouped`).
 pub const GROUPED_CLIENT_NAME: &str = "external";
 
+/// One edge of the service graph: every link between two services, cumulative since
+/// `start` (see the `servicegraph` processor).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceGraphEdge {
+    pub client: String,
+    pub client_namespace: String,
+    pub server: String,
+    pub server_namespace: String,
+    /// The edge that counts everything past the processor's edge limit.
+    pub overflow: bool,
+    pub start: SystemTime,
+    /// Connection attempts: opened, refused and timed-out connects.
+    pub requests: u64,
+    /// Refused, reset and timed out.
+    pub failed: u64,
+    /// Handshake durations.
+    pub durations: Histogram,
+}
+
 /// What a receiver emits once per collection interval.
 #[derive(Clone, Debug)]
 pub struct LinkBatch {
     /// The collection time of every point in the batch.
     pub time: SystemTime,
-    /// When the receiver started (start of the loss counters).
-    pub receiver_start: SystemTime,
     /// Every live (not yet expired) link, cumulative.
     pub links: Vec<(LinkKey, LinkStats)>,
-    pub losses: Losses,
     /// Identities of link ends (filled by processors): by address, server port (where
     /// one address hosts several servers) and client cgroup (see `LinkKey`).
     pub ends: std::collections::HashMap<EndRef, EndIdentity>,
     /// Paths of the client cgroups in `links`, relative to the cgroup v2 root.
     pub cgroups: std::collections::HashMap<u64, String>,
-    /// Also emit `traces_service_graph_*` metrics (receiver option).
-    pub service_graph_metrics: bool,
-    /// Kubernetes watch errors since start, when a `k8sattributes` processor ran.
-    pub kubernetes_watch_errors: Option<u64>,
+    /// The service graph's edges, when a `servicegraph` processor ran: exported as the
+    /// `traces_service_graph_*` series.
+    pub service_graph: Vec<ServiceGraphEdge>,
     /// Links were merged by workload: their addresses stand for several pods and are
     /// not exported (`client.address`, `server.address`).
     pub merged_by_workload: bool,
-    /// Export ridley's own metrics with the links (`service.telemetry.metrics.level`).
-    pub self_metrics: bool,
 }
 
 impl LinkBatch {
-    pub fn new(time: SystemTime, receiver_start: SystemTime) -> Self {
+    pub fn new(time: SystemTime) -> Self {
         LinkBatch {
             time,
-            receiver_start,
             links: Vec::new(),
-            losses: Losses::default(),
             ends: Default::default(),
             cgroups: Default::default(),
-            service_graph_metrics: false,
-            kubernetes_watch_errors: None,
+            service_graph: Vec::new(),
             merged_by_workload: false,
-            self_metrics: true,
         }
     }
 
@@ -435,11 +457,19 @@ impl LinkBatch {
     }
 }
 
+/// What flows through a pipeline to its exporters: the links of an interval, or (in
+/// metrics pipelines) ridley's own telemetry, read from the registry after them.
+#[derive(Clone, Copy, Debug)]
+pub enum Data<'a> {
+    Links(&'a LinkBatch),
+    Telemetry(&'a crate::telemetry::TelemetrySnapshot),
+}
+
 /// A batch with one link `10.0.0.1 -> 10.0.0.2:80`, for tests of what is built from
 /// batches.
 #[cfg(test)]
 pub fn one_link_batch(time: SystemTime, stats: LinkStats) -> LinkBatch {
-    let mut batch = LinkBatch::new(time, time);
+    let mut batch = LinkBatch::new(time);
     batch.links = vec![(
         LinkKey {
             client: "10.0.0.1".parse().expect("an address"),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     component::{BatchSender, BuildContext, Exporter, Extension, Processor, Receiver},
     components,
-    model::LinkBatch,
+    model::{Data, LinkBatch},
     telemetry::Telemetry,
 };
 
@@ -31,7 +31,9 @@ type SharedExporter = Arc<tokio::sync::Mutex<Box<dyn Exporter>>>;
 struct PipelineRun {
     name: String,
     signal: Signal,
-    self_metrics: bool,
+    /// Where ridley's own telemetry comes from, in a metrics pipeline with
+    /// `service.telemetry.metrics.level: basic`; sent after each batch of links.
+    self_telemetry: Option<Arc<Telemetry>>,
     processors: Vec<SharedProcessor>,
     exporters: Vec<(ComponentId, SharedExporter)>,
     input: mpsc::Receiver<Arc<LinkBatch>>,
@@ -41,21 +43,28 @@ impl PipelineRun {
     async fn run(mut self) -> Result<()> {
         while let Some(batch) = self.input.recv().await {
             let mut batch = Arc::unwrap_or_clone(batch);
-            batch.self_metrics = self.self_metrics;
             for processor in &self.processors {
                 let mut processor = processor.lock().unwrap_or_else(|e| e.into_inner());
                 batch = processor.process(batch);
             }
-            for (id, exporter) in &self.exporters {
-                // One exporter failing must not starve the others; the next batch is
-                // cumulative, so nothing is lost once it recovers.
-                let result = exporter.lock().await.export(self.signal, &batch).await;
-                if let Err(e) = result {
-                    tracing::error!(pipeline = %self.name, exporter = %id, "export failed: {e:#}");
-                }
+            self.export(Data::Links(&batch)).await;
+            if let Some(telemetry) = &self.self_telemetry {
+                let snapshot = telemetry.snapshot_at(batch.time);
+                self.export(Data::Telemetry(&snapshot)).await;
             }
         }
         Ok(())
+    }
+
+    async fn export(&self, data: Data<'_>) {
+        for (id, exporter) in &self.exporters {
+            // One exporter failing must not starve the others; the next batch is
+            // cumulative, so nothing is lost once it recovers.
+            let result = exporter.lock().await.export(self.signal, data).await;
+            if let Err(e) = result {
+                tracing::error!(pipeline = %self.name, exporter = %id, "export failed: {e:#}");
+            }
+        }
     }
 }
 
@@ -204,7 +213,9 @@ impl Service {
             pipelines.push(PipelineRun {
                 name: pipeline_id.to_string(),
                 signal: pipeline_id.signal,
-                self_metrics: config.service.telemetry.metrics.level == config::MetricsLevel::Basic,
+                self_telemetry: (pipeline_id.signal == Signal::Metrics
+                    && config.service.telemetry.metrics.level == config::MetricsLevel::Basic)
+                    .then(|| telemetry.clone()),
                 processors: pipeline
                     .processors
                     .iter()

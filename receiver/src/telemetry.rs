@@ -1,13 +1,18 @@
-//! ridley's own health: counters exporters update as they send, read when a batch is
-//! turned into metrics (`ridley.exporter.*`) or printed by the debug exporter.
-//! Per request, never per kernel event.
+//! ridley's own health, recorded in one registry: receivers' losses, exporters'
+//! requests, queues and drops, listeners' refusals, Kubernetes watch errors. Components
+//! write here (per interval or per request, never per kernel event); the service reads
+//! a [`TelemetrySnapshot`] once per interval and sends it through the metrics pipelines
+//! as data of its own, beside the links.
 use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::SystemTime,
 };
+
+use crate::model::Losses;
 
 /// Counters of one exporter instance (one per pipeline signal).
 #[derive(Debug, Default)]
@@ -45,8 +50,29 @@ pub struct ExporterSnapshot {
     pub failing: bool,
 }
 
-#[derive(Debug, Default)]
+/// Everything the registry holds at one moment: what the metrics pipelines carry as
+/// `Data::Telemetry` and `encode::metrics::telemetry_request` turns into
+/// `ridley.receiver.*`, `ridley.exporter.*`, `ridley.listener.*` and `ridley.k8s.*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TelemetrySnapshot {
+    pub time: SystemTime,
+    /// The start of every cumulative series here: the process start.
+    pub start: SystemTime,
+    /// Losses of every receiver, summed.
+    pub losses: Losses,
+    pub exporters: Vec<ExporterSnapshot>,
+    pub listener_refusals: Vec<(&'static str, u64)>,
+    /// Kubernetes watch errors since start, when a Kubernetes watch set exists.
+    pub kubernetes_watch_errors: Option<u64>,
+}
+
+#[derive(Debug)]
 pub struct Telemetry {
+    start: SystemTime,
+    /// The cumulative losses each receiver last reported, by receiver id.
+    losses: Mutex<BTreeMap<String, Losses>>,
+    /// Errors of the process's Kubernetes watch set, once one is running.
+    kubernetes_watch_errors: Mutex<Option<u64>>,
     exporters: Mutex<BTreeMap<(String, String), Arc<ExporterStats>>>,
     receivers_expected: AtomicU64,
     receivers_ready: AtomicU64,
@@ -58,7 +84,61 @@ pub struct Telemetry {
     listener_refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
 }
 
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            start: SystemTime::now(),
+            losses: Mutex::default(),
+            kubernetes_watch_errors: Mutex::default(),
+            exporters: Mutex::default(),
+            receivers_expected: AtomicU64::default(),
+            receivers_ready: AtomicU64::default(),
+            capture_problems: Mutex::default(),
+            partial_capture_accepted: Default::default(),
+            listener_refusals: Mutex::default(),
+        }
+    }
+}
+
 impl Telemetry {
+    /// Replaces receiver `id`'s cumulative losses (called once per interval).
+    pub fn record_losses(&self, id: &str, losses: Losses) {
+        let mut all = self.losses.lock().unwrap_or_else(|e| e.into_inner());
+        all.insert(id.to_owned(), losses);
+    }
+
+    /// Replaces the count of Kubernetes watch errors since start.
+    pub fn record_kubernetes_watch_errors(&self, errors: u64) {
+        *self
+            .kubernetes_watch_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(errors);
+    }
+
+    /// What the registry holds now, stamped `time`.
+    pub fn snapshot_at(&self, time: SystemTime) -> TelemetrySnapshot {
+        let losses = self
+            .losses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .fold(Losses::default(), |sum, l| sum.plus(l));
+        let kubernetes_watch_errors = self
+            .kubernetes_watch_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .copied();
+        TelemetrySnapshot {
+            time,
+            start: self.start,
+            losses,
+            exporters: self.snapshot(),
+            listener_refusals: self.listener_refusals(),
+            kubernetes_watch_errors,
+        }
+    }
+
     /// Records (or, with `None`, clears) a reason the capture is partial.
     pub fn set_capture_problem(&self, cause: &'static str, problem: Option<String>) {
         let mut problems = self

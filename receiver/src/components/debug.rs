@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Exporter, parse_section},
-    model::{FailureReason, LinkBatch},
-    telemetry::{ExporterSnapshot, Telemetry},
+    model::{Data, FailureReason, LinkBatch},
+    telemetry::TelemetrySnapshot,
 };
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,14 +33,12 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
     let config: DebugConfig = parse_section("exporters", &cx.id, section)?;
     Ok(Box::new(DebugExporter {
         config,
-        telemetry: cx.telemetry.clone(),
         stdout_closed: false,
     }))
 }
 
 struct DebugExporter {
     config: DebugConfig,
-    telemetry: std::sync::Arc<Telemetry>,
     /// Whoever read stdout went away: said once, then nothing more is written.
     stdout_closed: bool,
 }
@@ -78,10 +76,17 @@ pub fn render_traces(batch: &LinkBatch) -> String {
     out
 }
 
-/// Exporter health, shown when there is something to say.
-fn render_exporters(exporters: &[ExporterSnapshot]) -> String {
+/// ridley's own telemetry: losses by reason (the total first), then each exporter.
+fn render_telemetry(snapshot: &TelemetrySnapshot) -> String {
     let mut out = String::new();
-    for e in exporters {
+    let entries = snapshot.losses.entries();
+    let lost: u64 = entries.iter().map(|(_, n)| n).sum();
+    let _ = write!(out, "losses: {lost}");
+    for (reason, n) in entries.iter().filter(|(_, n)| *n > 0) {
+        let _ = write!(out, "  {reason} {n}");
+    }
+    out.push('\n');
+    for e in &snapshot.exporters {
         let _ = writeln!(
             out,
             "exporter {} ({}): sent {}  failed {}  queued {}  dropped spans {}  dropped metric requests {}",
@@ -106,15 +111,13 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
     let mut out = String::new();
     let open: u64 = batch.links.iter().map(|(_, s)| s.active).sum();
     let failed: u64 = batch.links.iter().map(|(_, s)| s.failed_total()).sum();
-    let lost: u64 = batch.losses.entries().iter().map(|(_, n)| n).sum();
     let _ = writeln!(
         out,
-        "{}  links: {}  open connections: {}  failed connections: {}  losses: {}",
+        "{}  links: {}  open connections: {}  failed connections: {}",
         humantime::format_rfc3339_seconds(batch.time),
         batch.links.len(),
         open,
         failed,
-        lost
     );
     if verbosity == Verbosity::Basic || batch.links.is_empty() {
         return out;
@@ -182,14 +185,12 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
 
 #[async_trait]
 impl Exporter for DebugExporter {
-    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()> {
-        let text = match signal {
-            Signal::Metrics => {
-                let mut text = render(batch, self.config.verbosity);
-                text.push_str(&render_exporters(&self.telemetry.snapshot()));
-                text
-            }
-            Signal::Traces => render_traces(batch),
+    async fn export(&mut self, signal: Signal, data: Data<'_>) -> Result<()> {
+        let text = match (signal, data) {
+            (Signal::Metrics, Data::Links(batch)) => render(batch, self.config.verbosity),
+            (Signal::Metrics, Data::Telemetry(snapshot)) => render_telemetry(snapshot),
+            (Signal::Traces, Data::Links(batch)) => render_traces(batch),
+            (Signal::Traces, Data::Telemetry(_)) => return Ok(()),
         };
         if self.stdout_closed {
             return Ok(());
@@ -231,7 +232,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
-            "2023-11-14T22:13:20Z  links: 1  open connections: 1  failed connections: 1  losses: 0"
+            "2023-11-14T22:13:20Z  links: 1  open connections: 1  failed connections: 1"
         );
         assert!(
             lines[1].starts_with("CLIENT    SERVER    PORT  OPENED"),

@@ -4,7 +4,7 @@
 //! One task owns the aggregation: it drains close records as they arrive (so the ring
 //! buffer never fills waiting for a tick) and, each interval, walks the live sockets,
 //! collects the links and sends them. Nothing is shared with exporters but the batch.
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
@@ -43,9 +43,6 @@ pub struct EbpfConfig {
     /// Connection attempts kept per link per interval, for service-graph span pairs
     /// (0: none). The rest are counted, and the kept ones carry the sampling ratio.
     pub span_pairs_per_link: usize,
-    /// Also emit `traces_service_graph_*` metrics, as Tempo's metrics-generator writes
-    /// them, so a service map needs only a Prometheus-compatible store.
-    pub service_graph_metrics: bool,
     /// Links kept at most. Beyond it, new links are counted together in one overflow
     /// series (`otel.metric.overflow = true`) and the `link_limit` loss reason: memory and
     /// export size stay bounded under a port scan.
@@ -71,7 +68,6 @@ impl Default for EbpfConfig {
             max_connections: 65536,
             ring_buffer_size: 256 * 1024,
             span_pairs_per_link: 10,
-            service_graph_metrics: false,
             max_links: 2000,
             group_public_clients: true,
             keep_client_ranges: Vec::new(),
@@ -142,18 +138,27 @@ impl EbpfConfig {
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Receiver>> {
     let id = &cx.id;
+    if section.get("service_graph_metrics").is_some() {
+        anyhow::bail!(
+            "receivers.{id}.service_graph_metrics: the service graph is a processor of its own now: \
+             remove this key and list the `servicegraph` processor (after k8sattributes) in a \
+             metrics pipeline"
+        );
+    }
     let config: EbpfConfig = parse_section("receivers", id, section)?;
     config
         .validate()
         .with_context(|| format!("receivers.{id}"))?;
     Ok(Box::new(EbpfReceiver {
         config,
+        id: id.to_string(),
         telemetry: cx.telemetry.clone(),
     }))
 }
 
 struct EbpfReceiver {
     config: EbpfConfig,
+    id: String,
     telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
@@ -186,14 +191,14 @@ struct CaptureLoop {
     capture: Capture,
     events: Events,
     aggregator: Aggregator,
-    start: SystemTime,
     last_losses: Losses,
-    service_graph_metrics: bool,
     cgroups: CgroupPaths,
     /// Namespaces skipped by the previous walk, to log only changes.
     last_skipped: usize,
     namespace_skipped: u64,
     telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
+    /// The receiver's id: its losses in the telemetry registry.
+    id: String,
 }
 
 impl CaptureLoop {
@@ -233,13 +238,12 @@ impl CaptureLoop {
             closed_unseen = self.aggregator.closed_unknown(),
             "collected"
         );
-        let mut batch = LinkBatch::new(now.wall, self.start);
+        let mut batch = LinkBatch::new(now.wall);
         batch.links = self.aggregator.collect(now);
         batch.cgroups = self
             .cgroups
             .paths(batch.links.iter().map(|(key, _)| key.client_cgroup));
-        batch.losses = losses;
-        batch.service_graph_metrics = self.service_graph_metrics;
+        self.telemetry.record_losses(&self.id, losses);
         Ok(batch)
     }
 
@@ -320,12 +324,11 @@ impl Receiver for EbpfReceiver {
                     .collect(),
             }),
             cgroups: CgroupPaths::new(),
-            start: SystemTime::now(),
             last_losses: Losses::default(),
-            service_graph_metrics: config.service_graph_metrics,
             last_skipped: 0,
             namespace_skipped: 0,
             telemetry,
+            id: self.id.clone(),
         };
         // The first walk sets the baseline of connections that predate the programs.
         collector.collect().await?;

@@ -1,6 +1,6 @@
 //! The `file` exporter: one OTLP/JSON export request per line (`resourceMetrics` or
 //! `resourceSpans`), the encoding of the OpenTelemetry Collector's file exporter.
-use std::{path::PathBuf, sync::Arc};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
@@ -13,8 +13,7 @@ use crate::{
     component::{BuildContext, Exporter, parse_section},
     encode,
     encode::spans::{self, IdGenerator},
-    model::LinkBatch,
-    telemetry::Telemetry,
+    model::Data,
 };
 
 /// Span pairs per line, so that a line stays a reasonable size.
@@ -34,7 +33,6 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         file: None,
         resource: encode::resource(),
         ids: IdGenerator::default(),
-        telemetry: cx.telemetry.clone(),
     }))
 }
 
@@ -43,7 +41,6 @@ struct FileExporter {
     file: Option<tokio::fs::File>,
     resource: Resource,
     ids: IdGenerator,
-    telemetry: Arc<Telemetry>,
 }
 
 impl FileExporter {
@@ -60,19 +57,23 @@ impl FileExporter {
         Ok(self.file.as_mut().expect("just opened"))
     }
 
-    fn lines(&mut self, signal: Signal, batch: &LinkBatch) -> Result<Vec<u8>> {
+    fn lines(&mut self, signal: Signal, data: Data<'_>) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        match signal {
-            Signal::Metrics => {
-                let request =
-                    encode::metrics::metrics_request(batch, &self.resource, &self.telemetry);
+        match (signal, data) {
+            (Signal::Metrics, Data::Links(batch)) => {
+                let request = encode::metrics::metrics_request(batch, &self.resource);
                 write_line(&mut out, &request)?;
             }
-            Signal::Traces => {
+            (Signal::Metrics, Data::Telemetry(snapshot)) => {
+                let request = encode::metrics::telemetry_request(snapshot, &self.resource);
+                write_line(&mut out, &request)?;
+            }
+            (Signal::Traces, Data::Links(batch)) => {
                 for (request, _) in spans::trace_requests(batch, &mut self.ids, PAIRS_PER_LINE) {
                     write_line(&mut out, &request)?;
                 }
             }
+            (Signal::Traces, Data::Telemetry(_)) => {}
         }
         Ok(out)
     }
@@ -143,8 +144,8 @@ fn strip_null_fields(json: &[u8], out: &mut Vec<u8>) {
 
 #[async_trait]
 impl Exporter for FileExporter {
-    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()> {
-        let lines = self.lines(signal, batch)?;
+    async fn export(&mut self, signal: Signal, data: Data<'_>) -> Result<()> {
+        let lines = self.lines(signal, data)?;
         if lines.is_empty() {
             return Ok(());
         }

@@ -104,6 +104,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
         reverse_dns: None,
         last: None,
         shared: cx.pipelines > 1,
+        telemetry: cx.telemetry.clone(),
     }))
 }
 
@@ -121,6 +122,8 @@ struct K8sAttributes {
     last: Option<(std::time::SystemTime, LinkBatch)>,
     /// Listed by several pipelines: keep `last` for the others.
     shared: bool,
+    /// Where watch errors are recorded (`ridley.k8s.watch.errors`).
+    telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
 }
 
 /// Attributes that name one pod, dropped when replicas merge into their workload.
@@ -340,7 +343,7 @@ impl K8sAttributes {
         if let Some(merger) = self.merger.as_mut() {
             merger.merge(&mut batch);
         }
-        batch.kubernetes_watch_errors = Some(errors);
+        self.telemetry.record_kubernetes_watch_errors(errors);
         batch
     }
 }
@@ -398,7 +401,7 @@ mod tests {
             external: &external,
             reverse_dns: None,
         };
-        let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH);
+        let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH);
         batch.links = vec![
             // Seen from the server only, client is a pod: its own node reports it.
             link("10.1.0.5", "10.1.0.6", true),
@@ -461,7 +464,7 @@ mod tests {
     }
 
     fn replicas_batch(links: Vec<(&str, LinkStats)>) -> LinkBatch {
-        let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH);
+        let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH);
         for (client, s) in links {
             let (key, _) = link(client, "10.1.0.6", false);
             batch.links.push((key, s));

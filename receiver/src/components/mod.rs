@@ -10,6 +10,7 @@ mod otlp;
 mod otlp_exporter;
 mod otlphttp;
 mod prometheus;
+mod servicegraph;
 mod tls;
 
 use anyhow::{Result, bail};
@@ -42,12 +43,20 @@ const RECEIVERS: &[Entry<Box<dyn Receiver>>] = &[(
     config_keys::<ebpf::EbpfConfig>,
 )];
 
-const PROCESSORS: &[Entry<Box<dyn Processor>>] = &[(
-    "k8sattributes",
-    ALL_SIGNALS,
-    k8sattributes::build,
-    config_keys::<k8sattributes::K8sAttributesConfig>,
-)];
+const PROCESSORS: &[Entry<Box<dyn Processor>>] = &[
+    (
+        "k8sattributes",
+        ALL_SIGNALS,
+        k8sattributes::build,
+        config_keys::<k8sattributes::K8sAttributesConfig>,
+    ),
+    (
+        "servicegraph",
+        METRICS,
+        servicegraph::build,
+        config_keys::<servicegraph::ServiceGraphConfig>,
+    ),
+];
 
 const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
     (
@@ -288,11 +297,12 @@ mod tests {
         };
         assert_eq!(
             keys("ebpf"),
-            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,service_graph_metrics,max_links,group_public_clients,keep_client_ranges,allow_partial_capture"
+            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,max_links,group_public_clients,keep_client_ranges,allow_partial_capture"
         );
         assert_eq!(keys("file"), "path");
         assert_eq!(keys("health_check"), "endpoint,path");
         assert!(keys("otlp").starts_with("endpoint,metrics_endpoint,traces_endpoint,tls,headers"));
-        assert_eq!(all.len(), 10);
+        assert_eq!(keys("servicegraph"), "max_edges,edge_expiration");
+        assert_eq!(all.len(), 11);
     }
 }

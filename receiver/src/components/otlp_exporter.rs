@@ -34,8 +34,8 @@ use crate::{
     encode,
     encode::spans::{self, IdGenerator},
     encode::temporality::DeltaConverter,
-    model::LinkBatch,
-    telemetry::{ExporterStats, Telemetry},
+    model::Data,
+    telemetry::ExporterStats,
 };
 
 /// Span pairs per trace export request (about 2.7 KB each: well below any limit).
@@ -289,13 +289,22 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The two kinds of cumulative metric requests: a newer one supersedes older ones of
+/// its own kind only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MetricStream {
+    Links,
+    Telemetry,
+}
+
 /// One request, as queued.
 #[derive(Clone, Debug)]
 pub enum Payload {
     Metrics {
         request: ExportMetricsServiceRequest,
+        stream: MetricStream,
         /// Which batch it came from: a cumulative batch supersedes every part of the
-        /// batches before it.
+        /// batches of its stream before it.
         batch: u64,
     },
     Traces {
@@ -461,11 +470,13 @@ impl Queue {
     fn push(&self, payload: Payload) {
         let size = payload.encoded_len();
         let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        if let (true, Payload::Metrics { batch, .. }) = (self.coalesce_metrics, &payload) {
-            let batch = *batch;
+        if let (true, Payload::Metrics { batch, stream, .. }) = (self.coalesce_metrics, &payload) {
+            let (batch, stream) = (*batch, *stream);
             let before = q.items.len();
-            q.items
-                .retain(|(p, _)| !matches!(p, Payload::Metrics { batch: b, .. } if *b != batch));
+            q.items.retain(|(p, _)| {
+                !matches!(p, Payload::Metrics { batch: b, stream: s, .. }
+                    if *s == stream && *b != batch)
+            });
             if q.items.len() != before {
                 q.bytes = q.items.iter().map(|(_, size)| size).sum();
             }
@@ -515,16 +526,17 @@ impl Queue {
 
     /// A metrics request of a later batch is queued: this one carries nothing more.
     fn is_superseded(&self, payload: &Payload) -> bool {
-        let Payload::Metrics { batch, .. } = payload else {
+        let Payload::Metrics { batch, stream, .. } = payload else {
             return false;
         };
         if !self.coalesce_metrics {
             return false;
         }
         let q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        q.items
-            .iter()
-            .any(|(p, _)| matches!(p, Payload::Metrics { batch: b, .. } if b > batch))
+        q.items.iter().any(|(p, _)| {
+            matches!(p, Payload::Metrics { batch: b, stream: s, .. }
+                    if s == stream && b > batch)
+        })
     }
 
     fn drop_all(&self) -> u64 {
@@ -674,9 +686,10 @@ impl Lane {
 pub struct OtlpExporter {
     id: String,
     resource: Resource,
-    telemetry: Arc<Telemetry>,
     ids: IdGenerator,
-    delta: Option<DeltaConverter>,
+    /// Delta temporality: one converter per stream (each forgets the series its last
+    /// request did not carry).
+    delta: Option<std::collections::HashMap<MetricStream, DeltaConverter>>,
     lanes: std::collections::BTreeMap<Signal, Lane>,
     transport: Arc<dyn Transport>,
     retry: RetryConfig,
@@ -713,9 +726,8 @@ impl OtlpExporter {
         OtlpExporter {
             id: cx.id.to_string(),
             resource: encode::resource(),
-            telemetry: cx.telemetry.clone(),
             ids: IdGenerator::default(),
-            delta: delta.then(DeltaConverter::default),
+            delta: delta.then(Default::default),
             lanes: cx.signals.iter().map(|s| (*s, lane(*s))).collect(),
             transport,
             retry: config.retry_on_failure.clone(),
@@ -727,7 +739,7 @@ impl OtlpExporter {
 
 #[async_trait]
 impl Exporter for OtlpExporter {
-    async fn export(&mut self, signal: Signal, batch: &LinkBatch) -> Result<()> {
+    async fn export(&mut self, signal: Signal, data: Data<'_>) -> Result<()> {
         let lane = self
             .lanes
             .get_mut(&signal)
@@ -741,28 +753,35 @@ impl Exporter for OtlpExporter {
                 format!("{}/{signal}", self.id),
             )));
         }
-        match signal {
-            Signal::Metrics => {
-                let mut request =
-                    encode::metrics::metrics_request(batch, &self.resource, &self.telemetry);
-                if let Some(delta) = self.delta.as_mut() {
-                    delta.convert(&mut request);
-                }
-                self.batches += 1;
-                for request in split_metrics_request(request, self.max_request_size) {
-                    lane.queue.push(Payload::Metrics {
-                        request,
-                        batch: self.batches,
-                    });
-                }
-            }
-            Signal::Traces => {
+        let (mut request, stream) = match (signal, data) {
+            (Signal::Metrics, Data::Links(batch)) => (
+                encode::metrics::metrics_request(batch, &self.resource),
+                MetricStream::Links,
+            ),
+            (Signal::Metrics, Data::Telemetry(snapshot)) => (
+                encode::metrics::telemetry_request(snapshot, &self.resource),
+                MetricStream::Telemetry,
+            ),
+            (Signal::Traces, Data::Links(batch)) => {
                 for (request, pairs) in
                     spans::trace_requests(batch, &mut self.ids, PAIRS_PER_REQUEST)
                 {
                     lane.queue.push(Payload::Traces { request, pairs });
                 }
+                return Ok(());
             }
+            (Signal::Traces, Data::Telemetry(_)) => return Ok(()),
+        };
+        if let Some(deltas) = self.delta.as_mut() {
+            deltas.entry(stream).or_default().convert(&mut request);
+        }
+        self.batches += 1;
+        for request in split_metrics_request(request, self.max_request_size) {
+            lane.queue.push(Payload::Metrics {
+                request,
+                stream,
+                batch: self.batches,
+            });
         }
         Ok(())
     }
@@ -795,6 +814,7 @@ mod tests {
     fn metrics() -> Payload {
         Payload::Metrics {
             request: ExportMetricsServiceRequest::default(),
+            stream: MetricStream::Links,
             batch: BATCH.fetch_add(1, Ordering::Relaxed) + 1,
         }
     }
@@ -852,7 +872,7 @@ mod bounds_tests {
     /// A batch of `n` links with distinct server ports, as a port scan makes.
     fn scan_batch(n: u16) -> LinkBatch {
         let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut batch = LinkBatch::new(t, t);
+        let mut batch = LinkBatch::new(t);
         batch.links = (1..=n)
             .map(|port| {
                 let mut stats = LinkStats::new(t);
@@ -893,11 +913,7 @@ mod bounds_tests {
 
     #[test]
     fn a_large_batch_is_split_into_requests_below_the_limit_losing_nothing() {
-        let request = encode::metrics::metrics_request(
-            &scan_batch(3000),
-            &encode::resource(),
-            &Default::default(),
-        );
+        let request = encode::metrics::metrics_request(&scan_batch(3000), &encode::resource());
         let whole = request.encoded_len();
         assert!(
             whole > 4 << 20,
@@ -926,11 +942,7 @@ mod bounds_tests {
         };
         assert_eq!(parts.iter().map(all).sum::<usize>(), all(&request));
         // Small requests pass unchanged.
-        let small = encode::metrics::metrics_request(
-            &scan_batch(3),
-            &encode::resource(),
-            &Default::default(),
-        );
+        let small = encode::metrics::metrics_request(&scan_batch(3), &encode::resource());
         assert_eq!(split_metrics_request(small.clone(), 1 << 20), vec![small]);
     }
 
@@ -945,15 +957,12 @@ mod bounds_tests {
             coalesce_metrics: false,
             stats: Arc::default(),
         };
-        let request = encode::metrics::metrics_request(
-            &scan_batch(30),
-            &encode::resource(),
-            &Default::default(),
-        );
+        let request = encode::metrics::metrics_request(&scan_batch(30), &encode::resource());
         let size = request.encoded_len();
         for batch in 0..100 {
             q.push(Payload::Metrics {
                 request: request.clone(),
+                stream: MetricStream::Links,
                 batch,
             });
         }
@@ -1020,6 +1029,7 @@ mod bounds_tests {
             batch += 1;
             queue.push(Payload::Metrics {
                 request: ExportMetricsServiceRequest::default(),
+                stream: MetricStream::Links,
                 batch,
             });
             tokio::time::sleep(Duration::from_secs(1)).await;

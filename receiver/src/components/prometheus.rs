@@ -23,7 +23,7 @@ use serde::Deserialize;
 use crate::{
     component::{BuildContext, Exporter, parse_section},
     encode,
-    model::LinkBatch,
+    model::Data as PipelineData,
     telemetry::Telemetry,
 };
 
@@ -49,6 +49,8 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         page: Arc::new(RwLock::new(String::new())),
         telemetry: cx.telemetry.clone(),
         resource: encode::resource(),
+        links: Default::default(),
+        telemetry_request: Default::default(),
         stop: tokio_util::sync::CancellationToken::new(),
     }))
 }
@@ -70,6 +72,9 @@ struct PrometheusExporter {
     page: Arc<RwLock<String>>,
     telemetry: Arc<Telemetry>,
     resource: opentelemetry_proto::tonic::resource::v1::Resource,
+    /// The last links and the last telemetry, rendered together.
+    links: ExportMetricsServiceRequest,
+    telemetry_request: ExportMetricsServiceRequest,
     /// Stops the endpoint at shutdown.
     stop: tokio_util::sync::CancellationToken,
 }
@@ -103,9 +108,18 @@ impl Exporter for PrometheusExporter {
         Ok(0)
     }
 
-    async fn export(&mut self, _signal: config::Signal, batch: &LinkBatch) -> Result<()> {
-        let request = encode::metrics::metrics_request(batch, &self.resource, &self.telemetry);
-        let text = render(&request);
+    async fn export(&mut self, _signal: config::Signal, data: PipelineData<'_>) -> Result<()> {
+        // The page shows the newest links and the newest telemetry side by side.
+        match data {
+            PipelineData::Links(batch) => {
+                self.links = encode::metrics::metrics_request(batch, &self.resource);
+            }
+            PipelineData::Telemetry(snapshot) => {
+                self.telemetry_request =
+                    encode::metrics::telemetry_request(snapshot, &self.resource);
+            }
+        }
+        let text = render_all(&[&self.links, &self.telemetry_request]);
         *self.page.write().unwrap_or_else(|e| e.into_inner()) = text;
         Ok(())
     }
@@ -214,10 +228,14 @@ fn number(value: f64) -> String {
 }
 
 /// The text exposition of one (cumulative) request.
-pub fn render(request: &ExportMetricsServiceRequest) -> String {
+/// The requests on one page: `target_info` once (every request carries ridley's one
+/// resource), then every metric of each.
+pub fn render_all(requests: &[&ExportMetricsServiceRequest]) -> String {
     let mut out = String::new();
-    for rm in &request.resource_metrics {
-        if let Some(resource) = &rm.resource {
+    let mut target_info = false;
+    for rm in requests.iter().flat_map(|r| &r.resource_metrics) {
+        if let (Some(resource), false) = (&rm.resource, target_info) {
+            target_info = true;
             let _ = writeln!(
                 out,
                 "# HELP target_info Target metadata\n# TYPE target_info gauge"
@@ -327,11 +345,10 @@ mod tests {
         stats.bytes_transmit = 42;
         stats.connect_duration.record(Duration::from_micros(70));
         let batch = crate::model::one_link_batch(t, stats);
-        let text = render(&encode::metrics::metrics_request(
+        let text = render_all(&[&encode::metrics::metrics_request(
             &batch,
             &encode::resource(),
-            &Default::default(),
-        ));
+        )]);
         let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";
         assert!(
             text.contains("# TYPE ridley_link_bytes_total counter"),

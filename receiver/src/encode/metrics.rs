@@ -16,19 +16,20 @@ use opentelemetry_proto::tonic::{
 use super::{SCOPE_NAME, kv_str, link_point_attributes, unix_nanos};
 use crate::{
     model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkStats},
-    telemetry::{ExporterSnapshot, Telemetry},
+    telemetry::{ExporterSnapshot, TelemetrySnapshot},
 };
 
-struct PointBuilder<'a> {
-    batch: &'a LinkBatch,
+/// Points stamped with one collection time.
+struct PointBuilder {
+    time: SystemTime,
 }
 
-impl PointBuilder<'_> {
+impl PointBuilder {
     fn number(&self, start: SystemTime, attributes: Vec<KeyValue>, value: u64) -> NumberDataPoint {
         NumberDataPoint {
             attributes,
             start_time_unix_nano: unix_nanos(start),
-            time_unix_nano: unix_nanos(self.batch.time),
+            time_unix_nano: unix_nanos(self.time),
             exemplars: vec![],
             flags: 0,
             value: Some(number_data_point::Value::AsInt(
@@ -46,7 +47,7 @@ impl PointBuilder<'_> {
         HistogramDataPoint {
             attributes,
             start_time_unix_nano: unix_nanos(start),
-            time_unix_nano: unix_nanos(self.batch.time),
+            time_unix_nano: unix_nanos(self.time),
             count: h.count,
             sum: Some(h.sum),
             bucket_counts: h.bucket_counts.to_vec(),
@@ -95,12 +96,8 @@ fn histogram(name: &str, description: &str, points: Vec<HistogramDataPoint>) -> 
 /// One export request for the whole batch: cumulative temporality, one point per link
 /// (and per direction or failure reason) per metric, then the service-graph metrics
 /// (when enabled) and ridley's own telemetry.
-pub fn metrics_request(
-    batch: &LinkBatch,
-    resource: &Resource,
-    telemetry: &Telemetry,
-) -> ExportMetricsServiceRequest {
-    let p = PointBuilder { batch };
+pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
+    let p = PointBuilder { time: batch.time };
     let links = &batch.links;
     let per_link = |value: &dyn Fn(&LinkStats) -> u64| -> Vec<NumberDataPoint> {
         links
@@ -198,19 +195,31 @@ pub fn metrics_request(
             per_link(&|s| s.retransmits),
         ),
     ];
-    if batch.service_graph_metrics {
+    if !batch.service_graph.is_empty() {
         metrics.extend(service_graph_metrics(batch, &p));
     }
-    if batch.self_metrics {
-        metrics.extend(self_metrics(batch, telemetry, &p));
-    }
-    // Metrics with no points (no links yet) are left out, as the collector does.
+    request(resource, metrics)
+}
+
+/// ridley's own telemetry as one request of its own (`Data::Telemetry`).
+pub fn telemetry_request(
+    snapshot: &TelemetrySnapshot,
+    resource: &Resource,
+) -> ExportMetricsServiceRequest {
+    let p = PointBuilder {
+        time: snapshot.time,
+    };
+    request(resource, self_metrics(snapshot, &p))
+}
+
+/// One request of ridley's resource and scope; metrics with no points (no links yet)
+/// are left out, as the collector does.
+fn request(resource: &Resource, mut metrics: Vec<Metric>) -> ExportMetricsServiceRequest {
     metrics.retain(|m| match &m.data {
         Some(metric::Data::Sum(s)) => !s.data_points.is_empty(),
         Some(metric::Data::Histogram(h)) => !h.data_points.is_empty(),
         _ => true,
     });
-
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(resource.clone()),
@@ -230,109 +239,75 @@ pub fn metrics_request(
 }
 
 /// ridley's own health: kernel-side losses, exporter outcomes, Kubernetes watch errors.
-fn self_metrics(batch: &LinkBatch, telemetry: &Telemetry, p: &PointBuilder) -> Vec<Metric> {
+fn self_metrics(snapshot: &TelemetrySnapshot, p: &PointBuilder) -> Vec<Metric> {
+    let start = snapshot.start;
     let mut metrics = Vec::new();
     metrics.push(sum(
         "ridley.receiver.losses",
         "Kernel records or connections the receiver could not account for, by reason.",
         "{event}",
         true,
-        batch
+        snapshot
             .losses
             .entries()
             .into_iter()
-            .map(|(reason, count)| {
-                p.number(batch.receiver_start, vec![kv_str("reason", reason)], count)
-            })
+            .map(|(reason, count)| p.number(start, vec![kv_str("reason", reason)], count))
             .collect(),
     ));
-    metrics.extend(exporter_metrics(&telemetry.snapshot(), batch, p));
+    metrics.extend(exporter_metrics(&snapshot.exporters, start, p));
     metrics.push(sum(
         "ridley.listener.refused",
         "Connections closed at accept because the listener's connection limit was reached.",
         "{connection}",
         true,
-        telemetry
-            .listener_refusals()
-            .into_iter()
-            .map(|(listener, n)| {
-                p.number(batch.receiver_start, vec![kv_str("listener", listener)], n)
-            })
+        snapshot
+            .listener_refusals
+            .iter()
+            .map(|(listener, n)| p.number(start, vec![kv_str("listener", *listener)], *n))
             .collect(),
     ));
-    if let Some(errors) = batch.kubernetes_watch_errors {
+    if let Some(errors) = snapshot.kubernetes_watch_errors {
         metrics.push(sum(
             "ridley.k8s.watch.errors",
             "Kubernetes watch and client errors (each retried with backoff; the last known state keeps serving).",
             "{error}",
             true,
-            vec![p.number(batch.receiver_start, vec![], errors)],
+            vec![p.number(start, vec![], errors)],
         ));
     }
     metrics
 }
 
-/// The series Tempo's metrics-generator writes, so that Grafana's service map works
-/// from a Prometheus-compatible store alone. An edge is a pair of service names (links
-/// on several ports between the same two services are one edge); a request is a
-/// connection attempt; durations are handshakes.
+/// The series Tempo's metrics-generator writes, from the edges the `servicegraph`
+/// processor keeps: an edge is a pair of service names, a request is a connection
+/// attempt, durations are handshakes.
 fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
-    use std::collections::BTreeMap;
-    struct Edge {
-        start: SystemTime,
-        requests: u64,
-        failed: u64,
-        durations: Histogram,
-    }
-    // Keyed by namespace and name of each end: Grafana's namespace-aware service map
-    // reads `client_service_namespace` / `server_service_namespace`.
-    let mut edges: BTreeMap<(String, String, String, String), Edge> = BTreeMap::new();
-    let namespace = |end: &crate::model::EndIdentity| {
-        end.attributes
-            .iter()
-            .find(|(k, _)| k == "service.namespace")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    for (key, stats) in batch.links.iter().filter(|(key, _)| !key.is_overflow()) {
-        let (client, server) = batch.end_names(key);
-        let edge_key = (
-            namespace(&client),
-            client.service_name,
-            namespace(&server),
-            server.service_name,
-        );
-        let edge = edges.entry(edge_key).or_insert_with(|| Edge {
-            start: stats.start_time,
-            requests: 0,
-            failed: 0,
-            durations: Histogram::default(),
-        });
-        edge.start = edge.start.min(stats.start_time);
-        edge.requests += stats.opened
-            + stats.failed(FailureReason::Refused)
-            + stats.failed(FailureReason::Timeout);
-        edge.failed += stats.failed_total();
-        edge.durations.merge(&stats.connect_duration);
-    }
-    let labels = |(client_ns, client, server_ns, server): &(String, String, String, String)| {
-        vec![
-            kv_str("client", client.as_str()),
-            kv_str("server", server.as_str()),
+    let labels = |edge: &crate::model::ServiceGraphEdge| {
+        let mut labels = vec![
+            kv_str("client", edge.client.as_str()),
+            kv_str("server", edge.server.as_str()),
             kv_str("connection_type", ""),
-            kv_str("client_service_namespace", client_ns.as_str()),
-            kv_str("server_service_namespace", server_ns.as_str()),
-        ]
+            kv_str("client_service_namespace", edge.client_namespace.as_str()),
+            kv_str("server_service_namespace", edge.server_namespace.as_str()),
+        ];
+        if edge.overflow {
+            labels.push(super::kv(
+                "otel.metric.overflow",
+                opentelemetry_proto::tonic::common::v1::any_value::Value::BoolValue(true),
+            ));
+        }
+        labels
     };
+    let edges = &batch.service_graph;
     let mut total = Vec::new();
     let mut failed = Vec::new();
     let mut client_seconds = Vec::new();
     let mut server_seconds = Vec::new();
-    for (ends, edge) in &edges {
-        total.push(p.number(edge.start, labels(ends), edge.requests));
-        failed.push(p.number(edge.start, labels(ends), edge.failed));
-        client_seconds.push(p.histogram(edge.start, labels(ends), &edge.durations));
-        server_seconds.push(p.histogram(edge.start, labels(ends), &edge.durations));
+    for edge in edges {
+        total.push(p.number(edge.start, labels(edge), edge.requests));
+        failed.push(p.number(edge.start, labels(edge), edge.failed));
+        client_seconds.push(p.histogram(edge.start, labels(edge), &edge.durations));
+        server_seconds.push(p.histogram(edge.start, labels(edge), &edge.durations));
     }
     vec![
         sum(
@@ -365,7 +340,7 @@ fn service_graph_metrics(batch: &LinkBatch, p: &PointBuilder) -> Vec<Metric> {
 /// ridley's own exporter health: requests sent and failed, queue length, drops.
 fn exporter_metrics(
     exporters: &[ExporterSnapshot],
-    batch: &LinkBatch,
+    start: SystemTime,
     p: &PointBuilder,
 ) -> Vec<Metric> {
     let attrs = |e: &ExporterSnapshot| {
@@ -379,7 +354,6 @@ fn exporter_metrics(
         a.push(kv_str(key, value));
         a
     };
-    let start = batch.receiver_start;
     let mut requests = Vec::new();
     let mut queue = Vec::new();
     let mut queue_bytes = Vec::new();
@@ -434,6 +408,7 @@ mod tests {
 
     use super::*;
     use crate::{encode::resource, model::LinkKey};
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 
     fn batch() -> LinkBatch {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
@@ -443,7 +418,7 @@ mod tests {
         stats.opened = 3;
         stats.add_failure(FailureReason::Refused);
         stats.connect_duration.record(Duration::from_micros(80));
-        let mut batch = LinkBatch::new(start + Duration::from_secs(10), start);
+        let mut batch = LinkBatch::new(start + Duration::from_secs(10));
         batch.links = vec![(
             LinkKey {
                 client: "10.0.0.1".parse().unwrap(),
@@ -457,32 +432,73 @@ mod tests {
     }
 
     #[test]
-    fn self_metrics_follow_the_telemetry_level() {
-        let names = |b: &LinkBatch| -> Vec<String> {
-            metrics_request(b, &resource(), &Default::default()).resource_metrics[0].scope_metrics
-                [0]
-            .metrics
-            .iter()
-            .map(|m| m.name.clone())
-            .collect()
-        };
-        let mut b = batch();
-        assert!(names(&b).contains(&"ridley.receiver.losses".to_string()));
-        b.self_metrics = false;
-        let without = names(&b);
-        assert!(
-            !without
+    fn links_and_telemetry_are_requests_of_their_own() {
+        let names = |request: &ExportMetricsServiceRequest| -> Vec<String> {
+            request.resource_metrics[0].scope_metrics[0]
+                .metrics
                 .iter()
-                .any(|n| n.starts_with("ridley.receiver") || n.starts_with("ridley.exporter"))
+                .map(|m| m.name.clone())
+                .collect()
+        };
+        let links = names(&metrics_request(&batch(), &resource()));
+        assert!(links.contains(&"ridley.link.bytes".to_string()));
+        assert!(
+            !links.iter().any(|n| !n.starts_with("ridley.link.")),
+            "{links:?}"
         );
-        assert!(without.contains(&"ridley.link.bytes".to_string()));
+
+        let telemetry = crate::telemetry::Telemetry::default();
+        telemetry.record_losses(
+            "ebpf",
+            crate::model::Losses {
+                ringbuf_full: 3,
+                ..Default::default()
+            },
+        );
+        telemetry.record_losses(
+            "ebpf/2",
+            crate::model::Losses {
+                ringbuf_full: 4,
+                close_lost: 1,
+                ..Default::default()
+            },
+        );
+        let request = telemetry_request(&telemetry.snapshot_at(SystemTime::now()), &resource());
+        assert!(
+            !names(&request)
+                .iter()
+                .any(|n| n.starts_with("ridley.link."))
+        );
+        let losses = &request.resource_metrics[0].scope_metrics[0].metrics[0];
+        assert_eq!(losses.name, "ridley.receiver.losses");
+        let Some(metric::Data::Sum(sum)) = &losses.data else {
+            panic!("a sum")
+        };
+        let by_reason: Vec<(String, i64)> = sum
+            .data_points
+            .iter()
+            .filter_map(|p| match (&p.attributes[0].value, p.value) {
+                (
+                    Some(AnyValue {
+                        value: Some(any_value::Value::StringValue(reason)),
+                    }),
+                    Some(number_data_point::Value::AsInt(n)),
+                ) if n > 0 => Some((reason.clone(), n)),
+                _ => None,
+            })
+            .collect();
+        // Receivers' losses are summed reason by reason.
+        assert_eq!(
+            by_reason,
+            vec![("ringbuf_full".into(), 7), ("close_lost".into(), 1)]
+        );
     }
 
     /// The file exporter's encoding is the collector's OTLP/JSON: camelCase keys,
     /// 64-bit integers as strings, enums as numbers.
     #[test]
     fn json_encoding_matches_otlp_json() {
-        let request = metrics_request(&batch(), &resource(), &Default::default());
+        let request = metrics_request(&batch(), &resource());
         let json: serde_json::Value = serde_json::to_value(&request).unwrap();
         let metrics = &json["resourceMetrics"][0]["scopeMetrics"][0]["metrics"];
         let bytes = &metrics[0];
@@ -517,26 +533,25 @@ mod tests {
 mod service_graph_tests {
     use super::*;
     use crate::encode::resource;
-    use crate::model::{EndIdentity, EndRef, LinkStats, one_link_batch};
+    use crate::model::ServiceGraphEdge;
     use opentelemetry_proto::tonic::common::v1::any_value;
 
     #[test]
     fn edges_carry_the_namespace_of_each_end() {
         let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        let mut stats = LinkStats::new(t);
-        stats.opened = 4;
-        let mut batch = one_link_batch(t, stats);
-        batch.service_graph_metrics = true;
-        let key = batch.links[0].0;
-        let named = |name: &str, ns: &str| EndIdentity {
-            service_name: name.into(),
-            attributes: vec![("service.namespace".into(), ns.into())],
-        };
-        batch
-            .ends
-            .insert(EndRef::client(&key), named("web", "shop"));
-        batch.ends.insert(EndRef::server(&key), named("db", "data"));
-        let request = metrics_request(&batch, &resource(), &Default::default());
+        let mut batch = LinkBatch::new(t);
+        batch.service_graph = vec![ServiceGraphEdge {
+            client: "web".into(),
+            client_namespace: "shop".into(),
+            server: "db".into(),
+            server_namespace: "data".into(),
+            overflow: false,
+            start: t,
+            requests: 4,
+            failed: 0,
+            durations: Histogram::default(),
+        }];
+        let request = metrics_request(&batch, &resource());
         let metric = request.resource_metrics[0].scope_metrics[0]
             .metrics
             .iter()

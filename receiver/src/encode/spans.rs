@@ -275,7 +275,7 @@ mod tests {
         let mut quiet = LinkStats::new(t);
         quiet.interval.carried_traffic = true;
         quiet.interval.last_rtt = Some(Duration::from_micros(50));
-        let mut batch = LinkBatch::new(t + Duration::from_secs(10), t);
+        let mut batch = LinkBatch::new(t + Duration::from_secs(10));
         let key = |port| LinkKey {
             client: "10.0.0.1".parse().unwrap(),
             server: "10.0.0.2".parse().unwrap(),
@@ -373,7 +373,7 @@ mod resource_tests {
     #[test]
     fn same_named_services_in_two_namespaces_are_two_resources() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut batch = LinkBatch::new(t + Duration::from_secs(10), t);
+        let mut batch = LinkBatch::new(t + Duration::from_secs(10));
         let key = |client: &str| LinkKey {
             client: client.parse().unwrap(),
             server: "10.0.0.9".parse().unwrap(),

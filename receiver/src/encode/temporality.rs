@@ -113,7 +113,7 @@ mod tests {
                 .record(Duration::from_micros(*micros));
         }
         let batch = crate::model::one_link_batch(t, stats);
-        encode::metrics::metrics_request(&batch, &encode::resource(), &Default::default())
+        encode::metrics::metrics_request(&batch, &encode::resource())
     }
 
     fn metric<'a>(

@@ -94,8 +94,12 @@ MISTAKES = [
      .replace("[debug]", "[otlphttp]"),
      "c0.yaml:5:3: in pipeline metrics: exporters.otlphttp: \"collector:4318/v1/metrics\": an otlphttp endpoint "
      "is a URL (http:// or https://)"),
+    ("a nested setting out of range", BASE.replace("  debug:", "  otlp:\n    endpoint: collector:4317\n"
+                                                   "    retry_on_failure:\n      multiplier: 0.5")
+     .replace("[debug]", "[otlp]"),
+     "c0.yaml:8:7: in pipeline metrics: exporters.otlp.retry_on_failure.multiplier: must be from 1 to 10, got 0.5"),
     ("ring buffer not a power of two", BASE.replace("collection_interval: 5s", "ring_buffer_size: 100000"),
-     "c0.yaml:2:3: receivers.ebpf: ring_buffer_size must be a power of two from 4096 bytes to 1GiB, got 100000"),
+     "c0.yaml:3:5: receivers.ebpf.ring_buffer_size: must be a power of two from 4096 bytes to 1GiB, got 100000"),
     ("invalid YAML", BASE.replace("receivers: [ebpf]", "receivers: [ebpf"),
      None),
     ("bad CIDR in external names", BASE.replace("exporters:\n  debug:", "processors:\n  k8sattributes:\n"

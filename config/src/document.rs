@@ -178,19 +178,28 @@ pub fn locate(text: &str, path: &[&str]) -> Option<(usize, usize, usize)> {
     best
 }
 
-/// "did you mean" for serde's unknown-field and unknown-variant messages.
+/// The candidate a mistyped name was most likely meant to be, if one is close enough.
+pub fn closest<'a>(
+    unknown: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|candidate| (strsim::levenshtein(unknown, candidate), candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
+        .min()
+        .map(|(_, best)| best)
+}
+
+/// "did you mean" for serde's unknown-field and unknown-variant messages, where only
+/// serde's text has the names (nested sections, enum values).
 pub fn suggestion(message: &str) -> Option<String> {
     let names: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
     let (unknown, expected) = names.split_first()?;
     if !(message.starts_with("unknown field") || message.starts_with("unknown variant")) {
         return None;
     }
-    expected
-        .iter()
-        .map(|candidate| (strsim::levenshtein(unknown, candidate), *candidate))
-        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
-        .min()
-        .map(|(_, best)| format!(" (did you mean `{best}`?)"))
+    closest(unknown, expected.iter().copied()).map(|best| format!(" (did you mean `{best}`?)"))
 }
 
 /// What `ridley config --print` shows in place of a secret.

@@ -4,7 +4,7 @@
 //! the pipelines that wire them live in `service`, which this module never imports.
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow};
+use anyhow::Result;
 use async_trait::async_trait;
 use config::{ComponentId, ComponentSection, Signal};
 use serde::de::DeserializeOwned;
@@ -102,9 +102,66 @@ pub trait Extension: Send {
     ) -> Result<()>;
 }
 
+/// The four roles of the collector's shape, as the config document names their sections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Receiver,
+    Processor,
+    Exporter,
+    Extension,
+}
+
+impl Role {
+    /// The top-level section of the config document (`receivers`, ...).
+    pub fn section(self) -> &'static str {
+        match self {
+            Role::Receiver => "receivers",
+            Role::Processor => "processors",
+            Role::Exporter => "exporters",
+            Role::Extension => "extensions",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.section())
+    }
+}
+
+/// A mistake at one place of the config document: its key path (`exporters`, `otlp`,
+/// `retry_on_failure`, `multiplier`) and what is wrong. `ridley validate` and `run`
+/// find the file, line and column from the path itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", path.join("."))]
+pub struct ConfigError {
+    pub path: Vec<String>,
+    pub message: String,
+}
+
+/// A mistake in one key of a component's own section, relative to it
+/// (`retry_on_failure.multiplier`): what config structs' `validate` return. The
+/// registry turns it into a [`ConfigError`] naming the component.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+/// An error for `key` (dotted, relative to the component's section).
+pub fn key_error(key: impl Into<String>, message: impl Into<String>) -> anyhow::Error {
+    KeyError {
+        key: key.into(),
+        message: message.into(),
+    }
+    .into()
+}
+
 /// What a component factory gets besides its own config section.
 #[derive(Clone)]
 pub struct BuildContext {
+    pub role: Role,
     pub id: ComponentId,
     /// The signals of the pipelines that list the component.
     pub signals: Vec<Signal>,
@@ -113,22 +170,113 @@ pub struct BuildContext {
     pub telemetry: Arc<Telemetry>,
 }
 
-/// Parses a component's own section with its config struct (which should
-/// `deny_unknown_fields`), naming the component in the error.
-pub fn parse_section<T: DeserializeOwned>(
-    role: &str,
-    id: &ComponentId,
-    section: ComponentSection,
-) -> Result<T> {
-    serde_path_to_error::deserialize(section).map_err(|e| {
-        let path = e.path().to_string();
-        let message = e.into_inner().to_string();
-        let hint = config::document::suggestion(&message).unwrap_or_default();
-        let at = if path == "." {
-            format!("{role}.{id}")
-        } else {
-            format!("{role}.{id}.{path}")
+impl BuildContext {
+    /// The path of the component's section, and of `key` (dotted) inside it.
+    pub fn path(&self, key: Option<&str>) -> Vec<String> {
+        let mut path = vec![self.role.section().to_owned(), self.id.to_string()];
+        path.extend(
+            key.into_iter()
+                .flat_map(|k| k.split('.'))
+                .map(str::to_owned),
+        );
+        path
+    }
+
+    /// Places a factory's error in the document: a [`KeyError`] at its key, a
+    /// [`ConfigError`] as it is, anything else at the component.
+    pub fn locate(&self, error: anyhow::Error) -> anyhow::Error {
+        if error.downcast_ref::<ConfigError>().is_some() {
+            return error;
+        }
+        let (key, message) = match error.downcast::<KeyError>() {
+            Ok(KeyError { key, message }) => (Some(key), message),
+            Err(other) => (None, format!("{other:#}")),
         };
-        anyhow!("{at}: {message}{hint}")
-    })
+        ConfigError {
+            path: self.path(key.as_deref()),
+            message,
+        }
+        .into()
+    }
+
+    /// Parses the component's own section with its config struct (which should
+    /// `deny_unknown_fields`). A key the struct does not have is found from the
+    /// struct's own field list; other mistakes carry serde's path to them.
+    pub fn parse_section<T: DeserializeOwned>(&self, section: ComponentSection) -> Result<T> {
+        let keys = config_keys::<T>();
+        if let ComponentSection::Mapping(map) = &section {
+            for key in map.keys() {
+                let Some(key) = key.as_str() else { continue };
+                if !keys.is_empty() && !keys.contains(&key) {
+                    let expected: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+                    let hint = config::document::closest(key, keys.iter().copied())
+                        .map(|best| format!(" (did you mean `{best}`?)"))
+                        .unwrap_or_default();
+                    return Err(ConfigError {
+                        path: self.path(Some(key)),
+                        message: format!(
+                            "unknown field `{key}`, expected one of {}{hint}",
+                            expected.join(", ")
+                        ),
+                    }
+                    .into());
+                }
+            }
+        }
+        serde_path_to_error::deserialize(section).map_err(|e| {
+            let path: Vec<String> = e
+                .path()
+                .iter()
+                .map(|segment| segment.to_string())
+                .filter(|segment| !segment.is_empty() && segment != ".")
+                .collect();
+            let message = e.into_inner().to_string();
+            let hint = config::document::suggestion(&message).unwrap_or_default();
+            let key = (!path.is_empty()).then(|| path.join("."));
+            ConfigError {
+                path: self.path(key.as_deref()),
+                message: format!("{message}{hint}"),
+            }
+            .into()
+        })
+    }
+}
+
+/// The keys a config struct accepts, read from its `Deserialize` implementation: serde
+/// hands a struct's field names to `deserialize_struct`, and this deserializer does
+/// nothing but keep them. The list cannot drift from the code.
+pub fn config_keys<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    struct KeyProbe<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for KeyProbe<'_> {
+        type Error = serde::de::value::Error;
+
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("keys read"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    // The error is the point: the probe stops as soon as it has the field names.
+    let _ = T::deserialize(KeyProbe(&mut fields));
+    fields
 }

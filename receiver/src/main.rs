@@ -189,16 +189,10 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
 /// Component errors name their key path (`exporters.otlp.timeout: ...`): point at where
 /// that key was written.
 fn locate_error(loaded: &config::Loaded, error: anyhow::Error) -> anyhow::Error {
-    let roles = ["receivers.", "processors.", "exporters.", "service."];
-    let location = error.chain().find_map(|layer| {
-        let text = layer.to_string();
-        let path = text.split(": ").next().unwrap_or_default().to_owned();
-        roles
-            .iter()
-            .any(|role| path.starts_with(role))
-            .then(|| loaded.locate(&path))
-            .flatten()
-    });
+    let location = error
+        .chain()
+        .find_map(|layer| layer.downcast_ref::<component::ConfigError>())
+        .and_then(|mistake| loaded.locate(&mistake.path.join(".")));
     match location {
         Some(location) => error.context(location),
         None => error,

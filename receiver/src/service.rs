@@ -11,7 +11,9 @@ use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    component::{BatchSender, BuildContext, Exporter, Extension, Processor, Receiver},
+    component::{
+        BatchSender, BuildContext, ConfigError, Exporter, Extension, Processor, Receiver, Role,
+    },
     components,
     model::{Data, LinkBatch},
     telemetry::Telemetry,
@@ -140,10 +142,14 @@ impl Service {
     pub fn build(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self> {
         let shutdown_timeout = config.service.shutdown_timeout;
         if !SHUTDOWN_TIMEOUT_RANGE.contains(&shutdown_timeout) {
-            anyhow::bail!(
-                "service.shutdown_timeout: must be from 100ms to 5m, got {}",
-                humantime::format_duration(shutdown_timeout)
-            );
+            return Err(ConfigError {
+                path: vec!["service".into(), "shutdown_timeout".into()],
+                message: format!(
+                    "must be from 100ms to 5m, got {}",
+                    humantime::format_duration(shutdown_timeout)
+                ),
+            }
+            .into());
         }
         let uses = Uses::of(config);
         let listed_by = |id: &ComponentId| {
@@ -158,7 +164,8 @@ impl Service {
                 })
                 .count()
         };
-        let context = |id: &ComponentId, signals: &[Signal]| BuildContext {
+        let context = |role: Role, id: &ComponentId, signals: &[Signal]| BuildContext {
+            role,
             id: id.clone(),
             signals: signals.to_vec(),
             pipelines: listed_by(id),
@@ -169,7 +176,7 @@ impl Service {
             .iter()
             .map(|(id, signals)| {
                 let processor = components::build_processor(
-                    &context(id, signals),
+                    &context(Role::Processor, id, signals),
                     section(&config.processors, id)?,
                 )?;
                 Ok((id.clone(), Arc::new(std::sync::Mutex::new(processor))))
@@ -180,7 +187,7 @@ impl Service {
             .iter()
             .map(|(id, signals)| {
                 let exporter = components::build_exporter(
-                    &context(id, signals),
+                    &context(Role::Exporter, id, signals),
                     section(&config.exporters, id)?,
                 )
                 .with_context(|| {
@@ -234,7 +241,7 @@ impl Service {
             .map(|(id, pipelines)| {
                 let signals = uses.receivers.get(&id).cloned().unwrap_or_default();
                 let receiver = components::build_receiver(
-                    &context(&id, &signals),
+                    &context(Role::Receiver, &id, &signals),
                     section(&config.receivers, &id)?,
                 )?;
                 Ok((id, receiver, BatchSender { pipelines }))
@@ -246,7 +253,7 @@ impl Service {
             .iter()
             .map(|id| {
                 let extension = components::build_extension(
-                    &context(id, &[]),
+                    &context(Role::Extension, id, &[]),
                     section(&config.extensions, id)?,
                 )?;
                 Ok((id.clone(), extension))

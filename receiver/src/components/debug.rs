@@ -8,7 +8,7 @@ use config::{ComponentSection, Signal};
 use serde::Deserialize;
 
 use crate::{
-    component::{BuildContext, Exporter, parse_section},
+    component::{BuildContext, Exporter},
     model::{Data, FailureReason, LinkBatch},
     telemetry::TelemetrySnapshot,
 };
@@ -30,7 +30,7 @@ pub struct DebugConfig {
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    let config: DebugConfig = parse_section("exporters", &cx.id, section)?;
+    let config: DebugConfig = cx.parse_section(section)?;
     Ok(Box::new(DebugExporter {
         config,
         stdout_closed: false,

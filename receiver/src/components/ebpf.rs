@@ -6,7 +6,7 @@
 //! collects the links and sends them. Nothing is shared with exporters but the batch.
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use aya::maps::{MapData, RingBuf};
 use config::ComponentSection;
@@ -19,7 +19,8 @@ use crate::{
     capture::{
         Capture, CgroupPaths, MapSizes, Walk, host_netns, parse_record, wall_minus_monotonic_ns,
     },
-    component::{BatchSender, BuildContext, Receiver, parse_section},
+    component::key_error,
+    component::{BatchSender, BuildContext, Receiver},
     model::{LinkBatch, Losses},
 };
 
@@ -89,48 +90,66 @@ impl EbpfConfig {
         if self.collection_interval < Duration::from_millis(100)
             || self.collection_interval > MAX_COLLECTION_INTERVAL
         {
-            bail!(
-                "collection_interval must be from 100ms to 1h, got {}",
-                humantime::format_duration(self.collection_interval)
-            );
+            return Err(key_error(
+                "collection_interval",
+                format!(
+                    "must be from 100ms to 1h, got {}",
+                    humantime::format_duration(self.collection_interval)
+                ),
+            ));
         }
         if self.idle_timeout < self.collection_interval || self.idle_timeout > MAX_IDLE_TIMEOUT {
-            bail!(
-                "idle_timeout must be from collection_interval to 7d, got {}",
-                humantime::format_duration(self.idle_timeout)
-            );
+            return Err(key_error(
+                "idle_timeout",
+                format!(
+                    "must be from collection_interval to 7d, got {}",
+                    humantime::format_duration(self.idle_timeout)
+                ),
+            ));
         }
         if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
-            bail!(
-                "max_connections must be from 1 to {MAX_CONNECTIONS}, got {}",
-                self.max_connections
-            );
+            return Err(key_error(
+                "max_connections",
+                format!(
+                    "must be from 1 to {MAX_CONNECTIONS}, got {}",
+                    self.max_connections
+                ),
+            ));
         }
         if self.max_links == 0 || self.max_links > MAX_LINKS {
-            bail!(
-                "max_links must be from 1 to {MAX_LINKS}, got {}",
-                self.max_links
-            );
+            return Err(key_error(
+                "max_links",
+                format!("must be from 1 to {MAX_LINKS}, got {}", self.max_links),
+            ));
         }
         for range in &self.keep_client_ranges {
-            range
-                .parse::<ipnet::IpNet>()
-                .with_context(|| format!("keep_client_ranges: {range:?} is not a CIDR"))?;
+            range.parse::<ipnet::IpNet>().map_err(|e| {
+                key_error(
+                    "keep_client_ranges",
+                    format!("{range:?} is not a CIDR: {e}"),
+                )
+            })?;
         }
         if self.span_pairs_per_link > MAX_SPAN_PAIRS_PER_LINK {
-            bail!(
-                "span_pairs_per_link must be at most {MAX_SPAN_PAIRS_PER_LINK}, got {}",
-                self.span_pairs_per_link
-            );
+            return Err(key_error(
+                "span_pairs_per_link",
+                format!(
+                    "must be at most {MAX_SPAN_PAIRS_PER_LINK}, got {}",
+                    self.span_pairs_per_link
+                ),
+            ));
         }
         if !self.ring_buffer_size.is_power_of_two()
             || self.ring_buffer_size < 4096
             || self.ring_buffer_size > 1 << 30
         {
-            bail!(
-                "ring_buffer_size must be a power of two from 4096 bytes to 1GiB, got {}",
-                self.ring_buffer_size
-            );
+            return Err(key_error(
+                "ring_buffer_size",
+                format!(
+                    "must be a power of two from 4096 bytes to 1GiB, got {}",
+                    self.ring_buffer_size
+                ),
+            ));
         }
         Ok(())
     }
@@ -139,16 +158,14 @@ impl EbpfConfig {
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Receiver>> {
     let id = &cx.id;
     if section.get("service_graph_metrics").is_some() {
-        anyhow::bail!(
-            "receivers.{id}.service_graph_metrics: the service graph is a processor of its own now: \
-             remove this key and list the `servicegraph` processor (after k8sattributes) in a \
-             metrics pipeline"
-        );
+        return Err(key_error(
+            "service_graph_metrics",
+            "the service graph is a processor of its own now: remove this key and list the \
+             `servicegraph` processor (after k8sattributes) in a metrics pipeline",
+        ));
     }
-    let config: EbpfConfig = parse_section("receivers", id, section)?;
-    config
-        .validate()
-        .with_context(|| format!("receivers.{id}"))?;
+    let config: EbpfConfig = cx.parse_section(section)?;
+    config.validate()?;
     Ok(Box::new(EbpfReceiver {
         config,
         id: id.to_string(),
@@ -366,12 +383,13 @@ mod tests {
 
     fn parse(yaml: &str) -> Result<Box<dyn Receiver>> {
         let cx = BuildContext {
+            role: crate::component::Role::Receiver,
             id: "ebpf".parse().unwrap(),
             signals: vec![config::Signal::Metrics],
             pipelines: 1,
             telemetry: Default::default(),
         };
-        build(&cx, serde_norway::from_str(yaml).unwrap())
+        crate::components::build_receiver(&cx, serde_norway::from_str(yaml).unwrap())
     }
 
     #[test]
@@ -392,19 +410,19 @@ mod tests {
         let cases = [
             (
                 "collection_interval: 10000000000000000000s",
-                "receivers.ebpf: collection_interval must be from 100ms to 1h, got 316880878140years 3months 14days 10h 5m 52s",
+                "receivers.ebpf.collection_interval: must be from 100ms to 1h, got 316880878140years 3months 14days 10h 5m 52s",
             ),
             (
                 "idle_timeout: 30d",
-                "receivers.ebpf: idle_timeout must be from collection_interval to 7d, got 30days",
+                "receivers.ebpf.idle_timeout: must be from collection_interval to 7d, got 30days",
             ),
             (
                 "max_connections: 4294967295",
-                "receivers.ebpf: max_connections must be from 1 to 4194304, got 4294967295",
+                "receivers.ebpf.max_connections: must be from 1 to 4194304, got 4294967295",
             ),
             (
                 "span_pairs_per_link: 100000",
-                "receivers.ebpf: span_pairs_per_link must be at most 1000, got 100000",
+                "receivers.ebpf.span_pairs_per_link: must be at most 1000, got 100000",
             ),
         ];
         for (yaml, expected) in cases {
@@ -418,7 +436,7 @@ mod tests {
         let err = format!("{:#}", parse("ring_buffer_size: 5000").err().unwrap());
         assert_eq!(
             err,
-            "receivers.ebpf: ring_buffer_size must be a power of two from 4096 bytes to 1GiB, got 5000"
+            "receivers.ebpf.ring_buffer_size: must be a power of two from 4096 bytes to 1GiB, got 5000"
         );
         let err = format!("{:#}", parse("colection_interval: 1s").err().unwrap());
         assert!(

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    component::{BuildContext, Exporter, parse_section},
+    component::{BuildContext, Exporter},
     encode,
     encode::spans::{self, IdGenerator},
     model::Data,
@@ -27,7 +27,7 @@ pub struct FileConfig {
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    let config: FileConfig = parse_section("exporters", &cx.id, section)?;
+    let config: FileConfig = cx.parse_section(section)?;
     Ok(Box::new(FileExporter {
         path: config.path,
         file: None,

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    component::{BuildContext, Extension, parse_section},
+    component::{BuildContext, Extension},
     telemetry::Telemetry,
 };
 
@@ -34,15 +34,15 @@ impl Default for HealthCheckConfig {
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
-    let config: HealthCheckConfig = parse_section("extensions", &cx.id, section)?;
+    let config: HealthCheckConfig = cx.parse_section(section)?;
     if !config.path.starts_with('/') || config.path == "/livez" {
-        anyhow::bail!(
-            "extensions.{}.path: must start with / and not be /livez",
-            cx.id
-        );
+        return Err(crate::component::key_error(
+            "path",
+            "must start with / and not be /livez",
+        ));
     }
     Ok(Box::new(HealthCheck {
-        endpoint: super::endpoint(cx, "extensions", &config.endpoint)?,
+        endpoint: super::endpoint(cx, &config.endpoint)?,
         listener: None,
         path: config.path,
     }))

@@ -8,14 +8,14 @@
 //! their addresses.
 use std::{collections::HashMap, net::IpAddr, path::PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use config::ComponentSection;
 use ipnet::IpNet;
 use k8sattrs::{Index, Watchers, attributes_of, rdns::ReverseDns, watch::ClientSource};
 use serde::Deserialize;
 
 use crate::{
-    component::{BuildContext, Processor, parse_section},
+    component::{BuildContext, Processor, key_error},
     model::{EndIdentity, EndRef, IntervalActivity, LinkBatch, LinkKey, LinkStats},
 };
 
@@ -67,15 +67,15 @@ impl Default for ReverseDnsConfig {
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
-    let config: K8sAttributesConfig = parse_section("processors", &cx.id, section)?;
+    let config: K8sAttributesConfig = cx.parse_section(section)?;
     let mut external: Vec<(IpNet, String)> = config
         .external_names
         .iter()
         .map(|e| {
-            let net: IpNet = e.cidr.parse().with_context(|| {
-                format!(
-                    "processors.{}.external_names: {:?} is not a CIDR",
-                    cx.id, e.cidr
+            let net: IpNet = e.cidr.parse().map_err(|err| {
+                key_error(
+                    "external_names",
+                    format!("{:?} is not a CIDR: {err}", e.cidr),
                 )
             })?;
             Ok((net, e.name.clone()))
@@ -84,11 +84,10 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
     external.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
     if let Some(path) = &config.kubeconfig {
         if !path.exists() {
-            anyhow::bail!(
-                "processors.{}.kubeconfig: {} does not exist",
-                cx.id,
-                path.display()
-            );
+            return Err(key_error(
+                "kubeconfig",
+                format!("{} does not exist", path.display()),
+            ));
         }
     }
     Ok(Box::new(K8sAttributes {

@@ -13,10 +13,10 @@ mod prometheus;
 mod servicegraph;
 mod tls;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use config::{ComponentSection, Signal};
 
-use crate::component::{BuildContext, Exporter, Extension, Processor, Receiver};
+use crate::component::{BuildContext, Exporter, Extension, Processor, Receiver, config_keys};
 
 type Factory<T> = fn(&BuildContext, ComponentSection) -> Result<T>;
 
@@ -104,79 +104,31 @@ const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
     ),
 ];
 
-/// The keys a config struct accepts, read from its `Deserialize` implementation: serde
-/// hands a struct's field names to `deserialize_struct`, and this deserializer does
-/// nothing but keep them. The list cannot drift from the code.
-fn config_keys<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
-    struct KeyProbe<'a>(&'a mut &'static [&'static str]);
-
-    impl<'de> serde::Deserializer<'de> for KeyProbe<'_> {
-        type Error = serde::de::value::Error;
-
-        fn deserialize_any<V: serde::de::Visitor<'de>>(
-            self,
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            Err(serde::de::Error::custom("not a struct"))
-        }
-
-        fn deserialize_struct<V: serde::de::Visitor<'de>>(
-            self,
-            _name: &'static str,
-            fields: &'static [&'static str],
-            _visitor: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(serde::de::Error::custom("keys read"))
-        }
-
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
-            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
-            identifier ignored_any
-        }
-    }
-
-    let mut fields: &'static [&'static str] = &[];
-    // The error is the point: the probe stops as soon as it has the field names.
-    let _ = T::deserialize(KeyProbe(&mut fields));
-    fields
-}
-
-fn build<T>(
-    role: &str,
-    table: &[Entry<T>],
-    cx: &BuildContext,
-    section: ComponentSection,
-) -> Result<T> {
-    let id = &cx.id;
-    match table.iter().find(|(kind, _, _, _)| *kind == id.kind()) {
-        Some((_, signals, factory, _)) => {
-            if let Some(unsupported) = cx.signals.iter().find(|s| !signals.contains(s)) {
-                bail!(
-                    "{role}.{id}: cannot be used in a {unsupported} pipeline (it supports {})",
-                    signals
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+/// Builds a component of `cx.role` from its table; every error is placed at the
+/// component's section (or the key a [`KeyError`](crate::component::KeyError) names).
+fn build<T>(table: &[Entry<T>], cx: &BuildContext, section: ComponentSection) -> Result<T> {
+    let role = cx.role;
+    let Some((_, signals, factory, _)) = table.iter().find(|(kind, _, _, _)| *kind == cx.id.kind())
+    else {
+        let known: Vec<&str> = table.iter().map(|(kind, _, _, _)| *kind).collect();
+        return Err(cx.locate(anyhow::anyhow!(
+            "unknown {role} type {:?} (available: {})",
+            cx.id.kind(),
+            if known.is_empty() {
+                "none yet".to_owned()
+            } else {
+                known.join(", ")
             }
-            factory(cx, section)
-        }
-        None => {
-            let known: Vec<&str> = table.iter().map(|(kind, _, _, _)| *kind).collect();
-            bail!(
-                "{role}.{id}: unknown {role} type {:?} (available: {})",
-                id.kind(),
-                if known.is_empty() {
-                    "none yet".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            )
-        }
+        )));
+    };
+    if let Some(unsupported) = cx.signals.iter().find(|s| !signals.contains(s)) {
+        let supported: Vec<String> = signals.iter().map(|s| s.to_string()).collect();
+        return Err(cx.locate(anyhow::anyhow!(
+            "cannot be used in a {unsupported} pipeline (it supports {})",
+            supported.join(", ")
+        )));
     }
+    factory(cx, section).map_err(|e| cx.locate(e))
 }
 
 /// One row of `ridley components`.
@@ -209,11 +161,11 @@ pub fn describe() -> Vec<Description> {
 
 /// A component's `endpoint` (`ip:port`), checked when the component is built; the
 /// error names the key.
-fn endpoint(cx: &BuildContext, role: &str, endpoint: &str) -> Result<Endpoint> {
-    use anyhow::Context;
-    let key = format!("{role}.{}.endpoint", cx.id);
-    let addr =
-        parse_endpoint(endpoint).with_context(|| format!("{key}: {endpoint:?} is not ip:port"))?;
+fn endpoint(cx: &BuildContext, endpoint: &str) -> Result<Endpoint> {
+    let key = cx.path(Some("endpoint")).join(".");
+    let addr = parse_endpoint(endpoint).map_err(|e| {
+        crate::component::key_error("endpoint", format!("{endpoint:?} is not ip:port: {e}"))
+    })?;
     Ok(Endpoint { key, addr })
 }
 
@@ -249,15 +201,15 @@ fn parse_endpoint(endpoint: &str) -> Result<std::net::SocketAddr> {
 }
 
 pub fn build_extension(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Extension>> {
-    build("extensions", EXTENSIONS, cx, section)
+    build(EXTENSIONS, cx, section)
 }
 
 pub fn build_receiver(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Receiver>> {
-    build("receivers", RECEIVERS, cx, section)
+    build(RECEIVERS, cx, section)
 }
 
 pub fn build_processor(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
-    build("processors", PROCESSORS, cx, section)
+    build(PROCESSORS, cx, section)
 }
 
 /// The signals an exporter type serves (none for an unknown type).
@@ -269,7 +221,7 @@ pub fn exporter_signals(kind: &str) -> &'static [Signal] {
 }
 
 pub fn build_exporter(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    build("exporters", EXPORTERS, cx, section)
+    build(EXPORTERS, cx, section)
 }
 
 #[cfg(test)]

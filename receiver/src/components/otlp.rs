@@ -2,7 +2,7 @@
 //! service clients), with the collector's keys. Queueing and retries: `otlp_exporter`.
 use std::{str::FromStr, sync::Arc};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use config::ComponentSection;
 use opentelemetry_proto::tonic::collector::{
@@ -17,11 +17,11 @@ use tonic::{
 };
 
 use super::otlp_exporter::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
-use crate::component::{BuildContext, Exporter, parse_section};
+use crate::component::{BuildContext, Exporter};
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    let config: OtlpConfig = parse_section("exporters", &cx.id, section)?;
-    let transport = GrpcTransport::new(&config).with_context(|| format!("exporters.{}", cx.id))?;
+    let config: OtlpConfig = cx.parse_section(section)?;
+    let transport = GrpcTransport::new(&config)?;
     Ok(Box::new(OtlpExporter::new(
         cx,
         &config,
@@ -51,7 +51,10 @@ impl GrpcTransport {
     fn new(config: &OtlpConfig) -> Result<Self> {
         config.validate()?;
         if config.metrics_endpoint.is_some() || config.traces_endpoint.is_some() {
-            bail!("metrics_endpoint and traces_endpoint are otlphttp keys; use endpoint");
+            return Err(crate::component::key_error(
+                "metrics_endpoint",
+                "metrics_endpoint and traces_endpoint are otlphttp keys; use endpoint",
+            ));
         }
         let uri = endpoint_uri(config);
         let endpoint = Endpoint::from_str(&uri)

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use async_trait::async_trait;
 use config::Signal;
 use opentelemetry_proto::tonic::{
@@ -30,7 +30,7 @@ use serde::Deserialize;
 use tokio::{sync::Notify, task::JoinHandle};
 
 use crate::{
-    component::{BuildContext, Exporter},
+    component::{BuildContext, Exporter, key_error},
     encode,
     encode::spans::{self, IdGenerator},
     encode::temporality::DeltaConverter,
@@ -118,29 +118,38 @@ impl RetryConfig {
         }
         let in_range = |d: Duration| (MIN_RETRY_INTERVAL..=MAX_RETRY_INTERVAL).contains(&d);
         if !in_range(self.initial_interval) || !in_range(self.max_interval) {
-            bail!(
-                "retry_on_failure: initial_interval and max_interval must be from 10ms to 1h, got {} and {}",
-                humantime::format_duration(self.initial_interval),
-                humantime::format_duration(self.max_interval)
-            );
+            return Err(key_error(
+                "retry_on_failure",
+                format!(
+                    "initial_interval and max_interval must be from 10ms to 1h, got {} and {}",
+                    humantime::format_duration(self.initial_interval),
+                    humantime::format_duration(self.max_interval)
+                ),
+            ));
         }
         if self.max_interval < self.initial_interval {
-            bail!("retry_on_failure: max_interval must be at least initial_interval");
+            return Err(key_error(
+                "retry_on_failure.max_interval",
+                "must be at least initial_interval",
+            ));
         }
         if self.max_elapsed_time > Duration::from_secs(24 * 3600) {
-            bail!("retry_on_failure: max_elapsed_time must be at most 24h (0: no limit)");
+            return Err(key_error(
+                "retry_on_failure.max_elapsed_time",
+                "must be at most 24h (0: no limit)",
+            ));
         }
         if !(1.0..=10.0).contains(&self.multiplier) {
-            bail!(
-                "retry_on_failure: multiplier must be from 1 to 10, got {}",
-                self.multiplier
-            );
+            return Err(key_error(
+                "retry_on_failure.multiplier",
+                format!("must be from 1 to 10, got {}", self.multiplier),
+            ));
         }
         if !(0.0..=1.0).contains(&self.randomization_factor) {
-            bail!(
-                "retry_on_failure: randomization_factor must be from 0 to 1, got {}",
-                self.randomization_factor
-            );
+            return Err(key_error(
+                "retry_on_failure.randomization_factor",
+                format!("must be from 0 to 1, got {}", self.randomization_factor),
+            ));
         }
         Ok(())
     }
@@ -232,25 +241,31 @@ fn default_timeout() -> Duration {
 impl OtlpConfig {
     pub fn validate(&self) -> Result<()> {
         if self.endpoint.trim().is_empty() {
-            bail!("endpoint must not be empty");
+            return Err(key_error("endpoint", "must not be empty"));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            bail!("tls.cert_file and tls.key_file go together");
+            return Err(key_error(
+                "tls.cert_file",
+                "tls.cert_file and tls.key_file go together",
+            ));
         }
         if self.sending_queue.enabled && self.sending_queue.queue_size == 0 {
-            bail!("sending_queue.queue_size must be positive");
+            return Err(key_error("sending_queue.queue_size", "must be positive"));
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
-            bail!("timeout must be from 1ns to 1h");
+            return Err(key_error("timeout", "must be from 1ns to 1h"));
         }
         if self.sending_queue.enabled && self.sending_queue.max_bytes < self.max_request_size {
-            bail!("sending_queue.max_bytes must be at least max_request_size");
+            return Err(key_error(
+                "sending_queue.max_bytes",
+                "must be at least max_request_size",
+            ));
         }
         if !(64 * 1024..=64 << 20).contains(&self.max_request_size) {
-            bail!(
-                "max_request_size must be from 64KiB to 64MiB, got {}",
-                self.max_request_size
-            );
+            return Err(key_error(
+                "max_request_size",
+                format!("must be from 64KiB to 64MiB, got {}", self.max_request_size),
+            ));
         }
         self.retry_on_failure.validate()
     }
@@ -1071,11 +1086,11 @@ mod bounds_tests {
         );
         assert_eq!(
             bad(&|r| r.multiplier = 0.5).as_deref(),
-            Some("retry_on_failure: multiplier must be from 1 to 10, got 0.5")
+            Some("retry_on_failure.multiplier: must be from 1 to 10, got 0.5")
         );
         assert_eq!(
             bad(&|r| r.randomization_factor = 2.0).as_deref(),
-            Some("retry_on_failure: randomization_factor must be from 0 to 1, got 2")
+            Some("retry_on_failure.randomization_factor: must be from 0 to 1, got 2")
         );
         assert_eq!(bad(&|_| {}), None);
     }

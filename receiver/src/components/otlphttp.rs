@@ -13,11 +13,11 @@ use reqwest::{
 };
 
 use super::otlp_exporter::{Compression, OtlpConfig, OtlpExporter, Payload, SendError, Transport};
-use crate::component::{BuildContext, Exporter, parse_section};
+use crate::component::{BuildContext, Exporter};
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    let config: OtlpConfig = parse_section("exporters", &cx.id, section)?;
-    let transport = HttpTransport::new(&config).with_context(|| format!("exporters.{}", cx.id))?;
+    let config: OtlpConfig = cx.parse_section(section)?;
+    let transport = HttpTransport::new(&config)?;
     Ok(Box::new(OtlpExporter::new(
         cx,
         &config,

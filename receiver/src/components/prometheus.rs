@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::{
 use serde::Deserialize;
 
 use crate::{
-    component::{BuildContext, Exporter, parse_section},
+    component::{BuildContext, Exporter},
     encode,
     model::Data as PipelineData,
     telemetry::Telemetry,
@@ -42,10 +42,10 @@ fn default_endpoint() -> String {
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    let config: PrometheusConfig = parse_section("exporters", &cx.id, section)?;
+    let config: PrometheusConfig = cx.parse_section(section)?;
     Ok(Box::new(PrometheusExporter {
         id: cx.id.to_string(),
-        endpoint: super::endpoint(cx, "exporters", &config.endpoint)?,
+        endpoint: super::endpoint(cx, &config.endpoint)?,
         page: Arc::new(RwLock::new(String::new())),
         telemetry: cx.telemetry.clone(),
         resource: encode::resource(),

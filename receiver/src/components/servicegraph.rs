@@ -13,12 +13,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use config::ComponentSection;
 use serde::Deserialize;
 
 use crate::{
-    component::{BuildContext, Processor, parse_section},
+    component::{BuildContext, Processor, key_error},
     model::{EndIdentity, FailureReason, LinkBatch, LinkKey, LinkStats, ServiceGraphEdge},
 };
 
@@ -43,22 +43,23 @@ impl Default for ServiceGraphConfig {
 }
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Processor>> {
-    let config: ServiceGraphConfig = parse_section("processors", &cx.id, section)?;
+    let config: ServiceGraphConfig = cx.parse_section(section)?;
     if config.max_edges == 0 || config.max_edges > 1_000_000 {
-        bail!(
-            "processors.{}.max_edges: must be from 1 to 1000000, got {}",
-            cx.id,
-            config.max_edges
-        );
+        return Err(key_error(
+            "max_edges",
+            format!("must be from 1 to 1000000, got {}", config.max_edges),
+        ));
     }
     if config.edge_expiration < Duration::from_secs(1)
         || config.edge_expiration > Duration::from_secs(7 * 24 * 3600)
     {
-        bail!(
-            "processors.{}.edge_expiration: must be from 1s to 7d, got {}",
-            cx.id,
-            humantime::format_duration(config.edge_expiration)
-        );
+        return Err(key_error(
+            "edge_expiration",
+            format!(
+                "must be from 1s to 7d, got {}",
+                humantime::format_duration(config.edge_expiration)
+            ),
+        ));
     }
     Ok(Box::new(ServiceGraph {
         config,

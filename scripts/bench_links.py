@@ -60,6 +60,10 @@ def cpu_s(pid):
 
 
 def exporter_config(kind, workdir):
+    """One exporter, or several joined by `+` in one pipeline (`file+prometheus+otlp`)."""
+    if "+" in kind:
+        parts = [exporter_config(k, workdir) for k in kind.split("+")]
+        return "".join(p[0] for p in parts), ", ".join(p[1] for p in parts)
     if kind == "file":
         return f"  file:\n    path: {workdir / 'out.jsonl'}\n", "file"
     if kind == "prometheus":
@@ -71,7 +75,7 @@ def exporter_config(kind, workdir):
 
 def measure(kind, links, workdir):
     exporters, exporter_id = exporter_config(kind, workdir)
-    config = workdir / f"{kind}-{links}.yaml"
+    config = workdir / f"{kind.replace('+', '-')}-{links}.yaml"
     config.write_text(
         "receivers:\n  ebpf:\n"
         f"    collection_interval: {INTERVAL_S}s\n    idle_timeout: 10m\n"
@@ -79,7 +83,7 @@ def measure(kind, links, workdir):
         f"exporters:\n{exporters}"
         "service:\n  telemetry:\n    logs: {level: warn}\n"
         f"  pipelines:\n    metrics:\n      receivers: [ebpf]\n      exporters: [{exporter_id}]\n")
-    log = open(workdir / f"{kind}-{links}.log", "w")
+    log = open(workdir / f"{kind.replace('+', '-')}-{links}.log", "w")
     proc = subprocess.Popen([str(RIDLEY), "run", "--config", str(config)], stdout=subprocess.DEVNULL,
                             stderr=log)
     try:
@@ -100,7 +104,8 @@ def measure(kind, links, workdir):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--links", default="1000,4000")
-    parser.add_argument("--exporters", default="file,prometheus,otlp")
+    parser.add_argument("--exporters", default="file,prometheus,otlp,file+prometheus+otlp",
+                        help="comma-separated; `a+b` is one pipeline with both exporters")
     args = parser.parse_args()
     if not RIDLEY.exists():
         sys.exit(f"{RIDLEY} is not built (cargo build --release)")
@@ -108,16 +113,16 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = pathlib.Path(tmp)
-            print(f"{'exporter':<11} {'links':>6} {'RSS MiB':>8} {'KiB/link':>9} "
+            print(f"{'exporters':<22} {'links':>6} {'RSS MiB':>8} {'KiB/link':>9} "
                   f"{'CPU ms/interval':>16} {'us/link/interval':>17}")
             for kind in args.exporters.split(","):
                 idle_rss, idle_cpu = measure(kind, 0, workdir)
-                print(f"{kind:<11} {0:>6} {idle_rss:>8.1f} {'':>9} {idle_cpu * 1000:>16.1f} {'':>17}")
+                print(f"{kind:<22} {0:>6} {idle_rss:>8.1f} {'':>9} {idle_cpu * 1000:>16.1f} {'':>17}")
                 for links in map(int, args.links.split(",")):
                     rss, cpu = measure(kind, links, workdir)
                     per_link_kib = (rss - idle_rss) * 1024 / links
                     per_link_us = (cpu - idle_cpu) * 1e6 / links
-                    print(f"{kind:<11} {links:>6} {rss:>8.1f} {per_link_kib:>9.1f} "
+                    print(f"{kind:<22} {links:>6} {rss:>8.1f} {per_link_kib:>9.1f} "
                           f"{cpu * 1000:>16.1f} {per_link_us:>17.1f}", flush=True)
     finally:
         teardown_network()

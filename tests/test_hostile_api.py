@@ -122,7 +122,10 @@ def test_a_failing_api_server_is_retried_with_backoff_and_logged_once(ridley, br
 def test_an_endless_response_is_cut_off_and_memory_stays_bounded(ridley, broken_api):
     api = broken_api("endless")
     r = with_broken_api(ridley, api)
-    time.sleep(10)
+    # Until ridley has cut a few responses (a loaded machine reads 16 MiB more slowly).
+    deadline = time.monotonic() + 60
+    while len(api.bytes_per_response) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
     peak = peak_rss_mib(r.proc.pid)
     assert r.proc.poll() is None, "still running"
     r.stop()

@@ -159,6 +159,23 @@ pub struct EndpointKey {
     pub _pad: u16,
 }
 
+impl EndpointKey {
+    /// The one loopback rule both sides apply: loopback addresses (127.0.0.0/8 as
+    /// IPv4-mapped, and ::1) exist once per network namespace, so they need the namespace
+    /// to identify an endpoint; any other address is unique on the host.
+    #[inline(always)]
+    pub fn new(addr: [u8; 16], port: u16, netns: u32) -> Self {
+        let v4_loopback = addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
+        let v6_loopback = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
+        EndpointKey {
+            addr,
+            netns: if v4_loopback || v6_loopback { netns } else { 0 },
+            port,
+            _pad: 0,
+        }
+    }
+}
+
 /// One socket's view, sent on the ring buffer ([`kind::CLOSED`], [`kind::CONNECT_FAILED`])
 /// and written by the `iter/tcp` program ([`kind::LIVE`]). Counters are raw kernel values;
 /// userspace subtracts baselines, SYN and FIN.

@@ -161,11 +161,11 @@ fn is_public(addr: IpAddr) -> bool {
     }
 }
 
-/// An endpoint as seen across the host: loopback addresses are per network namespace.
+/// An endpoint as seen across the host, by the loopback rule the kernel program applies
+/// too (`EndpointKey::new`).
 fn endpoint(addr: [u8; 16], port: u16, netns: u32) -> (IpAddr, u16, u32) {
-    let addr = ip(addr);
-    let netns = if addr.is_loopback() { netns } else { 0 };
-    (addr, port, netns)
+    let key = ridley_ebpf::EndpointKey::new(addr, port, netns);
+    (ip(key.addr), key.port, key.netns)
 }
 
 struct Conn {
@@ -195,7 +195,8 @@ pub struct Aggregator {
     /// Wall-clock time minus the kernel's monotonic clock, in ns.
     wall_minus_monotonic_ns: i128,
     /// State of the sampling PRNG (xorshift64*): statistical, not secret.
-    rng: u64,
+    /// Reservoir sampling of connection attempts: the process's one random source.
+    rng: fastrand::Rng,
     host_netns: u32,
     max_links: usize,
     group_public_clients: bool,
@@ -259,7 +260,7 @@ impl Aggregator {
             closed_unknown: 0,
             samples_per_link: config.samples_per_link,
             wall_minus_monotonic_ns: config.wall_minus_monotonic_ns,
-            rng: 0x9e37_79b9_7f4a_7c15 ^ config.wall_minus_monotonic_ns as u64,
+            rng: fastrand::Rng::new(),
             host_netns: config.host_netns,
             max_links: config.max_links,
             group_public_clients: config.group_public_clients,
@@ -292,13 +293,6 @@ impl Aggregator {
         LinkKey::OVERFLOW
     }
 
-    fn next_random(&mut self) -> u64 {
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
     fn wall_time(&self, monotonic_ns: u64) -> SystemTime {
         let wall = i128::from(monotonic_ns) + self.wall_minus_monotonic_ns;
         SystemTime::UNIX_EPOCH + Duration::from_nanos(wall.max(0) as u64)
@@ -323,7 +317,7 @@ impl Aggregator {
             duration: Duration::from_nanos(end_ns - rec.start_ns),
             failure,
         });
-        let random = self.next_random();
+        let random = self.rng.u64(..);
         let max = self.samples_per_link;
         let interval = &mut self.link_mut(key, now).stats.interval;
         interval.attempts += 1;
@@ -655,6 +649,27 @@ mod tests {
     use ridley_ebpf::{kind, role};
 
     const T0: u64 = 1_000_000_000;
+
+    #[test]
+    fn loopback_endpoints_are_per_namespace_and_others_per_host() {
+        let mapped = |v4: [u8; 4]| {
+            let mut a = [0u8; 16];
+            a[10] = 0xff;
+            a[11] = 0xff;
+            a[12..].copy_from_slice(&v4);
+            a
+        };
+        let mut v6_loopback = [0u8; 16];
+        v6_loopback[15] = 1;
+        assert_eq!(endpoint(mapped([127, 0, 0, 2]), 80, 7).2, 7);
+        assert_eq!(endpoint(v6_loopback, 80, 7).2, 7);
+        assert_eq!(
+            endpoint(mapped([10, 0, 0, 1]), 80, 7),
+            ("10.0.0.1".parse().unwrap(), 80, 0)
+        );
+        // 128.0.0.1 is not loopback, whatever its first bits.
+        assert_eq!(endpoint(mapped([128, 0, 0, 1]), 80, 7).2, 0);
+    }
 
     fn config(idle_secs: u64) -> AggregatorConfig {
         AggregatorConfig {

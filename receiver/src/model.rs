@@ -459,9 +459,10 @@ impl LinkBatch {
 
 /// What flows through a pipeline to its exporters: the links of an interval, or (in
 /// metrics pipelines) ridley's own telemetry, read from the registry after them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum Data<'a> {
-    Links(&'a LinkBatch),
+    /// A batch of links, with its encodings built once for every exporter.
+    Links(&'a crate::encode::Encoded<'a>),
     Telemetry(&'a crate::telemetry::TelemetrySnapshot),
 }
 

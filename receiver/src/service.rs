@@ -15,6 +15,7 @@ use crate::{
         BatchSender, BuildContext, ConfigError, Exporter, Extension, Processor, Receiver, Role,
     },
     components,
+    encode::Encoded,
     model::{Data, LinkBatch},
     telemetry::Telemetry,
 };
@@ -49,7 +50,7 @@ impl PipelineRun {
                 let mut processor = processor.lock().unwrap_or_else(|e| e.into_inner());
                 batch = processor.process(batch);
             }
-            self.export(Data::Links(&batch)).await;
+            self.export(Data::Links(&Encoded::new(&batch))).await;
             if let Some(telemetry) = &self.self_telemetry {
                 let snapshot = telemetry.snapshot_at(batch.time);
                 self.export(Data::Telemetry(&snapshot)).await;

@@ -178,18 +178,10 @@ mod programs {
         }
     }
 
-    /// Loopback addresses exist once per network namespace, so they need the namespace
-    /// to identify an endpoint; any other address is unique on the host.
+    /// The shared loopback rule (`EndpointKey::new`).
     #[inline(always)]
     fn endpoint(addr: [u8; 16], port: u16, netns: u32) -> EndpointKey {
-        let v4_loopback = addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
-        let v6_loopback = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
-        EndpointKey {
-            addr,
-            netns: if v4_loopback || v6_loopback { netns } else { 0 },
-            port,
-            _pad: 0,
-        }
+        EndpointKey::new(addr, port, netns)
     }
 
     #[btf_tracepoint(function = "inet_sock_set_state")]

@@ -12,12 +12,8 @@ use tokio::io::AsyncWriteExt;
 use crate::{
     component::{BuildContext, Exporter},
     encode,
-    encode::spans::{self, IdGenerator},
     model::Data,
 };
-
-/// Span pairs per line, so that a line stays a reasonable size.
-const PAIRS_PER_LINE: usize = 512;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,7 +28,6 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         path: config.path,
         file: None,
         resource: encode::resource(),
-        ids: IdGenerator::default(),
     }))
 }
 
@@ -40,7 +35,6 @@ struct FileExporter {
     path: PathBuf,
     file: Option<tokio::fs::File>,
     resource: Resource,
-    ids: IdGenerator,
 }
 
 impl FileExporter {
@@ -60,17 +54,14 @@ impl FileExporter {
     fn lines(&mut self, signal: Signal, data: Data<'_>) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         match (signal, data) {
-            (Signal::Metrics, Data::Links(batch)) => {
-                let request = encode::metrics::metrics_request(batch, &self.resource);
-                write_line(&mut out, &request)?;
-            }
+            (Signal::Metrics, Data::Links(encoded)) => write_line(&mut out, encoded.metrics())?,
             (Signal::Metrics, Data::Telemetry(snapshot)) => {
                 let request = encode::metrics::telemetry_request(snapshot, &self.resource);
                 write_line(&mut out, &request)?;
             }
-            (Signal::Traces, Data::Links(batch)) => {
-                for (request, _) in spans::trace_requests(batch, &mut self.ids, PAIRS_PER_LINE) {
-                    write_line(&mut out, &request)?;
+            (Signal::Traces, Data::Links(encoded)) => {
+                for (request, _) in encoded.traces() {
+                    write_line(&mut out, request)?;
                 }
             }
             (Signal::Traces, Data::Telemetry(_)) => {}

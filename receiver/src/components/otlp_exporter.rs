@@ -32,14 +32,11 @@ use tokio::{sync::Notify, task::JoinHandle};
 use crate::{
     component::{BuildContext, Exporter, key_error},
     encode,
-    encode::spans::{self, IdGenerator},
     encode::temporality::DeltaConverter,
     model::Data,
     telemetry::ExporterStats,
 };
 
-/// Span pairs per trace export request (about 2.7 KB each: well below any limit).
-const PAIRS_PER_REQUEST: usize = 512;
 /// What a request may carry besides its points (resource, scope, metric headers).
 const REQUEST_ENVELOPE_BYTES: usize = 16 * 1024;
 
@@ -701,7 +698,6 @@ impl Lane {
 pub struct OtlpExporter {
     id: String,
     resource: Resource,
-    ids: IdGenerator,
     /// Delta temporality: one converter per stream (each forgets the series its last
     /// request did not carry).
     delta: Option<std::collections::HashMap<MetricStream, DeltaConverter>>,
@@ -741,7 +737,6 @@ impl OtlpExporter {
         OtlpExporter {
             id: cx.id.to_string(),
             resource: encode::resource(),
-            ids: IdGenerator::default(),
             delta: delta.then(Default::default),
             lanes: cx.signals.iter().map(|s| (*s, lane(*s))).collect(),
             transport,
@@ -769,19 +764,19 @@ impl Exporter for OtlpExporter {
             )));
         }
         let (mut request, stream) = match (signal, data) {
-            (Signal::Metrics, Data::Links(batch)) => (
-                encode::metrics::metrics_request(batch, &self.resource),
-                MetricStream::Links,
-            ),
+            (Signal::Metrics, Data::Links(encoded)) => {
+                (encoded.metrics().clone(), MetricStream::Links)
+            }
             (Signal::Metrics, Data::Telemetry(snapshot)) => (
                 encode::metrics::telemetry_request(snapshot, &self.resource),
                 MetricStream::Telemetry,
             ),
-            (Signal::Traces, Data::Links(batch)) => {
-                for (request, pairs) in
-                    spans::trace_requests(batch, &mut self.ids, PAIRS_PER_REQUEST)
-                {
-                    lane.queue.push(Payload::Traces { request, pairs });
+            (Signal::Traces, Data::Links(encoded)) => {
+                for (request, pairs) in encoded.traces() {
+                    lane.queue.push(Payload::Traces {
+                        request: request.clone(),
+                        pairs: *pairs,
+                    });
                 }
                 return Ok(());
             }

@@ -49,8 +49,8 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
         page: Arc::new(RwLock::new(String::new())),
         telemetry: cx.telemetry.clone(),
         resource: encode::resource(),
-        links: Default::default(),
-        telemetry_request: Default::default(),
+        links_text: String::new(),
+        telemetry_text: String::new(),
         stop: tokio_util::sync::CancellationToken::new(),
     }))
 }
@@ -72,9 +72,9 @@ struct PrometheusExporter {
     page: Arc<RwLock<String>>,
     telemetry: Arc<Telemetry>,
     resource: opentelemetry_proto::tonic::resource::v1::Resource,
-    /// The last links and the last telemetry, rendered together.
-    links: ExportMetricsServiceRequest,
-    telemetry_request: ExportMetricsServiceRequest,
+    /// The last links (with `target_info`) and the last telemetry, as text.
+    links_text: String,
+    telemetry_text: String,
     /// Stops the endpoint at shutdown.
     stop: tokio_util::sync::CancellationToken,
 }
@@ -109,18 +109,21 @@ impl Exporter for PrometheusExporter {
     }
 
     async fn export(&mut self, _signal: config::Signal, data: PipelineData<'_>) -> Result<()> {
-        // The page shows the newest links and the newest telemetry side by side.
+        // The page shows the newest links and the newest telemetry side by side; each
+        // part is rendered when it changes.
         match data {
-            PipelineData::Links(batch) => {
-                self.links = encode::metrics::metrics_request(batch, &self.resource);
+            PipelineData::Links(encoded) => {
+                self.links_text = render_all(&[encoded.metrics()], true);
             }
             PipelineData::Telemetry(snapshot) => {
-                self.telemetry_request =
-                    encode::metrics::telemetry_request(snapshot, &self.resource);
+                let request = encode::metrics::telemetry_request(snapshot, &self.resource);
+                self.telemetry_text = render_all(&[&request], false);
             }
         }
-        let text = render_all(&[&self.links, &self.telemetry_request]);
-        *self.page.write().unwrap_or_else(|e| e.into_inner()) = text;
+        let mut page = String::with_capacity(self.links_text.len() + self.telemetry_text.len());
+        page.push_str(&self.links_text);
+        page.push_str(&self.telemetry_text);
+        *self.page.write().unwrap_or_else(|e| e.into_inner()) = page;
         Ok(())
     }
 }
@@ -228,11 +231,11 @@ fn number(value: f64) -> String {
 }
 
 /// The text exposition of one (cumulative) request.
-/// The requests on one page: `target_info` once (every request carries ridley's one
-/// resource), then every metric of each.
-pub fn render_all(requests: &[&ExportMetricsServiceRequest]) -> String {
+/// The requests on one page: `target_info` once when `with_target_info` (every request
+/// carries ridley's one resource), then every metric of each.
+pub fn render_all(requests: &[&ExportMetricsServiceRequest], with_target_info: bool) -> String {
     let mut out = String::new();
-    let mut target_info = false;
+    let mut target_info = !with_target_info;
     for rm in requests.iter().flat_map(|r| &r.resource_metrics) {
         if let (Some(resource), false) = (&rm.resource, target_info) {
             target_info = true;
@@ -345,10 +348,13 @@ mod tests {
         stats.bytes_transmit = 42;
         stats.connect_duration.record(Duration::from_micros(70));
         let batch = crate::model::one_link_batch(t, stats);
-        let text = render_all(&[&encode::metrics::metrics_request(
-            &batch,
-            &encode::resource(),
-        )]);
+        let text = render_all(
+            &[&encode::metrics::metrics_request(
+                &batch,
+                &encode::resource(),
+            )],
+            true,
+        );
         let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";
         assert!(
             text.contains("# TYPE ridley_link_bytes_total counter"),

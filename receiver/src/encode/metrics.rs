@@ -94,42 +94,46 @@ fn histogram(name: &str, description: &str, points: Vec<HistogramDataPoint>) -> 
 }
 
 /// One export request for the whole batch: cumulative temporality, one point per link
-/// (and per direction or failure reason) per metric, then the service-graph metrics
-/// (when enabled) and ridley's own telemetry.
+/// (and per direction or failure reason) per metric, then the service-graph series when
+/// a `servicegraph` processor produced edges. Each link's attributes are worked out once
+/// and copied to its points.
 pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
     let p = PointBuilder { time: batch.time };
     let links = &batch.links;
+    let attributes: Vec<Vec<KeyValue>> = links
+        .iter()
+        .map(|(key, _)| link_point_attributes(batch, key))
+        .collect();
+    let with = |i: usize, extra: KeyValue| {
+        let mut a = Vec::with_capacity(attributes[i].len() + 1);
+        a.extend_from_slice(&attributes[i]);
+        a.push(extra);
+        a
+    };
     let per_link = |value: &dyn Fn(&LinkStats) -> u64| -> Vec<NumberDataPoint> {
         links
             .iter()
-            .map(|(key, stats)| {
-                p.number(
-                    stats.start_time,
-                    link_point_attributes(batch, key),
-                    value(stats),
-                )
-            })
+            .zip(&attributes)
+            .map(|((_, stats), a)| p.number(stats.start_time, a.clone(), value(stats)))
             .collect()
     };
 
     let mut bytes = Vec::with_capacity(links.len() * 2);
     let mut failed = Vec::new();
-    for (key, stats) in links {
+    for (i, (_, stats)) in links.iter().enumerate() {
         for (direction, value) in [
             ("transmit", stats.bytes_transmit),
             ("receive", stats.bytes_receive),
         ] {
-            let mut attributes = link_point_attributes(batch, key);
-            attributes.push(kv_str("network.io.direction", direction));
-            bytes.push(p.number(stats.start_time, attributes, value));
+            let a = with(i, kv_str("network.io.direction", direction));
+            bytes.push(p.number(stats.start_time, a, value));
         }
         // A reason appears once it has happened at least once on the link.
         for reason in FailureReason::ALL {
             let count = stats.failed(reason);
             if count > 0 {
-                let mut attributes = link_point_attributes(batch, key);
-                attributes.push(kv_str("error.type", reason.as_str()));
-                failed.push(p.number(stats.start_time, attributes, count));
+                let a = with(i, kv_str("error.type", reason.as_str()));
+                failed.push(p.number(stats.start_time, a, count));
             }
         }
     }
@@ -168,13 +172,8 @@ pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsS
             "TCP handshake duration, measured by the reporting end.",
             links
                 .iter()
-                .map(|(key, s)| {
-                    p.histogram(
-                        s.start_time,
-                        link_point_attributes(batch, key),
-                        &s.connect_duration,
-                    )
-                })
+                .zip(&attributes)
+                .map(|((_, s), a)| p.histogram(s.start_time, a.clone(), &s.connect_duration))
                 .collect(),
         ),
         histogram(
@@ -182,9 +181,8 @@ pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsS
             "Smoothed RTT of the link's connections, sampled once per connection per interval and at close.",
             links
                 .iter()
-                .map(|(key, s)| {
-                    p.histogram(s.start_time, link_point_attributes(batch, key), &s.rtt)
-                })
+                .zip(&attributes)
+                .map(|((_, s), a)| p.histogram(s.start_time, a.clone(), &s.rtt))
                 .collect(),
         ),
         sum(

@@ -11,3 +11,51 @@ pub mod temporality;
 
 pub use attributes::{SCOPE_NAME, kv, kv_str, link_attributes, link_point_attributes, unix_nanos};
 pub use resource::resource;
+
+use std::sync::OnceLock;
+
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
+};
+
+use crate::model::LinkBatch;
+
+/// Span pairs per trace request (about 2.7 KB each: well below any receiver's limit).
+pub const PAIRS_PER_REQUEST: usize = 512;
+
+/// One batch and its encodings, each built at most once however many exporters need
+/// it: the pipeline hands every exporter the same `Encoded`, and the first that asks
+/// for the metrics request (or the span pairs) builds it for all.
+pub struct Encoded<'a> {
+    pub batch: &'a LinkBatch,
+    metrics: OnceLock<ExportMetricsServiceRequest>,
+    traces: OnceLock<Vec<(ExportTraceServiceRequest, usize)>>,
+}
+
+impl<'a> Encoded<'a> {
+    pub fn new(batch: &'a LinkBatch) -> Self {
+        Encoded {
+            batch,
+            metrics: OnceLock::new(),
+            traces: OnceLock::new(),
+        }
+    }
+
+    /// The batch as one cumulative metrics request.
+    pub fn metrics(&self) -> &ExportMetricsServiceRequest {
+        self.metrics
+            .get_or_init(|| metrics::metrics_request(self.batch, &resource()))
+    }
+
+    /// The batch's span pairs, in requests of at most [`PAIRS_PER_REQUEST`] pairs, each
+    /// with its number of pairs.
+    pub fn traces(&self) -> &[(ExportTraceServiceRequest, usize)] {
+        self.traces.get_or_init(|| {
+            spans::trace_requests(
+                self.batch,
+                &mut spans::IdGenerator::default(),
+                PAIRS_PER_REQUEST,
+            )
+        })
+    }
+}

@@ -24,33 +24,15 @@ pub const SAMPLING_RATIO_KEY: &str = "ridley.sampling.ratio";
 /// link carrying data over existing connections on the map.
 pub const PAIR_KEY: &str = "ridley.pair";
 
-/// Random trace and span ids (xorshift64*, seeded from the OS): unique, not secret.
-pub struct IdGenerator(u64);
-
-impl Default for IdGenerator {
-    fn default() -> Self {
-        let mut seed = [0u8; 8];
-        let from_os = std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
-        let mut state = u64::from_ne_bytes(seed);
-        if from_os.is_err() || state == 0 {
-            state = unix_nanos(SystemTime::now()) | 1;
-        }
-        IdGenerator(state)
-    }
-}
+/// Random trace and span ids, from the process's one random source (fastrand, seeded
+/// from the OS): unique, not secret.
+#[derive(Default)]
+pub struct IdGenerator(fastrand::Rng);
 
 impl IdGenerator {
+    /// A non-zero id (zero means "no id" in OTLP).
     fn next(&mut self) -> u64 {
-        loop {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            let value = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
-            if value != 0 {
-                return value;
-            }
-        }
+        self.0.u64(1..)
     }
 
     fn trace_id(&mut self) -> Vec<u8> {

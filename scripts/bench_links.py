@@ -73,7 +73,7 @@ def exporter_config(kind, workdir):
             "otlp")
 
 
-def measure(kind, links, workdir):
+def measure(kind, links, workdir, perf=None):
     exporters, exporter_id = exporter_config(kind, workdir)
     config = workdir / f"{kind.replace('+', '-')}-{links}.yaml"
     config.write_text(
@@ -91,9 +91,17 @@ def measure(kind, links, workdir):
         if links:
             scan(20000, links)
         time.sleep(2 * INTERVAL_S)  # the links are in the table and have been exported
+        recorder = None
+        if perf and links:
+            out = pathlib.Path(perf) / f"{kind.replace('+', '-')}-{links}.perf.data"
+            recorder = subprocess.Popen(["perf", "record", "-g", "-o", str(out), "-p", str(proc.pid)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = cpu_s(proc.pid)
         time.sleep(MEASURED_INTERVALS * INTERVAL_S)
         cpu_per_interval = (cpu_s(proc.pid) - cpu_before) / MEASURED_INTERVALS
+        if recorder:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(timeout=60)
         rss = rss_mib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -106,6 +114,8 @@ def main():
     parser.add_argument("--links", default="1000,4000")
     parser.add_argument("--exporters", default="file,prometheus,otlp,file+prometheus+otlp",
                         help="comma-separated; `a+b` is one pipeline with both exporters")
+    parser.add_argument("--perf", metavar="DIR",
+                        help="also record a CPU profile (perf record -g) of each measured run into DIR")
     args = parser.parse_args()
     if not RIDLEY.exists():
         sys.exit(f"{RIDLEY} is not built (cargo build --release)")
@@ -116,10 +126,10 @@ def main():
             print(f"{'exporters':<22} {'links':>6} {'RSS MiB':>8} {'KiB/link':>9} "
                   f"{'CPU ms/interval':>16} {'us/link/interval':>17}")
             for kind in args.exporters.split(","):
-                idle_rss, idle_cpu = measure(kind, 0, workdir)
+                idle_rss, idle_cpu = measure(kind, 0, workdir, args.perf)
                 print(f"{kind:<22} {0:>6} {idle_rss:>8.1f} {'':>9} {idle_cpu * 1000:>16.1f} {'':>17}")
                 for links in map(int, args.links.split(",")):
-                    rss, cpu = measure(kind, links, workdir)
+                    rss, cpu = measure(kind, links, workdir, args.perf)
                     per_link_kib = (rss - idle_rss) * 1024 / links
                     per_link_us = (cpu - idle_cpu) * 1e6 / links
                     print(f"{kind:<22} {links:>6} {rss:>8.1f} {per_link_kib:>9.1f} "

@@ -11,7 +11,14 @@ use std::{
 
 use anyhow::Result;
 use async_trait::async_trait;
-use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::header,
+    response::IntoResponse,
+    routing::get,
+};
 use config::ComponentSection;
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
@@ -46,35 +53,42 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
     Ok(Box::new(PrometheusExporter {
         id: cx.id.to_string(),
         endpoint: super::endpoint(cx, &config.endpoint)?,
-        page: Arc::new(RwLock::new(String::new())),
+        page: Arc::new(RwLock::new(Page::default())),
         telemetry: cx.telemetry.clone(),
         resource: encode::resource(),
-        links_text: String::new(),
-        telemetry_text: String::new(),
         stop: tokio_util::sync::CancellationToken::new(),
     }))
 }
 
-async fn serve(State(page): State<Arc<RwLock<String>>>) -> impl IntoResponse {
-    let text = page.read().unwrap_or_else(|e| e.into_inner()).clone();
+/// The page in two parts, each rendered when it changes and shared (not copied) by
+/// every scrape: the links (with `target_info`) and ridley's own telemetry.
+#[derive(Default)]
+struct Page {
+    links: Bytes,
+    telemetry: Bytes,
+}
+
+async fn serve(State(page): State<Arc<RwLock<Page>>>) -> impl IntoResponse {
+    let (links, telemetry) = {
+        let page = page.read().unwrap_or_else(|e| e.into_inner());
+        (page.links.clone(), page.telemetry.clone())
+    };
+    let parts = [links, telemetry].map(Ok::<_, std::convert::Infallible>);
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        text,
+        Body::from_stream(futures::stream::iter(parts)),
     )
 }
 
 struct PrometheusExporter {
     id: String,
     endpoint: super::Endpoint,
-    page: Arc<RwLock<String>>,
+    page: Arc<RwLock<Page>>,
     telemetry: Arc<Telemetry>,
     resource: opentelemetry_proto::tonic::resource::v1::Resource,
-    /// The last links (with `target_info`) and the last telemetry, as text.
-    links_text: String,
-    telemetry_text: String,
     /// Stops the endpoint at shutdown.
     stop: tokio_util::sync::CancellationToken,
 }
@@ -110,20 +124,22 @@ impl Exporter for PrometheusExporter {
 
     async fn export(&mut self, _signal: config::Signal, data: PipelineData<'_>) -> Result<()> {
         // The page shows the newest links and the newest telemetry side by side; each
-        // part is rendered when it changes.
-        match data {
-            PipelineData::Links(encoded) => {
-                self.links_text = render_all(&[encoded.metrics()], true);
-            }
+        // part is rendered when it changes, and the old one is freed once no scrape
+        // still sends it.
+        let (links, text) = match data {
+            PipelineData::Links(encoded) => (true, render_all(&[encoded.metrics()], true)),
             PipelineData::Telemetry(snapshot) => {
                 let request = encode::metrics::telemetry_request(snapshot, &self.resource);
-                self.telemetry_text = render_all(&[&request], false);
+                (false, render_all(&[&request], false))
             }
-        }
-        let mut page = String::with_capacity(self.links_text.len() + self.telemetry_text.len());
-        page.push_str(&self.links_text);
-        page.push_str(&self.telemetry_text);
-        *self.page.write().unwrap_or_else(|e| e.into_inner()) = page;
+        };
+        let mut page = self.page.write().unwrap_or_else(|e| e.into_inner());
+        let part = if links {
+            &mut page.links
+        } else {
+            &mut page.telemetry
+        };
+        *part = Bytes::from(text);
         Ok(())
     }
 }

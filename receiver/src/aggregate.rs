@@ -17,7 +17,7 @@ use ridley_ebpf::{SockRecord, flags, tcp_state};
 
 use crate::{
     capture::{OpenedAs, RecordExt, RecordKind},
-    model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses},
+    model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses, Peer},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -119,22 +119,17 @@ fn ip(addr: [u8; 16]) -> IpAddr {
 /// every host process and host-network pod: there the client's cgroup tells them apart.
 fn link_of(rec: &SockRecord, end: End, host_netns: u32) -> LinkKey {
     match end {
-        End::Client => LinkKey {
-            client: ip(rec.local_addr),
-            server: ip(rec.remote_addr),
-            server_port: rec.remote_port,
-            client_cgroup: if rec.netns == host_netns {
+        End::Client => LinkKey::between(
+            ip(rec.local_addr),
+            ip(rec.remote_addr),
+            rec.remote_port,
+            if rec.netns == host_netns {
                 rec.cgroup_id
             } else {
                 0
             },
-        },
-        End::Server => LinkKey {
-            client: ip(rec.remote_addr),
-            server: ip(rec.local_addr),
-            server_port: rec.local_port,
-            client_cgroup: 0,
-        },
+        ),
+        End::Server => LinkKey::between(ip(rec.remote_addr), ip(rec.local_addr), rec.local_port, 0),
     }
 }
 
@@ -273,18 +268,20 @@ impl Aggregator {
     /// grouped, or the overflow series once `max_links` links exist. This is what bounds
     /// the receiver's memory under a port scan or an internet-facing server.
     fn admit(&mut self, mut key: LinkKey) -> LinkKey {
-        if self.group_public_clients
-            && is_public(key.client)
-            && !self
-                .keep_client_ranges
-                .iter()
-                .any(|net| net.contains(&key.client))
-        {
-            key.client = match key.client {
-                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            };
-            key.client_cgroup = 0;
+        if let Peer::Address(client) = key.client {
+            if self.group_public_clients
+                && is_public(client)
+                && !self
+                    .keep_client_ranges
+                    .iter()
+                    .any(|net| net.contains(&client))
+            {
+                key.client = Peer::Address(match client {
+                    IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                });
+                key.client_cgroup = 0;
+            }
         }
         if self.links.contains_key(&key) || self.links.len() < self.max_links {
             return key;
@@ -735,12 +732,12 @@ mod tests {
     }
 
     fn key() -> LinkKey {
-        LinkKey {
-            client: "10.0.0.1".parse().unwrap(),
-            server: "10.0.0.2".parse().unwrap(),
-            server_port: 80,
-            client_cgroup: 0,
-        }
+        LinkKey::between(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            80,
+            0,
+        )
     }
 
     fn at(secs: u64) -> Now {

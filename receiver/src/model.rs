@@ -6,16 +6,38 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+/// One end of a link: an address, as the receiver sees it, or a workload that the
+/// addresses of its replicas were merged into (by `k8sattributes` without
+/// `keep_pod_detail`), named by [`LinkBatch::workloads`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    Address(IpAddr),
+    /// An index into the batch's `workloads`.
+    Workload(u32),
+}
+
+impl Peer {
+    /// The address of an address end.
+    pub fn address(&self) -> Option<IpAddr> {
+        match self {
+            Peer::Address(addr) => Some(*addr),
+            Peer::Workload(_) => None,
+        }
+    }
+}
+
 /// A link: a client talking to a server port. The client's ephemeral port is never part
-/// of it, so every connection between the same two addresses and port is one link.
+/// of it, so every connection between the same two ends and port is one link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LinkKey {
-    pub client: IpAddr,
-    pub server: IpAddr,
+    pub client: Peer,
+    pub server: Peer,
     pub server_port: u16,
     /// The cgroup v2 id of the client process when its address is shared: a client in
     /// the host's network namespace (host-network pods, host processes). 0 otherwise.
     pub client_cgroup: u64,
+    /// `network.type`: IPv6 (IPv4-mapped IPv6 counts as IPv4).
+    pub ipv6: bool,
 }
 
 impl LinkKey {
@@ -23,11 +45,23 @@ impl LinkKey {
     /// OpenTelemetry SDK's cardinality-limit convention: `otel.metric.overflow = true`).
     /// No real link has an unspecified server address and port 0.
     pub const OVERFLOW: LinkKey = LinkKey {
-        client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-        server: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        client: Peer::Address(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        server: Peer::Address(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
         server_port: 0,
         client_cgroup: 0,
+        ipv6: false,
     };
+
+    /// A link between two addresses, as the receiver counts it.
+    pub fn between(client: IpAddr, server: IpAddr, server_port: u16, client_cgroup: u64) -> Self {
+        LinkKey {
+            client: Peer::Address(client),
+            server: Peer::Address(server),
+            server_port,
+            client_cgroup,
+            ipv6: server.is_ipv6(),
+        }
+    }
 
     pub fn is_overflow(&self) -> bool {
         *self == Self::OVERFLOW
@@ -36,26 +70,28 @@ impl LinkKey {
     /// The client end stands for every public address that talked to this server port
     /// (see the receiver's `group_public_clients`): exported as `external`.
     pub fn client_is_grouped(&self) -> bool {
-        self.client.is_unspecified() && !self.is_overflow()
+        matches!(self.client, Peer::Address(addr) if addr.is_unspecified()) && !self.is_overflow()
     }
 
-    /// `network.type`: `ipv4` or `ipv6` (IPv4-mapped IPv6 is already shown as IPv4).
+    /// `network.type`: `ipv4` or `ipv6`.
     pub fn network_type(&self) -> &'static str {
-        match self.server {
-            IpAddr::V4(_) => "ipv4",
-            IpAddr::V6(_) => "ipv6",
+        if self.ipv6 { "ipv6" } else { "ipv4" }
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Peer::Address(IpAddr::V6(addr)) => write!(f, "[{addr}]"),
+            Peer::Address(addr) => write!(f, "{addr}"),
+            Peer::Workload(n) => write!(f, "workload#{n}"),
         }
     }
 }
 
 impl fmt::Display for LinkKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.server {
-            IpAddr::V4(server) => write!(f, "{} -> {}:{}", self.client, server, self.server_port),
-            IpAddr::V6(server) => {
-                write!(f, "{} -> [{}]:{}", self.client, server, self.server_port)
-            }
-        }
+        write!(f, "{} -> {}:{}", self.client, self.server, self.server_port)
     }
 }
 
@@ -334,20 +370,22 @@ pub struct EndRef {
 }
 
 impl EndRef {
-    pub fn client(key: &LinkKey) -> Self {
-        EndRef {
-            addr: key.client,
+    /// The client end of an address link (a workload end is named by the batch).
+    pub fn client(key: &LinkKey) -> Option<Self> {
+        Some(EndRef {
+            addr: key.client.address()?,
             port: None,
             cgroup: key.client_cgroup,
-        }
+        })
     }
 
-    pub fn server(key: &LinkKey) -> Self {
-        EndRef {
-            addr: key.server,
+    /// The server end of an address link.
+    pub fn server(key: &LinkKey) -> Option<Self> {
+        Some(EndRef {
+            addr: key.server.address()?,
             port: Some(key.server_port),
             cgroup: 0,
-        }
+        })
     }
 
     /// The address alone.
@@ -397,9 +435,8 @@ pub struct LinkBatch {
     /// The service graph's edges, when a `servicegraph` processor ran: exported as the
     /// `traces_service_graph_*` series.
     pub service_graph: Vec<ServiceGraphEdge>,
-    /// Links were merged by workload: their addresses stand for several pods and are
-    /// not exported (`client.address`, `server.address`).
-    pub merged_by_workload: bool,
+    /// The workloads that `Peer::Workload` ends name, by index.
+    pub workloads: Vec<EndIdentity>,
 }
 
 impl LinkBatch {
@@ -410,42 +447,39 @@ impl LinkBatch {
             ends: Default::default(),
             cgroups: Default::default(),
             service_graph: Vec::new(),
-            merged_by_workload: false,
+            workloads: Vec::new(),
         }
     }
 
-    /// What processors found out about the client end of `key`.
+    /// What is known of the client end of `key`: a workload's identity, or what
+    /// processors found out about its address.
     pub fn client_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
-        self.ends.get(&EndRef::client(key))
-    }
-
-    /// What processors found out about the server end of `key`.
-    pub fn server_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
-        self.ends
-            .get(&EndRef::server(key))
-            .or_else(|| self.ends.get(&EndRef::address(key.server)))
-    }
-
-    /// Whether each end's address is exported: not for a named end of a link merged by
-    /// workload (its address stands for several pods).
-    pub fn addresses_exported(&self, key: &LinkKey) -> (bool, bool) {
-        if !self.merged_by_workload {
-            return (true, true);
+        match key.client {
+            Peer::Workload(n) => self.workloads.get(n as usize),
+            Peer::Address(_) => self.ends.get(&EndRef::client(key)?),
         }
-        (
-            self.client_identity(key).is_none(),
-            self.server_identity(key).is_none(),
-        )
     }
 
-    /// The `service.name` of each end: the processors' identity, else the address.
+    /// What is known of the server end of `key`: by address and port (one address may
+    /// host several servers), else by address.
+    pub fn server_identity(&self, key: &LinkKey) -> Option<&EndIdentity> {
+        match key.server {
+            Peer::Workload(n) => self.workloads.get(n as usize),
+            Peer::Address(addr) => self
+                .ends
+                .get(&EndRef::server(key)?)
+                .or_else(|| self.ends.get(&EndRef::address(addr))),
+        }
+    }
+
+    /// The `service.name` of each end: its identity, else the address.
     pub fn end_names(&self, key: &LinkKey) -> (EndIdentity, EndIdentity) {
-        let or_address = |identity: Option<&EndIdentity>, addr: IpAddr| {
+        let or_address = |identity: Option<&EndIdentity>, peer: Peer| {
             identity.cloned().unwrap_or_else(|| EndIdentity {
-                service_name: if addr.is_unspecified() {
-                    GROUPED_CLIENT_NAME.to_owned()
-                } else {
-                    addr.to_string()
+                service_name: match peer {
+                    Peer::Address(addr) if addr.is_unspecified() => GROUPED_CLIENT_NAME.to_owned(),
+                    Peer::Address(addr) => addr.to_string(),
+                    Peer::Workload(n) => format!("workload#{n}"),
                 },
                 attributes: Vec::new(),
             })
@@ -472,12 +506,12 @@ pub enum Data<'a> {
 pub fn one_link_batch(time: SystemTime, stats: LinkStats) -> LinkBatch {
     let mut batch = LinkBatch::new(time);
     batch.links = vec![(
-        LinkKey {
-            client: "10.0.0.1".parse().expect("an address"),
-            server: "10.0.0.2".parse().expect("an address"),
-            server_port: 80,
-            client_cgroup: 0,
-        },
+        LinkKey::between(
+            "10.0.0.1".parse().expect("an address"),
+            "10.0.0.2".parse().expect("an address"),
+            80,
+            0,
+        ),
         stats,
     )];
     batch

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Exporter},
-    model::{Data, FailureReason, LinkBatch},
+    model::{Data, FailureReason, LinkBatch, Peer},
     telemetry::TelemetrySnapshot,
 };
 
@@ -141,9 +141,12 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
         .links
         .iter()
         .map(|(key, s)| {
+            // An address end by its address, a workload end by its name.
+            let (client, server) = batch.end_names(key);
+            let shown = |peer: Peer, name: String| peer.address().map_or(name, |a| a.to_string());
             [
-                key.client.to_string(),
-                key.server.to_string(),
+                shown(key.client, client.service_name),
+                shown(key.server, server.service_name),
                 key.server_port.to_string(),
                 s.opened.to_string(),
                 s.active.to_string(),

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Processor, key_error},
-    model::{EndIdentity, EndRef, IntervalActivity, LinkBatch, LinkKey, LinkStats},
+    model::{EndIdentity, EndRef, IntervalActivity, LinkBatch, LinkKey, LinkStats, Peer},
 };
 
 #[derive(Debug, Deserialize, Clone)]
@@ -128,41 +128,28 @@ struct K8sAttributes {
 /// Attributes that name one pod, dropped when replicas merge into their workload.
 const POD_LEVEL: &[&str] = &["k8s.pod.name", "k8s.pod.uid", "k8s.node.name"];
 
-/// One end of a merged link: a workload (or Service, node, named range), else an address.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum MergedEnd {
-    Named(EndIdentity),
-    /// Unnamed: the address, and the client's cgroup where the address is shared.
-    Address(IpAddr, u64),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct MergedKey {
-    client: MergedEnd,
-    server: MergedEnd,
-    server_port: u16,
-    ipv6: bool,
-}
-
-struct MergedLink {
-    /// A member's key: where the merged link sits in the batch. Its addresses stand for
-    /// several pods and are not exported.
-    representative: LinkKey,
-    stats: LinkStats,
-}
-
 /// Merges address-level links into workload-level links with continuous cumulative
 /// series: each member link adds what it did since its previous state, so members
-/// coming and going (pods replaced) never reset or double the merged counters.
+/// coming and going (pods replaced) never reset or double the merged counters. A named
+/// end becomes a `Peer::Workload` (its identity without pod-level attributes); an
+/// unnamed end keeps its address.
 #[derive(Default)]
 struct WorkloadMerger {
+    /// Each member link's state at the previous batch.
     members: HashMap<LinkKey, LinkStats>,
-    merged: HashMap<MergedKey, MergedLink>,
+    /// The merged links, keyed by workload (an index into `workloads`) or address.
+    merged: HashMap<LinkKey, LinkStats>,
+    /// The identities `Peer::Workload` indexes, and their index.
+    workloads: Vec<EndIdentity>,
+    workload_ids: HashMap<EndIdentity, u32>,
 }
 
-fn merged_end(identity: Option<&EndIdentity>, addr: IpAddr, cgroup: u64) -> MergedEnd {
-    match identity {
-        Some(identity) => MergedEnd::Named(EndIdentity {
+impl WorkloadMerger {
+    fn peer(&mut self, identity: Option<&EndIdentity>, addr: Peer) -> Peer {
+        let Some(identity) = identity else {
+            return addr;
+        };
+        let workload = EndIdentity {
             service_name: identity.service_name.clone(),
             attributes: identity
                 .attributes
@@ -170,32 +157,39 @@ fn merged_end(identity: Option<&EndIdentity>, addr: IpAddr, cgroup: u64) -> Merg
                 .filter(|(k, _)| !POD_LEVEL.contains(&k.as_str()))
                 .cloned()
                 .collect(),
-        }),
-        None => MergedEnd::Address(addr, cgroup),
+        };
+        if let Some(id) = self.workload_ids.get(&workload) {
+            return Peer::Workload(*id);
+        }
+        let id = self.workloads.len() as u32;
+        self.workloads.push(workload.clone());
+        self.workload_ids.insert(workload, id);
+        Peer::Workload(id)
     }
-}
 
-impl WorkloadMerger {
     fn merge(&mut self, batch: &mut LinkBatch) {
-        let mut active: HashMap<MergedKey, u64> = HashMap::new();
-        let mut intervals: HashMap<MergedKey, IntervalActivity> = HashMap::new();
+        let mut active: HashMap<LinkKey, u64> = HashMap::new();
+        let mut intervals: HashMap<LinkKey, IntervalActivity> = HashMap::new();
         let mut members = HashMap::with_capacity(batch.links.len());
         for (key, stats) in std::mem::take(&mut batch.links) {
-            let merged_key = MergedKey {
-                client: merged_end(batch.client_identity(&key), key.client, key.client_cgroup),
-                server: merged_end(batch.server_identity(&key), key.server, 0),
-                server_port: key.server_port,
-                ipv6: key.network_type() == "ipv6",
+            let client = self.peer(batch.client_identity(&key), key.client);
+            let server = self.peer(batch.server_identity(&key), key.server);
+            let merged_key = LinkKey {
+                client,
+                server,
+                // A workload client is one end whatever cgroup its replicas ran in.
+                client_cgroup: if matches!(client, Peer::Workload(_)) {
+                    0
+                } else {
+                    key.client_cgroup
+                },
+                ..key
             };
-            let merged = self
-                .merged
-                .entry(merged_key.clone())
-                .or_insert_with(|| MergedLink {
-                    representative: key,
-                    stats: LinkStats::new(stats.start_time),
-                });
-            merged.stats.add_since(&stats, self.members.get(&key));
-            *active.entry(merged_key.clone()).or_default() += stats.active;
+            self.merged
+                .entry(merged_key)
+                .or_insert_with(|| LinkStats::new(stats.start_time))
+                .add_since(&stats, self.members.get(&key));
+            *active.entry(merged_key).or_default() += stats.active;
             let interval = intervals.entry(merged_key).or_default();
             interval.attempts += stats.interval.attempts;
             interval
@@ -208,21 +202,65 @@ impl WorkloadMerger {
         self.members = members;
         // A merged link whose members all expired (idle) ends with them.
         self.merged.retain(|key, _| active.contains_key(key));
-        batch.ends.clear();
-        for (key, merged) in &mut self.merged {
-            merged.stats.active = active.get(key).copied().unwrap_or(0);
-            merged.stats.interval = intervals.remove(key).unwrap_or_default();
-            let rep = merged.representative;
-            if let MergedEnd::Named(identity) = &key.client {
-                batch.ends.insert(EndRef::client(&rep), identity.clone());
-            }
-            if let MergedEnd::Named(identity) = &key.server {
-                batch.ends.insert(EndRef::server(&rep), identity.clone());
-            }
-            batch.links.push((rep, merged.stats.clone()));
+        self.forget_unused_workloads();
+        // Address ends keep what processors found out about them; workload ends are
+        // named by the batch's `workloads`.
+        batch.workloads = self.workloads.clone();
+        for (key, stats) in &mut self.merged {
+            stats.active = active.get(key).copied().unwrap_or(0);
+            stats.interval = intervals.remove(key).unwrap_or_default();
+            batch.links.push((*key, stats.clone()));
         }
         batch.links.sort_by_key(|(key, _)| *key);
-        batch.merged_by_workload = true;
+    }
+
+    /// Workloads no merged link names any more are dropped (and the rest renumbered),
+    /// so the table follows the live links.
+    fn forget_unused_workloads(&mut self) {
+        let used = |peer: Peer| match peer {
+            Peer::Workload(n) => Some(n),
+            Peer::Address(_) => None,
+        };
+        let mut live: Vec<bool> = vec![false; self.workloads.len()];
+        for key in self.merged.keys() {
+            for n in [used(key.client), used(key.server)].into_iter().flatten() {
+                live[n as usize] = true;
+            }
+        }
+        if live.iter().all(|l| *l) {
+            return;
+        }
+        let mut renumber = vec![0u32; self.workloads.len()];
+        let mut kept = Vec::new();
+        for (n, identity) in std::mem::take(&mut self.workloads).into_iter().enumerate() {
+            if live[n] {
+                renumber[n] = kept.len() as u32;
+                kept.push(identity);
+            }
+        }
+        let map = |peer: Peer| match peer {
+            Peer::Workload(n) => Peer::Workload(renumber[n as usize]),
+            other => other,
+        };
+        self.merged = std::mem::take(&mut self.merged)
+            .into_iter()
+            .map(|(key, stats)| {
+                (
+                    LinkKey {
+                        client: map(key.client),
+                        server: map(key.server),
+                        ..key
+                    },
+                    stats,
+                )
+            })
+            .collect();
+        self.workload_ids = kept
+            .iter()
+            .enumerate()
+            .map(|(n, identity)| (identity.clone(), n as u32))
+            .collect();
+        self.workloads = kept;
     }
 }
 
@@ -250,7 +288,7 @@ impl Naming<'_> {
             .get(&key.client_cgroup)
             .and_then(|path| self.index.resolve_cgroup(path))
             .map(|resolved| self.named(&resolved))
-            .or_else(|| self.identity(key.client, None))
+            .or_else(|| self.identity(key.client.address()?, None))
     }
 
     fn identity(&self, addr: IpAddr, port: Option<u16>) -> Option<EndIdentity> {
@@ -276,15 +314,25 @@ impl Naming<'_> {
     fn enrich(&self, batch: &mut LinkBatch) {
         let index = self.index;
         batch.links.retain(|(key, stats)| {
-            !(stats.reported_by_server && index.is_cluster_member(key.client))
+            !(stats.reported_by_server
+                && key
+                    .client
+                    .address()
+                    .is_some_and(|client| index.is_cluster_member(client)))
         });
         let mut ends = Vec::new();
         for (key, _) in &batch.links {
-            if let Some(client) = self.client_identity(batch, key) {
-                ends.push((EndRef::client(key), client));
+            if let (Some(at), Some(client)) =
+                (EndRef::client(key), self.client_identity(batch, key))
+            {
+                ends.push((at, client));
             }
-            if let Some(server) = self.identity(key.server, Some(key.server_port)) {
-                ends.push((EndRef::server(key), server));
+            let server = key
+                .server
+                .address()
+                .and_then(|addr| self.identity(addr, Some(key.server_port)));
+            if let (Some(at), Some(server)) = (EndRef::server(key), server) {
+                ends.push((at, server));
             }
         }
         batch.ends.extend(ends);
@@ -377,12 +425,7 @@ mod tests {
         let mut stats = LinkStats::new(SystemTime::UNIX_EPOCH);
         stats.reported_by_server = by_server;
         (
-            LinkKey {
-                client: client.parse().unwrap(),
-                server: server.parse().unwrap(),
-                server_port: 80,
-                client_cgroup: 0,
-            },
+            LinkKey::between(client.parse().unwrap(), server.parse().unwrap(), 80, 0),
             stats,
         )
     }
@@ -485,7 +528,16 @@ mod tests {
         assert_eq!(batch.links.len(), 1);
         let (key, s) = &batch.links[0];
         assert_eq!((s.opened, s.bytes_transmit, s.active), (5, 150, 1));
-        assert!(batch.merged_by_workload);
+        // Both ends are workloads in the key itself: no address stands for them.
+        assert!(matches!(
+            (key.client, key.server),
+            (Peer::Workload(_), Peer::Workload(_))
+        ));
+        assert!(
+            !crate::encode::link_attributes(key)
+                .iter()
+                .any(|kv| kv.key.ends_with(".address")),
+        );
         let (client, server) = batch.end_names(key);
         assert_eq!(
             (client.service_name.as_str(), server.service_name.as_str()),
@@ -502,9 +554,10 @@ mod tests {
         let (_, s) = &batch.links[0];
         assert_eq!((s.opened, s.bytes_transmit, s.active), (7, 180, 0));
 
-        // Every member gone: the merged link ends too.
+        // Every member gone: the merged link ends too, and so does the workload table.
         let mut batch = replicas_batch(vec![]);
         merger.merge(&mut batch);
         assert!(batch.links.is_empty());
+        assert!(batch.workloads.is_empty());
     }
 }

@@ -888,12 +888,12 @@ mod bounds_tests {
                 let mut stats = LinkStats::new(t);
                 stats.opened = u64::from(port);
                 (
-                    LinkKey {
-                        client: "10.0.0.1".parse().unwrap(),
-                        server: "10.0.0.2".parse().unwrap(),
-                        server_port: port,
-                        client_cgroup: 0,
-                    },
+                    LinkKey::between(
+                        "10.0.0.1".parse().unwrap(),
+                        "10.0.0.2".parse().unwrap(),
+                        port,
+                        0,
+                    ),
                     stats,
                 )
             })

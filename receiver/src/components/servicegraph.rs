@@ -209,8 +209,14 @@ mod tests {
             service_name: name.into(),
             attributes: vec![("service.namespace".into(), "shop".into())],
         };
-        batch.ends.insert(EndRef::client(&key), identity(client));
-        batch.ends.insert(EndRef::server(&key), identity(server));
+        batch.ends.insert(
+            EndRef::client(&key).expect("an address end"),
+            identity(client),
+        );
+        batch.ends.insert(
+            EndRef::server(&key).expect("an address end"),
+            identity(server),
+        );
     }
 
     #[test]
@@ -238,7 +244,8 @@ mod tests {
         let mut replaced = LinkStats::new(at(25));
         replaced.opened = 2;
         let mut third = one_link_batch(at(30), replaced);
-        third.links[0].0.client = "10.0.0.9".parse().expect("an address");
+        third.links[0].0.client =
+            crate::model::Peer::Address("10.0.0.9".parse().expect("an address"));
         named(&mut third, "web", "db");
         let edges = graph.process(third).service_graph;
         assert_eq!(edges.len(), 1);

@@ -7,7 +7,17 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 
 use crate::model::{LinkBatch, LinkKey};
 
-pub const SCOPE_NAME: &str = "ridley";
+const SCOPE_NAME: &str = "ridley";
+
+/// The one instrumentation scope of everything ridley exports.
+pub fn scope() -> opentelemetry_proto::tonic::common::v1::InstrumentationScope {
+    opentelemetry_proto::tonic::common::v1::InstrumentationScope {
+        name: SCOPE_NAME.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        attributes: vec![],
+        dropped_attributes_count: 0,
+    }
+}
 
 pub fn kv(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
@@ -27,9 +37,9 @@ pub fn unix_nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// The link attributes every `ridley.link.*` point and span carries; an end's address
-/// only where it names one socket address (see `LinkBatch::addresses_exported`).
-pub fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Vec<KeyValue> {
+/// The link attributes every `ridley.link.*` point and span carries: an end's address
+/// where the end is an address (a workload end is named by its identity instead).
+pub fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
     if key.is_overflow() {
         return vec![kv(
             "otel.metric.overflow",
@@ -42,13 +52,14 @@ pub fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Vec<KeyVa
             crate::model::GROUPED_CLIENT_NAME,
         ))
     } else {
-        with_addresses
-            .0
-            .then(|| kv_str("client.address", key.client.to_string()))
+        key.client
+            .address()
+            .map(|addr| kv_str("client.address", addr.to_string()))
     };
-    let server = with_addresses
-        .1
-        .then(|| kv_str("server.address", key.server.to_string()));
+    let server = key
+        .server
+        .address()
+        .map(|addr| kv_str("server.address", addr.to_string()));
     client
         .into_iter()
         .chain(server)
@@ -66,7 +77,7 @@ pub fn link_attributes(key: &LinkKey, with_addresses: (bool, bool)) -> Vec<KeyVa
 /// Link attributes plus what processors know of each end, prefixed `client.` and
 /// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
 pub fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> {
-    let mut attributes = link_attributes(key, batch.addresses_exported(key));
+    let mut attributes = link_attributes(key);
     if key.is_overflow() {
         return attributes;
     }

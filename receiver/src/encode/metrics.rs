@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
-    common::v1::{InstrumentationScope, KeyValue},
+    common::v1::KeyValue,
     metrics::v1::{
         AggregationTemporality, Histogram as OtlpHistogram, HistogramDataPoint, Metric,
         NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 
-use super::{SCOPE_NAME, kv_str, link_point_attributes, unix_nanos};
+use super::{kv_str, link_point_attributes, unix_nanos};
 use crate::{
     model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkStats},
     telemetry::{ExporterSnapshot, TelemetrySnapshot},
@@ -222,12 +222,7 @@ fn request(resource: &Resource, mut metrics: Vec<Metric>) -> ExportMetricsServic
         resource_metrics: vec![ResourceMetrics {
             resource: Some(resource.clone()),
             scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: SCOPE_NAME.to_owned(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    attributes: vec![],
-                    dropped_attributes_count: 0,
-                }),
+                scope: Some(super::scope()),
                 metrics,
                 schema_url: String::new(),
             }],
@@ -418,12 +413,12 @@ mod tests {
         stats.connect_duration.record(Duration::from_micros(80));
         let mut batch = LinkBatch::new(start + Duration::from_secs(10));
         batch.links = vec![(
-            LinkKey {
-                client: "10.0.0.1".parse().unwrap(),
-                server: "fd00::2".parse().unwrap(),
-                server_port: 443,
-                client_cgroup: 0,
-            },
+            LinkKey::between(
+                "10.0.0.1".parse().unwrap(),
+                "fd00::2".parse().unwrap(),
+                443,
+                0,
+            ),
             stats,
         )];
         batch

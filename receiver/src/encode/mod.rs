@@ -9,7 +9,7 @@ pub mod resource;
 pub mod spans;
 pub mod temporality;
 
-pub use attributes::{SCOPE_NAME, kv, kv_str, link_attributes, link_point_attributes, unix_nanos};
+pub use attributes::{kv, kv_str, link_attributes, link_point_attributes, scope, unix_nanos};
 pub use resource::resource;
 
 use std::sync::OnceLock;

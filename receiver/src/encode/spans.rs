@@ -7,13 +7,13 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
-    common::v1::{InstrumentationScope, KeyValue, any_value},
+    common::v1::{KeyValue, any_value},
     resource::v1::Resource,
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
 
 use crate::{
-    encode::{SCOPE_NAME, kv, kv_str, link_attributes, unix_nanos},
+    encode::{kv, kv_str, link_attributes, unix_nanos},
     model::{ConnectionSample, EndIdentity, LinkBatch, LinkKey},
 };
 
@@ -71,7 +71,6 @@ fn end_resource(identity: &EndIdentity) -> Resource {
 fn pair(
     ids: &mut IdGenerator,
     key: &LinkKey,
-    with_addresses: (bool, bool),
     server_name: &str,
     start: SystemTime,
     duration: Duration,
@@ -81,7 +80,7 @@ fn pair(
 ) -> Pair {
     let trace_id = ids.trace_id();
     let client_span_id = ids.span_id();
-    let mut attributes = link_attributes(key, with_addresses);
+    let mut attributes = link_attributes(key);
     attributes.push(kv(SAMPLING_RATIO_KEY, any_value::Value::DoubleValue(ratio)));
     attributes.push(kv_str(PAIR_KEY, pair_kind));
     let status = match error {
@@ -163,7 +162,6 @@ pub fn trace_requests(
                 let p = pair(
                     ids,
                     key,
-                    batch.addresses_exported(key),
                     &server.service_name,
                     *start,
                     *duration,
@@ -180,7 +178,6 @@ pub fn trace_requests(
                 let p = pair(
                     ids,
                     key,
-                    batch.addresses_exported(key),
                     &server.service_name,
                     start,
                     rtt,
@@ -218,12 +215,7 @@ fn request(pairs: &[(EndIdentity, EndIdentity, Pair)]) -> ExportTraceServiceRequ
             .map(|(identity, spans)| ResourceSpans {
                 resource: Some(end_resource(identity)),
                 scope_spans: vec![ScopeSpans {
-                    scope: Some(InstrumentationScope {
-                        name: SCOPE_NAME.to_owned(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                        attributes: vec![],
-                        dropped_attributes_count: 0,
-                    }),
+                    scope: Some(super::scope()),
                     spans,
                     schema_url: String::new(),
                 }],
@@ -258,11 +250,13 @@ mod tests {
         quiet.interval.carried_traffic = true;
         quiet.interval.last_rtt = Some(Duration::from_micros(50));
         let mut batch = LinkBatch::new(t + Duration::from_secs(10));
-        let key = |port| LinkKey {
-            client: "10.0.0.1".parse().unwrap(),
-            server: "10.0.0.2".parse().unwrap(),
-            server_port: port,
-            client_cgroup: 0,
+        let key = |port| {
+            LinkKey::between(
+                "10.0.0.1".parse().unwrap(),
+                "10.0.0.2".parse().unwrap(),
+                port,
+                0,
+            )
         };
         batch.links = vec![(key(80), stats), (key(5432), quiet)];
         batch
@@ -356,11 +350,8 @@ mod resource_tests {
     fn same_named_services_in_two_namespaces_are_two_resources() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let mut batch = LinkBatch::new(t + Duration::from_secs(10));
-        let key = |client: &str| LinkKey {
-            client: client.parse().unwrap(),
-            server: "10.0.0.9".parse().unwrap(),
-            server_port: 80,
-            client_cgroup: 0,
+        let key = |client: &str| {
+            LinkKey::between(client.parse().unwrap(), "10.0.0.9".parse().unwrap(), 80, 0)
         };
         for client in ["10.0.0.1", "10.0.0.2"] {
             let mut stats = LinkStats::new(t);
@@ -376,12 +367,14 @@ mod resource_tests {
             service_name: "api".into(),
             attributes: vec![("service.namespace".into(), ns.into())],
         };
-        batch
-            .ends
-            .insert(EndRef::client(&key("10.0.0.1")), api("blue"));
-        batch
-            .ends
-            .insert(EndRef::client(&key("10.0.0.2")), api("green"));
+        batch.ends.insert(
+            EndRef::client(&key("10.0.0.1")).expect("an address end"),
+            api("blue"),
+        );
+        batch.ends.insert(
+            EndRef::client(&key("10.0.0.2")).expect("an address end"),
+            api("green"),
+        );
         let requests = trace_requests(&batch, &mut IdGenerator::default(), 100);
         let namespaces: Vec<(String, String, usize)> = requests[0]
             .0

@@ -156,9 +156,9 @@ pub struct Pipeline {
 
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct Service {
+pub struct ServiceSection {
     #[serde(default)]
-    pub telemetry: Telemetry,
+    pub telemetry: TelemetrySection,
     /// Extensions to start, by id (defined under `extensions`).
     #[serde(default)]
     pub extensions: Vec<ComponentId>,
@@ -177,7 +177,7 @@ fn default_shutdown_timeout() -> std::time::Duration {
 /// ridley's own telemetry, as the collector's `service.telemetry`.
 #[derive(Debug, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
-pub struct Telemetry {
+pub struct TelemetrySection {
     #[serde(default)]
     pub logs: LogsTelemetry,
     #[serde(default)]
@@ -323,7 +323,7 @@ pub struct Config {
     #[serde(default, deserialize_with = "sections")]
     pub exporters: BTreeMap<ComponentId, ComponentSection>,
     #[serde(default)]
-    pub service: Service,
+    pub service: ServiceSection,
 }
 
 /// `exporters: {debug: }` is an empty section, as in the collector: treat null as `{}`.

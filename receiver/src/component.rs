@@ -134,24 +134,24 @@ impl std::fmt::Display for Role {
 /// find the file, line and column from the path itself.
 #[derive(Debug, thiserror::Error)]
 #[error("{}: {message}", path.join("."))]
-pub struct ConfigError {
+pub struct InvalidSetting {
     pub path: Vec<String>,
     pub message: String,
 }
 
 /// A mistake in one key of a component's own section, relative to it
 /// (`retry_on_failure.multiplier`): what config structs' `validate` return. The
-/// registry turns it into a [`ConfigError`] naming the component.
+/// registry turns it into a [`InvalidSetting`] naming the component.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
-pub struct KeyError {
+pub struct InvalidKey {
     pub key: String,
     pub message: String,
 }
 
 /// An error for `key` (dotted, relative to the component's section).
 pub fn key_error(key: impl Into<String>, message: impl Into<String>) -> anyhow::Error {
-    KeyError {
+    InvalidKey {
         key: key.into(),
         message: message.into(),
     }
@@ -182,17 +182,17 @@ impl BuildContext {
         path
     }
 
-    /// Places a factory's error in the document: a [`KeyError`] at its key, a
-    /// [`ConfigError`] as it is, anything else at the component.
+    /// Places a factory's error in the document: a [`InvalidKey`] at its key, a
+    /// [`InvalidSetting`] as it is, anything else at the component.
     pub fn locate(&self, error: anyhow::Error) -> anyhow::Error {
-        if error.downcast_ref::<ConfigError>().is_some() {
+        if error.downcast_ref::<InvalidSetting>().is_some() {
             return error;
         }
-        let (key, message) = match error.downcast::<KeyError>() {
-            Ok(KeyError { key, message }) => (Some(key), message),
+        let (key, message) = match error.downcast::<InvalidKey>() {
+            Ok(InvalidKey { key, message }) => (Some(key), message),
             Err(other) => (None, format!("{other:#}")),
         };
-        ConfigError {
+        InvalidSetting {
             path: self.path(key.as_deref()),
             message,
         }
@@ -212,7 +212,7 @@ impl BuildContext {
                     let hint = config::document::closest(key, keys.iter().copied())
                         .map(|best| format!(" (did you mean `{best}`?)"))
                         .unwrap_or_default();
-                    return Err(ConfigError {
+                    return Err(InvalidSetting {
                         path: self.path(Some(key)),
                         message: format!(
                             "unknown field `{key}`, expected one of {}{hint}",
@@ -233,7 +233,7 @@ impl BuildContext {
             let message = e.into_inner().to_string();
             let hint = config::document::suggestion(&message).unwrap_or_default();
             let key = (!path.is_empty()).then(|| path.join("."));
-            ConfigError {
+            InvalidSetting {
                 path: self.path(key.as_deref()),
                 message: format!("{message}{hint}"),
             }

@@ -191,7 +191,7 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
 fn locate_error(loaded: &config::Loaded, error: anyhow::Error) -> anyhow::Error {
     let location = error
         .chain()
-        .find_map(|layer| layer.downcast_ref::<component::ConfigError>())
+        .find_map(|layer| layer.downcast_ref::<component::InvalidSetting>())
         .and_then(|mistake| loaded.locate(&mistake.path.join(".")));
     match location {
         Some(location) => error.context(location),

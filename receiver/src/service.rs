@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     component::{
-        BatchSender, BuildContext, ConfigError, Exporter, Extension, Processor, Receiver, Role,
+        BatchSender, BuildContext, Exporter, Extension, InvalidSetting, Processor, Receiver, Role,
     },
     components,
     encode::Encoded,
@@ -143,7 +143,7 @@ impl Service {
     pub fn build(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self> {
         let shutdown_timeout = config.service.shutdown_timeout;
         if !SHUTDOWN_TIMEOUT_RANGE.contains(&shutdown_timeout) {
-            return Err(ConfigError {
+            return Err(InvalidSetting {
                 path: vec!["service".into(), "shutdown_timeout".into()],
                 message: format!(
                     "must be from 100ms to 5m, got {}",

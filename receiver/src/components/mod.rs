@@ -105,7 +105,7 @@ const EXPORTERS: &[Entry<Box<dyn Exporter>>] = &[
 ];
 
 /// Builds a component of `cx.role` from its table; every error is placed at the
-/// component's section (or the key a [`KeyError`](crate::component::KeyError) names).
+/// component's section (or the key a [`InvalidKey`](crate::component::InvalidKey) names).
 fn build<T>(table: &[Entry<T>], cx: &BuildContext, section: ComponentSection) -> Result<T> {
     let role = cx.role;
     let Some((_, signals, factory, _)) = table.iter().find(|(kind, _, _, _)| *kind == cx.id.kind())

@@ -62,10 +62,12 @@ def test_links_are_named_by_pod_workload_namespace_and_node(ridley, peers, kube)
         "client.k8s.cluster.name": "test-cluster", "client.k8s.namespace.name": "shop",
         "client.k8s.pod.name": "checkout-7d9f-x1", "client.k8s.pod.uid": "uid-checkout-7d9f-x1",
         "client.k8s.node.name": "node-1", "client.k8s.deployment.name": "checkout",
+        "client.k8s.pod.ip": B4,
         "server.service.name": "productcatalog", "server.service.namespace": "shop",
         "server.k8s.cluster.name": "test-cluster", "server.k8s.namespace.name": "shop",
         "server.k8s.pod.name": "productcatalog-5c4b-y1", "server.k8s.pod.uid": "uid-productcatalog-5c4b-y1",
         "server.k8s.node.name": "node-1", "server.k8s.deployment.name": "productcatalog",
+        "server.k8s.pod.ip": A4,
     }
     named_spans = [s for s in r.spans() if s["service"] in ("checkout", "productcatalog")]
     assert named_spans, "spans carry the workloads as service.name"

@@ -126,7 +126,7 @@ struct K8sAttributes {
 }
 
 /// Attributes that name one pod, dropped when replicas merge into their workload.
-const POD_LEVEL: &[&str] = &["k8s.pod.name", "k8s.pod.uid", "k8s.node.name"];
+const POD_LEVEL: &[&str] = &["k8s.pod.name", "k8s.pod.uid", "k8s.pod.ip", "k8s.node.name"];
 
 /// Merges address-level links into workload-level links with continuous cumulative
 /// series: each member link adds what it did since its previous state, so members
@@ -293,7 +293,17 @@ impl Naming<'_> {
 
     fn identity(&self, addr: IpAddr, port: Option<u16>) -> Option<EndIdentity> {
         if let Some(resolved) = self.index.resolve(addr, port) {
-            return Some(self.named(&resolved));
+            let mut identity = self.named(&resolved);
+            // One pod at its own address: the address is the pod's, which a collector's
+            // k8sattributes processor associates by (the connection's peer is ridley).
+            if let k8sattrs::Resolved::Pod(pod) = &resolved {
+                if !pod.host_network {
+                    identity
+                        .attributes
+                        .push(("k8s.pod.ip".to_owned(), addr.to_string()));
+                }
+            }
+            return Some(identity);
         }
         let name = self
             .external

@@ -177,7 +177,7 @@ class Ridley:
 
     def __init__(self, workdir, interval="1s", idle_timeout="5m", receiver_extra="",
                  exporters="", pipelines=None, processors="", pipeline_processors=(), extensions="",
-                 command_prefix=(), service_extra=""):
+                 command_prefix=(), service_extra="", env=None):
         """Default: one metrics pipeline into the file exporter at `out`. `exporters`
         (YAML, indented under `exporters:`) and `pipelines` ({name: [exporter ids]})
         add more; `spans` is the file the `file/spans` exporter writes."""
@@ -212,7 +212,8 @@ class Ridley:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([*command_prefix, str(RIDLEY), "run", "--config", str(config)],
                                      stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "NO_COLOR": "1", "RUST_BACKTRACE": "0"})
+                                     env={**os.environ, "NO_COLOR": "1", "RUST_BACKTRACE": "0",
+                                          **(env or {})})
         deadline = time.monotonic() + 60
         while "capture started" not in self.log_path.read_text():
             assert self.proc.poll() is None, f"ridley exited:\n{self.log_path.read_text()}"

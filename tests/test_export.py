@@ -200,3 +200,27 @@ def test_prometheus_endpoint_scraped_and_parsed(ridley, peers):
     assert samples[("ridley_link_connections_active", None, None)] == 0
     assert samples[("ridley_link_connect_duration_seconds_count", None, None)] == 3
     assert samples[("ridley_link_connect_duration_seconds_bucket", None, "+Inf")] == 3
+
+
+def test_otel_environment_variables_fill_what_the_yaml_leaves_unset(ridley, peers, collector):
+    """An SDK's variables: the endpoint of an exporter whose YAML has none, and ridley's
+    own resource (OTEL_SERVICE_NAME over the list, detected attributes kept). Headers and
+    the YAML-wins rule: `otlp_exporter` unit tests."""
+    collector.start()
+    exporters = "  otlphttp:\n    retry_on_failure: {initial_interval: 200ms, max_interval: 1s}\n"
+    r = ridley(exporters=exporters, pipelines={"metrics": ["otlphttp", "file"]}, env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.http_endpoint,
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=ci,service.name=from-the-list",
+        "OTEL_SERVICE_NAME": "ridley-ci",
+    })
+    peers.server("a", A4, 8099, reply=7)
+    assert peers.connect("b", A4, 8099, send=11, count=2) == ["received 7"] * 2
+    collector.wait_for(lambda c: (c.metrics().link(B4, A4, 8099) or {}).get("opened") == 2)
+    r.stop()
+    link = collector.metrics().link(B4, A4, 8099)
+    assert (link["opened"], link["transmit"], link["receive"]) == (2, 22, 14)
+    resources = [{a["key"]: a["value"].get("stringValue") for a in rm["resource"]["attributes"]}
+                 for doc in collector.docs() for rm in doc.get("resourceMetrics", [])]
+    assert resources and all(res["service.name"] == "ridley-ci" for res in resources), resources
+    assert all(res["deployment.environment.name"] == "ci" for res in resources)
+    assert all(res.get("host.name") for res in resources), "detected attributes stay"

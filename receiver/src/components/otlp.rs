@@ -20,7 +20,11 @@ use super::otlp_exporter::{Compression, OtlpConfig, OtlpExporter, Payload, SendE
 use crate::component::{BuildContext, Exporter};
 
 pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exporter>> {
-    let config: OtlpConfig = cx.parse_section(section)?;
+    let mut config: OtlpConfig = cx.parse_section(section)?;
+    config.fill_from_env(
+        crate::otel_env::otlp_defaults(&crate::otel_env::process),
+        false,
+    );
     let transport = GrpcTransport::new(&config)?;
     Ok(Box::new(OtlpExporter::new(
         cx,

@@ -195,7 +195,9 @@ impl Default for QueueConfig {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct OtlpConfig {
-    /// gRPC: `host:port` or a URL; HTTP: the base URL (`/v1/metrics`, `/v1/traces` are appended).
+    /// gRPC: `host:port` or a URL; HTTP: the base URL (`/v1/metrics`, `/v1/traces` are
+    /// appended). Unset: `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[serde(default)]
     pub endpoint: String,
     /// HTTP only: full URL for metrics, overriding `endpoint`.
     #[serde(default)]
@@ -236,9 +238,28 @@ fn default_timeout() -> Duration {
 }
 
 impl OtlpConfig {
-    pub fn validate(&self) -> Result<()> {
+    /// Fills what the YAML left unset from the OpenTelemetry environment variables
+    /// (`otel_env`); `http`: the per-signal URLs apply too.
+    pub fn fill_from_env(&mut self, defaults: crate::otel_env::OtlpDefaults, http: bool) {
         if self.endpoint.trim().is_empty() {
-            return Err(key_error("endpoint", "must not be empty"));
+            self.endpoint = defaults.endpoint.unwrap_or_default();
+        }
+        if http {
+            self.metrics_endpoint = self.metrics_endpoint.take().or(defaults.metrics_endpoint);
+            self.traces_endpoint = self.traces_endpoint.take().or(defaults.traces_endpoint);
+        }
+        if self.headers.is_empty() {
+            self.headers = defaults.headers;
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let per_signal = self.metrics_endpoint.is_some() && self.traces_endpoint.is_some();
+        if self.endpoint.trim().is_empty() && !per_signal {
+            return Err(key_error(
+                "endpoint",
+                "not set, here or in OTEL_EXPORTER_OTLP_ENDPOINT",
+            ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(key_error(
@@ -1060,6 +1081,40 @@ mod bounds_tests {
         // Retry-After: 60 s: one attempt a minute.
         let attempts = attempts_against(Some(Duration::from_secs(60)), Duration::from_secs(300));
         assert_eq!(attempts.await, 5);
+    }
+
+    #[test]
+    fn environment_variables_fill_only_what_the_yaml_left_unset() {
+        let defaults = || crate::otel_env::OtlpDefaults {
+            endpoint: Some("http://from-env:4318".into()),
+            metrics_endpoint: Some("http://from-env:4318/custom/metrics".into()),
+            traces_endpoint: None,
+            headers: [("x-tenant".to_owned(), "a".to_owned())].into(),
+        };
+        let parse = |yaml: &str| -> OtlpConfig { serde_norway::from_str(yaml).unwrap() };
+
+        let mut unset = parse("tls: {insecure: true}");
+        unset.fill_from_env(defaults(), true);
+        assert_eq!(unset.endpoint, "http://from-env:4318");
+        assert_eq!(
+            unset.metrics_endpoint.as_deref(),
+            Some("http://from-env:4318/custom/metrics")
+        );
+        assert_eq!(unset.headers.get("x-tenant").map(String::as_str), Some("a"));
+        assert!(unset.validate().is_ok());
+
+        let mut set = parse("endpoint: collector:4317\nheaders: {x-tenant: b}");
+        set.fill_from_env(defaults(), false);
+        assert_eq!(set.endpoint, "collector:4317");
+        assert_eq!(set.metrics_endpoint, None, "gRPC has one endpoint");
+        assert_eq!(set.headers.get("x-tenant").map(String::as_str), Some("b"));
+
+        let mut nothing = parse("{}");
+        nothing.fill_from_env(Default::default(), false);
+        assert_eq!(
+            nothing.validate().err().map(|e| e.to_string()).as_deref(),
+            Some("endpoint: not set, here or in OTEL_EXPORTER_OTLP_ENDPOINT")
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use super::attributes::kv_str;
 
 /// The resource of everything ridley exports about itself and its links: the
-/// reporting node, never the container ridley runs in. Worked out once per process.
+/// reporting node, never the container ridley runs in, with what the OpenTelemetry
+/// environment variables add or override. Worked out once per process.
 pub fn resource() -> Resource {
     static RESOURCE: std::sync::OnceLock<Resource> = std::sync::OnceLock::new();
     RESOURCE
@@ -21,6 +22,11 @@ pub fn resource() -> Resource {
             ];
             if let Some(node) = node {
                 attributes.push(kv_str("k8s.node.name", node));
+            }
+            // OTEL_RESOURCE_ATTRIBUTES, then OTEL_SERVICE_NAME, over what was detected.
+            for (key, value) in crate::otel_env::resource_attributes(&crate::otel_env::process) {
+                attributes.retain(|kv| kv.key != key);
+                attributes.push(kv_str(&key, value));
             }
             Resource {
                 attributes,

@@ -322,10 +322,11 @@ mod tests {
         // SAFETY: single-threaded test setup of a variable no other test reads.
         unsafe { std::env::set_var("RIDLEY_TEST_PORT", "4317") };
         let mut v = yaml(
-            "a: ${env:RIDLEY_TEST_PORT}\nb: host:${RIDLEY_TEST_PORT}\nc: ${env:RIDLEY_TEST_UNSET:-x}\nd: $$5\n",
+            "a: ${env:RIDLEY_TEST_PORT}\nb: host:${RIDLEY_TEST_PORT}\nc: ${env:RIDLEY_TEST_UNSET:-x}\nd: $$5\ne: \"${env:RIDLEY_TEST_UNSET:-}\"\n",
         );
         expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap();
-        assert_eq!(v, yaml("a: 4317\nb: host:4317\nc: x\nd: $5\n"));
+        // An empty default is how a value may be empty on purpose.
+        assert_eq!(v, yaml("a: 4317\nb: host:4317\nc: x\nd: $5\ne: ''\n"));
         let mut v = yaml("exporters:\n  otlp:\n    endpoint: ${env:RIDLEY_TEST_UNSET}\n");
         let (path, message) =
             expand(&mut v, &mut vec![], &mut MAX_EXPANDED_SIZE.clone()).unwrap_err();

@@ -198,15 +198,21 @@ impl Capture {
     /// close records, which the caller drains.
     pub fn load(sizes: MapSizes) -> Result<(Self, RingBuf<MapData>)> {
         check_kernel()?;
-        let vmlinux = btf_rs::Btf::from_file(btf::VMLINUX_BTF)
-            .with_context(|| format!("parsing {}", btf::VMLINUX_BTF))?;
-        let offsets =
-            btf::kernel_offsets(&vmlinux).context("resolving kernel struct offsets from BTF")?;
+        // Kernel BTF is large (several MiB on disk, several times that parsed): the
+        // offsets' parse is dropped before aya's, and aya's one parse serves the loader
+        // and both programs, so the startup peak holds one parse at a time.
+        let offsets = {
+            let vmlinux = btf_rs::Btf::from_file(btf::VMLINUX_BTF)
+                .with_context(|| format!("parsing {}", btf::VMLINUX_BTF))?;
+            btf::kernel_offsets(&vmlinux).context("resolving kernel struct offsets from BTF")?
+        };
         let offsets = PodOffsets(offsets);
+        let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
 
         // Wake the drain when a quarter of the ring is used; a timer drains the rest.
         let wakeup_bytes = u64::from(sizes.ring_buffer_bytes / 4);
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&kernel_btf))
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .override_global(names::GLOBAL_RINGBUF_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::MAP_SOCKS, sizes.max_connections)
@@ -214,7 +220,6 @@ impl Capture {
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
             .load(PROGRAMS)
             .context("loading the eBPF object (are you root, or have CAP_BPF + CAP_PERFMON?)")?;
-        let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
 
         let state: &mut BtfTracePoint = program(&mut ebpf, names::PROG_STATE)?;
         state

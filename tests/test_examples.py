@@ -83,17 +83,27 @@ def test_rbac_is_read_only_and_matches_the_readme():
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ridley", "namespace": "ridley"}]
 
 
-def test_collector_config_wires_the_servicegraph_connector():
+def test_one_producer_of_the_service_graph_series_per_store():
+    """Tempo's metrics-generator writes traces_service_graph_* into the stack's
+    Prometheus; nothing else may (a second producer counts every edge twice)."""
     config = yaml.safe_load((EXAMPLES / "collector.yaml").read_text())
-    defined = {role: set(config.get(role, {})) for role in ("receivers", "processors", "exporters", "connectors")}
+    defined = {role: set(config.get(role) or {}) for role in ("receivers", "processors", "exporters")}
     for name, pipeline in config["service"]["pipelines"].items():
         for role in ("receivers", "processors", "exporters"):
             for component in pipeline.get(role, []):
-                assert component in defined[role] | defined["connectors"], (name, role, component)
-    pipelines = config["service"]["pipelines"]
-    assert "servicegraph" in pipelines["traces"]["exporters"]
-    assert "servicegraph" in pipelines["metrics"]["receivers"]
-    assert config["connectors"]["servicegraph"]["store"]["max_items"] >= 1000
+                assert component in defined[role], (name, role, component)
+    assert "connectors" not in config, "no servicegraph connector beside Tempo's generator"
+    store = config["exporters"]["prometheusremotewrite"]["endpoint"]
+    tempo = yaml.safe_load((EXAMPLES / "tempo.yaml").read_text())
+    assert tempo["overrides"]["defaults"]["metrics_generator"]["processors"] == ["service-graphs"]
+    assert [w["url"] for w in tempo["metrics_generator"]["storage"]["remote_write"]] == [store]
+    # ridley's own servicegraph processor stays out of the configs that feed this stack.
+    for path in (ROOT / "config" / "in-cluster-collector.yaml",):
+        processors = yaml.safe_load(path.read_text()).get("processors") or {}
+        assert "servicegraph" not in processors, path
+    cm = manifests()[("ConfigMap", "ridley")]
+    ridley = yaml.safe_load(next(iter(cm["data"].values())))
+    assert "servicegraph" not in (ridley.get("processors") or {})
 
 
 def test_tempo_counts_sampled_pairs_with_the_multiplier():
@@ -109,7 +119,7 @@ def test_collector_in_kubernetes_matches_the_standalone_config():
     config = yaml.safe_load(docs[("ConfigMap", "otel-collector")]["data"]["collector.yaml"])
     standalone = yaml.safe_load((EXAMPLES / "collector.yaml").read_text())
     assert config["service"] == standalone["service"]
-    assert set(config["connectors"]) == set(standalone["connectors"]) == {"servicegraph"}
+    assert "connectors" not in config and "connectors" not in standalone
     service = docs[("Service", "otel-collector")]
     # ridley's in-cluster config points here.
     ridley = yaml.safe_load((ROOT / "config" / "in-cluster-collector.yaml").read_text())
@@ -143,7 +153,7 @@ def test_grafana_provisioning_and_dashboard():
     assert kinds <= builtin, kinds - builtin
     assert "nodeGraph" in kinds
     exprs = " ".join(t.get("expr", "") for p in dashboard["panels"] for t in p["targets"])
-    # The series the panels read are the ones ridley (and the connector) emit.
+    # The series the panels read are the ones ridley and Tempo's generator emit.
     for series in ("ridley_link_bytes_total", "ridley_link_connections_failed_total",
                    "traces_service_graph_request_total", "traces_service_graph_request_client_seconds_bucket"):
         assert series in exprs, series

@@ -61,6 +61,12 @@ def daemonset_flags():
         flags += ["--cap-add", cap]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
     flags.append("--security-opt=no-new-privileges")
+    # AppArmor, where the node has it: the manifest's profile, as the kubelet would set it
+    # (this kernel has no AppArmor, so the flag is accepted and changes nothing here).
+    apparmor = sc.get("appArmorProfile", {}).get("type")
+    assert apparmor in (None, "Unconfined", "RuntimeDefault"), apparmor
+    if apparmor == "Unconfined":
+        flags.append("--security-opt=apparmor=unconfined")
     if sc.get("readOnlyRootFilesystem"):
         flags.append("--read-only")
     if pod.get("hostPID"):

@@ -163,13 +163,13 @@ pub fn privilege_problems() -> Vec<String> {
         Some(caps) => {
             if caps & (1 << CAP_SYS_ADMIN) == 0 {
                 problems.push(
-                    "CAP_SYS_ADMIN is missing: other network namespaces (pods) cannot be                      entered, so their live connections are not walked"
+                    "CAP_SYS_ADMIN is missing: other network namespaces (pods) cannot be entered, so their live connections are not walked"
                         .to_owned(),
                 );
             }
             if caps & (1 << CAP_SYS_PTRACE) == 0 {
                 problems.push(
-                    "CAP_SYS_PTRACE is missing: the network namespaces of processes owned by                      other users cannot be opened"
+                    "CAP_SYS_PTRACE is missing: the network namespaces of processes owned by other users cannot be opened"
                         .to_owned(),
                 );
             }
@@ -179,7 +179,7 @@ pub fn privilege_problems() -> Vec<String> {
     match std::fs::metadata("/proc/self/ns/pid") {
         Ok(meta) if meta.ino() == HOST_PID_NAMESPACE_INODE => {}
         Ok(_) => problems.push(
-            "not in the host's PID namespace (hostPID: true): pods' network namespaces are              not visible"
+            "not in the host's PID namespace (hostPID: true): pods' network namespaces are not visible"
                 .to_owned(),
         ),
         Err(e) => problems.push(format!("cannot read /proc/self/ns/pid: {e}")),

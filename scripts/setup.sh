@@ -20,6 +20,8 @@ command -v runc >/dev/null || need_apt+=(runc)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 # kubectl renders the examples' kustomization offline.
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
+# Prometheus and promtool: what Prometheus reads is tested with Prometheus itself.
+command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive

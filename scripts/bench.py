@@ -231,7 +231,7 @@ def main():
             attrs = {a["key"]: a["value"] for a in p["attributes"]}
             if int(attrs["server.port"]["intValue"]) != port:
                 continue
-            if direction and attrs["network.io.direction"]["stringValue"] != direction:
+            if direction and attrs["ridley.link.direction"]["stringValue"] != direction:
                 continue
             n += int(p["asInt"])
         return n
@@ -247,7 +247,7 @@ def main():
           f"({', '.join(f'{k} {v / 2**10:.0f} KiB' for k, v in sorted(peak_maps.items()))})")
     short_opened = total("ridley.link.connections.opened", SHORT_PORT)
     long_opened = total("ridley.link.connections.opened", LONG_PORT)
-    long_bytes = total("ridley.link.bytes", LONG_PORT, "transmit")
+    long_bytes = total("ridley.link.bytes", LONG_PORT, "client_to_server")
     print(f"  counted: short opened {short_opened}/{args.short}, long opened "
           f"{long_opened}/{args.long}, long bytes client->server {long_bytes}/"
           f"{args.long * args.rounds * 100}")

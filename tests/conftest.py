@@ -363,15 +363,15 @@ class Batch:
         if not active:
             return None
         attrs = next(a for a, _ in self.points("ridley.link.connections.active") if match(a))
-        bytes_ = ints("ridley.link.bytes", "network.io.direction")
+        bytes_ = ints("ridley.link.bytes", "ridley.link.direction")
         return {
             "network.type": attrs["network.type"],
             "network.transport": attrs["network.transport"],
             "opened": ints("ridley.link.connections.opened").get(None, 0),
             "active": active[None],
             "failed": ints("ridley.link.connections.failed", "error.type"),
-            "transmit": bytes_.get("transmit", 0),
-            "receive": bytes_.get("receive", 0),
+            "transmit": bytes_.get("client_to_server", 0),
+            "receive": bytes_.get("server_to_client", 0),
             "retransmits": ints("ridley.link.retransmits").get(None, 0),
             "connect_count": hist_count("ridley.link.connect.duration"),
             "rtt_count": hist_count("ridley.link.rtt"),

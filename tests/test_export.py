@@ -129,8 +129,8 @@ def test_delta_temporality_adds_up_to_the_totals(ridley, peers, collector):
     peers.connect("b", A4, 8095, send=100, count=2)
     r.stop()
     collector.wait_for(lambda c: sum(_delta_sum(c, "ridley.link.connections.opened")) == 5)
-    assert sum(_delta_sum(collector, "ridley.link.bytes", direction="transmit")) == 500
-    assert sum(_delta_sum(collector, "ridley.link.bytes", direction="receive")) == 25
+    assert sum(_delta_sum(collector, "ridley.link.bytes", direction="client_to_server")) == 500
+    assert sum(_delta_sum(collector, "ridley.link.bytes", direction="server_to_client")) == 25
 
 
 def _delta_sum(collector, name, direction=None):
@@ -147,7 +147,7 @@ def _delta_sum(collector, name, direction=None):
                         attrs = {a["key"]: list(a["value"].values())[0] for a in p["attributes"]}
                         if (attrs["client.address"], str(attrs["server.port"])) != (B4, "8095"):
                             continue
-                        if direction and attrs["network.io.direction"] != direction:
+                        if direction and attrs["ridley.link.direction"] != direction:
                             continue
                         values.append(int(p["asInt"]))
     return values
@@ -191,11 +191,11 @@ def test_prometheus_endpoint_scraped_and_parsed(ridley, peers):
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.labels.get("client_address") == B4 and s.labels.get("server_port") == "8098":
-                key = (s.name, s.labels.get("network_io_direction"), s.labels.get("le"))
+                key = (s.name, s.labels.get("ridley_link_direction"), s.labels.get("le"))
                 samples[key] = s.value
     r.stop()
-    assert samples[("ridley_link_bytes_total", "transmit", None)] == 384
-    assert samples[("ridley_link_bytes_total", "receive", None)] == 192
+    assert samples[("ridley_link_bytes_total", "client_to_server", None)] == 384
+    assert samples[("ridley_link_bytes_total", "server_to_client", None)] == 192
     assert samples[("ridley_link_connections_opened_total", None, None)] == 3
     assert samples[("ridley_link_connections_active", None, None)] == 0
     assert samples[("ridley_link_connect_duration_seconds_count", None, None)] == 3

@@ -95,9 +95,9 @@ def test_public_clients_are_one_external_peer_per_server_port(ridley, peers):
               for a, v in final.all_points("ridley.link.connections.opened")
               if a.get("server.port") == 8800]
     assert sorted(opened, key=str) == sorted([(None, "external", 4), (B4, None, 1)], key=str)
-    bytes_ = {a["network.io.direction"]: v for a, v in final.all_points("ridley.link.bytes")
+    bytes_ = {a["ridley.link.direction"]: v for a, v in final.all_points("ridley.link.bytes")
               if a.get("ridley.client.group") == "external"}
-    assert bytes_ == {"transmit": 12, "receive": 28}
+    assert bytes_ == {"client_to_server": 12, "server_to_client": 28}
 
 
 def test_a_closed_stdout_is_reported_once_and_capture_goes_on(tmp_path):

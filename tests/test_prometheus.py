@@ -132,8 +132,8 @@ def test_prometheus_scrapes_ridley_and_answers_every_dashboard_query(ridley, pee
         assert (failed[(B4, A4)], failed[(C4, A4)]) == (0, 2)
         sent = by(prometheus.query(
             f'ridley_link_bytes_total{{client_address="{B4}",server_address="{A4}",server_port="8301"}}'),
-            "network_io_direction")
-        assert sent == {("transmit",): 300, ("receive",): 120}
+            "ridley_link_direction")
+        assert sent == {("client_to_server",): 300, ("server_to_client",): 120}
         # Every query of the shipped dashboard is valid PromQL over what ridley exposes and
         # answers with data (Grafana's $__rate_interval: at least four scrape intervals).
         queries = dashboard_queries()

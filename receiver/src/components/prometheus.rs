@@ -382,7 +382,7 @@ mod tests {
         );
         for line in [
             format!(
-                "ridley_link_bytes_total{{{link},network_io_direction=\"transmit\",{scope}}} 42"
+                "ridley_link_bytes_total{{{link},ridley_link_direction=\"client_to_server\",{scope}}} 42"
             ),
             format!(
                 "ridley_link_connect_duration_seconds_bucket{{{link},{scope},le=\"0.00005\"}} 0"

@@ -122,10 +122,10 @@ pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsS
     let mut failed = Vec::new();
     for (i, (_, stats)) in links.iter().enumerate() {
         for (direction, value) in [
-            ("transmit", stats.bytes_transmit),
-            ("receive", stats.bytes_receive),
+            ("client_to_server", stats.bytes_transmit),
+            ("server_to_client", stats.bytes_receive),
         ] {
-            let a = with(i, kv_str("network.io.direction", direction));
+            let a = with(i, kv_str("ridley.link.direction", direction));
             bytes.push(p.number(stats.start_time, a, value));
         }
         // A reason appears once it has happened at least once on the link.
@@ -511,7 +511,7 @@ mod tests {
         assert!(attrs.contains(
             &serde_json::json!({"key": "network.type", "value": {"stringValue": "ipv6"}})
         ));
-        assert!(attrs.contains(&serde_json::json!({"key": "network.io.direction", "value": {"stringValue": "transmit"}})));
+        assert!(attrs.contains(&serde_json::json!({"key": "ridley.link.direction", "value": {"stringValue": "client_to_server"}})));
 
         let failed = &metrics[2];
         assert_eq!(failed["name"], "ridley.link.connections.failed");

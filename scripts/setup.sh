@@ -40,9 +40,10 @@ fi
 
 # Python peers for the end-to-end tests: pytest, a real collector (rotel) and the
 # official OTLP protobuf definitions for the sink behind it.
-if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_client, kmock, pytest_asyncio, yaml, kubernetes_validate' 2>/dev/null; then
-    log "installing pytest, rotel, opentelemetry-proto, grpcio, prometheus-client, kmock, pytest-asyncio, pyyaml, kubernetes-validate"
-    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio pyyaml kubernetes-validate
+# zstandard decodes zstd request bodies (rotel accepts gzip only).
+if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_client, kmock, pytest_asyncio, yaml, kubernetes_validate, zstandard' 2>/dev/null; then
+    log "installing pytest, rotel, opentelemetry-proto, grpcio, prometheus-client, kmock, pytest-asyncio, pyyaml, kubernetes-validate, zstandard"
+    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio pyyaml kubernetes-validate zstandard
 fi
 
 # Kernel interfaces the daemon and the benchmark use.

@@ -3,7 +3,9 @@ Tempo, the servicegraph connector and Jaeger read them, losing nothing while the
 collector is away, delta temporality and service-graph metrics."""
 import time
 
-from conftest import HOSTS
+import pytest
+
+from conftest import HOSTS, Batch
 from servicegraph import connector_edges, jaeger_edges, tempo_edges
 
 A4, _ = HOSTS["a"]
@@ -224,3 +226,49 @@ def test_otel_environment_variables_fill_what_the_yaml_leaves_unset(ridley, peer
     assert resources and all(res["service.name"] == "ridley-ci" for res in resources), resources
     assert all(res["deployment.environment.name"] == "ci" for res in resources)
     assert all(res.get("host.name") for res in resources), "detected attributes stay"
+
+
+def test_zstd_compressed_http_requests_decode_whole(ridley, peers):
+    """`compression: zstd` over OTLP/HTTP: a receiver that decodes as the collector's
+    confighttp does (Content-Encoding: zstd) gets the exact link. rotel, the suite's
+    collector, accepts gzip only, and gRPC's zstd is tonic's codec (not exercised here:
+    Python's grpcio has no zstd)."""
+    import http.server
+    import threading
+
+    import zstandard
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+    from google.protobuf.json_format import MessageToDict
+
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            encoding = self.headers.get("content-encoding")
+            if encoding == "zstd":
+                body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            request = metrics_service_pb2.ExportMetricsServiceRequest()
+            request.ParseFromString(body)
+            received.append((encoding, MessageToDict(request)))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        exporters = (f"  otlphttp:\n    endpoint: http://127.0.0.1:{server.server_address[1]}\n"
+                     "    compression: zstd\n")
+        r = ridley(exporters=exporters, pipelines={"metrics": ["otlphttp"]})
+        peers.server("a", A4, 8097, reply=9)
+        assert peers.connect("b", A4, 8097, send=31, count=3) == ["received 9"] * 3
+        r.stop()
+    finally:
+        server.shutdown()
+    assert received and {encoding for encoding, _ in received} == {"zstd"}
+    link = Batch([doc for _, doc in received]).link(B4, A4, 8097)
+    assert (link["opened"], link["transmit"], link["receive"]) == (3, 93, 27)

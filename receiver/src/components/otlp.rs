@@ -83,9 +83,14 @@ impl GrpcTransport {
         }
         let mut metrics = MetricsServiceClient::new(channel.clone());
         let mut traces = TraceServiceClient::new(channel);
-        if config.compression == Compression::Gzip {
-            metrics = metrics.send_compressed(CompressionEncoding::Gzip);
-            traces = traces.send_compressed(CompressionEncoding::Gzip);
+        let encoding = match config.compression {
+            Compression::Gzip => Some(CompressionEncoding::Gzip),
+            Compression::Zstd => Some(CompressionEncoding::Zstd),
+            Compression::None => None,
+        };
+        if let Some(encoding) = encoding {
+            metrics = metrics.send_compressed(encoding);
+            traces = traces.send_compressed(encoding);
         }
         Ok(GrpcTransport {
             metrics,

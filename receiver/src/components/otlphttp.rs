@@ -33,7 +33,7 @@ struct HttpTransport {
     client: reqwest::Client,
     metrics_url: String,
     traces_url: String,
-    gzip: bool,
+    compression: Compression,
 }
 
 fn signal_url(base: &str, explicit: &Option<String>, path: &str) -> Result<String> {
@@ -78,8 +78,26 @@ impl HttpTransport {
             client: builder.build().context("building the HTTP client")?,
             metrics_url: signal_url(&config.endpoint, &config.metrics_endpoint, "v1/metrics")?,
             traces_url: signal_url(&config.endpoint, &config.traces_endpoint, "v1/traces")?,
-            gzip: config.compression == Compression::Gzip,
+            compression: config.compression,
         })
+    }
+}
+
+/// The body as sent, and its `Content-Encoding`.
+fn compress(
+    compression: Compression,
+    body: Vec<u8>,
+) -> std::io::Result<(Vec<u8>, Option<&'static str>)> {
+    match compression {
+        Compression::None => Ok((body, None)),
+        Compression::Gzip => {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(&body)?;
+            Ok((encoder.finish()?, Some("gzip")))
+        }
+        // Level 1: the fast end, as the collector's default for zstd.
+        Compression::Zstd => Ok((zstd::bulk::compress(&body, 1)?, Some("zstd"))),
     }
 }
 
@@ -91,22 +109,13 @@ impl Transport for HttpTransport {
             Payload::Traces { request, .. } => (&self.traces_url, request.encode_to_vec()),
         };
         let mut request = self.client.post(url.as_str());
-        let body = if self.gzip {
-            let mut encoder =
-                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            encoder
-                .write_all(&body)
-                .and_then(|()| encoder.finish())
-                .map_err(|e| SendError {
-                    retryable: false,
-                    throttle: None,
-                    message: format!("gzip: {e}"),
-                })?
-        } else {
-            body
-        };
-        if self.gzip {
-            request = request.header(CONTENT_ENCODING, "gzip");
+        let (body, encoding) = compress(self.compression, body).map_err(|e| SendError {
+            retryable: false,
+            throttle: None,
+            message: format!("compressing the request: {e}"),
+        })?;
+        if let Some(encoding) = encoding {
+            request = request.header(CONTENT_ENCODING, encoding);
         }
         let response = request.body(body).send().await.map_err(|e| SendError {
             retryable: true,
@@ -175,5 +184,31 @@ mod tests {
         assert_eq!(with("999999"), Some(std::time::Duration::from_secs(3600)));
         assert_eq!(with("soon"), None);
         assert_eq!(retry_after(&reqwest::header::HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn bodies_are_compressed_as_their_encoding_header_says() {
+        use std::io::Read;
+        let body: Vec<u8> = (0..10_000u32)
+            .flat_map(|n| (n % 97).to_le_bytes())
+            .collect();
+        let (zstd_body, encoding) = compress(Compression::Zstd, body.clone()).unwrap();
+        assert_eq!(encoding, Some("zstd"));
+        assert!(zstd_body.len() < body.len() / 4);
+        assert_eq!(
+            zstd::bulk::decompress(&zstd_body, body.len()).unwrap(),
+            body
+        );
+        let (gzip_body, encoding) = compress(Compression::Gzip, body.clone()).unwrap();
+        assert_eq!(encoding, Some("gzip"));
+        let mut unzipped = Vec::new();
+        flate2::read::GzDecoder::new(&gzip_body[..])
+            .read_to_end(&mut unzipped)
+            .unwrap();
+        assert_eq!(unzipped, body);
+        assert_eq!(
+            compress(Compression::None, body.clone()).unwrap(),
+            (body, None)
+        );
     }
 }

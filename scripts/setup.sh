@@ -40,10 +40,12 @@ fi
 
 # Python peers for the end-to-end tests: pytest, a real collector (rotel) and the
 # official OTLP protobuf definitions for the sink behind it.
-# zstandard decodes zstd request bodies (rotel accepts gzip only).
-if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_client, kmock, pytest_asyncio, yaml, kubernetes_validate, zstandard' 2>/dev/null; then
-    log "installing pytest, rotel, opentelemetry-proto, grpcio, prometheus-client, kmock, pytest-asyncio, pyyaml, kubernetes-validate, zstandard"
-    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio pyyaml kubernetes-validate zstandard
+# zstandard decodes zstd request bodies (rotel accepts gzip only); Grafana's typed
+# dashboard models (grafana-foundation-sdk, pinned: its API is generated) check the
+# dashboard JSON.
+if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_client, kmock, pytest_asyncio, yaml, kubernetes_validate, zstandard, grafana_foundation_sdk' 2>/dev/null; then
+    log "installing the Python test peers"
+    python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio pyyaml kubernetes-validate zstandard 'grafana-foundation-sdk==1769699998!10.1.0'
 fi
 
 # Kernel interfaces the daemon and the benchmark use.

@@ -191,3 +191,40 @@ def test_manifests_match_the_kubernetes_schemas(path):
     broken = {**docs[0], "metadata": {**docs[0]["metadata"], "lables": {"x": "y"}}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, "1.33", strict=True)
+
+
+def typed_dashboard_problems(dashboard_json):
+    """What Grafana's own typed models (grafana-foundation-sdk) cannot place: a panel
+    type without a registered panel plugin, a query its datasource's model does not
+    decode, a query that loses its expression on the way."""
+    from grafana_foundation_sdk.cog import runtime as cogruntime
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models import dashboard, prometheus, tempo
+
+    register_default_plugins()
+    model = dashboard.Dashboard.from_json(dashboard_json)
+    problems = []
+    for raw, panel in zip(dashboard_json["panels"], model.panels):
+        if cogruntime.panelcfg_config(panel.type_val) is None:
+            problems.append(f"panel {raw['title']!r}: no panel plugin {panel.type_val!r}")
+        for raw_target, target in zip(raw.get("targets", []), panel.targets or []):
+            if isinstance(target, prometheus.Dataquery):
+                if target.expr != raw_target.get("expr"):
+                    problems.append(f"panel {raw['title']!r}: expression lost")
+            elif isinstance(target, tempo.TempoQuery):
+                if target.query_type != raw_target.get("queryType"):
+                    problems.append(f"panel {raw['title']!r}: Tempo query type lost")
+            else:
+                problems.append(f"panel {raw['title']!r}: query of unknown type {type(target).__name__}")
+    return problems
+
+
+def test_dashboard_parses_into_grafanas_typed_models():
+    import copy
+    import json
+    dashboard = json.loads((EXAMPLES / "grafana/dashboards/ridley.json").read_text())
+    assert typed_dashboard_problems(dashboard) == []
+    # The check would have caught the panel id this dashboard once shipped with.
+    broken = copy.deepcopy(dashboard)
+    broken["panels"][0]["type"] = "nodegraph"
+    assert typed_dashboard_problems(broken) == ["panel 'Service map': no panel plugin 'nodegraph'"]

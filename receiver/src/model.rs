@@ -269,6 +269,24 @@ impl LinkStats {
         }
     }
 
+    /// The cumulative part alone (no interval samples): what a processor keeps of a
+    /// link between batches to add only what is new.
+    pub fn cumulative(&self) -> LinkStats {
+        LinkStats {
+            start_time: self.start_time,
+            bytes_transmit: self.bytes_transmit,
+            bytes_receive: self.bytes_receive,
+            opened: self.opened,
+            failed: self.failed,
+            active: self.active,
+            retransmits: self.retransmits,
+            connect_duration: self.connect_duration.clone(),
+            rtt: self.rtt.clone(),
+            interval: IntervalActivity::default(),
+            reported_by_server: self.reported_by_server,
+        }
+    }
+
     pub fn failed(&self, reason: FailureReason) -> u64 {
         self.failed[reason.index()]
     }

@@ -54,14 +54,14 @@ impl FileExporter {
     fn lines(&mut self, signal: Signal, data: Data<'_>) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         match (signal, data) {
-            (Signal::Metrics, Data::Links(encoded)) => write_line(&mut out, encoded.metrics())?,
+            (Signal::Metrics, Data::Links(encoded)) => write_line(&mut out, &**encoded.metrics())?,
             (Signal::Metrics, Data::Telemetry(snapshot)) => {
                 let request = encode::metrics::telemetry_request(snapshot, &self.resource);
                 write_line(&mut out, &request)?;
             }
             (Signal::Traces, Data::Links(encoded)) => {
                 for (request, _) in encoded.traces() {
-                    write_line(&mut out, request)?;
+                    write_line(&mut out, &**request)?;
                 }
             }
             (Signal::Traces, Data::Telemetry(_)) => {}

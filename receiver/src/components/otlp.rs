@@ -182,7 +182,7 @@ impl Transport for GrpcTransport {
                 let response = self
                     .metrics
                     .clone()
-                    .export(self.request(request.clone()))
+                    .export(self.request((**request).clone()))
                     .await
                     .map_err(send_error)?;
                 if let Some(partial) = response.into_inner().partial_success {
@@ -199,7 +199,7 @@ impl Transport for GrpcTransport {
                 let response = self
                     .traces
                     .clone()
-                    .export(self.request(request.clone()))
+                    .export(self.request((**request).clone()))
                     .await
                     .map_err(send_error)?;
                 if let Some(partial) = response.into_inner().partial_success {

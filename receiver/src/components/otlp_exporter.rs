@@ -336,14 +336,15 @@ pub enum MetricStream {
 #[derive(Clone, Debug)]
 pub enum Payload {
     Metrics {
-        request: ExportMetricsServiceRequest,
+        /// Shared with the batch's other exporters until it is sent.
+        request: Arc<ExportMetricsServiceRequest>,
         stream: MetricStream,
         /// Which batch it came from: a cumulative batch supersedes every part of the
         /// batches of its stream before it.
         batch: u64,
     },
     Traces {
-        request: ExportTraceServiceRequest,
+        request: Arc<ExportTraceServiceRequest>,
         pairs: usize,
     },
 }
@@ -382,6 +383,22 @@ pub struct SendError {
 /// Splits a metrics request into requests of at most `max_bytes` encoded, by data
 /// point, each carrying the same resource and scope and the headers of the metrics
 /// it has points of. One point is never split (a point is far below any limit).
+/// [`split_metrics_request`] for a shared request: one within the limit is queued as it
+/// is, without a copy.
+fn split_shared(
+    request: Arc<ExportMetricsServiceRequest>,
+    max_bytes: usize,
+) -> Vec<Arc<ExportMetricsServiceRequest>> {
+    use prost::Message;
+    if request.encoded_len() <= max_bytes {
+        return vec![request];
+    }
+    split_metrics_request(Arc::unwrap_or_clone(request), max_bytes)
+        .into_iter()
+        .map(Arc::new)
+        .collect()
+}
+
 pub fn split_metrics_request(
     request: ExportMetricsServiceRequest,
     max_bytes: usize,
@@ -788,16 +805,16 @@ impl Exporter for OtlpExporter {
         }
         let (mut request, stream) = match (signal, data) {
             (Signal::Metrics, Data::Links(encoded)) => {
-                (encoded.metrics().clone(), MetricStream::Links)
+                (Arc::clone(encoded.metrics()), MetricStream::Links)
             }
             (Signal::Metrics, Data::Telemetry(snapshot)) => (
-                encode::metrics::telemetry_request(snapshot, &self.resource),
+                Arc::new(encode::metrics::telemetry_request(snapshot, &self.resource)),
                 MetricStream::Telemetry,
             ),
             (Signal::Traces, Data::Links(encoded)) => {
                 for (request, pairs) in encoded.traces() {
                     lane.queue.push(Payload::Traces {
-                        request: request.clone(),
+                        request: Arc::clone(request),
                         pairs: *pairs,
                     });
                 }
@@ -806,10 +823,14 @@ impl Exporter for OtlpExporter {
             (Signal::Traces, Data::Telemetry(_)) => return Ok(()),
         };
         if let Some(deltas) = self.delta.as_mut() {
-            deltas.entry(stream).or_default().convert(&mut request);
+            // Deltas are this exporter's own: its copy of the shared request.
+            deltas
+                .entry(stream)
+                .or_default()
+                .convert(Arc::make_mut(&mut request));
         }
         self.batches += 1;
-        for request in split_metrics_request(request, self.max_request_size) {
+        for request in split_shared(request, self.max_request_size) {
             lane.queue.push(Payload::Metrics {
                 request,
                 stream,
@@ -846,7 +867,7 @@ mod tests {
     /// A metrics request of a new batch.
     fn metrics() -> Payload {
         Payload::Metrics {
-            request: ExportMetricsServiceRequest::default(),
+            request: Arc::default(),
             stream: MetricStream::Links,
             batch: BATCH.fetch_add(1, Ordering::Relaxed) + 1,
         }
@@ -854,7 +875,7 @@ mod tests {
 
     fn traces(pairs: usize) -> Payload {
         Payload::Traces {
-            request: ExportTraceServiceRequest::default(),
+            request: Arc::default(),
             pairs,
         }
     }
@@ -994,7 +1015,7 @@ mod bounds_tests {
         let size = request.encoded_len();
         for batch in 0..100 {
             q.push(Payload::Metrics {
-                request: request.clone(),
+                request: Arc::new(request.clone()),
                 stream: MetricStream::Links,
                 batch,
             });
@@ -1061,7 +1082,7 @@ mod bounds_tests {
         while started.elapsed() < window {
             batch += 1;
             queue.push(Payload::Metrics {
-                request: ExportMetricsServiceRequest::default(),
+                request: Arc::default(),
                 stream: MetricStream::Links,
                 batch,
             });

@@ -127,7 +127,7 @@ impl Exporter for PrometheusExporter {
         // part is rendered when it changes, and the old one is freed once no scrape
         // still sends it.
         let (links, text) = match data {
-            PipelineData::Links(encoded) => (true, render_all(&[encoded.metrics()], true)),
+            PipelineData::Links(encoded) => (true, render_all(&[&**encoded.metrics()], true)),
             PipelineData::Telemetry(snapshot) => {
                 let request = encode::metrics::telemetry_request(snapshot, &self.resource);
                 (false, render_all(&[&request], false))

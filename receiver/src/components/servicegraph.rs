@@ -133,7 +133,7 @@ impl ServiceGraph {
             edge.failed += added.failed_total();
             edge.durations.merge(&added.connect_duration);
             edge.last_seen = batch.time;
-            seen.insert(*key, stats.clone());
+            seen.insert(*key, stats.cumulative());
         }
         self.previous = seen;
         let expiration = self.config.edge_expiration;

@@ -12,7 +12,7 @@ pub mod temporality;
 pub use attributes::{kv, kv_str, link_attributes, link_point_attributes, scope, unix_nanos};
 pub use resource::resource;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use opentelemetry_proto::tonic::collector::{
     metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
@@ -28,8 +28,8 @@ pub const PAIRS_PER_REQUEST: usize = 512;
 /// for the metrics request (or the span pairs) builds it for all.
 pub struct Encoded<'a> {
     pub batch: &'a LinkBatch,
-    metrics: OnceLock<ExportMetricsServiceRequest>,
-    traces: OnceLock<Vec<(ExportTraceServiceRequest, usize)>>,
+    metrics: OnceLock<Arc<ExportMetricsServiceRequest>>,
+    traces: OnceLock<Vec<(Arc<ExportTraceServiceRequest>, usize)>>,
 }
 
 impl<'a> Encoded<'a> {
@@ -41,21 +41,25 @@ impl<'a> Encoded<'a> {
         }
     }
 
-    /// The batch as one cumulative metrics request.
-    pub fn metrics(&self) -> &ExportMetricsServiceRequest {
+    /// The batch as one cumulative metrics request, shared (an exporter that queues it
+    /// holds a reference, not a copy).
+    pub fn metrics(&self) -> &Arc<ExportMetricsServiceRequest> {
         self.metrics
-            .get_or_init(|| metrics::metrics_request(self.batch, &resource()))
+            .get_or_init(|| Arc::new(metrics::metrics_request(self.batch, &resource())))
     }
 
     /// The batch's span pairs, in requests of at most [`PAIRS_PER_REQUEST`] pairs, each
     /// with its number of pairs.
-    pub fn traces(&self) -> &[(ExportTraceServiceRequest, usize)] {
+    pub fn traces(&self) -> &[(Arc<ExportTraceServiceRequest>, usize)] {
         self.traces.get_or_init(|| {
             spans::trace_requests(
                 self.batch,
                 &mut spans::IdGenerator::default(),
                 PAIRS_PER_REQUEST,
             )
+            .into_iter()
+            .map(|(request, pairs)| (Arc::new(request), pairs))
+            .collect()
         })
     }
 }

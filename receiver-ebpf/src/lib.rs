@@ -48,6 +48,12 @@ pub mod flags {
     pub const PEER_LOCAL: u8 = 1 << 1;
     /// The peer's FIN has been received (`SOCK_DONE`): `bytes_received` counts it.
     pub const PEER_FIN: u8 = 1 << 2;
+    /// A walk has reported the socket: its `walked_*` counters are set (kernel only).
+    pub const WALKED: u8 = 1 << 3;
+    /// A client socket whose local end did not fit `CLIENT_ENDPOINTS`: a server socket
+    /// on this host cannot know its client is local, so userspace leaves the connection
+    /// to the server's report when it sees both.
+    pub const ENDPOINT_UNRECORDED: u8 = 1 << 4;
 }
 
 /// What a [`SockRecord`] reports.
@@ -64,8 +70,9 @@ pub mod kind {
 pub mod counter {
     /// Events dropped because the ring buffer was full.
     pub const RINGBUF_DROPS: u32 = 0;
-    /// Connections not tracked because `SOCKS` was full.
-    pub const SOCKS_FULL: u32 = 1;
+    /// Sockets whose state could not be stored (`bpf_sk_storage_get` could not allocate:
+    /// memory pressure). Such a connection is counted from the walks, without its open.
+    pub const SOCK_STATE_UNAVAILABLE: u32 = 1;
     /// Client endpoints not recorded because `CLIENT_ENDPOINTS` was full (the link may
     /// then be reported by both ends).
     pub const ENDPOINTS_FULL: u32 = 2;
@@ -76,10 +83,11 @@ pub mod counter {
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
-    pub const MAP_SOCKS: &str = "SOCKS";
+    pub const MAP_SOCK_STATES: &str = "SOCK_STATES";
     pub const MAP_CLIENT_ENDPOINTS: &str = "CLIENT_ENDPOINTS";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_COUNTERS: &str = "COUNTERS";
+    pub const MAP_WALK_CONTROL: &str = "WALK_CONTROL";
     pub const GLOBAL_OFFSETS: &str = "OFFSETS";
     pub const GLOBAL_RINGBUF_WAKEUP_BYTES: &str = "RINGBUF_WAKEUP_BYTES";
     pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
@@ -89,7 +97,9 @@ pub mod names {
 /// Byte offsets of the kernel fields the programs read, relative to `struct sock *`
 /// (which is also `struct tcp_sock *`: the sock is its first member). aya-ebpf has no
 /// CO-RE field relocations, so userspace resolves these from `/sys/kernel/btf/vmlinux`
-/// and writes them into the programs' read-only data before loading.
+/// and writes them into the programs' read-only data before loading. That data is a
+/// frozen read-only map, so the verifier knows each offset as a constant and checks every
+/// load against the kernel's BTF: the programs read fields directly, with no helper call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
@@ -118,8 +128,9 @@ pub struct KernelOffsets {
     pub write_seq: u32,
 }
 
-/// Per-socket state the programs keep from the handshake to `TCP_CLOSE`
-/// (value of the `SOCKS` hash, keyed by the `struct sock` address).
+/// Per-socket state the programs keep, in socket-local storage (`SOCK_STATES`): it is
+/// created with the socket's first transition and freed by the kernel with the socket, so
+/// it needs no delete, cannot leak and cannot fill up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockState {
@@ -131,17 +142,50 @@ pub struct SockState {
     pub base_bytes_acked: u64,
     /// `bytes_received` at `ESTABLISHED`.
     pub base_bytes_received: u64,
+    /// cgroup v2 id of the task that called `connect()` (clients only; 0 otherwise):
+    /// tells apart clients that share an address (host-network pods, host processes).
+    pub cgroup_id: u64,
+    /// Counters as the last walk reported them: a socket whose counters and state did
+    /// not change since is not reported again (see [`WalkControl`]).
+    pub walked_bytes_acked: u64,
+    pub walked_bytes_received: u64,
     pub base_total_retrans: u32,
-    pub role: u8,
-    pub flags: u8,
+    pub walked_total_retrans: u32,
+    /// `WalkControl::generation` of the walk that last reported the socket.
+    pub walked_generation: u32,
     /// Local port at `ESTABLISHED`, host byte order. The kernel releases an
     /// automatically bound port (`inet_put_port`) before the `TCP_CLOSE` transition, so
     /// `skc_num` reads 0 there: the close path uses this copy to remove the client's
     /// `CLIENT_ENDPOINTS` entry and to report the client port.
     pub local_port: u16,
-    /// cgroup v2 id of the task that called `connect()` (clients only; 0 otherwise):
-    /// tells apart clients that share an address (host-network pods, host processes).
-    pub cgroup_id: u64,
+    pub role: u8,
+    pub flags: u8,
+    pub walked_state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// What the next `iter/tcp` walk reports: value of the one-entry `WALK_CONTROL` array,
+/// written by userspace before each walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalkControl {
+    /// Changes with every walk. The kernel re-runs the program for a socket whose record
+    /// did not fit the read buffer (the record is discarded and shown again in the next
+    /// read): a socket already reported in this generation is reported again, never
+    /// skipped as unchanged.
+    pub generation: u32,
+    /// A [`walk_mode`] value.
+    pub mode: u32,
+}
+
+pub mod walk_mode {
+    /// Only sockets whose counters or state changed since they were last reported,
+    /// sockets never reported, and listeners: an idle connection costs one storage
+    /// lookup and a few loads per walk.
+    pub const CHANGED: u32 = 0;
+    /// Every socket: userspace reconciles its table (connections whose close record was
+    /// lost) and starts over after a walk it could not read.
+    pub const FULL: u32 = 1;
 }
 
 /// Key of the `CLIENT_ENDPOINTS` hash: the local end of an established client socket,
@@ -224,6 +268,7 @@ impl SockRecord {
 
 // The layouts are part of the contract: a change here must be deliberate on both sides.
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
-const _: () = assert!(core::mem::size_of::<SockState>() == 48);
+const _: () = assert!(core::mem::size_of::<SockState>() == 80);
+const _: () = assert!(core::mem::size_of::<WalkControl>() == 8);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);

@@ -179,6 +179,10 @@ pub struct Aggregator {
     /// Connections closed since the last walk was applied: a walk that ran while they
     /// closed may still list them, and must not bring them back.
     closed_since_walk: HashSet<ConnId>,
+    /// Connections left to their local peer's report: decided once, when both ends are
+    /// in one walk, and kept, because a later walk of changed sockets may list one end
+    /// without the other.
+    left_to_peer: HashSet<ConnId>,
     walk_generation: u64,
     idle_timeout: Duration,
     close_lost: u64,
@@ -249,6 +253,7 @@ impl Aggregator {
             conns: HashMap::new(),
             links: HashMap::new(),
             closed_since_walk: HashSet::new(),
+            left_to_peer: HashSet::new(),
             walk_generation: 0,
             idle_timeout: config.idle_timeout,
             close_lost: 0,
@@ -403,6 +408,9 @@ impl Aggregator {
     fn apply_close(&mut self, rec: &SockRecord, now: Now) {
         let id = ConnId::of(rec);
         self.closed_since_walk.insert(id);
+        if self.left_to_peer.remove(&id) {
+            return;
+        }
         let final_payload = SocketBytes::of(rec);
         let failure = close_failure(rec);
         let (key, end, counted) = match self.conns.remove(&id) {
@@ -438,10 +446,12 @@ impl Aggregator {
         }
     }
 
-    /// A walk of the live sockets of every network namespace. `complete` is false when
-    /// some namespace could not be walked: connections missing from such a walk are not
-    /// taken for lost (they may live in the namespace that was not seen).
-    pub fn apply_walk(&mut self, records: &[SockRecord], now: Now, complete: bool) {
+    /// A walk of the live sockets of every network namespace: listeners and the
+    /// connections whose counters changed since they were last reported, or every
+    /// socket when `full`. Only a full walk that is `complete` (every namespace walked)
+    /// can tell that a connection vanished: one missing from any other walk is idle, or
+    /// lives in a namespace that was not seen.
+    pub fn apply_walk(&mut self, records: &[SockRecord], now: Now, full: bool, complete: bool) {
         self.walk_generation += 1;
         let generation = self.walk_generation;
 
@@ -498,7 +508,7 @@ impl Aggregator {
                 continue;
             }
             let id = ConnId::of(rec);
-            if self.closed_since_walk.contains(&id) {
+            if self.closed_since_walk.contains(&id) || self.left_to_peer.contains(&id) {
                 continue;
             }
             let now_payload = SocketBytes::of(rec);
@@ -513,21 +523,28 @@ impl Aggregator {
             }
             let end = end_of(rec);
             let tracked = rec.flags & flags::TRACKED != 0;
-            // An untracked end whose local peer reports the connection is left to it.
-            let peer_reports = !tracked
-                && match end {
-                    End::Server => client_endpoints.contains(&endpoint(
-                        rec.remote_addr,
-                        rec.remote_port,
-                        rec.netns,
-                    )),
-                    End::Client => reported_by_local_server.contains(&endpoint(
-                        rec.local_addr,
-                        rec.local_port,
-                        rec.netns,
-                    )),
-                };
+            // An untracked end whose local peer reports the connection is left to it; so
+            // is a client whose server could not be told that it is local.
+            let peer_reports = match end {
+                End::Server => {
+                    !tracked
+                        && client_endpoints.contains(&endpoint(
+                            rec.remote_addr,
+                            rec.remote_port,
+                            rec.netns,
+                        ))
+                }
+                End::Client => {
+                    (!tracked || rec.flags & flags::ENDPOINT_UNRECORDED != 0)
+                        && reported_by_local_server.contains(&endpoint(
+                            rec.local_addr,
+                            rec.local_port,
+                            rec.netns,
+                        ))
+                }
+            };
             if peer_reports {
+                self.left_to_peer.insert(id);
                 continue;
             }
             let key = self.admit(link_of(rec, end, self.host_netns));
@@ -553,20 +570,26 @@ impl Aggregator {
             );
         }
 
-        // Seen before, absent now, and no close record: the record was lost.
+        self.closed_since_walk.clear();
+        if !(full && complete) {
+            return;
+        }
+        // Seen before, absent from a walk of every socket, and no close record: the
+        // record was lost.
         let mut lost = Vec::new();
         self.conns.retain(|_, conn| {
-            let live = conn.seen == generation || !complete;
+            let live = conn.seen == generation;
             if !live {
                 lost.push(conn.link);
             }
             live
         });
+        let seen: HashSet<ConnId> = records.iter().map(ConnId::of).collect();
+        self.left_to_peer.retain(|id| seen.contains(id));
         self.close_lost += lost.len() as u64;
         for key in lost {
             self.link_mut(key, now);
         }
-        self.closed_since_walk.clear();
     }
 
     /// The cumulative state of every link, after expiring links idle for `idle_timeout`
@@ -769,14 +792,14 @@ mod tests {
     #[test]
     fn long_connection_is_counted_by_walks_then_close_without_double_counting() {
         let mut agg = Aggregator::new(config(60));
-        agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(1), true);
+        agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(1), true, true);
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
             (100, 40, 1, 1)
         );
 
-        agg.apply_walk(&[live(client(1), 1 + 300, 90)], at(2), true);
+        agg.apply_walk(&[live(client(1), 1 + 300, 90)], at(2), true, true);
         let s = agg.collect(at(2))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
@@ -784,7 +807,7 @@ mod tests {
         );
 
         agg.apply_event(&closed(client(1), 350, 95), at(3));
-        agg.apply_walk(&[], at(3), true);
+        agg.apply_walk(&[], at(3), true, true);
         let s = agg.collect(at(3))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
@@ -798,7 +821,7 @@ mod tests {
         let mut agg = Aggregator::new(config(60));
         // The close record arrives while the walk that still listed the socket runs.
         agg.apply_event(&closed(client(1), 10, 20), at(1));
-        agg.apply_walk(&[live(client(1), 1 + 10, 20)], at(1), true);
+        agg.apply_walk(&[live(client(1), 1 + 10, 20)], at(1), true, true);
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(
             (s.bytes_transmit, s.bytes_receive, s.opened, s.active),
@@ -880,7 +903,7 @@ mod tests {
             ..SockRecord::default()
         };
         listener.local_addr = v4([0, 0, 0, 0]);
-        agg.apply_walk(&[listener, server], at(1), true);
+        agg.apply_walk(&[listener, server], at(1), true, true);
         let s = agg.collect(at(1))[0].1.clone();
         assert_eq!(agg.collect(at(1))[0].0, key());
         assert_eq!(
@@ -890,7 +913,7 @@ mod tests {
 
         server.bytes_acked += 30; // server -> client
         server.bytes_received += 20; // client -> server
-        agg.apply_walk(&[listener, server], at(2), true);
+        agg.apply_walk(&[listener, server], at(2), true, true);
         let s = agg.collect(at(2))[0].1.clone();
         assert_eq!((s.bytes_transmit, s.bytes_receive), (20, 30));
     }
@@ -926,7 +949,7 @@ mod tests {
             local_addr: v4([10, 0, 0, 2]),
             ..SockRecord::default()
         };
-        agg.apply_walk(&[c, s, listener], at(1), true);
+        agg.apply_walk(&[c, s, listener], at(1), true, true);
         assert_eq!(agg.open_connections(), 1);
         assert_eq!(agg.collect(at(1))[0].0, key());
     }
@@ -944,7 +967,7 @@ mod tests {
         // The handshake's SYN, as the kernel's counters include it.
         s.base_bytes_acked = 1;
         s.base_bytes_received = 1;
-        agg.apply_walk(&[c, s], at(1), true);
+        agg.apply_walk(&[c, s], at(1), true, true);
         assert_eq!(agg.open_connections(), 1);
         let links = agg.collect(at(1));
         assert_eq!(links.len(), 1);
@@ -1033,7 +1056,7 @@ mod tests {
         for t in 1..=3 {
             // The untracked client is skipped every walk; only the server is admitted,
             // once, into the overflow series.
-            agg.apply_walk(&[c, s], at(t), true);
+            agg.apply_walk(&[c, s], at(t), true, true);
         }
         let mut losses = Losses::default();
         agg.add_losses(&mut losses);
@@ -1061,8 +1084,8 @@ mod tests {
     #[test]
     fn vanished_connection_is_counted_as_lost_and_idle_links_expire() {
         let mut agg = Aggregator::new(config(30));
-        agg.apply_walk(&[live(client(1), 11, 0)], at(0), true);
-        agg.apply_walk(&[], at(10), true);
+        agg.apply_walk(&[live(client(1), 11, 0)], at(0), true, true);
+        agg.apply_walk(&[], at(10), true, true);
         assert_eq!(agg.close_lost, 1);
         let links = agg.collect(at(10));
         assert_eq!(links[0].1.active, 0);
@@ -1072,10 +1095,54 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_connection_left_out_of_a_walk_of_changed_sockets_stays_open() {
+        let mut agg = Aggregator::new(config(30));
+        agg.apply_walk(&[live(client(1), 1 + 100, 40)], at(0), true, true);
+        // Idle: the kernel does not report it again until its counters change.
+        for t in 1..5 {
+            agg.apply_walk(&[], at(t * 10), false, true);
+        }
+        assert_eq!((agg.close_lost, agg.open_connections()), (0, 1));
+        agg.apply_walk(&[live(client(1), 1 + 150, 40)], at(50), false, true);
+        let links = agg.collect(at(50));
+        assert_eq!(links.len(), 1, "never expired: its connection is open");
+        assert_eq!(
+            (links[0].1.active, links[0].1.bytes_transmit),
+            (1, 150),
+            "the change counted once, on top of what was counted"
+        );
+        // A full walk that does not list it: its close record was lost.
+        agg.apply_walk(&[], at(60), true, true);
+        assert_eq!((agg.close_lost, agg.open_connections()), (1, 0));
+    }
+
+    #[test]
+    fn a_pair_left_to_the_client_stays_left_when_a_later_walk_lists_only_the_server() {
+        let mut agg = Aggregator::new(config(60));
+        let (c, s) = local_pair((10, 10), (10, 10));
+        let listener = SockRecord {
+            state: tcp_state::LISTEN,
+            local_port: 80,
+            netns: 2,
+            local_addr: v4([10, 0, 0, 2]),
+            ..SockRecord::default()
+        };
+        agg.apply_walk(&[c, s, listener], at(1), true, true);
+        // Only the server's counters changed since: without its client in the walk, it
+        // must still not be counted as a second link.
+        let (_, s_later) = local_pair((10, 10), (10, 510));
+        agg.apply_walk(&[s_later, listener], at(2), false, true);
+        assert_eq!(agg.open_connections(), 1);
+        let links = agg.collect(at(2));
+        assert_eq!(links.len(), 1);
+        assert_eq!(links[0].0, key());
+    }
+
+    #[test]
     fn link_with_open_connection_never_expires() {
         let mut agg = Aggregator::new(config(30));
         for t in 0..10 {
-            agg.apply_walk(&[live(client(1), 11, 0)], at(t * 60), true);
+            agg.apply_walk(&[live(client(1), 11, 0)], at(t * 60), true, true);
             assert_eq!(agg.collect(at(t * 60)).len(), 1);
         }
     }

@@ -326,8 +326,9 @@ impl LinkStats {
 pub struct Losses {
     /// Close records dropped because the ring buffer was full.
     pub ringbuf_full: u64,
-    /// Connections not tracked because the kernel socket table was full.
-    pub socket_table_full: u64,
+    /// Sockets whose state the kernel could not store (socket storage could not be
+    /// allocated: memory pressure); such a connection is counted without its open.
+    pub socket_state_unavailable: u64,
     /// Client endpoints not recorded (the link may be reported from both ends).
     pub endpoint_table_full: u64,
     /// Kernel memory reads that failed.
@@ -347,7 +348,8 @@ impl Losses {
     pub fn plus(self, other: &Losses) -> Losses {
         Losses {
             ringbuf_full: self.ringbuf_full + other.ringbuf_full,
-            socket_table_full: self.socket_table_full + other.socket_table_full,
+            socket_state_unavailable: self.socket_state_unavailable
+                + other.socket_state_unavailable,
             endpoint_table_full: self.endpoint_table_full + other.endpoint_table_full,
             read_errors: self.read_errors + other.read_errors,
             link_limit: self.link_limit + other.link_limit,
@@ -359,7 +361,7 @@ impl Losses {
     pub fn entries(&self) -> [(&'static str, u64); 7] {
         [
             ("ringbuf_full", self.ringbuf_full),
-            ("socket_table_full", self.socket_table_full),
+            ("socket_state_unavailable", self.socket_state_unavailable),
             ("endpoint_table_full", self.endpoint_table_full),
             ("read_error", self.read_errors),
             ("link_limit", self.link_limit),

@@ -2,15 +2,17 @@
 //!
 //! - `tp_btf/inet_sock_set_state` sees every TCP state change of every socket in every
 //!   network namespace. It records how a connection was opened (client or server, when,
-//!   with which handshake counters) in `SOCKS`, and at `TCP_CLOSE` sends one record with
-//!   the final counters on the `EVENTS` ring buffer. Cost: a few map operations per
-//!   connection, nothing per packet.
+//!   with which handshake counters) in the socket's own storage (`SOCK_STATES`), and at
+//!   `TCP_CLOSE` sends one record with the final counters on the `EVENTS` ring buffer.
+//!   Cost: a few loads and one storage lookup per transition, nothing per packet.
 //! - `iter/tcp` walks the TCP sockets of one network namespace when userspace reads it,
-//!   once per collection interval: live counters of long-lived connections, listeners
-//!   (to give connections that predate the daemon their role) and nothing per packet.
+//!   once per collection interval: live counters of long-lived connections whose counters
+//!   changed since the last walk, listeners (to give connections that predate the daemon
+//!   their role) and nothing per packet.
 //!
-//! Kernel struct fields are read with `bpf_probe_read_kernel` at offsets userspace
-//! resolved from BTF (`OFFSETS`), because aya-ebpf has no CO-RE field relocations.
+//! Both hooks receive BTF-typed socket pointers, so kernel fields are loaded directly at
+//! offsets userspace resolved from BTF (`OFFSETS`, constants to the verifier, which checks
+//! each load against the kernel's types); aya-ebpf has no CO-RE field relocations.
 //! This file must not interpret what it reads: userspace owns the accounting.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
@@ -25,31 +27,39 @@ mod programs {
     use core::ffi::c_void;
 
     use aya_ebpf::{
-        bindings::{BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-        helpers::{
-            bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-            generated::bpf_seq_write,
+        bindings::{
+            BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+            BPF_SK_STORAGE_GET_F_CREATE,
         },
-        macros::{btf_tracepoint, map},
-        maps::{HashMap, PerCpuArray, RingBuf},
+        btf_maps::SkStorage,
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_ktime_get_ns,
+            generated::{bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+        },
+        macros::{btf_map, btf_tracepoint, map},
+        maps::{Array, HashMap, PerCpuArray, RingBuf},
         programs::BtfTracePointContext,
     };
     use ridley_ebpf::{
-        AF_INET, AF_INET6, EndpointKey, IPPROTO_TCP, KernelOffsets, SockRecord, SockState, counter,
-        flags, kind, role, tcp_state,
+        AF_INET, AF_INET6, EndpointKey, KernelOffsets, SockRecord, SockState, WalkControl, counter,
+        flags, kind, role, tcp_state, walk_mode,
     };
 
-    // Sizes here are defaults; userspace sets them from config before loading.
-    // Both hashes are allocated on demand (BPF_F_NO_PREALLOC): memory follows the number
-    // of open connections, not the configured maximum. Entries cannot leak: every TCP
-    // socket passes through TCP_CLOSE, where its entries are removed. A full map is
-    // counted (SOCKS_FULL, ENDPOINTS_FULL), never silently ignored.
-    #[map]
-    static SOCKS: HashMap<u64, SockState> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+    /// Per-socket state from the first transition to the socket's end. Socket-local
+    /// storage: allocated with the socket's first tracked transition, freed by the kernel
+    /// with the socket. No size to configure, nothing to delete, nothing that can leak.
+    #[btf_map]
+    static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
 
+    /// Local ends of established client sockets, so that a server socket on this host
+    /// can tell its client is local (each link once). Allocated on demand
+    /// (`BPF_F_NO_PREALLOC`): memory follows the number of open client connections.
+    /// The size is a default; userspace sets it from `max_connections`. Entries are
+    /// removed at the client's `TCP_CLOSE`, which every TCP socket reaches; a full map is
+    /// counted (ENDPOINTS_FULL), never silently ignored.
     #[map]
     static CLIENT_ENDPOINTS: HashMap<EndpointKey, u8> =
-        HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+        HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
     /// One record per closed or failed connection; drained continuously by userspace.
     /// A full buffer drops the record and counts it (RINGBUF_DROPS).
@@ -58,6 +68,10 @@ mod programs {
 
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+    /// One entry: what the next walk reports, written by userspace.
+    #[map]
+    static WALK_CONTROL: Array<WalkControl> = Array::with_max_entries(1, 0);
 
     /// Filled in by userspace before load (see `KernelOffsets`).
     #[unsafe(no_mangle)]
@@ -91,11 +105,15 @@ mod programs {
     /// `SOCK_DONE` in `enum sock_flags`: set by `tcp_fin()` when the peer's FIN arrives.
     const SOCK_DONE_BIT: u64 = 1 << 1;
 
-    #[inline(always)]
-    fn offsets() -> KernelOffsets {
-        // SAFETY: a plain read of our own read-only global; volatile so the compiler
-        // keeps the values userspace writes into .rodata instead of folding the zeros.
-        unsafe { core::ptr::read_volatile(&raw const OFFSETS) }
+    /// The offset of one field, read on its own so that the verifier sees a load of a
+    /// constant from frozen read-only data (a whole-struct copy would go through the
+    /// stack and lose that).
+    macro_rules! offset {
+        ($field:ident) => {
+            // SAFETY: a plain read of our own read-only global; volatile so that the
+            // compiler keeps the values userspace writes instead of folding the zeros.
+            unsafe { core::ptr::read_volatile(&raw const OFFSETS.$field) }
+        };
     }
 
     #[inline(always)]
@@ -106,37 +124,106 @@ mod programs {
         }
     }
 
-    /// Reads a `T` at `base + off` from kernel memory. A fault (the socket is being torn
-    /// down, a bad offset) yields `T::default()` and is counted, never trusted.
-    #[inline(always)]
-    fn read<T: Default + Copy>(base: *const u8, off: u32) -> T {
-        // SAFETY: bpf_probe_read_kernel validates the address; it never dereferences
-        // it directly and reports a fault as an error.
-        match unsafe { bpf_probe_read_kernel(base.add(off as usize) as *const T) } {
-            Ok(value) => value,
-            Err(_) => {
-                bump(counter::READ_ERRORS);
-                T::default()
+    /// A socket pointer the verifier knows as a BTF `struct tcp_sock` (whose first member
+    /// is the `struct sock`, and its first the `struct sock_common`).
+    #[derive(Clone, Copy)]
+    struct TcpSock(*const u8);
+
+    impl TcpSock {
+        /// The full TCP socket behind `sk`, or `None` for anything else (a listener's
+        /// request or TIME_WAIT mini-socket, another protocol).
+        #[inline(always)]
+        fn from_btf(sk: *const u8) -> Option<TcpSock> {
+            // SAFETY: `sk` is a BTF socket pointer from the hook's context; the helper
+            // checks the socket's kind and protocol and returns NULL when it is not a
+            // full TCP socket.
+            let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
+            (!tp.is_null()).then_some(TcpSock(tp as *const u8))
+        }
+
+        /// Loads the `T` at byte `off` of the socket.
+        #[inline(always)]
+        fn load<T: Copy>(self, off: u32) -> T {
+            // SAFETY: a direct load from a BTF pointer: the verifier checks at load time
+            // that `off` (a constant) and `size_of::<T>()` fall inside one field of the
+            // kernel's struct, and the JIT turns a fault on a socket being torn down into
+            // a zero read instead of an oops.
+            unsafe { core::ptr::read_volatile(self.0.add(off as usize) as *const T) }
+        }
+
+        #[inline(always)]
+        fn family(self) -> u16 {
+            self.load(offset!(skc_family))
+        }
+
+        #[inline(always)]
+        fn state(self) -> u8 {
+            self.load(offset!(skc_state))
+        }
+
+        /// The socket's state storage, created (zeroed) if `create` and absent.
+        #[inline(always)]
+        fn storage(self, create: bool) -> Option<&'static mut SockState> {
+            let flags = if create {
+                BPF_SK_STORAGE_GET_F_CREATE as u64
+            } else {
+                0
+            };
+            // SAFETY: the map is socket storage of `SockState`; the socket pointer is a
+            // BTF `struct sock` (tcp_sock starts with it). The value lives as long as
+            // the socket, which outlives this program run.
+            unsafe {
+                let value = bpf_sk_storage_get(
+                    (&raw const SOCK_STATES) as *mut c_void,
+                    self.0 as *mut c_void,
+                    core::ptr::null_mut(),
+                    flags,
+                ) as *mut SockState;
+                value.as_mut()
             }
         }
-    }
 
-    /// Fills the addressing part of a record. IPv4 is stored IPv4-mapped (::ffff:a.b.c.d).
-    #[inline(always)]
-    fn read_addresses(sk: *const u8, off: &KernelOffsets, family: u16, rec: &mut SockRecord) {
-        if family == AF_INET {
-            let local: [u8; 4] = read(sk, off.skc_rcv_saddr);
-            let remote: [u8; 4] = read(sk, off.skc_daddr);
-            rec.local_addr = v4_mapped(local);
-            rec.remote_addr = v4_mapped(remote);
-        } else {
-            rec.local_addr = read(sk, off.skc_v6_rcv_saddr);
-            rec.remote_addr = read(sk, off.skc_v6_daddr);
+        /// Network namespace inode.
+        #[inline(always)]
+        fn netns(self) -> u32 {
+            let net: *const u8 = self.load(offset!(skc_net));
+            // SAFETY: `net` is the BTF `struct net *` of the socket, loaded above; the
+            // same checked, fault-tolerant direct load as `load`.
+            unsafe {
+                core::ptr::read_volatile(net.add(offset!(net_ns_inum) as usize) as *const u32)
+            }
         }
-        rec.local_port = read::<u16>(sk, off.skc_num);
-        rec.remote_port = u16::from_be(read::<u16>(sk, off.skc_dport));
-        let net: u64 = read(sk, off.skc_net);
-        rec.netns = read::<u32>(net as *const u8, off.net_ns_inum);
+
+        /// Fills the addressing part of a record. IPv4 is stored IPv4-mapped (::ffff:a.b.c.d).
+        #[inline(always)]
+        fn read_addresses(self, family: u16, rec: &mut SockRecord) {
+            if family == AF_INET {
+                rec.local_addr = v4_mapped(self.load(offset!(skc_rcv_saddr)));
+                rec.remote_addr = v4_mapped(self.load(offset!(skc_daddr)));
+            } else {
+                rec.local_addr = self.load(offset!(skc_v6_rcv_saddr));
+                rec.remote_addr = self.load(offset!(skc_v6_daddr));
+            }
+            rec.local_port = self.load(offset!(skc_num));
+            rec.remote_port = u16::from_be(self.load(offset!(skc_dport)));
+            rec.netns = self.netns();
+        }
+
+        /// Fills the tcp_sock counters and error state of a record.
+        #[inline(always)]
+        fn read_counters(self, rec: &mut SockRecord) {
+            rec.bytes_acked = self.load(offset!(bytes_acked));
+            rec.bytes_received = self.load(offset!(bytes_received));
+            rec.total_retrans = self.load(offset!(total_retrans));
+            rec.srtt_us_x8 = self.load(offset!(srtt_us));
+            rec.snd_una = self.load(offset!(snd_una));
+            rec.write_seq = self.load(offset!(write_seq));
+            rec.sk_err = self.load(offset!(sk_err));
+            let sk_flags: u64 = self.load(offset!(sk_flags));
+            if sk_flags & SOCK_DONE_BIT != 0 {
+                rec.flags |= flags::PEER_FIN;
+            }
+        }
     }
 
     #[inline(always)]
@@ -144,22 +231,6 @@ mod programs {
         [
             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
         ]
-    }
-
-    /// Fills the tcp_sock counters and error state of a record.
-    #[inline(always)]
-    fn read_counters(sk: *const u8, off: &KernelOffsets, rec: &mut SockRecord) {
-        rec.bytes_acked = read(sk, off.bytes_acked);
-        rec.bytes_received = read(sk, off.bytes_received);
-        rec.total_retrans = read(sk, off.total_retrans);
-        rec.srtt_us_x8 = read(sk, off.srtt_us);
-        rec.snd_una = read(sk, off.snd_una);
-        rec.write_seq = read(sk, off.write_seq);
-        rec.sk_err = read(sk, off.sk_err);
-        let sk_flags: u64 = read(sk, off.sk_flags);
-        if sk_flags & SOCK_DONE_BIT != 0 {
-            rec.flags |= flags::PEER_FIN;
-        }
     }
 
     #[inline(always)]
@@ -170,7 +241,7 @@ mod programs {
         rec.base_bytes_received = st.base_bytes_received;
         rec.base_total_retrans = st.base_total_retrans;
         rec.role = st.role;
-        rec.flags |= st.flags;
+        rec.flags |= st.flags & !flags::WALKED;
         rec.cgroup_id = st.cgroup_id;
         // At TCP_CLOSE an automatically bound port has already been released.
         if rec.local_port == 0 {
@@ -178,10 +249,9 @@ mod programs {
         }
     }
 
-    /// The shared loopback rule (`EndpointKey::new`).
     #[inline(always)]
-    fn endpoint(addr: [u8; 16], port: u16, netns: u32) -> EndpointKey {
-        EndpointKey::new(addr, port, netns)
+    fn is_ip(family: u16) -> bool {
+        family == AF_INET || family == AF_INET6
     }
 
     #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -195,36 +265,39 @@ mod programs {
 
     #[inline(always)]
     fn on_state_change(sk: *const u8, old_state: u8, new_state: u8) {
-        // Half of all transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...) and the close
-        // of listeners and half-open children need nothing: leave before any read.
+        // Half of all transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...), the close of
+        // listeners and of half-open children need nothing: leave before any read.
         let interesting = match new_state {
             tcp_state::SYN_SENT | tcp_state::SYN_RECV | tcp_state::ESTABLISHED => true,
-            tcp_state::CLOSE => old_state != tcp_state::LISTEN,
+            tcp_state::CLOSE => old_state != tcp_state::LISTEN && old_state != tcp_state::SYN_RECV,
             _ => false,
         };
         if !interesting {
             return;
         }
-        let off = offsets();
-        if read::<u16>(sk, off.sk_protocol) != IPPROTO_TCP {
+        let Some(tp) = TcpSock::from_btf(sk) else {
+            return;
+        };
+        let family = tp.family();
+        if !is_ip(family) {
             return;
         }
-        let family: u16 = read(sk, off.skc_family);
-        if family != AF_INET && family != AF_INET6 {
-            return;
-        }
-        let key = sk as u64;
         match new_state {
-            tcp_state::SYN_SENT => start(key, role::CLIENT),
-            tcp_state::SYN_RECV => start(key, role::SERVER),
-            tcp_state::ESTABLISHED => established(sk, &off, family, old_state),
-            _ => closed(sk, &off, family, old_state),
+            tcp_state::SYN_SENT => start(tp, role::CLIENT),
+            tcp_state::SYN_RECV => start(tp, role::SERVER),
+            tcp_state::ESTABLISHED => established(tp, family, old_state),
+            _ => closed(tp, family, old_state),
         }
     }
 
     #[inline(always)]
-    fn start(key: u64, role: u8) {
-        let state = SockState {
+    fn start(tp: TcpSock, role: u8) {
+        let Some(st) = tp.storage(true) else {
+            bump(counter::SOCK_STATE_UNAVAILABLE);
+            return;
+        };
+        // The whole state is written: a socket can connect() again after a failure.
+        *st = SockState {
             // SAFETY: bpf_ktime_get_ns has no preconditions.
             start_ns: unsafe { bpf_ktime_get_ns() },
             role,
@@ -239,35 +312,35 @@ mod programs {
             },
             ..SockState::default()
         };
-        if SOCKS.insert(&key, &state, 0).is_err() {
-            bump(counter::SOCKS_FULL);
-        }
     }
 
     #[inline(always)]
-    fn established(sk: *const u8, off: &KernelOffsets, family: u16, old_state: u8) {
-        let Some(st) = SOCKS.get_ptr_mut(&(sk as u64)) else {
+    fn established(tp: TcpSock, family: u16, old_state: u8) {
+        let Some(st) = tp.storage(false) else {
             return;
         };
-        // SAFETY: a valid pointer into our own map value, alive for this program run.
-        let st = unsafe { &mut *st };
+        if st.flags & flags::TRACKED == 0 {
+            return;
+        }
+        // SAFETY: no preconditions.
         st.established_ns = unsafe { bpf_ktime_get_ns() };
-        st.base_bytes_acked = read(sk, off.bytes_acked);
-        st.base_bytes_received = read(sk, off.bytes_received);
-        st.base_total_retrans = read(sk, off.total_retrans);
+        st.base_bytes_acked = tp.load(offset!(bytes_acked));
+        st.base_bytes_received = tp.load(offset!(bytes_received));
+        st.base_total_retrans = tp.load(offset!(total_retrans));
 
         let mut rec = SockRecord::default();
-        read_addresses(sk, off, family, &mut rec);
+        tp.read_addresses(family, &mut rec);
         st.local_port = rec.local_port;
         if old_state == tcp_state::SYN_SENT {
             // The client's ESTABLISHED precedes the server's: the server needs the client's
             // final ACK, sent only after this transition.
-            let local = endpoint(rec.local_addr, rec.local_port, rec.netns);
+            let local = EndpointKey::new(rec.local_addr, rec.local_port, rec.netns);
             if CLIENT_ENDPOINTS.insert(&local, &1, 0).is_err() {
+                st.flags |= flags::ENDPOINT_UNRECORDED;
                 bump(counter::ENDPOINTS_FULL);
             }
         } else if old_state == tcp_state::SYN_RECV {
-            let remote = endpoint(rec.remote_addr, rec.remote_port, rec.netns);
+            let remote = EndpointKey::new(rec.remote_addr, rec.remote_port, rec.netns);
             // SAFETY: the value is a plain u8 we only test for presence.
             if unsafe { CLIENT_ENDPOINTS.get(&remote) }.is_some() {
                 st.flags |= flags::PEER_LOCAL;
@@ -276,24 +349,17 @@ mod programs {
     }
 
     #[inline(always)]
-    fn closed(sk: *const u8, off: &KernelOffsets, family: u16, old_state: u8) {
-        let key = sk as u64;
-        // SAFETY: copied out at once; the entry is removed below.
-        let state = unsafe { SOCKS.get(&key) }.copied();
-        if let Some(st) = state {
-            let _ = SOCKS.remove(&key);
+    fn closed(tp: TcpSock, family: u16, old_state: u8) {
+        let state = tp.storage(false);
+        if let Some(st) = &state {
             if st.flags & flags::PEER_LOCAL != 0 {
                 return;
             }
         }
-        // Listeners and half-open server children carry no connection of their own.
-        if old_state == tcp_state::LISTEN || old_state == tcp_state::SYN_RECV {
-            return;
-        }
         let Some(mut entry) = EVENTS.reserve::<SockRecord>(0) else {
             bump(counter::RINGBUF_DROPS);
             if let Some(st) = state {
-                forget_client_endpoint(sk, off, family, &st);
+                forget_client_endpoint(tp, family, st);
             }
             return;
         };
@@ -303,7 +369,8 @@ mod programs {
             rec.write(SockRecord::default());
             &mut *rec
         };
-        rec.sk = key;
+        rec.sk = tp.0 as u64;
+        // SAFETY: no preconditions.
         rec.ts_ns = unsafe { bpf_ktime_get_ns() };
         rec.kind = if old_state == tcp_state::SYN_SENT {
             kind::CONNECT_FAILED
@@ -311,16 +378,22 @@ mod programs {
             kind::CLOSED
         };
         rec.state = old_state;
-        read_addresses(sk, off, family, rec);
-        read_counters(sk, off, rec);
+        tp.read_addresses(family, rec);
+        tp.read_counters(rec);
         if let Some(st) = state {
-            copy_state(&st, rec);
-            if st.role == role::CLIENT && st.established_ns != 0 {
-                let local = endpoint(rec.local_addr, st.local_port, rec.netns);
+            copy_state(st, rec);
+            if st.role == role::CLIENT
+                && st.established_ns != 0
+                && st.flags & flags::ENDPOINT_UNRECORDED == 0
+            {
+                let local = EndpointKey::new(rec.local_addr, st.local_port, rec.netns);
                 let _ = CLIENT_ENDPOINTS.remove(&local);
             }
+            // The storage lives on with the socket object until it is freed; a socket
+            // that connects again starts over in `start`.
+            st.flags = 0;
         }
-        // SAFETY: plain read of our own read-only global (see offsets()).
+        // SAFETY: plain read of our own read-only global (see `offset!`).
         let threshold = unsafe { core::ptr::read_volatile(&raw const RINGBUF_WAKEUP_BYTES) };
         let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
             BPF_RB_FORCE_WAKEUP
@@ -331,12 +404,17 @@ mod programs {
     }
 
     #[inline(always)]
-    fn forget_client_endpoint(sk: *const u8, off: &KernelOffsets, family: u16, st: &SockState) {
+    fn forget_client_endpoint(tp: TcpSock, family: u16, st: &mut SockState) {
         if st.role == role::CLIENT && st.established_ns != 0 {
             let mut rec = SockRecord::default();
-            read_addresses(sk, off, family, &mut rec);
-            let _ = CLIENT_ENDPOINTS.remove(&endpoint(rec.local_addr, st.local_port, rec.netns));
+            tp.read_addresses(family, &mut rec);
+            let _ = CLIENT_ENDPOINTS.remove(&EndpointKey::new(
+                rec.local_addr,
+                st.local_port,
+                rec.netns,
+            ));
         }
+        st.flags = 0;
     }
 
     /// `struct bpf_iter_meta`: only the first member is used.
@@ -352,8 +430,21 @@ mod programs {
         sk_common: *const u8,
     }
 
+    #[inline(always)]
+    fn walk_control() -> WalkControl {
+        // SAFETY: copied out at once; a missing entry means a full walk of generation 0.
+        unsafe { WALK_CONTROL.get(0) }
+            .copied()
+            .unwrap_or(WalkControl {
+                generation: 0,
+                mode: walk_mode::FULL,
+            })
+    }
+
     /// Called once per socket of the reading thread's network namespace, then once with
-    /// a null socket. Writes one `SockRecord` per listener and per full socket.
+    /// a null socket. Writes one `SockRecord` per listener, and per full socket whose
+    /// counters changed since it was last reported (every one on a full walk). Server
+    /// sockets whose client is on this host are left to the client's record.
     #[unsafe(no_mangle)]
     #[unsafe(link_section = "iter/tcp")]
     pub fn ridley_iter_tcp(ctx: *mut c_void) -> i32 {
@@ -366,38 +457,64 @@ mod programs {
         if sk.is_null() {
             return 0;
         }
-        let off = offsets();
-        let state: u8 = read(sk, off.skc_state);
         // TIME_WAIT and NEW_SYN_RECV entries are mini-sockets without tcp_sock fields.
-        if state == tcp_state::TIME_WAIT || state == tcp_state::NEW_SYN_RECV {
+        let Some(tp) = TcpSock::from_btf(sk) else {
+            return 0;
+        };
+        let family = tp.family();
+        if !is_ip(family) {
             return 0;
         }
-        let family: u16 = read(sk, off.skc_family);
-        if family != AF_INET && family != AF_INET6 {
-            return 0;
-        }
+        let state = tp.state();
         let mut rec = SockRecord {
-            sk: sk as u64,
+            sk: tp.0 as u64,
             kind: kind::LIVE,
             state,
-            // SAFETY: no preconditions.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
             ..SockRecord::default()
         };
-        read_addresses(sk, &off, family, &mut rec);
         if state != tcp_state::LISTEN {
-            read_counters(sk, &off, &mut rec);
-            // SAFETY: copied out at once.
-            if let Some(st) = unsafe { SOCKS.get(&(sk as u64)) } {
-                copy_state(st, &mut rec);
+            let Some(st) = tp.storage(true) else {
+                // Reported every time, without its open: counted, never dropped.
+                bump(counter::SOCK_STATE_UNAVAILABLE);
+                tp.read_counters(&mut rec);
+                return write_record(meta, tp, family, &mut rec);
+            };
+            if st.flags & flags::PEER_LOCAL != 0 {
+                return 0;
             }
+            tp.read_counters(&mut rec);
+            let control = walk_control();
+            let unchanged = st.flags & flags::WALKED != 0
+                && st.walked_generation != control.generation
+                && st.walked_bytes_acked == rec.bytes_acked
+                && st.walked_bytes_received == rec.bytes_received
+                && st.walked_total_retrans == rec.total_retrans
+                && st.walked_state == state;
+            if unchanged && control.mode != walk_mode::FULL {
+                return 0;
+            }
+            st.walked_generation = control.generation;
+            st.walked_bytes_acked = rec.bytes_acked;
+            st.walked_bytes_received = rec.bytes_received;
+            st.walked_total_retrans = rec.total_retrans;
+            st.walked_state = state;
+            st.flags |= flags::WALKED;
+            copy_state(st, &mut rec);
         }
+        write_record(meta, tp, family, &mut rec)
+    }
+
+    #[inline(always)]
+    fn write_record(meta: *const IterMeta, tp: TcpSock, family: u16, rec: &mut SockRecord) -> i32 {
+        tp.read_addresses(family, rec);
+        // SAFETY: no preconditions.
+        rec.ts_ns = unsafe { bpf_ktime_get_ns() };
         // SAFETY: meta is the kernel's iterator metadata; `rec` lives on our stack.
         unsafe {
             let seq = (*meta).seq;
             bpf_seq_write(
                 seq as *mut _,
-                &rec as *const SockRecord as *const c_void,
+                rec as *const SockRecord as *const c_void,
                 SockRecord::SIZE as u32,
             );
         }

@@ -17,16 +17,23 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, Iter},
 };
-use ridley_ebpf::{KernelOffsets, SockRecord, counter, names};
+use ridley_ebpf::{KernelOffsets, SockRecord, WalkControl, counter, names, walk_mode};
 use tokio::sync::oneshot;
 
 use crate::model::Losses;
 
 /// The compiled kernel programs, embedded at build time by `build.rs`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ridley-ebpf.o"));
+
+/// `WalkControl` as aya's plain-old-data, for writing into its map.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodWalkControl(WalkControl);
+// SAFETY: WalkControl is #[repr(C)], two u32 fields, no padding, valid for any bits.
+unsafe impl Pod for PodWalkControl {}
 
 /// `KernelOffsets` as aya's plain-old-data, for writing into the programs' globals.
 #[derive(Clone, Copy)]
@@ -38,7 +45,8 @@ unsafe impl Pod for PodOffsets {}
 /// Sizes of the kernel maps, from the receiver's config.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
-    /// Entries of `SOCKS` and `CLIENT_ENDPOINTS` (allocated on demand).
+    /// Entries of `CLIENT_ENDPOINTS`: established client connections at once (allocated
+    /// on demand). Per-socket state is socket-local storage, which has no size.
     pub max_connections: u32,
     /// Bytes of the `EVENTS` ring buffer (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
@@ -215,7 +223,6 @@ impl Capture {
             .btf(Some(&kernel_btf))
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .override_global(names::GLOBAL_RINGBUF_WAKEUP_BYTES, &wakeup_bytes, true)
-            .map_max_entries(names::MAP_SOCKS, sizes.max_connections)
             .map_max_entries(names::MAP_CLIENT_ENDPOINTS, sizes.max_connections)
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
             .load(PROGRAMS)
@@ -224,13 +231,16 @@ impl Capture {
         let state: &mut BtfTracePoint = program(&mut ebpf, names::PROG_STATE)?;
         state
             .load("inet_sock_set_state", &kernel_btf)
-            .context("loading tp_btf/inet_sock_set_state (needs BTF-enabled tracepoints, 5.5+)")?;
+            .context(
+                "loading tp_btf/inet_sock_set_state (needs BTF-enabled tracepoints and socket storage in tracing programs, 5.11+)",
+            )?;
         state
             .attach()
             .context("attaching tp_btf/inet_sock_set_state")?;
         let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
-        iter.load("tcp", &kernel_btf)
-            .context("loading iter/tcp (needs BPF iterators, 5.9+)")?;
+        iter.load("tcp", &kernel_btf).context(
+            "loading iter/tcp (needs BPF iterators and socket storage in tracing programs, 5.11+)",
+        )?;
         tracing::info!("hooks active: tp_btf/inet_sock_set_state, iter/tcp");
 
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
@@ -239,9 +249,11 @@ impl Capture {
         Ok((Capture { counters, walker }, events))
     }
 
-    /// Walks the live TCP sockets of every network namespace on the host.
-    pub async fn walk(&self) -> Result<Walk> {
-        self.walker.walk().await
+    /// Walks the live TCP sockets of every network namespace on the host: every socket
+    /// if `full`, else listeners and the sockets that changed since they were last
+    /// reported (see `walk_mode`).
+    pub async fn walk(&self, full: bool) -> Result<Walk> {
+        self.walker.walk(full).await
     }
 
     /// Kernel-side losses, summed over CPUs.
@@ -255,7 +267,7 @@ impl Capture {
         };
         Ok(Losses {
             ringbuf_full: read(counter::RINGBUF_DROPS)?,
-            socket_table_full: read(counter::SOCKS_FULL)?,
+            socket_state_unavailable: read(counter::SOCK_STATE_UNAVAILABLE)?,
             endpoint_table_full: read(counter::ENDPOINTS_FULL)?,
             read_errors: read(counter::READ_ERRORS)?,
             close_lost: 0,
@@ -286,6 +298,8 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 #[derive(Default)]
 pub struct Walk {
     pub records: Vec<SockRecord>,
+    /// Every socket was reported, changed or not.
+    pub full: bool,
     /// Namespaces walked.
     pub namespaces: usize,
     /// Namespaces that could not be entered or read.
@@ -301,7 +315,10 @@ impl Walk {
     }
 }
 
-type WalkRequest = oneshot::Sender<Result<Walk>>;
+struct WalkRequest {
+    full: bool,
+    reply: oneshot::Sender<Result<Walk>>,
+}
 
 /// A thread of its own that owns the programs and enters network namespaces
 /// (`setns` changes the calling thread's namespace, so no async worker may do it).
@@ -313,13 +330,33 @@ struct Walker {
 
 impl Walker {
     fn spawn(mut ebpf: Ebpf) -> Result<Self> {
+        let mut control: Array<MapData, PodWalkControl> =
+            Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
+        let mut generation = 0u32;
         let (tx, rx) = std_mpsc::channel::<WalkRequest>();
         let thread = thread::Builder::new()
             .name("ridley-netns-walk".into())
             .spawn(move || {
-                while let Ok(reply) = rx.recv() {
-                    let result = program::<Iter>(&mut ebpf, names::PROG_ITER)
-                        .and_then(netns::walk_all_namespaces);
+                while let Ok(WalkRequest { full, reply }) = rx.recv() {
+                    // Never 0, the generation of storage no walk has written.
+                    generation = generation.wrapping_add(1).max(1);
+                    let value = PodWalkControl(WalkControl {
+                        generation,
+                        mode: if full {
+                            walk_mode::FULL
+                        } else {
+                            walk_mode::CHANGED
+                        },
+                    });
+                    let result = control
+                        .set(0, value, 0)
+                        .context("setting the walk control")
+                        .and_then(|()| program::<Iter>(&mut ebpf, names::PROG_ITER))
+                        .and_then(netns::walk_all_namespaces)
+                        .map(|mut walk| {
+                            walk.full = full;
+                            walk
+                        });
                     let _ = reply.send(result);
                 }
             })
@@ -330,12 +367,12 @@ impl Walker {
         })
     }
 
-    async fn walk(&self) -> Result<Walk> {
+    async fn walk(&self, full: bool) -> Result<Walk> {
         let (tx, rx) = oneshot::channel();
         self.requests
             .as_ref()
             .ok_or_else(|| anyhow!("namespace walker stopped"))?
-            .send(tx)
+            .send(WalkRequest { full, reply: tx })
             .map_err(|_| anyhow!("namespace walker stopped"))?;
         rx.await.map_err(|_| anyhow!("namespace walker stopped"))?
     }

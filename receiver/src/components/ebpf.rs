@@ -84,6 +84,11 @@ const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_CONNECTIONS: u32 = 1 << 22;
 const MAX_SPAN_PAIRS_PER_LINK: usize = 1000;
 const MAX_LINKS: usize = 1_000_000;
+/// Every this many walks, one reports every socket, changed or not: the table of open
+/// connections is reconciled with the kernel's (a connection whose close record was lost
+/// leaves it). Between full walks an idle connection costs nothing in userspace and a
+/// storage lookup in the kernel. A walk after a loss or a partial walk is full anyway.
+const FULL_WALK_EVERY: u32 = 60;
 
 impl EbpfConfig {
     fn validate(&self) -> Result<()> {
@@ -212,6 +217,9 @@ struct CaptureLoop {
     cgroups: CgroupPaths,
     /// Namespaces skipped by the previous walk, to log only changes.
     last_skipped: usize,
+    /// The next walk must report every socket (see `FULL_WALK_EVERY`).
+    next_walk_full: bool,
+    walks_since_full: u32,
     namespace_skipped: u64,
     telemetry: std::sync::Arc<crate::telemetry::Telemetry>,
     /// The receiver's id: its losses in the telemetry registry.
@@ -222,8 +230,12 @@ impl CaptureLoop {
     /// Walks live sockets (draining close records meanwhile), applies the walk and
     /// returns the batch for this interval.
     async fn collect(&mut self) -> Result<LinkBatch> {
+        let full = self.next_walk_full || self.walks_since_full + 1 >= FULL_WALK_EVERY;
+        // Until a walk succeeds, the next one is full: a failed read may have consumed
+        // changes that the kernel will not report again.
+        self.next_walk_full = true;
         let walk = {
-            let walk = self.capture.walk();
+            let walk = self.capture.walk(full);
             tokio::pin!(walk);
             loop {
                 tokio::select! {
@@ -237,8 +249,18 @@ impl CaptureLoop {
         let now = Now::current();
         self.note_skipped_namespaces(&walk);
         self.aggregator
-            .apply_walk(&walk.records, now, walk.skipped == 0);
+            .apply_walk(&walk.records, now, walk.full, walk.skipped == 0);
+        self.walks_since_full = if walk.full {
+            0
+        } else {
+            self.walks_since_full + 1
+        };
         let mut losses = self.capture.kernel_losses()?;
+        // A lost close record leaves a connection in the table that only a full walk can
+        // find gone; a namespace not seen may have hidden changes.
+        self.next_walk_full = walk.skipped > 0
+            || losses.ringbuf_full != self.last_losses.ringbuf_full
+            || losses.socket_state_unavailable != self.last_losses.socket_state_unavailable;
         self.aggregator.add_losses(&mut losses);
         losses.namespace_skipped = self.namespace_skipped;
         if losses != self.last_losses {
@@ -343,6 +365,8 @@ impl Receiver for EbpfReceiver {
             cgroups: CgroupPaths::new(),
             last_losses: Losses::default(),
             last_skipped: 0,
+            next_walk_full: true,
+            walks_since_full: 0,
             namespace_skipped: 0,
             telemetry,
             id: self.id.clone(),

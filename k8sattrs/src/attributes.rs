@@ -18,17 +18,17 @@ pub fn attributes_of(resolved: &Resolved, cluster: Option<&str>) -> EndAttribute
     }
     let service_name = match resolved {
         Resolved::Pod(pod) => {
-            put("service.namespace", &pod.namespace);
-            put("k8s.namespace.name", &pod.namespace);
-            put("k8s.pod.name", &pod.name);
-            put("k8s.pod.uid", &pod.uid);
-            if let Some(node) = &pod.node {
+            put("service.namespace", pod.namespace());
+            put("k8s.namespace.name", pod.namespace());
+            put("k8s.pod.name", pod.name());
+            put("k8s.pod.uid", &pod.uid().to_string());
+            if let Some(node) = pod.node() {
                 put("k8s.node.name", node);
             }
             if let Some(workload) = &pod.workload {
                 put(workload.kind.attribute(), &workload.name);
             }
-            pod.service_name.clone()
+            pod.service_name.to_string()
         }
         Resolved::Workload {
             namespace,

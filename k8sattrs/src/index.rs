@@ -7,16 +7,18 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{ResourceExt, api::ObjectMeta};
 
+use crate::record::{self, Addresses, Interner, OwnerRecord, PodRecord, Uid};
+
 /// The annotation OpenTelemetry's Kubernetes conventions read first for `service.name`.
 pub const SERVICE_NAME_ANNOTATION: &str = "resource.opentelemetry.io/service.name";
-const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
-const NAME_LABEL: &str = "app.kubernetes.io/name";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+pub(crate) const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A workload kind, named as OpenTelemetry's `k8s.<kind>.name` attributes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,7 +32,7 @@ pub enum WorkloadKind {
 }
 
 impl WorkloadKind {
-    fn from_kind(kind: &str) -> Option<Self> {
+    pub(crate) fn from_kind(kind: &str) -> Option<Self> {
         Some(match kind {
             "Deployment" => WorkloadKind::Deployment,
             "ReplicaSet" => WorkloadKind::ReplicaSet,
@@ -55,25 +57,47 @@ impl WorkloadKind {
     }
 }
 
+/// A workload; its name is shared by every replica's record and every index entry.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Workload {
     pub kind: WorkloadKind,
-    pub name: String,
+    pub name: Arc<str>,
 }
 
-/// What the index keeps of a pod.
+/// A pod as the index resolves it: its record, and what its owner chain makes of it.
+///
+/// The record is shared with the reflector store rather than copied, so that an index
+/// entry costs tens of bytes, not the pod's strings again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
-    pub namespace: String,
-    pub name: String,
-    pub uid: String,
-    pub node: Option<String>,
+    pod: Arc<PodRecord>,
     pub workload: Option<Workload>,
-    /// Derived as OpenTelemetry's Kubernetes conventions say (see [`service_name`]).
-    pub service_name: String,
+    /// Derived as OpenTelemetry's Kubernetes conventions say: annotation
+    /// `resource.opentelemetry.io/service.name`, then label `app.kubernetes.io/instance`,
+    /// then `app.kubernetes.io/name`, then the workload's name, then the pod's.
+    pub service_name: Arc<str>,
     pub host_network: bool,
     /// Being deleted: still resolvable, since connections outlive pods briefly.
     pub deleting: bool,
+}
+
+impl PodInfo {
+    pub fn namespace(&self) -> &str {
+        self.pod.namespace()
+    }
+
+    pub fn name(&self) -> &str {
+        self.pod.name()
+    }
+
+    pub fn uid(&self) -> &Uid {
+        self.pod.uid()
+    }
+
+    /// The node the pod is scheduled on.
+    pub fn node(&self) -> Option<&str> {
+        self.pod.node()
+    }
 }
 
 /// What an address turned out to be.
@@ -102,62 +126,47 @@ pub enum Resolved {
 #[derive(Default)]
 pub struct Owners {
     /// (namespace, ReplicaSet or Job name) -> its controller workload.
-    by_name: HashMap<(String, String), Workload>,
+    by_name: HashMap<(Arc<str>, Arc<str>), Workload>,
 }
 
 impl Owners {
     /// Records an intermediate owner (ReplicaSet, Job) from its metadata.
     pub fn add(&mut self, meta: &ObjectMeta) {
-        if let (Some(ns), Some(name), Some(owner)) = (&meta.namespace, &meta.name, controller(meta))
-        {
-            self.by_name.insert((ns.clone(), name.clone()), owner);
+        let strings = &mut Interner::default();
+        if let (Some(ns), Some(name), Some(owner)) = (
+            &meta.namespace,
+            &meta.name,
+            record::controller(meta, strings),
+        ) {
+            self.by_name
+                .insert((ns.as_str().into(), name.as_str().into()), owner);
+        }
+    }
+
+    /// Records an intermediate owner (ReplicaSet, Job) from its reflector record.
+    pub fn add_record<K>(&mut self, owner: &OwnerRecord<K>) {
+        if let Some(controller) = &owner.controller {
+            self.by_name.insert(
+                (owner.namespace.clone(), owner.name.clone()),
+                controller.clone(),
+            );
         }
     }
 }
 
-fn controller(meta: &ObjectMeta) -> Option<Workload> {
-    let owner = meta
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| o.controller == Some(true))?;
-    Some(Workload {
-        kind: WorkloadKind::from_kind(&owner.kind)?,
-        name: owner.name.clone(),
-    })
-}
-
 /// The pod's top-level workload: ReplicaSet -> Deployment, Job -> CronJob.
-fn workload_of(pod: &Pod, owners: &Owners) -> Option<Workload> {
-    let direct = controller(&pod.metadata)?;
-    let namespace = pod.namespace().unwrap_or_default();
+fn workload_of(pod: &PodRecord, owners: &Owners) -> Option<Workload> {
+    let direct = pod.controller.as_ref()?;
     match direct.kind {
         WorkloadKind::ReplicaSet | WorkloadKind::Job => Some(
             owners
                 .by_name
-                .get(&(namespace, direct.name.clone()))
-                .cloned()
-                .unwrap_or(direct),
+                .get(&(pod.namespace.clone(), direct.name.clone()))
+                .unwrap_or(direct)
+                .clone(),
         ),
-        _ => Some(direct),
+        _ => Some(direct.clone()),
     }
-}
-
-/// `service.name`: annotation `resource.opentelemetry.io/service.name`, then label
-/// `app.kubernetes.io/instance`, then `app.kubernetes.io/name`, then the workload's
-/// name, then the pod's.
-pub fn service_name(meta: &ObjectMeta, workload: Option<&Workload>) -> String {
-    let annotation = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(SERVICE_NAME_ANNOTATION));
-    let label = |key| meta.labels.as_ref().and_then(|l| l.get(key));
-    annotation
-        .or_else(|| label(INSTANCE_LABEL))
-        .or_else(|| label(NAME_LABEL))
-        .cloned()
-        .or_else(|| workload.map(|w| w.name.clone()))
-        .unwrap_or_else(|| meta.name.clone().unwrap_or_default())
 }
 
 fn ips(list: impl IntoIterator<Item = Option<String>>) -> impl Iterator<Item = IpAddr> {
@@ -167,7 +176,7 @@ fn ips(list: impl IntoIterator<Item = Option<String>>) -> impl Iterator<Item = I
 /// Everything the index is built from: the reflector stores' current contents.
 #[derive(Default)]
 pub struct Snapshot {
-    pub pods: Vec<Arc<Pod>>,
+    pub pods: Vec<Arc<PodRecord>>,
     pub owners: Owners,
     pub services: Vec<Arc<Service>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
@@ -177,7 +186,8 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct Index {
     pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
-    pods_by_uid: HashMap<String, Arc<PodInfo>>,
+    /// By UUID: the UIDs a cgroup path can name.
+    pods_by_uid: HashMap<[u8; 16], Arc<PodInfo>>,
     /// hostNetwork pods share their node's address: told apart by the ports they declare.
     host_pods_by_port: HashMap<(IpAddr, u16), Arc<PodInfo>>,
     nodes_by_ip: HashMap<IpAddr, String>,
@@ -201,50 +211,39 @@ impl Index {
                 continue;
             };
             let info = Arc::new(info);
-            index.pods_by_uid.insert(info.uid.clone(), info.clone());
-            let status = pod.status.as_ref();
-            let pod_ips = ips(status
-                .and_then(|s| s.pod_ips.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|p| Some(p.ip.clone()))
-                .chain(std::iter::once(status.and_then(|s| s.pod_ip.clone()))));
-            if info.host_network {
-                let host_ips: Vec<IpAddr> =
-                    ips(std::iter::once(status.and_then(|s| s.host_ip.clone()))).collect();
-                let ports = pod
-                    .spec
-                    .iter()
-                    .flat_map(|s| &s.containers)
-                    .flat_map(|c| c.ports.iter().flatten())
-                    .filter_map(|p| u16::try_from(p.container_port).ok());
-                for port in ports {
-                    for ip in &host_ips {
-                        index.host_pods_by_port.insert((*ip, port), info.clone());
+            if let Uid::Uuid(uid) = pod.uid {
+                index.pods_by_uid.insert(uid, info.clone());
+            }
+            match &pod.addresses {
+                Addresses::Host(host) => {
+                    if let Some(ip) = host.ip {
+                        for &port in host.ports.iter() {
+                            index.host_pods_by_port.insert((ip, port), info.clone());
+                        }
                     }
                 }
-                continue;
-            }
-            for ip in pod_ips {
-                // An address reused by a new pod while the old one terminates belongs to
-                // the new one.
-                let keep_existing = index
-                    .pods_by_ip
-                    .get(&ip)
-                    .is_some_and(|existing| !existing.deleting && info.deleting);
-                if !keep_existing {
-                    index.pods_by_ip.insert(ip, info.clone());
+                Addresses::Pod(ips) => {
+                    for &ip in ips.iter() {
+                        // An address reused by a new pod while the old one terminates
+                        // belongs to the new one.
+                        let keep_existing = index
+                            .pods_by_ip
+                            .get(&ip)
+                            .is_some_and(|existing| !existing.deleting && info.deleting);
+                        if !keep_existing {
+                            index.pods_by_ip.insert(ip, info.clone());
+                        }
+                    }
                 }
             }
         }
         index.index_services(snapshot);
         index
     }
-
     fn index_services(&mut self, snapshot: &Snapshot) {
         // (namespace, service) -> workloads behind its endpoints.
         let mut backends: HashMap<(String, String), BTreeSet<Workload>> = HashMap::new();
-        let mut service_names: HashMap<(String, String), String> = HashMap::new();
+        let mut service_names: HashMap<(String, String), Arc<str>> = HashMap::new();
         let mut unresolved: BTreeSet<(String, String)> = BTreeSet::new();
         for slice in &snapshot.endpoint_slices {
             let namespace = slice.namespace().unwrap_or_default();
@@ -291,8 +290,8 @@ impl Index {
                     namespace: namespace.clone(),
                     service_name: service_names
                         .get(&key)
-                        .cloned()
-                        .unwrap_or_else(|| workload.name.clone()),
+                        .unwrap_or(&workload.name)
+                        .to_string(),
                     workload,
                     via_service: name.clone(),
                 },
@@ -330,8 +329,11 @@ impl Index {
     /// driver's `...-pod<uid with _>.slice/...`): how a client in the host's network
     /// namespace is told apart from its node.
     pub fn resolve_cgroup(&self, path: &str) -> Option<Resolved> {
-        pod_uid_in_cgroup(path)
-            .and_then(|uid| self.pods_by_uid.get(&uid))
+        let Uid::Uuid(uid) = Uid::new(&pod_uid_in_cgroup(path)?) else {
+            return None;
+        };
+        self.pods_by_uid
+            .get(&uid)
             .map(|pod| Resolved::Pod(pod.clone()))
     }
 
@@ -366,21 +368,24 @@ pub fn pod_uid_in_cgroup(path: &str) -> Option<String> {
     None
 }
 
-fn pod_info(pod: &Pod, owners: &Owners) -> Option<PodInfo> {
+fn pod_info(pod: &Arc<PodRecord>, owners: &Owners) -> Option<PodInfo> {
+    if pod.namespace.is_empty() || pod.name.is_empty() {
+        return None;
+    }
     let workload = workload_of(pod, owners);
+    let service_name = match (&pod.declared_service_name, &workload) {
+        (Some(declared), _) => declared.clone(),
+        (None, Some(workload)) => workload.name.clone(),
+        // The one string of the index not shared with a record: pods with neither a
+        // declared name nor a workload are few.
+        (None, None) => pod.name().into(),
+    };
     Some(PodInfo {
-        namespace: pod.namespace()?,
-        name: pod.metadata.name.clone()?,
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        service_name: service_name(&pod.metadata, workload.as_ref()),
+        pod: pod.clone(),
         workload,
-        host_network: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false),
-        deleting: pod.metadata.deletion_timestamp.is_some(),
+        service_name,
+        host_network: pod.host_network(),
+        deleting: pod.deleting,
     })
 }
 
@@ -391,7 +396,8 @@ mod tests {
     use k8s_openapi::{
         api::{
             core::v1::{
-                Container, ContainerPort, NodeAddress, NodeStatus, PodSpec, PodStatus, ServiceSpec,
+                Container, ContainerPort, NodeAddress, NodeStatus, Pod, PodSpec, PodStatus,
+                ServiceSpec,
             },
             discovery::v1::Endpoint,
         },
@@ -441,7 +447,10 @@ mod tests {
         ));
         owners.add(&meta("shop", "report-28000", Some(("CronJob", "report"))));
         Snapshot {
-            pods: pods.into_iter().map(Arc::new).collect(),
+            pods: pods
+                .into_iter()
+                .map(|p| Arc::new(PodRecord::from(p)))
+                .collect(),
             owners,
             nodes: vec![Arc::new(Node {
                 metadata: meta("", "node-1", None),
@@ -493,19 +502,27 @@ mod tests {
                 name: "checkout".into()
             })
         );
-        assert_eq!(checkout.service_name, "checkout");
-        assert_eq!(checkout.node.as_deref(), Some("node-1"));
+        assert_eq!(&*checkout.service_name, "checkout");
+        assert_eq!(checkout.node(), Some("node-1"));
+        assert_eq!(
+            (
+                checkout.namespace(),
+                checkout.name(),
+                &*checkout.uid().to_string()
+            ),
+            ("shop", "checkout-7d9f-abcde", "uid-checkout-7d9f-abcde")
+        );
         let report = pod_of(index.resolve(ip("10.1.0.6"), None));
         assert_eq!(
             report.workload.as_ref().unwrap().kind,
             WorkloadKind::CronJob
         );
         assert_eq!(
-            pod_of(index.resolve(ip("10.1.0.7"), None)).service_name,
+            &*pod_of(index.resolve(ip("10.1.0.7"), None)).service_name,
             "db"
         );
         assert_eq!(
-            pod_of(index.resolve(ip("10.1.0.8"), None)).service_name,
+            &*pod_of(index.resolve(ip("10.1.0.8"), None)).service_name,
             "lonely"
         );
         assert_eq!(
@@ -537,29 +554,49 @@ mod tests {
         agent.metadata.uid = Some(uid.into());
         agent.spec.as_mut().unwrap().host_network = Some(true);
         let index = Index::build(&snapshot(vec![agent]));
-        assert_eq!(pod_of(index.resolve_cgroup(&systemd)).service_name, "agent");
+        assert_eq!(
+            &*pod_of(index.resolve_cgroup(&systemd)).service_name,
+            "agent"
+        );
+        assert_eq!(
+            index.resolve_cgroup("/kubepods/besteffort/pod0a1b2c3d-0000-4a6b-8c7d-9e0f1a2b3c4d/x"),
+            None
+        );
     }
 
     #[test]
-    fn service_name_prefers_annotation_then_labels() {
-        let mut m = meta("shop", "p", None);
-        let w = Workload {
-            kind: WorkloadKind::Deployment,
-            name: "web".into(),
+    fn service_name_prefers_annotation_then_labels_then_workload() {
+        let mut p = pod("web-1", "10.1.0.5", Some(("StatefulSet", "web")));
+        let name_of = |p: &Pod| {
+            let index = Index::build(&snapshot(vec![p.clone()]));
+            pod_of(index.resolve(ip("10.1.0.5"), None))
+                .service_name
+                .to_string()
         };
-        assert_eq!(service_name(&m, Some(&w)), "web");
-        m.labels = Some(BTreeMap::from([(NAME_LABEL.into(), "by-name".into())]));
-        assert_eq!(service_name(&m, Some(&w)), "by-name");
-        m.labels
+        assert_eq!(name_of(&p), "web");
+        p.metadata.labels = Some(BTreeMap::from([(NAME_LABEL.into(), "by-name".into())]));
+        assert_eq!(name_of(&p), "by-name");
+        p.metadata
+            .labels
             .as_mut()
             .unwrap()
             .insert(INSTANCE_LABEL.into(), "by-instance".into());
-        assert_eq!(service_name(&m, Some(&w)), "by-instance");
-        m.annotations = Some(BTreeMap::from([(
+        assert_eq!(name_of(&p), "by-instance");
+        p.metadata.annotations = Some(BTreeMap::from([(
             SERVICE_NAME_ANNOTATION.into(),
             "annotated".into(),
         )]));
-        assert_eq!(service_name(&m, Some(&w)), "annotated");
+        assert_eq!(name_of(&p), "annotated");
+    }
+
+    #[test]
+    fn pods_without_a_name_or_namespace_are_skipped() {
+        let mut unnamed = pod("x", "10.1.0.5", None);
+        unnamed.metadata.name = None;
+        let mut nowhere = pod("y", "10.1.0.6", None);
+        nowhere.metadata.namespace = None;
+        let index = Index::build(&snapshot(vec![unnamed, nowhere]));
+        assert_eq!(index.pods(), 0);
     }
 
     #[test]
@@ -577,7 +614,7 @@ mod tests {
         }];
         let index = Index::build(&snapshot(vec![agent]));
         assert_eq!(
-            pod_of(index.resolve(ip("192.0.2.10"), Some(9100))).service_name,
+            &*pod_of(index.resolve(ip("192.0.2.10"), Some(9100))).service_name,
             "agent"
         );
         assert_eq!(
@@ -595,7 +632,7 @@ mod tests {
         let new = pod("new", "10.1.0.9", None);
         for pods in [vec![old.clone(), new.clone()], vec![new, old.clone()]] {
             let index = Index::build(&snapshot(pods));
-            assert_eq!(pod_of(index.resolve(ip("10.1.0.9"), None)).name, "new");
+            assert_eq!(pod_of(index.resolve(ip("10.1.0.9"), None)).name(), "new");
         }
         // Alone, a terminating pod still resolves: its connections outlive it briefly.
         let index = Index::build(&snapshot(vec![old]));

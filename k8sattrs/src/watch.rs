@@ -1,6 +1,9 @@
 //! kube-rs reflectors for the objects that name an address: Pods, ReplicaSets and Jobs
 //! (metadata only, for the owner chain), Services, EndpointSlices and Nodes.
 //!
+//! The stores hold what the index reads and nothing else: each object is turned into
+//! its compact form ([`crate::record`]) as it arrives, before the reflector stores it.
+//!
 //! Watches, not snapshots: each reflector lists once and then follows changes, relisting
 //! on its own after a `410 Gone` or a dropped stream. Errors never reach the data path:
 //! the stores keep their last state, the watcher retries with backoff, and the failure
@@ -21,11 +24,11 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::{
     apps::v1::ReplicaSet,
     batch::v1::Job,
-    core::v1::{Container, Node, Pod, PodSpec, PodStatus, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -34,12 +37,15 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        reflector::{self, Lookup, Store},
         watcher,
     },
 };
 
-use crate::index::{Owners, SERVICE_NAME_ANNOTATION, Snapshot};
+use crate::{
+    index::{Owners, Snapshot},
+    record::{self, Interner, OwnerRecord, PodRecord},
+};
 
 /// First retry delay of a failing watch or client.
 const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
@@ -161,9 +167,9 @@ impl WatchHealth {
 /// Read handles on every reflector store.
 #[derive(Clone)]
 pub struct Watchers {
-    pods: Store<Pod>,
-    replicasets: Store<PartialObjectMeta<ReplicaSet>>,
-    jobs: Store<PartialObjectMeta<Job>>,
+    pods: Store<PodRecord>,
+    replicasets: Store<OwnerRecord<ReplicaSet>>,
+    jobs: Store<OwnerRecord<Job>>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
     nodes: Store<Node>,
@@ -200,72 +206,40 @@ impl ClientSource {
     }
 }
 
-/// Drops what the index never reads, so that a pod costs a few hundred bytes.
-pub fn strip_pod(pod: &mut Pod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.retain(|k, _| k == SERVICE_NAME_ANNOTATION);
+/// The same event, with its object in compact form.
+fn compact_event<K, R>(
+    event: watcher::Event<K>,
+    compact: &mut impl FnMut(K) -> R,
+) -> watcher::Event<R> {
+    match event {
+        watcher::Event::Apply(object) => watcher::Event::Apply(compact(object)),
+        watcher::Event::Delete(object) => watcher::Event::Delete(compact(object)),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitApply(object) => watcher::Event::InitApply(compact(object)),
+        watcher::Event::InitDone => watcher::Event::InitDone,
     }
-    if let Some(labels) = meta.labels.as_mut() {
-        labels.retain(|k, _| k == "app.kubernetes.io/instance" || k == "app.kubernetes.io/name");
-    }
-    if let Some(spec) = pod.spec.take() {
-        // Container ports matter only on the host network, where they tell pods apart.
-        let host_network = spec.host_network == Some(true);
-        pod.spec = Some(PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers: spec
-                .containers
-                .into_iter()
-                .filter(|c| host_network && c.ports.is_some())
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            host_ip: status.host_ip,
-            ..Default::default()
-        });
-    }
-}
-
-fn strip_meta<K>(object: &mut PartialObjectMeta<K>) {
-    object.metadata.managed_fields = None;
 }
 
 /// Keeps `writer`'s store in step with the API server: list, then watch, relisting
-/// when the watch expires (410 Gone) and retrying any failure with backoff. Runs until
-/// the process stops.
-async fn reflect<K>(
+/// when the watch expires (410 Gone) and retrying any failure with backoff. Each object
+/// is stored as `compact` makes it. Runs until the process stops.
+async fn reflect<K, R>(
     resource: &'static str,
     api: Api<K>,
-    modify: impl FnMut(&mut K) + Send + 'static,
-    writer: reflector::store::Writer<K>,
+    mut compact: impl FnMut(K) -> R + Send + 'static,
+    writer: reflector::store::Writer<R>,
     health: Arc<WatchHealth>,
 ) where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+    R: Lookup + Clone + Send + Sync + 'static,
+    R::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let stream = watcher(api, watcher::Config::default().page_size(LIST_PAGE_SIZE))
         .backoff(WatchBackoff::new())
-        .modify(modify)
-        .reflect(writer);
+        .map_ok(move |event| compact_event(event, &mut compact));
+    // `reflector` rather than `.reflect`: the stored type is not the watched one.
+    let stream = reflector::reflector(writer, stream);
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         match event {
@@ -276,6 +250,18 @@ async fn reflect<K>(
             Err(e) => health.error(resource, &e),
         }
     }
+}
+
+/// Pods in compact form, their repeated strings shared.
+fn compact_pods() -> impl FnMut(Pod) -> PodRecord + Send + 'static {
+    let mut strings = Interner::default();
+    move |pod| PodRecord::new(pod, &mut strings)
+}
+
+/// Owners (ReplicaSets, Jobs) in compact form, their repeated strings shared.
+fn compact_owners<K>() -> impl FnMut(PartialObjectMeta<K>) -> OwnerRecord<K> + Send + 'static {
+    let mut strings = Interner::default();
+    move |owner| OwnerRecord::new(owner, &mut strings)
 }
 
 impl Watchers {
@@ -340,39 +326,45 @@ impl Watchers {
             tokio::spawn(reflect(
                 "pods",
                 Api::all(client.clone()),
-                strip_pod,
+                compact_pods(),
                 pods_w,
                 health.clone(),
             ));
             tokio::spawn(reflect(
                 "replicasets",
                 Api::all(client.clone()),
-                strip_meta::<ReplicaSet>,
+                compact_owners::<ReplicaSet>(),
                 replicasets_w,
                 health.clone(),
             ));
             tokio::spawn(reflect(
                 "jobs",
                 Api::all(client.clone()),
-                strip_meta::<Job>,
+                compact_owners::<Job>(),
                 jobs_w,
                 health.clone(),
             ));
             tokio::spawn(reflect(
                 "services",
                 Api::all(client.clone()),
-                |_| {},
+                record::strip_service,
                 services_w,
                 health.clone(),
             ));
             tokio::spawn(reflect(
                 "endpointslices",
                 Api::all(client.clone()),
-                |_| {},
+                record::strip_endpoint_slice,
                 slices_w,
                 health.clone(),
             ));
-            tokio::spawn(reflect("nodes", Api::all(client), |_| {}, nodes_w, health));
+            tokio::spawn(reflect(
+                "nodes",
+                Api::all(client),
+                record::strip_node,
+                nodes_w,
+                health,
+            ));
         });
         watchers
     }
@@ -381,10 +373,10 @@ impl Watchers {
     pub fn snapshot(&self) -> Snapshot {
         let mut owners = Owners::default();
         for rs in self.replicasets.state() {
-            owners.add(&rs.metadata);
+            owners.add_record(&rs);
         }
         for job in self.jobs.state() {
-            owners.add(&job.metadata);
+            owners.add_record(&job);
         }
         Snapshot {
             pods: self.pods.state(),
@@ -403,6 +395,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::{index::SERVICE_NAME_ANNOTATION, record::Addresses};
 
     fn pod(name: &str, ip: &str, rv: &str) -> serde_json::Value {
         json!({
@@ -437,15 +430,15 @@ mod tests {
     type MockApi = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
     /// The pods reflector of the daemon, talking to a mock API server.
-    fn reflect_pods_from_mock() -> (MockApi, Store<Pod>, Arc<WatchHealth>) {
+    fn reflect_pods_from_mock() -> (MockApi, Store<PodRecord>, Arc<WatchHealth>) {
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service, "default");
-        let (store, writer) = reflector::store::<Pod>();
+        let (store, writer) = reflector::store::<PodRecord>();
         let health = Arc::new(WatchHealth::default());
         tokio::spawn(reflect(
             "pods",
             Api::all(client),
-            strip_pod,
+            compact_pods(),
             writer,
             health.clone(),
         ));
@@ -453,7 +446,7 @@ mod tests {
     }
 
     /// A watch that expires (410 Gone) is relisted; the store then holds the new list,
-    /// the failure is counted, and pods are stripped to what the index reads.
+    /// the failure is counted, and pods are kept in compact form.
     #[tokio::test]
     async fn expired_watch_relists_and_is_counted() {
         let (mut handle, store, health) = reflect_pods_from_mock();
@@ -494,26 +487,17 @@ mod tests {
         })));
         let (_rewatch, _keep_open) = next_request(&mut handle).await;
 
-        let names: Vec<String> = store
-            .state()
-            .iter()
-            .map(|p| p.metadata.name.clone().unwrap())
-            .collect();
+        let names: Vec<String> = store.state().iter().map(|p| p.name().into()).collect();
         assert_eq!(names, vec!["b".to_string()]);
         assert_eq!(health.errors(), 1);
         assert!(health.failing().is_empty(), "recovered after the relist");
         let kept = &store.state()[0];
-        assert!(kept.metadata.managed_fields.is_none());
-        assert_eq!(kept.metadata.annotations.as_ref().unwrap().len(), 1);
-        assert!(
-            kept.spec.as_ref().unwrap().containers.is_empty(),
-            "no ports: nothing kept"
-        );
+        assert_eq!(kept.namespace(), "shop");
+        assert_eq!(kept.declared_service_name.as_deref(), Some("named"));
         assert_eq!(
-            kept.status.as_ref().unwrap().pod_ip.as_deref(),
-            Some("10.1.0.2")
+            kept.addresses,
+            Addresses::Pod(Box::new(["10.1.0.2".parse().unwrap()]))
         );
-        assert_eq!(kept.status.as_ref().unwrap().phase, None);
     }
 
     /// An API server that answers with errors leaves the last state in place and is

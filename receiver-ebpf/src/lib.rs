@@ -126,6 +126,9 @@ pub struct KernelOffsets {
     pub srtt_us: u32,
     pub snd_una: u32,
     pub write_seq: u32,
+    /// `tcp_sock.tcp_mstamp`: when the socket last sent or received a packet (us of
+    /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`).
+    pub tcp_mstamp: u32,
 }
 
 /// Per-socket state the programs keep, in socket-local storage (`SOCK_STATES`): it is
@@ -176,6 +179,12 @@ pub struct WalkControl {
     pub generation: u32,
     /// A [`walk_mode`] value.
     pub mode: u32,
+    /// When the previous walk started (us of CLOCK_MONOTONIC; 0 if none to trust). Every
+    /// counter a walk reports changes only with a packet, and a packet refreshes
+    /// `tcp_mstamp`: a socket whose last packet is older than this was visited by the
+    /// previous walk after its last change, so it is skipped before its storage is looked
+    /// up (the lookup's cache misses are most of the cost of an idle socket).
+    pub quiet_before_us: u64,
 }
 
 pub mod walk_mode {
@@ -269,6 +278,6 @@ impl SockRecord {
 // The layouts are part of the contract: a change here must be deliberate on both sides.
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
 const _: () = assert!(core::mem::size_of::<SockState>() == 80);
-const _: () = assert!(core::mem::size_of::<WalkControl>() == 8);
+const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);

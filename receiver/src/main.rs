@@ -175,7 +175,6 @@ fn run(paths: &[PathBuf], validate_only: bool) -> Result<()> {
             "starting (one instance per component id)"
         );
         raise_open_file_limit();
-        raise_memlock_limit_on_old_kernels();
         let shutdown = CancellationToken::new();
         let signals = tokio::spawn(stop_on_signal(shutdown.clone()));
         let result = service.run(shutdown).await;
@@ -228,43 +227,6 @@ fn raise_open_file_limit() {
     }
 }
 
-/// `major.minor` of a kernel release string (`5.10.0-28-amd64` -> (5, 10)).
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory
-/// cgroup), and its usual 64 KiB or 8 MiB is far below the maps' size: raise it there,
-/// and say so.
-fn raise_memlock_limit_on_old_kernels() {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let Some(version) = kernel_version(release.trim()) else {
-        return;
-    };
-    if version >= (5, 11) {
-        return;
-    }
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads the struct we own.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
-        tracing::info!(
-            kernel = release.trim(),
-            "kernel before 5.11 charges BPF maps to RLIMIT_MEMLOCK: raised to unlimited"
-        );
-    } else {
-        tracing::warn!(
-            kernel = release.trim(),
-            "kernel before 5.11 charges BPF maps to RLIMIT_MEMLOCK and it could not be raised \
-             ({}): loading may fail; run with CAP_SYS_RESOURCE or a higher memlock limit",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 async fn stop_on_signal(shutdown: CancellationToken) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -280,23 +242,4 @@ async fn stop_on_signal(shutdown: CancellationToken) -> Result<()> {
     }
     shutdown.cancel();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::kernel_version;
-
-    #[test]
-    fn kernel_releases_parse_to_major_and_minor() {
-        assert_eq!(kernel_version("5.10.0-28-amd64"), Some((5, 10)));
-        assert_eq!(
-            kernel_version("4.14.336-257.562.amzn2.x86_64"),
-            Some((4, 14))
-        );
-        assert_eq!(kernel_version("6.18.0"), Some((6, 18)));
-        assert!(
-            kernel_version("5.10.0") < Some((5, 11)) && kernel_version("5.11.0") >= Some((5, 11))
-        );
-        assert_eq!(kernel_version("garbage"), None);
-    }
 }

@@ -95,6 +95,7 @@ mod programs {
         srtt_us: 0,
         snd_una: 0,
         write_seq: 0,
+        tcp_mstamp: 0,
     };
 
     /// Wake the reader only once this many bytes wait in `EVENTS`; userspace also drains
@@ -438,6 +439,7 @@ mod programs {
             .unwrap_or(WalkControl {
                 generation: 0,
                 mode: walk_mode::FULL,
+                quiet_before_us: 0,
             })
     }
 
@@ -473,6 +475,13 @@ mod programs {
             ..SockRecord::default()
         };
         if state != tcp_state::LISTEN {
+            let control = walk_control();
+            if control.mode != walk_mode::FULL {
+                let last_packet_us: u64 = tp.load(offset!(tcp_mstamp));
+                if last_packet_us < control.quiet_before_us {
+                    return 0;
+                }
+            }
             let Some(st) = tp.storage(true) else {
                 // Reported every time, without its open: counted, never dropped.
                 bump(counter::SOCK_STATE_UNAVAILABLE);
@@ -483,7 +492,6 @@ mod programs {
                 return 0;
             }
             tp.read_counters(&mut rec);
-            let control = walk_control();
             let unchanged = st.flags & flags::WALKED != 0
                 && st.walked_generation != control.generation
                 && st.walked_bytes_acked == rec.bytes_acked

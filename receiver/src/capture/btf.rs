@@ -112,6 +112,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         srtt_us: tcp("srtt_us", 4)?,
         snd_una: tcp("snd_una", 4)?,
         write_seq: tcp("write_seq", 4)?,
+        tcp_mstamp: tcp("tcp_mstamp", 8)?,
     };
     // The programs read `struct sock` fields through the `tcp_sock` pointer.
     let sock_in_tcp_sock = offset(btf, "tcp_sock", &["inet_conn", "icsk_inet", "sk"], {

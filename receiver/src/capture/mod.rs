@@ -32,7 +32,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct PodWalkControl(WalkControl);
-// SAFETY: WalkControl is #[repr(C)], two u32 fields, no padding, valid for any bits.
+// SAFETY: WalkControl is #[repr(C)], two u32 then one u64 field, no padding, valid for
+// any bits.
 unsafe impl Pod for PodWalkControl {}
 
 /// `KernelOffsets` as aya's plain-old-data, for writing into the programs' globals.
@@ -126,13 +127,48 @@ pub fn wall_minus_monotonic_ns() -> i128 {
     wall - monotonic
 }
 
+/// The oldest kernel the programs load on: socket-local storage in tracing programs
+/// (`bpf_sk_storage_get` from `tp_btf` and `iter`) arrived in 5.11, the last of what they
+/// use (BTF tracepoints 5.5, ring buffers 5.8, `iter/tcp` 5.9). 5.11 is also where BPF
+/// memory is charged to the memory cgroup instead of `RLIMIT_MEMLOCK`.
+const MIN_KERNEL: (u32, u32) = (5, 11);
+
+/// `major.minor` of a kernel release string (`5.10.0-28-amd64` -> (5, 10)).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// CLOCK_MONOTONIC in microseconds: the clock of `bpf_ktime_get_ns` and `tcp_mstamp`.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
 /// What the kernel must offer, checked before anything is loaded so that the error
 /// names the missing piece instead of a verifier log.
 fn check_kernel() -> Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    if let Some(version) = kernel_version(release.trim()) {
+        if version < MIN_KERNEL {
+            bail!(
+                "kernel {} is too old: ridley needs Linux {}.{} or later (socket storage in \
+                 tracing programs)",
+                release.trim(),
+                MIN_KERNEL.0,
+                MIN_KERNEL.1
+            );
+        }
+    }
     if !Path::new(btf::VMLINUX_BTF).exists() {
         bail!(
             "{} is missing: ridley needs a kernel built with CONFIG_DEBUG_INFO_BTF=y \
-             (standard on current distributions; kernels 5.8 and later)",
+             (standard on current distributions)",
             btf::VMLINUX_BTF
         );
     }
@@ -333,6 +369,8 @@ impl Walker {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
         let mut generation = 0u32;
+        // Start of the last walk that succeeded: sockets quiet since are skipped.
+        let mut last_start_us = 0u64;
         let (tx, rx) = std_mpsc::channel::<WalkRequest>();
         let thread = thread::Builder::new()
             .name("ridley-netns-walk".into())
@@ -340,8 +378,10 @@ impl Walker {
                 while let Ok(WalkRequest { full, reply }) = rx.recv() {
                     // Never 0, the generation of storage no walk has written.
                     generation = generation.wrapping_add(1).max(1);
+                    let started_us = monotonic_us();
                     let value = PodWalkControl(WalkControl {
                         generation,
+                        quiet_before_us: if full { 0 } else { last_start_us },
                         mode: if full {
                             walk_mode::FULL
                         } else {
@@ -357,6 +397,11 @@ impl Walker {
                             walk.full = full;
                             walk
                         });
+                    // A walk that left a namespace out does not vouch for its sockets.
+                    last_start_us = match &result {
+                        Ok(walk) if walk.skipped == 0 => started_us,
+                        _ => 0,
+                    };
                     let _ = reply.send(result);
                 }
             })
@@ -384,5 +429,24 @@ impl Drop for Walker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MIN_KERNEL, kernel_version};
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(kernel_version("5.10.0-28-amd64"), Some((5, 10)));
+        assert_eq!(
+            kernel_version("4.14.336-257.562.amzn2.x86_64"),
+            Some((4, 14))
+        );
+        assert_eq!(kernel_version("6.18.0"), Some((6, 18)));
+        assert!(kernel_version("5.10.0") < Some(MIN_KERNEL));
+        assert!(kernel_version("5.11.0") >= Some(MIN_KERNEL));
+        assert!(kernel_version("5.15.0-91-generic") >= Some(MIN_KERNEL));
+        assert_eq!(kernel_version("garbage"), None);
     }
 }

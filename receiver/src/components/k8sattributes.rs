@@ -415,20 +415,23 @@ mod tests {
 
     use super::*;
 
-    fn pod(name: &str, ip: &str) -> Arc<Pod> {
-        Arc::new(Pod {
-            metadata: ObjectMeta {
-                namespace: Some("shop".into()),
-                name: Some(name.into()),
-                uid: Some(format!("uid-{name}")),
-                ..Default::default()
-            },
-            spec: Some(PodSpec::default()),
-            status: Some(PodStatus {
-                pod_ip: Some(ip.into()),
-                ..Default::default()
-            }),
-        })
+    fn pod(name: &str, ip: &str) -> Arc<k8sattrs::PodRecord> {
+        Arc::new(
+            Pod {
+                metadata: ObjectMeta {
+                    namespace: Some("shop".into()),
+                    name: Some(name.into()),
+                    uid: Some(format!("uid-{name}")),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec::default()),
+                status: Some(PodStatus {
+                    pod_ip: Some(ip.into()),
+                    ..Default::default()
+                }),
+            }
+            .into(),
+        )
     }
 
     fn link(client: &str, server: &str, by_server: bool) -> (LinkKey, LinkStats) {

@@ -125,3 +125,27 @@ def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers)
     assert (link["opened"], link["failed"]) == (0, {"timeout": 2})
     link = final.link("127.0.0.1", "127.0.0.1", 8604)
     assert (link["opened"], link["transmit"], link["receive"]) == (100, 100, 500)
+
+
+def test_idle_connections_are_not_reported_again_until_they_change(ridley, peers):
+    """300 connections held idle (more records than one read of the iterator holds, so
+    the kernel re-shows some): each is reported by the walk after it opens, then not
+    again while nothing changes; the counts stay exact."""
+    r = ridley(interval="500ms", service_extra="  telemetry:\n    logs: {level: debug}\n")
+    peers.server("a", A4, 8620, reply=10)
+    held = peers.hold_all("b", A4, 8620, count=300, send=50)
+    r.wait_for(lambda b: (b.link(B4, A4, 8620) or {}).get("transmit") == 300 * 50, fresh=True)
+    log_mark = len(r.log_path.read_text())
+    time.sleep(3)
+    walks = [line for line in r.log_path.read_text()[log_mark:].splitlines() if "collected" in line]
+    changed = [int(re.search(r"sockets=(\d+)", line).group(1))
+               for line in walks if "full=false" in line]
+    assert len(changed) >= 4, walks
+    # The held sockets are idle: only the machine's own busy sockets may show up.
+    assert max(changed) < 30, walks
+    link = r.batches()[-1].link(B4, A4, 8620)
+    assert (link["active"], link["opened"], link["transmit"]) == (300, 300, 300 * 50), link
+    assert peers.release(held) == [f"received {300 * 10}"]
+    final = r.stop()
+    link = final.link(B4, A4, 8620)
+    assert (link["active"], link["opened"], link["transmit"], link["receive"]) == (0, 300, 15000, 3000)

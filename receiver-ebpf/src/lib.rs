@@ -43,9 +43,6 @@ pub mod role {
 pub mod flags {
     /// The socket was seen opening: `start_ns`, `established_ns` and the baselines are set.
     pub const TRACKED: u8 = 1 << 0;
-    /// A server socket whose client is a socket on this host: the client side reports
-    /// the link, so this side is not reported (each link once).
-    pub const PEER_LOCAL: u8 = 1 << 1;
     /// The peer's FIN has been received (`SOCK_DONE`): `bytes_received` counts it.
     pub const PEER_FIN: u8 = 1 << 2;
     /// A walk has reported the socket: its `walked_*` counters are set (kernel only).
@@ -92,6 +89,7 @@ pub mod names {
     pub const GLOBAL_RINGBUF_WAKEUP_BYTES: &str = "RINGBUF_WAKEUP_BYTES";
     pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
     pub const PROG_ITER: &str = "ridley_iter_tcp";
+    pub const PROG_ITER_STATES: &str = "ridley_iter_states";
 }
 
 /// Byte offsets of the kernel fields the programs read, relative to `struct sock *`

@@ -498,13 +498,12 @@ impl Aggregator {
                 is_connected(r.state)
                     && r.opened_as() == OpenedAs::Server
                     && r.flags & flags::TRACKED != 0
-                    && r.flags & flags::PEER_LOCAL == 0
             })
             .map(|r| endpoint(r.remote_addr, r.remote_port, r.netns))
             .collect();
 
         for rec in records {
-            if !is_connected(rec.state) || rec.flags & flags::PEER_LOCAL != 0 {
+            if !is_connected(rec.state) {
                 continue;
             }
             let id = ConnId::of(rec);

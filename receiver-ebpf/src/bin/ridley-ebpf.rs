@@ -1,14 +1,17 @@
-//! ridley's kernel programs. Two hooks, no kprobes, no fentry:
+//! ridley's kernel programs. Three hooks, no kprobes, no fentry:
 //!
 //! - `tp_btf/inet_sock_set_state` sees every TCP state change of every socket in every
 //!   network namespace. It records how a connection was opened (client or server, when,
 //!   with which handshake counters) in the socket's own storage (`SOCK_STATES`), and at
 //!   `TCP_CLOSE` sends one record with the final counters on the `EVENTS` ring buffer.
 //!   Cost: a few loads and one storage lookup per transition, nothing per packet.
+//! - `iter/bpf_sk_storage_map` walks the sockets that have state, in every namespace at
+//!   once, once per collection interval: live counters of the connections whose counters
+//!   changed since the last walk; an idle connection costs a few loads.
 //! - `iter/tcp` walks the TCP sockets of one network namespace when userspace reads it,
-//!   once per collection interval: live counters of long-lived connections whose counters
-//!   changed since the last walk, listeners (to give connections that predate the daemon
-//!   their role) and nothing per packet.
+//!   for the full walks (the first, then every 60th): every connection, listeners (to
+//!   give connections that predate the daemon their role), and state for the sockets
+//!   that predate the programs.
 //!
 //! Both hooks receive BTF-typed socket pointers, so kernel fields are loaded directly at
 //! offsets userspace resolved from BTF (`OFFSETS`, constants to the verifier, which checks
@@ -285,7 +288,7 @@ mod programs {
         }
         match new_state {
             tcp_state::SYN_SENT => start(tp, role::CLIENT),
-            tcp_state::SYN_RECV => start(tp, role::SERVER),
+            tcp_state::SYN_RECV => start_server(tp, family),
             tcp_state::ESTABLISHED => established(tp, family, old_state),
             _ => closed(tp, family, old_state),
         }
@@ -315,6 +318,28 @@ mod programs {
         };
     }
 
+    /// A server child socket, created when the handshake's last ACK arrived. Its client
+    /// sent that ACK after its own `ESTABLISHED`, so a client on this host is already in
+    /// `CLIENT_ENDPOINTS`: the client's record carries the connection, and this end keeps
+    /// no state at all (no record at close, skipped by the walks).
+    #[inline(always)]
+    fn start_server(tp: TcpSock, family: u16) {
+        if client_is_local(tp, family) {
+            return;
+        }
+        start(tp, role::SERVER);
+    }
+
+    /// Whether the remote end of `tp` is an established client socket on this host.
+    #[inline(always)]
+    fn client_is_local(tp: TcpSock, family: u16) -> bool {
+        let mut rec = SockRecord::default();
+        tp.read_addresses(family, &mut rec);
+        let remote = EndpointKey::new(rec.remote_addr, rec.remote_port, rec.netns);
+        // SAFETY: the value is a plain u8 we only test for presence.
+        unsafe { CLIENT_ENDPOINTS.get(&remote) }.is_some()
+    }
+
     #[inline(always)]
     fn established(tp: TcpSock, family: u16, old_state: u8) {
         let Some(st) = tp.storage(false) else {
@@ -340,28 +365,21 @@ mod programs {
                 st.flags |= flags::ENDPOINT_UNRECORDED;
                 bump(counter::ENDPOINTS_FULL);
             }
-        } else if old_state == tcp_state::SYN_RECV {
-            let remote = EndpointKey::new(rec.remote_addr, rec.remote_port, rec.netns);
-            // SAFETY: the value is a plain u8 we only test for presence.
-            if unsafe { CLIENT_ENDPOINTS.get(&remote) }.is_some() {
-                st.flags |= flags::PEER_LOCAL;
-            }
         }
     }
 
+    /// A socket without state has nothing to report: the server end of a connection
+    /// whose client is on this host (the client reports), a socket that predates the
+    /// programs and closed before any walk saw it, or one whose state could not be stored
+    /// (already counted as `SOCK_STATE_UNAVAILABLE`).
     #[inline(always)]
     fn closed(tp: TcpSock, family: u16, old_state: u8) {
-        let state = tp.storage(false);
-        if let Some(st) = &state {
-            if st.flags & flags::PEER_LOCAL != 0 {
-                return;
-            }
-        }
+        let Some(st) = tp.storage(false) else {
+            return;
+        };
         let Some(mut entry) = EVENTS.reserve::<SockRecord>(0) else {
             bump(counter::RINGBUF_DROPS);
-            if let Some(st) = state {
-                forget_client_endpoint(tp, family, st);
-            }
+            forget_client_endpoint(tp, family, st);
             return;
         };
         let rec = entry.as_mut_ptr();
@@ -381,19 +399,17 @@ mod programs {
         rec.state = old_state;
         tp.read_addresses(family, rec);
         tp.read_counters(rec);
-        if let Some(st) = state {
-            copy_state(st, rec);
-            if st.role == role::CLIENT
-                && st.established_ns != 0
-                && st.flags & flags::ENDPOINT_UNRECORDED == 0
-            {
-                let local = EndpointKey::new(rec.local_addr, st.local_port, rec.netns);
-                let _ = CLIENT_ENDPOINTS.remove(&local);
-            }
-            // The storage lives on with the socket object until it is freed; a socket
-            // that connects again starts over in `start`.
-            st.flags = 0;
+        copy_state(st, rec);
+        if st.role == role::CLIENT
+            && st.established_ns != 0
+            && st.flags & flags::ENDPOINT_UNRECORDED == 0
+        {
+            let local = EndpointKey::new(rec.local_addr, st.local_port, rec.netns);
+            let _ = CLIENT_ENDPOINTS.remove(&local);
         }
+        // The storage lives on with the socket object until it is freed; a socket that
+        // connects again starts over in `start`.
+        st.flags = 0;
         // SAFETY: plain read of our own read-only global (see `offset!`).
         let threshold = unsafe { core::ptr::read_volatile(&raw const RINGBUF_WAKEUP_BYTES) };
         let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
@@ -406,7 +422,10 @@ mod programs {
 
     #[inline(always)]
     fn forget_client_endpoint(tp: TcpSock, family: u16, st: &mut SockState) {
-        if st.role == role::CLIENT && st.established_ns != 0 {
+        if st.role == role::CLIENT
+            && st.established_ns != 0
+            && st.flags & flags::ENDPOINT_UNRECORDED == 0
+        {
             let mut rec = SockRecord::default();
             tp.read_addresses(family, &mut rec);
             let _ = CLIENT_ENDPOINTS.remove(&EndpointKey::new(
@@ -474,42 +493,126 @@ mod programs {
             state,
             ..SockRecord::default()
         };
-        if state != tcp_state::LISTEN {
-            let control = walk_control();
-            if control.mode != walk_mode::FULL {
-                let last_packet_us: u64 = tp.load(offset!(tcp_mstamp));
-                if last_packet_us < control.quiet_before_us {
-                    return 0;
-                }
-            }
-            let Some(st) = tp.storage(true) else {
-                // Reported every time, without its open: counted, never dropped.
-                bump(counter::SOCK_STATE_UNAVAILABLE);
-                tp.read_counters(&mut rec);
-                return write_record(meta, tp, family, &mut rec);
-            };
-            if st.flags & flags::PEER_LOCAL != 0 {
-                return 0;
-            }
-            tp.read_counters(&mut rec);
-            let unchanged = st.flags & flags::WALKED != 0
-                && st.walked_generation != control.generation
-                && st.walked_bytes_acked == rec.bytes_acked
-                && st.walked_bytes_received == rec.bytes_received
-                && st.walked_total_retrans == rec.total_retrans
-                && st.walked_state == state;
-            if unchanged && control.mode != walk_mode::FULL {
-                return 0;
-            }
-            st.walked_generation = control.generation;
-            st.walked_bytes_acked = rec.bytes_acked;
-            st.walked_bytes_received = rec.bytes_received;
-            st.walked_total_retrans = rec.total_retrans;
-            st.walked_state = state;
-            st.flags |= flags::WALKED;
-            copy_state(st, &mut rec);
+        if state == tcp_state::LISTEN {
+            return write_record(meta, tp, family, &mut rec);
         }
-        write_record(meta, tp, family, &mut rec)
+        let control = walk_control();
+        if skip_quiet(tp, &control) {
+            return 0;
+        }
+        let st = match tp.storage(false) {
+            Some(st) => st,
+            // The server end of a local client's connection keeps no state (see
+            // `start_server`); anything else without state predates the programs and
+            // gets it now, so that later walks can skip it while it is idle.
+            None if client_is_local(tp, family) => return 0,
+            None => match tp.storage(true) {
+                Some(st) => st,
+                None => {
+                    // Reported every time, without its open: counted, never dropped.
+                    bump(counter::SOCK_STATE_UNAVAILABLE);
+                    tp.read_counters(&mut rec);
+                    return write_record(meta, tp, family, &mut rec);
+                }
+            },
+        };
+        report_if_changed(meta, tp, family, st, &control, &mut rec)
+    }
+
+    /// Outside a full walk, a socket whose last packet predates the previous walk is
+    /// skipped before its storage is looked up (see `WalkControl::quiet_before_us`).
+    #[inline(always)]
+    fn skip_quiet(tp: TcpSock, control: &WalkControl) -> bool {
+        if control.mode == walk_mode::FULL {
+            return false;
+        }
+        let last_packet_us: u64 = tp.load(offset!(tcp_mstamp));
+        last_packet_us < control.quiet_before_us
+    }
+
+    /// Writes the socket's record unless its counters and state are those the last walk
+    /// reported (outside a full walk), and remembers what it reported.
+    #[inline(always)]
+    fn report_if_changed(
+        meta: *const IterMeta,
+        tp: TcpSock,
+        family: u16,
+        st: &mut SockState,
+        control: &WalkControl,
+        rec: &mut SockRecord,
+    ) -> i32 {
+        tp.read_counters(rec);
+        let unchanged = st.flags & flags::WALKED != 0
+            && st.walked_generation != control.generation
+            && st.walked_bytes_acked == rec.bytes_acked
+            && st.walked_bytes_received == rec.bytes_received
+            && st.walked_total_retrans == rec.total_retrans
+            && st.walked_state == rec.state;
+        if unchanged && control.mode != walk_mode::FULL {
+            return 0;
+        }
+        st.walked_generation = control.generation;
+        st.walked_bytes_acked = rec.bytes_acked;
+        st.walked_bytes_received = rec.bytes_received;
+        st.walked_total_retrans = rec.total_retrans;
+        st.walked_state = rec.state;
+        st.flags |= flags::WALKED;
+        copy_state(st, rec);
+        write_record(meta, tp, family, rec)
+    }
+
+    /// `struct bpf_iter__bpf_sk_storage_map`: pointers are 8-byte slots.
+    #[repr(C)]
+    struct IterStorageCtx {
+        meta: *const IterMeta,
+        map: *const c_void,
+        sk: *const u8,
+        value: *mut SockState,
+    }
+
+    /// Called once per socket that has state in `SOCK_STATES`, in every network
+    /// namespace at once, then once with null pointers. The walks between full walks use
+    /// this instead of `iter/tcp`: it visits only the sockets the programs keep state
+    /// for, once each, where `iter/tcp` scans the host's whole connection table once per
+    /// namespace. Listeners and sockets that predate the programs are found by the full
+    /// walks (which give the latter their state).
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "iter/bpf_sk_storage_map")]
+    pub fn ridley_iter_states(ctx: *mut c_void) -> i32 {
+        // SAFETY: the kernel passes a `struct bpf_iter__bpf_sk_storage_map *`; these are
+        // loads of context fields the verifier allows.
+        let (meta, sk, value) = unsafe {
+            let ctx = &*(ctx as *const IterStorageCtx);
+            (ctx.meta, ctx.sk, ctx.value)
+        };
+        if sk.is_null() {
+            return 0;
+        }
+        // SAFETY: the value of this socket's storage, `SockState`-sized (checked when the
+        // iterator is attached to the map), alive while the iterator holds it.
+        let Some(st) = (unsafe { value.as_mut() }) else {
+            return 0;
+        };
+        let Some(tp) = TcpSock::from_btf(sk) else {
+            return 0;
+        };
+        let family = tp.family();
+        let state = tp.state();
+        // A closed socket whose owner still holds it: its close record was sent.
+        if !is_ip(family) || state == tcp_state::CLOSE {
+            return 0;
+        }
+        let control = walk_control();
+        if skip_quiet(tp, &control) {
+            return 0;
+        }
+        let mut rec = SockRecord {
+            sk: tp.0 as u64,
+            kind: kind::LIVE,
+            state,
+            ..SockRecord::default()
+        };
+        report_if_changed(meta, tp, family, st, &control, &mut rec)
     }
 
     #[inline(always)]

@@ -5,6 +5,7 @@
 mod btf;
 mod cgroups;
 mod netns;
+mod states;
 
 pub use cgroups::{CgroupPaths, host_netns};
 
@@ -277,7 +278,13 @@ impl Capture {
         iter.load("tcp", &kernel_btf).context(
             "loading iter/tcp (needs BPF iterators and socket storage in tracing programs, 5.11+)",
         )?;
-        tracing::info!("hooks active: tp_btf/inet_sock_set_state, iter/tcp");
+        let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
+        iter_states
+            .load("bpf_sk_storage_map", &kernel_btf)
+            .context("loading iter/bpf_sk_storage_map (needs socket storage iterators, 5.11+)")?;
+        tracing::info!(
+            "hooks active: tp_btf/inet_sock_set_state, iter/bpf_sk_storage_map, iter/tcp"
+        );
 
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
@@ -330,11 +337,21 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
+/// A walk between full walks: one pass over the sockets with state, all namespaces at
+/// once, no namespace to enter.
+fn walk_states(ebpf: &mut Ebpf, sock_states: &MapData) -> Result<Walk> {
+    let prog = program::<Iter>(ebpf, names::PROG_ITER_STATES)?;
+    let mut walk = Walk::default();
+    states::walk_states(prog, sock_states, &mut walk.records, &mut Vec::new())?;
+    Ok(walk)
+}
+
 /// One walk's result.
 #[derive(Default)]
 pub struct Walk {
     pub records: Vec<SockRecord>,
-    /// Every socket was reported, changed or not.
+    /// Every socket was reported, changed or not (a walk of every namespace); otherwise
+    /// the sockets with state that changed since they were last reported.
     pub full: bool,
     /// Namespaces walked.
     pub namespaces: usize,
@@ -368,6 +385,10 @@ impl Walker {
     fn spawn(mut ebpf: Ebpf) -> Result<Self> {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
+        let aya::maps::Map::SkStorage(sock_states) = take_map(&mut ebpf, names::MAP_SOCK_STATES)?
+        else {
+            bail!("map {} is not socket storage", names::MAP_SOCK_STATES);
+        };
         let mut generation = 0u32;
         // Start of the last walk that succeeded: sockets quiet since are skipped.
         let mut last_start_us = 0u64;
@@ -391,8 +412,14 @@ impl Walker {
                     let result = control
                         .set(0, value, 0)
                         .context("setting the walk control")
-                        .and_then(|()| program::<Iter>(&mut ebpf, names::PROG_ITER))
-                        .and_then(netns::walk_all_namespaces)
+                        .and_then(|()| {
+                            if full {
+                                program::<Iter>(&mut ebpf, names::PROG_ITER)
+                                    .and_then(netns::walk_all_namespaces)
+                            } else {
+                                walk_states(&mut ebpf, &sock_states)
+                            }
+                        })
                         .map(|mut walk| {
                             walk.full = full;
                             walk

@@ -56,7 +56,16 @@ fn enter(ns: &File) -> std::io::Result<()> {
 fn walk_current(iter: &mut Iter, out: &mut Vec<SockRecord>, buf: &mut Vec<u8>) -> Result<()> {
     let link = iter.attach().context("attaching iter/tcp")?;
     let link = iter.take_link(link).context("taking iter/tcp link")?;
-    let mut file = link.into_file().context("creating the iterator")?;
+    let file = link.into_file().context("creating the iterator")?;
+    read_records(file, out, buf)
+}
+
+/// Reads one walk from an iterator and appends its records.
+pub(super) fn read_records(
+    mut file: File,
+    out: &mut Vec<SockRecord>,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
     buf.clear();
     file.read_to_end(buf).context("reading the iterator")?;
     if !buf.len().is_multiple_of(SockRecord::SIZE) {

@@ -271,6 +271,7 @@ impl CaptureLoop {
             self.last_losses = losses;
         }
         tracing::debug!(
+            full = walk.full,
             namespaces = walk.namespaces,
             sockets = walk.records.len(),
             open = self.aggregator.open_connections(),

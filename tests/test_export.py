@@ -272,3 +272,45 @@ def test_zstd_compressed_http_requests_decode_whole(ridley, peers):
     assert received and {encoding for encoding, _ in received} == {"zstd"}
     link = Batch([doc for _, doc in received]).link(B4, A4, 8097)
     assert (link["opened"], link["transmit"], link["receive"]) == (3, 93, 27)
+
+
+def test_per_signal_header_variables_reach_each_signal(ridley, peers):
+    """OTEL_EXPORTER_OTLP_HEADERS goes on every request; OTEL_EXPORTER_OTLP_METRICS_HEADERS
+    and _TRACES_HEADERS add to it for their signal, overriding a key both name. Read by an
+    HTTP receiver that records each request's headers by path."""
+    import http.server
+    import threading
+
+    seen = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            seen.setdefault(self.path, []).append(
+                {k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-")})
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        r = ridley(exporters="  otlphttp: {}\n",
+                   pipelines={"metrics": ["otlphttp"], "traces": ["otlphttp"]}, env={
+                       "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                       "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=all,x-env=ci",
+                       "OTEL_EXPORTER_OTLP_METRICS_HEADERS": "x-tenant=metrics%20team",
+                       "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "x-trace-only=1",
+                   })
+        peers.server("a", A4, 8096, reply=2)
+        assert peers.connect("b", A4, 8096, send=3) == ["received 2"]
+        r.stop()
+    finally:
+        server.shutdown()
+    assert set(seen) == {"/v1/metrics", "/v1/traces"}, seen
+    assert all(h == {"x-tenant": "metrics team", "x-env": "ci"} for h in seen["/v1/metrics"]), seen
+    assert all(h == {"x-tenant": "all", "x-env": "ci", "x-trace-only": "1"}
+               for h in seen["/v1/traces"]), seen

@@ -5,7 +5,9 @@
 //! - `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`: an
 //!   `otlphttp` exporter without `metrics_endpoint` / `traces_endpoint` (full URLs).
 //! - `OTEL_EXPORTER_OTLP_HEADERS`: an exporter without `headers` (`k=v,k2=v2`,
-//!   values percent-decoded).
+//!   values percent-decoded); `OTEL_EXPORTER_OTLP_METRICS_HEADERS` and
+//!   `OTEL_EXPORTER_OTLP_TRACES_HEADERS` add to them for their signal, a key they both
+//!   name taking the signal's value (the specification: signal-specific wins).
 //! - `OTEL_RESOURCE_ATTRIBUTES` (`k=v,...`) and `OTEL_SERVICE_NAME`: ridley's own
 //!   resource, over what ridley detects (the node), `OTEL_SERVICE_NAME` last.
 //!
@@ -46,6 +48,8 @@ pub struct OtlpDefaults {
     pub metrics_endpoint: Option<String>,
     pub traces_endpoint: Option<String>,
     pub headers: BTreeMap<String, String>,
+    pub metrics_headers: BTreeMap<String, String>,
+    pub traces_headers: BTreeMap<String, String>,
 }
 
 pub fn otlp_defaults(env: Lookup) -> OtlpDefaults {
@@ -53,10 +57,16 @@ pub fn otlp_defaults(env: Lookup) -> OtlpDefaults {
         endpoint: env("OTEL_EXPORTER_OTLP_ENDPOINT"),
         metrics_endpoint: env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
         traces_endpoint: env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-        headers: env("OTEL_EXPORTER_OTLP_HEADERS")
-            .map(|h| parse_list(&h).into_iter().collect())
-            .unwrap_or_default(),
+        headers: headers(env, "OTEL_EXPORTER_OTLP_HEADERS"),
+        metrics_headers: headers(env, "OTEL_EXPORTER_OTLP_METRICS_HEADERS"),
+        traces_headers: headers(env, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
     }
+}
+
+fn headers(env: Lookup, name: &str) -> BTreeMap<String, String> {
+    env(name)
+        .map(|h| parse_list(&h).into_iter().collect())
+        .unwrap_or_default()
 }
 
 /// The attributes the environment puts on ridley's own resource, in the order they
@@ -118,8 +128,17 @@ mod tests {
         let env = table(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
             ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20t"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-scope-orgid=traces"),
         ]);
         let defaults = otlp_defaults(&env);
+        assert!(defaults.metrics_headers.is_empty());
+        assert_eq!(
+            defaults
+                .traces_headers
+                .get("x-scope-orgid")
+                .map(String::as_str),
+            Some("traces")
+        );
         assert_eq!(defaults.endpoint.as_deref(), Some("http://collector:4318"));
         assert_eq!(defaults.metrics_endpoint, None);
         assert_eq!(

@@ -4,7 +4,7 @@ use std::{str::FromStr, sync::Arc};
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use config::ComponentSection;
+use config::{ComponentSection, Signal};
 use opentelemetry_proto::tonic::collector::{
     metrics::v1::metrics_service_client::MetricsServiceClient,
     trace::v1::trace_service_client::TraceServiceClient,
@@ -36,7 +36,8 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
 struct GrpcTransport {
     metrics: MetricsServiceClient<Channel>,
     traces: TraceServiceClient<Channel>,
-    headers: MetadataMap,
+    metrics_headers: MetadataMap,
+    traces_headers: MetadataMap,
 }
 
 /// `host:port` gets a scheme from `tls.insecure`, as the collector does.
@@ -73,14 +74,17 @@ impl GrpcTransport {
         } else {
             endpoint.connect_lazy()
         };
-        let mut headers = MetadataMap::new();
-        for (key, value) in &config.headers {
-            let name = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes())
-                .with_context(|| format!("headers: invalid name {key:?}"))?;
-            let value = MetadataValue::try_from(value.as_str())
-                .with_context(|| format!("headers.{key}: invalid value"))?;
-            headers.insert(name, value);
-        }
+        let metadata = |signal: Signal| -> Result<MetadataMap> {
+            let mut headers = MetadataMap::new();
+            for (key, value) in &config.headers_for(signal) {
+                let name = MetadataKey::from_bytes(key.to_ascii_lowercase().as_bytes())
+                    .with_context(|| format!("headers: invalid name {key:?}"))?;
+                let value = MetadataValue::try_from(value.as_str())
+                    .with_context(|| format!("headers.{key}: invalid value"))?;
+                headers.insert(name, value);
+            }
+            Ok(headers)
+        };
         let mut metrics = MetricsServiceClient::new(channel.clone());
         let mut traces = TraceServiceClient::new(channel);
         let encoding = match config.compression {
@@ -95,13 +99,17 @@ impl GrpcTransport {
         Ok(GrpcTransport {
             metrics,
             traces,
-            headers,
+            metrics_headers: metadata(Signal::Metrics)?,
+            traces_headers: metadata(Signal::Traces)?,
         })
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    fn request<T>(&self, signal: Signal, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
-        *request.metadata_mut() = self.headers.clone();
+        *request.metadata_mut() = match signal {
+            Signal::Metrics => self.metrics_headers.clone(),
+            Signal::Traces => self.traces_headers.clone(),
+        };
         request
     }
 }
@@ -182,7 +190,7 @@ impl Transport for GrpcTransport {
                 let response = self
                     .metrics
                     .clone()
-                    .export(self.request((**request).clone()))
+                    .export(self.request(Signal::Metrics, (**request).clone()))
                     .await
                     .map_err(send_error)?;
                 if let Some(partial) = response.into_inner().partial_success {
@@ -199,7 +207,7 @@ impl Transport for GrpcTransport {
                 let response = self
                     .traces
                     .clone()
-                    .export(self.request((**request).clone()))
+                    .export(self.request(Signal::Traces, (**request).clone()))
                     .await
                     .map_err(send_error)?;
                 if let Some(partial) = response.into_inner().partial_success {

@@ -211,6 +211,12 @@ pub struct OtlpConfig {
     pub tls: TlsConfig,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Added to `headers` on metrics / traces requests: from the per-signal environment
+    /// variables only (the YAML has one `headers`, as the collector's).
+    #[serde(skip)]
+    pub metrics_headers: BTreeMap<String, String>,
+    #[serde(skip)]
+    pub traces_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub compression: Compression,
     #[serde(default = "default_timeout", with = "humantime_serde")]
@@ -252,7 +258,20 @@ impl OtlpConfig {
         }
         if self.headers.is_empty() {
             self.headers = defaults.headers;
+            self.metrics_headers = defaults.metrics_headers;
+            self.traces_headers = defaults.traces_headers;
         }
+    }
+
+    /// The headers of one signal's requests: `headers`, then the signal's own over them.
+    pub fn headers_for(&self, signal: config::Signal) -> BTreeMap<String, String> {
+        let own = match signal {
+            config::Signal::Metrics => &self.metrics_headers,
+            config::Signal::Traces => &self.traces_headers,
+        };
+        let mut headers = self.headers.clone();
+        headers.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+        headers
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -1113,6 +1132,7 @@ mod bounds_tests {
             metrics_endpoint: Some("http://from-env:4318/custom/metrics".into()),
             traces_endpoint: None,
             headers: [("x-tenant".to_owned(), "a".to_owned())].into(),
+            ..Default::default()
         };
         let parse = |yaml: &str| -> OtlpConfig { serde_norway::from_str(yaml).unwrap() };
 
@@ -1131,6 +1151,38 @@ mod bounds_tests {
         assert_eq!(set.endpoint, "collector:4317");
         assert_eq!(set.metrics_endpoint, None, "gRPC has one endpoint");
         assert_eq!(set.headers.get("x-tenant").map(String::as_str), Some("b"));
+
+        // Per-signal variables add to the generic ones; a key both name takes the signal's.
+        let mut signals = parse("tls: {insecure: true}");
+        signals.fill_from_env(
+            crate::otel_env::OtlpDefaults {
+                endpoint: Some("http://from-env:4318".into()),
+                headers: [
+                    ("x-tenant".into(), "a".into()),
+                    ("x-env".into(), "prod".into()),
+                ]
+                .into(),
+                metrics_headers: [("x-tenant".into(), "metrics-team".into())].into(),
+                ..Default::default()
+            },
+            true,
+        );
+        let metrics = signals.headers_for(Signal::Metrics);
+        let traces = signals.headers_for(Signal::Traces);
+        assert_eq!(
+            metrics.into_iter().collect::<Vec<_>>(),
+            [
+                ("x-env".into(), "prod".into()),
+                ("x-tenant".into(), "metrics-team".into())
+            ]
+        );
+        assert_eq!(
+            traces.into_iter().collect::<Vec<_>>(),
+            [
+                ("x-env".into(), "prod".into()),
+                ("x-tenant".into(), "a".into())
+            ]
+        );
 
         let mut nothing = parse("{}");
         nothing.fill_from_env(Default::default(), false);

@@ -5,7 +5,7 @@ use std::{io::Write, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
-use config::ComponentSection;
+use config::{ComponentSection, Signal};
 use prost::Message;
 use reqwest::{
     StatusCode,
@@ -33,6 +33,9 @@ struct HttpTransport {
     client: reqwest::Client,
     metrics_url: String,
     traces_url: String,
+    /// Each signal's headers (`headers` and the signal's own).
+    metrics_headers: HeaderMap,
+    traces_headers: HeaderMap,
     compression: Compression,
 }
 
@@ -50,15 +53,21 @@ fn signal_url(base: &str, explicit: &Option<String>, path: &str) -> Result<Strin
 impl HttpTransport {
     fn new(config: &OtlpConfig) -> Result<Self> {
         config.validate()?;
+        let header_map = |signal: Signal| -> Result<HeaderMap> {
+            let mut headers = HeaderMap::new();
+            for (key, value) in &config.headers_for(signal) {
+                headers.insert(
+                    HeaderName::from_bytes(key.as_bytes())
+                        .with_context(|| format!("headers: invalid name {key:?}"))?,
+                    HeaderValue::from_str(value)
+                        .with_context(|| format!("headers.{key}: invalid value"))?,
+                );
+            }
+            Ok(headers)
+        };
+        let metrics_headers = header_map(Signal::Metrics)?;
+        let traces_headers = header_map(Signal::Traces)?;
         let mut headers = HeaderMap::new();
-        for (key, value) in &config.headers {
-            headers.insert(
-                HeaderName::from_bytes(key.as_bytes())
-                    .with_context(|| format!("headers: invalid name {key:?}"))?,
-                HeaderValue::from_str(value)
-                    .with_context(|| format!("headers.{key}: invalid value"))?,
-            );
-        }
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/x-protobuf"),
@@ -78,6 +87,8 @@ impl HttpTransport {
             client: builder.build().context("building the HTTP client")?,
             metrics_url: signal_url(&config.endpoint, &config.metrics_endpoint, "v1/metrics")?,
             traces_url: signal_url(&config.endpoint, &config.traces_endpoint, "v1/traces")?,
+            metrics_headers,
+            traces_headers,
             compression: config.compression,
         })
     }
@@ -104,11 +115,19 @@ fn compress(
 #[async_trait]
 impl Transport for HttpTransport {
     async fn send(&self, payload: &Payload) -> Result<(), SendError> {
-        let (url, body) = match payload {
-            Payload::Metrics { request, .. } => (&self.metrics_url, request.encode_to_vec()),
-            Payload::Traces { request, .. } => (&self.traces_url, request.encode_to_vec()),
+        let (url, headers, body) = match payload {
+            Payload::Metrics { request, .. } => (
+                &self.metrics_url,
+                &self.metrics_headers,
+                request.encode_to_vec(),
+            ),
+            Payload::Traces { request, .. } => (
+                &self.traces_url,
+                &self.traces_headers,
+                request.encode_to_vec(),
+            ),
         };
-        let mut request = self.client.post(url.as_str());
+        let mut request = self.client.post(url.as_str()).headers(headers.clone());
         let (body, encoding) = compress(self.compression, body).map_err(|e| SendError {
             retryable: false,
             throttle: None,

@@ -1,31 +1,65 @@
 #!/usr/bin/env python3
-"""Connection-storm benchmark for ridley (prints figures; asserts nothing about speed).
+"""ridley's benchmark: every figure of the README's benchmark table, side by side with the
+references measured in the same run (prints figures; asserts nothing about speed).
 
-Two network namespaces joined by a veth pair. Phase 1: SHORT short connections
-(100 bytes up, 50 down). Phase 2: LONG long-lived connections held open together,
-each carrying ROUNDS request/response exchanges. Bounded in count and in time.
+Two network namespaces joined by a veth pair; every load is bounded in count and time
+and every process is ended by its pid. Phases (`--phases`, all by default):
 
-Prints: mean ns per kernel program run (kernel.bpf_stats_enabled), the daemon's CPU
-seconds and peak RSS, kernel map memory at its peak, and whether ridley's counts match.
+  kernel   a storm of short connections with three programs on `inet_sock_set_state` at
+           once: ridley's, an empty raw tracepoint program (the floor) and a bpftrace
+           tcplife-style script. Mean ns per run of each (kernel.bpf_stats_enabled).
+  http     nginx + wrk, one request per connection and keep-alive, alternating runs
+           with no daemon, ridley and the bpftrace script: median req/s relative to none.
+  idle     CONNS live idle connections (default 50,000, default settings): daemon CPU at
+           a 1 s interval, `iter/tcp` ns per socket visited, then all close at once:
+           losses and exact counts.
+  links    16,000 links at a 10 s interval, per exporter: RSS and CPU per interval.
+  startup  peak RSS at startup, binary size (shipped stripped; debug info split off).
+  k8s      bytes per pod and MiB for 100,000 pods (cargo bench -p k8sattrs).
+  soak     SOAK minutes of storms, long-lived connections and churning links: RSS after
+           warm-up and at the end.
+
+Each phase's rows are saved in target/bench/<phase>.json; `--readme` rewrites the table
+between the `bench:begin`/`bench:end` markers of README.md from the saved rows of every
+phase (so a long phase, such as the soak, can be run on its own and still appear).
 """
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import pathlib
+import re
 import resource
+import shutil
 import signal
+import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RIDLEY = ROOT / "target" / "release" / "ridley"
+RIDLEY = pathlib.Path(os.environ.get("RIDLEY_BIN", ROOT / "target" / "release" / "ridley"))
 SERVER_NS, CLIENT_NS = "rdlb-srv", "rdlb-cli"
 SERVER_IP, CLIENT_IP = "10.232.0.1", "10.232.0.2"
-SHORT_PORT, LONG_PORT = 7001, 7002
-TIME_LIMIT_S = 300
+SHORT_PORT, LONG_PORT, HTTP_PORT = 7001, 7002, 7080
+# Connections per holding process: the hard open-file limit may be as low as 20,000.
+PER_PROCESS = 15_000
+
+# A tcplife-style bpftrace script on the same tracepoint (kprobes are not assumed).
+BPFTRACE_SCRIPT = r"""
+tracepoint:sock:inet_sock_set_state
+{
+  if (args->newstate == 2 || args->newstate == 3) { @birth[args->skaddr] = nsecs; }
+  if (args->newstate == 7 && @birth[args->skaddr]) {
+    printf("%d %d %d %d\n", args->sport, args->dport, args->family,
+           (nsecs - @birth[args->skaddr]) / 1000);
+    delete(@birth[args->skaddr]);
+  }
+}
+"""
 
 
 def sh(*cmd, check=True):
@@ -33,31 +67,29 @@ def sh(*cmd, check=True):
 
 
 def raise_fd_limit():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # ---- traffic roles, run inside the namespaces -------------------------------------
 
-async def serve():
+async def serve(ports):
     raise_fd_limit()
 
     async def handle(reader, writer):
         try:
             while True:
                 data = await reader.readexactly(100)
-                if data[:1] == b"q":  # short connection: one exchange, then close
-                    writer.write(b"s" * 50)
-                    await writer.drain()
-                    break
                 writer.write(b"s" * 50)
                 await writer.drain()
-        except asyncio.IncompleteReadError:
+                if data[:1] == b"q":  # short connection: one exchange, then close
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
             pass
         writer.close()
 
     servers = [await asyncio.start_server(handle, SERVER_IP, port, backlog=4096)
-               for port in (SHORT_PORT, LONG_PORT)]
+               for port in ports]
     print("listening", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
@@ -77,32 +109,36 @@ async def short_storm(count, concurrency):
     await asyncio.gather(*(one() for _ in range(count)))
 
 
-async def long_lived(count, rounds):
+async def hold(port, count, rounds, pause_s):
+    """`count` connections, `rounds` exchanges each, then held until a line on stdin,
+    then all closed at once."""
     raise_fd_limit()
     conns = []
-    for i in range(0, count, 200):
-        conns += await asyncio.gather(*(asyncio.open_connection(SERVER_IP, LONG_PORT)
-                                        for _ in range(min(200, count - i))))
+    for i in range(0, count, 500):
+        conns += await asyncio.gather(*(asyncio.open_connection(SERVER_IP, port)
+                                        for _ in range(min(500, count - i))))
     print("open", flush=True)
     for _ in range(rounds):
         for _, writer in conns:
             writer.write(b"l" * 100)
         await asyncio.gather(*(w.drain() for _, w in conns))
         await asyncio.gather(*(r.readexactly(50) for r, _ in conns))
-        await asyncio.sleep(1)
+        await asyncio.sleep(pause_s)
+    print("exchanged", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     for _, writer in conns:
         writer.close()
     await asyncio.gather(*(w.wait_closed() for _, w in conns), return_exceptions=True)
+    print("closed", flush=True)
 
 
-# ---- measurement ------------------------------------------------------------------
+# ---- measurement helpers ----------------------------------------------------------
 
 def proc_stats(pid):
     """CPU seconds, peak RSS and current RSS (bytes) of a process."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     mem = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -116,20 +152,21 @@ def bpftool(*args):
     return json.loads(sh("bpftool", "--json", *args).stdout)
 
 
-def ridley_programs():
-    # Only ridley loads programs named ridley_*; the benchmark runs one daemon.
-    return [e for e in bpftool("prog", "show") if e.get("name", "").startswith("ridley_")]
+def prog_stats(ids):
+    """{id: (runs, ns)} of the given program ids."""
+    return {e["id"]: (e.get("run_cnt", 0), e.get("run_time_ns", 0))
+            for e in bpftool("prog", "show") if e["id"] in ids}
 
 
-def ridley_maps():
-    """Kernel memory of the maps the daemon's programs use, by name."""
-    ids = {i for e in ridley_programs() for i in e.get("map_ids", [])}
-    return {m["name"]: m.get("bytes_memlock", 0) for m in bpftool("map", "show") if m["id"] in ids}
+def ridley_prog_ids():
+    return {e["name"]: e["id"] for e in bpftool("prog", "show")
+            if e.get("name", "").startswith("ridley_")}
 
 
-def prog_costs():
-    return {e["name"]: (e["run_cnt"], e["run_time_ns"]) for e in ridley_programs()
-            if e.get("run_cnt")}
+def mean_ns(before, after, prog_id):
+    runs = after[prog_id][0] - before.get(prog_id, (0, 0))[0]
+    ns = after[prog_id][1] - before.get(prog_id, (0, 0))[1]
+    return (ns / runs if runs else float("nan")), runs
 
 
 def setup_network():
@@ -146,6 +183,7 @@ def setup_network():
         sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1")
         sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w",
            "net.ipv4.ip_local_port_range=10000 65000")
+        sh("ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.core.somaxconn=8192")
 
 
 def teardown_network():
@@ -158,102 +196,447 @@ def in_ns(ns, *args, **kwargs):
                             stdout=subprocess.PIPE, text=True, **kwargs)
 
 
+class Procs:
+    """Every process a phase starts, ended by its pid when the phase ends."""
+
+    def __init__(self):
+        self.procs = []
+
+    def add(self, proc):
+        self.procs.append(proc)
+        return proc
+
+    def end(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.procs.clear()
+
+
+def start_ridley(procs, work, extra="", exporters=None, interval="1s"):
+    out = work / "metrics.jsonl"
+    if exporters is None:
+        exporters = (f"exporters:\n  file:\n    path: {out}\n", "file")
+    (work / "ridley.yaml").write_text(
+        f"receivers:\n  ebpf:\n    collection_interval: {interval}\n{extra}"
+        f"{exporters[0]}"
+        "service:\n  pipelines:\n    metrics:\n      receivers: [ebpf]\n"
+        f"      exporters: [{exporters[1]}]\n")
+    log_path = work / "ridley.log"
+    log = open(log_path, "w")
+    daemon = procs.add(subprocess.Popen(
+        [str(RIDLEY), "run", "--config", str(work / "ridley.yaml")],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"}))
+    deadline = time.monotonic() + 60
+    while "capture started" not in log_path.read_text():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            sys.exit(log_path.read_text())
+        time.sleep(0.02)
+    return daemon, out
+
+
+def last_metrics(out):
+    """The metrics of the last links batch (self-telemetry batches follow each one)."""
+    lines = [l for l in out.read_text().splitlines() if "ridley.link." in l]
+    last = json.loads(lines[-1])
+    metrics = {}
+    for rm in last["resourceMetrics"]:
+        for sm in rm["scopeMetrics"]:
+            for m in sm["metrics"]:
+                metrics.setdefault(m["name"], []).extend(
+                    (m.get("sum") or m.get("gauge") or {}).get("dataPoints", []))
+    return metrics
+
+
+def total(metrics, name, port, direction=None):
+    n = 0
+    for p in metrics.get(name, []):
+        attrs = {a["key"]: a["value"] for a in p["attributes"]}
+        if int(attrs.get("server.port", {}).get("intValue", -1)) != port:
+            continue
+        if direction and attrs["ridley.link.direction"]["stringValue"] != direction:
+            continue
+        n += int(p["asInt"])
+    return n
+
+
+def losses(metrics):
+    return {p["attributes"][0]["value"]["stringValue"]: int(p["asInt"])
+            for p in metrics.get("ridley.receiver.losses", []) if int(p["asInt"])}
+
+
+# ---- the floor: an empty raw tracepoint program, loaded with bpf(2) ----------------
+
+SYS_BPF = 321
+BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 5, 17
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+
+
+def load_floor_program():
+    """Attaches `r0 = 0; exit` to the inet_sock_set_state raw tracepoint. Returns the
+    two fds to keep open (closing them detaches) and the program's id."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    insns = bytes.fromhex("b700000000000000" "9500000000000000")
+    insns_buf = ctypes.create_string_buffer(insns)
+    license_buf = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("IIQQ", attr, 0, BPF_PROG_TYPE_RAW_TRACEPOINT, 2,
+                     ctypes.addressof(insns_buf), ctypes.addressof(license_buf))
+    attr[48:48 + len(b"bench_floor")] = b"bench_floor"  # prog_name
+    prog_fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 128)
+    if prog_fd < 0:
+        raise OSError(ctypes.get_errno(), "loading the floor program")
+    name = ctypes.create_string_buffer(b"inet_sock_set_state")
+    attr = ctypes.create_string_buffer(128)
+    struct.pack_into("QI", attr, 0, ctypes.addressof(name), prog_fd)
+    link_fd = libc.syscall(SYS_BPF, BPF_RAW_TRACEPOINT_OPEN, attr, 128)
+    if link_fd < 0:
+        raise OSError(ctypes.get_errno(), "attaching the floor program")
+    prog_id = next(e["id"] for e in bpftool("prog", "show") if e.get("name") == "bench_floor")
+    return (prog_fd, link_fd), prog_id
+
+
+def start_bpftrace(procs, work):
+    """The bpftrace reference, running; returns its program ids."""
+    before = {e["id"] for e in bpftool("prog", "show")}
+    script = work / "tcplife.bt"
+    script.write_text(BPFTRACE_SCRIPT)
+    proc = procs.add(subprocess.Popen(["bpftrace", str(script)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ids = {e["id"] for e in bpftool("prog", "show")} - before
+        if ids:
+            time.sleep(0.5)
+            return proc, ids
+        if proc.poll() is not None:
+            sys.exit(f"bpftrace failed: {proc.stderr.read()}")
+        time.sleep(0.1)
+    sys.exit("bpftrace did not attach in 60 s")
+
+
+# ---- phases -----------------------------------------------------------------------
+
+def phase_kernel(work, rows, short):
+    procs = Procs()
+    try:
+        daemon, out = start_ridley(procs, work)
+        fds, floor_id = load_floor_program()
+        bt_ids = set() if os.environ.get("BENCH_NO_BPFTRACE") else start_bpftrace(procs, work)[1]
+        ids = ridley_prog_ids()
+        state_id = ids["ridley_inet_sock_set_state"]
+        watched = {state_id, floor_id, *bt_ids}
+        server = procs.add(in_ns(SERVER_NS, "--role", "serve"))
+        assert server.stdout.readline().strip() == "listening"
+        before = prog_stats(watched)
+        cpu0 = proc_stats(daemon.pid)[0]
+        t0 = time.monotonic()
+        storm = procs.add(in_ns(CLIENT_NS, "--role", "short", "--count", str(short)))
+        storm.wait(timeout=600)
+        took = time.monotonic() - t0
+        after = prog_stats(watched)
+        time.sleep(2.5)
+        cpu = proc_stats(daemon.pid)[0] - cpu0
+        for fd in fds:
+            os.close(fd)
+        procs.end()
+        metrics = last_metrics(out)
+    finally:
+        procs.end()
+    ridley_ns, runs = mean_ns(before, after, state_id)
+    floor_ns, _ = mean_ns(before, after, floor_id)
+    bt = [mean_ns(before, after, i) for i in bt_ids]
+    bt_ns = sum(ns * r for ns, r in bt if r) / max([1] + [r for _, r in bt])
+    opened = total(metrics, "ridley.link.connections.opened", SHORT_PORT)
+    rows.append(("`tp_btf/inet_sock_set_state`, mean ns per run, storm of short connections",
+                 f"{ridley_ns:.0f} ({ridley_ns / floor_ns:.1f}x the floor; {runs:,} runs)",
+                 f"empty program, same tracepoint: {floor_ns:.0f} (floor); bpftrace tcplife-style: {bt_ns:.0f}"))
+    rows.append((f"storm of {short:,} short connections ({short / took:,.0f}/s): daemon CPU",
+                 f"{cpu / took * 100:.1f} % of a core; counted {opened:,}/{short:,}, losses {losses(metrics) or 0}",
+                 ""))
+
+
+def wrk(url, keepalive, seconds):
+    args = ["ip", "netns", "exec", CLIENT_NS, "wrk", "-t2", "-c64", f"-d{seconds}s"]
+    if not keepalive:
+        args += ["-H", "Connection: close"]
+    out = sh(*args, url).stdout
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def phase_http(work, rows, runs, seconds):
+    conf = work / "nginx.conf"
+    (work / "www").mkdir(exist_ok=True)
+    (work / "www" / "index.html").write_text("x" * 512)
+    conf.write_text(
+        "worker_processes 1;\npid " + str(work / "nginx.pid") + ";\nerror_log /dev/null;\n"
+        "events { worker_connections 4096; }\n"
+        "http { access_log off; keepalive_requests 1000000;\n"
+        f"  server {{ listen {SERVER_IP}:{HTTP_PORT} backlog=4096; root {work / 'www'}; }} }}\n")
+    procs = Procs()
+    try:
+        procs.add(subprocess.Popen(["ip", "netns", "exec", SERVER_NS, "nginx", "-c", str(conf),
+                                    "-g", "daemon off;"], stderr=subprocess.DEVNULL))
+        time.sleep(1)
+        url = f"http://{SERVER_IP}:{HTTP_PORT}/index.html"
+        results = {(mode, keep): [] for mode in ("none", "ridley", "bpftrace") for keep in (False, True)}
+        for _ in range(runs):
+            for mode in ("none", "ridley", "bpftrace"):
+                agent = Procs()
+                try:
+                    if mode == "ridley":
+                        start_ridley(agent, work)
+                    elif mode == "bpftrace":
+                        start_bpftrace(agent, work)
+                    for keep in (False, True):
+                        results[(mode, keep)].append(wrk(url, keep, seconds))
+                finally:
+                    agent.end()
+    finally:
+        procs.end()
+    for keep, label in ((False, "short-connection HTTP (nginx, wrk, one request per connection)"),
+                        (True, "keep-alive HTTP (nginx, wrk)")):
+        base = statistics.median(results[("none", keep)])
+        ratio = {m: statistics.median(results[(m, keep)]) / base for m in ("ridley", "bpftrace")}
+        rows.append((f"{label}, req/s vs no daemon (median of {runs})",
+                     f"{ratio['ridley']:.3f}",
+                     f"bpftrace: {ratio['bpftrace']:.3f} (no daemon: {base:,.0f} req/s)"))
+
+
+def phase_idle(work, rows, conns):
+    procs = Procs()
+    groups = [(LONG_PORT + 10 + i, min(PER_PROCESS, conns - i * PER_PROCESS))
+              for i in range((conns + PER_PROCESS - 1) // PER_PROCESS)]
+    try:
+        daemon, out = start_ridley(procs, work)
+        iter_id = ridley_prog_ids()["ridley_iter_tcp"]
+        for port, _ in groups:
+            server = procs.add(in_ns(SERVER_NS, "--role", "serve", "--port", str(port)))
+            assert server.stdout.readline().strip() == "listening"
+        holders = [procs.add(in_ns(CLIENT_NS, "--role", "hold", "--port", str(port), "--count",
+                                   str(count), "--rounds", "1", stdin=subprocess.PIPE))
+                   for port, count in groups]
+        for holder in holders:
+            assert holder.stdout.readline().strip() == "open"
+            assert holder.stdout.readline().strip() == "exchanged"
+        time.sleep(3)  # walks have reported every new connection once
+        before = prog_stats({iter_id})
+        cpu0 = proc_stats(daemon.pid)[0]
+        time.sleep(20)
+        cpu = (proc_stats(daemon.pid)[0] - cpu0) / 20
+        after = prog_stats({iter_id})
+        iter_ns, visits = mean_ns(before, after, iter_id)
+        rss = proc_stats(daemon.pid)[2]
+        maps = {m["name"]: m.get("bytes_memlock", 0) for m in bpftool("map", "show")
+                if m.get("name") in ("SOCK_STATES", "CLIENT_ENDPOINT", "EVENTS")}
+        # Every connection closes at once.
+        for holder in holders:
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+        for holder in holders:
+            assert holder.stdout.readline().strip() == "closed"
+        time.sleep(3)
+        procs.end()
+        metrics = last_metrics(out)
+    finally:
+        procs.end()
+    opened = sum(total(metrics, "ridley.link.connections.opened", port) for port, _ in groups)
+    sent = sum(total(metrics, "ridley.link.bytes", port, "client_to_server") for port, _ in groups)
+    rows.append((f"{conns:,} live idle connections, default settings, 1 s interval",
+                 f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `iter/tcp` {iter_ns:.0f} ns per socket visited ({visits / 20:,.0f} visits/s)",
+                 f"kernel maps: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(maps.items()))}"))
+    rows.append((f"all {conns:,} closing at once",
+                 f"counted {opened:,}/{conns:,} opened, {sent:,}/{conns * 100:,} bytes; losses {losses(metrics) or 0}",
+                 ""))
+
+
+def phase_links(work, rows, links):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_links
+    for kind in ("file", "prometheus", "otlp"):
+        idle_rss, idle_cpu = bench_links.measure(kind, 0, work, interval_s=10, intervals=3)
+        rss, cpu = bench_links.measure(kind, links, work, interval_s=10, intervals=3)
+        rows.append((f"{links:,} links, {kind} exporter, 10 s interval",
+                     f"{rss:.0f} MiB RSS ({(rss - idle_rss) * 1024 / links:.1f} KiB per link), "
+                     f"{cpu / 10 * 100:.1f} % of a core ({(cpu - idle_cpu) * 1e6 / links:.1f} us per link per interval)",
+                     ""))
+
+
+def phase_startup(work, rows):
+    peaks = []
+    for _ in range(3):
+        procs = Procs()
+        try:
+            daemon, _ = start_ridley(procs, work)
+            time.sleep(1)
+            peaks.append(proc_stats(daemon.pid)[1])
+        finally:
+            procs.end()
+    size = RIDLEY.stat().st_size
+    debug = RIDLEY.with_name("ridley.debug")
+    debug_note = f"; debug info split off: {debug.stat().st_size / 2**20:.1f} MiB" if debug.exists() else ""
+    rows.append(("peak RSS at startup (median of 3)", f"{statistics.median(peaks) / 2**20:.1f} MiB", ""))
+    rows.append(("release binary (stripped)", f"{size / 2**20:.1f} MiB{debug_note}", ""))
+
+
+def phase_k8s(rows):
+    out = sh("cargo", "bench", "-q", "-p", "k8sattrs", "--bench", "memory", "--", "100000").stdout
+    rows.append(("Kubernetes metadata, 100,000 pods (`cargo bench -p k8sattrs --bench memory`)",
+                 "; ".join(line.strip() for line in out.splitlines() if line.strip()), ""))
+
+
+def phase_soak(work, rows, minutes):
+    procs = Procs()
+    samples = []
+    try:
+        port = 20000
+        daemon, _ = start_ridley(procs, work, extra="    idle_timeout: 1m\n", exporters=(
+            "exporters:\n  prometheus:\n    endpoint: 127.0.0.1:19464\n", "prometheus"))
+        server = procs.add(in_ns(SERVER_NS, "--role", "serve"))
+        assert server.stdout.readline().strip() == "listening"
+        holder = procs.add(in_ns(CLIENT_NS, "--role", "hold", "--count", "2000",
+                                 "--rounds", str(minutes * 6), "--pause", "10", stdin=subprocess.PIPE))
+        assert holder.stdout.readline().strip() == "open"
+        end = time.monotonic() + minutes * 60
+        while time.monotonic() < end:
+            storm = in_ns(CLIENT_NS, "--role", "short", "--count", "3000")
+            storm.wait(timeout=300)
+            # Churn: 300 new links to closed ports each minute; old ones expire (1 min).
+            sh("ip", "netns", "exec", CLIENT_NS, sys.executable, "-c",
+               "import socket\n"
+               f"for p in range({port}, {port + 300}):\n"
+               "    s = socket.socket()\n"
+               "    try: s.connect(('" + SERVER_IP + "', p))\n"
+               "    except OSError: pass\n"
+               "    s.close()\n")
+            port = 20000 + (port + 300 - 20000) % 20000
+            samples.append((time.monotonic(), proc_stats(daemon.pid)[2]))
+            time.sleep(max(0, 60 - (time.monotonic() - samples[-1][0]) - 1))
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+    finally:
+        procs.end()
+    warm = samples[min(2, len(samples) - 1)][1]
+    last = samples[-1][1]
+    rows.append((f"{minutes}-minute soak (storms, 2,000 long-lived, 300 new links a minute)",
+                 f"RSS {warm / 2**20:.1f} MiB after warm-up, {last / 2**20:.1f} MiB at the end "
+                 f"({(last - warm) / warm * 100:+.1f} %); max {max(s for _, s in samples) / 2**20:.1f} MiB",
+                 ""))
+
+
+def ensure_tools(phases):
+    need = {"http": ["wrk", "nginx", "bpftrace"], "kernel": ["bpftrace"]}
+    missing = {tool for p in phases for tool in need.get(p, []) if not shutil.which(tool)}
+    if missing:
+        packages = {"wrk": "wrk", "nginx": "nginx-light", "bpftrace": "bpftrace"}
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends",
+                        *sorted(packages[t] for t in missing)], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+PHASES = ["kernel", "http", "idle", "links", "startup", "k8s", "soak"]
+ROWS_DIR = ROOT / "target" / "bench"
+
+
+def save_rows(phase, rows):
+    ROWS_DIR.mkdir(parents=True, exist_ok=True)
+    meta = {"phase": phase, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "kernel": os.uname().release, "cpus": os.cpu_count(), "rows": rows}
+    (ROWS_DIR / f"{phase}.json").write_text(json.dumps(meta, indent=1))
+
+
+def saved_rows():
+    rows = []
+    for phase in PHASES:
+        path = ROWS_DIR / f"{phase}.json"
+        if path.exists():
+            rows += [tuple(r) for r in json.loads(path.read_text())["rows"]]
+    return rows
+
+
+def render(rows):
+    lines = ["| figure | ridley | reference in the same run |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def update_readme(table):
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--short", type=int, default=20_000)
-    parser.add_argument("--long", type=int, default=5_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--role", choices=["serve", "short", "long"], help=argparse.SUPPRESS)
+    parser.add_argument("--conns", type=int, default=50_000)
+    parser.add_argument("--links", type=int, default=16_000)
+    parser.add_argument("--http-runs", type=int, default=5)
+    parser.add_argument("--soak", type=int, default=int(os.environ.get("SOAK_MINUTES", 30)),
+                        help="soak minutes (env SOAK_MINUTES)")
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
+    parser.add_argument("--role", choices=["serve", "short", "hold"], help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--pause", type=float, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, action="append", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "serve":
-        return asyncio.run(serve())
+        return asyncio.run(serve(args.port or [SHORT_PORT, LONG_PORT]))
     if args.role == "short":
-        return asyncio.run(short_storm(args.short, 64))
-    if args.role == "long":
-        return asyncio.run(long_lived(args.long, args.rounds))
+        return asyncio.run(short_storm(args.count, 64))
+    if args.role == "hold":
+        return asyncio.run(hold((args.port or [LONG_PORT])[0], args.count, args.rounds, args.pause))
 
     if not RIDLEY.exists():
         sys.exit(f"{RIDLEY} missing: run `make bench`")
-    deadline = time.monotonic() + TIME_LIMIT_S
+    phases = args.phases.split(",")
+    ensure_tools(phases)
+    raise_fd_limit()
     setup_network()
     sh("sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1")
-    work = pathlib.Path(tempfile.mkdtemp(prefix="ridley-bench-"))
-    out = work / "metrics.jsonl"
-    (work / "ridley.yaml").write_text(
-        "receivers:\n  ebpf:\n    collection_interval: 1s\n"
-        f"exporters:\n  file:\n    path: {out}\n"
-        "service:\n  pipelines:\n    metrics:\n      receivers: [ebpf]\n      exporters: [file]\n")
-    log = open(work / "ridley.log", "w")
-    daemon = subprocess.Popen([str(RIDLEY), "run", "--config", str(work / "ridley.yaml")],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
-    procs = [daemon]
+    rows = []
     try:
-        while "capture started" not in (work / "ridley.log").read_text():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                sys.exit((work / "ridley.log").read_text())
-            time.sleep(0.05)
-        server = in_ns(SERVER_NS, "--role", "serve")
-        procs.append(server)
-        assert server.stdout.readline().strip() == "listening"
-
-        t0 = time.monotonic()
-        short = in_ns(CLIENT_NS, "--role", "short", "--short", str(args.short))
-        procs.append(short)
-        short.wait(timeout=max(1, deadline - time.monotonic()))
-        short_s = time.monotonic() - t0
-
-        long_ = in_ns(CLIENT_NS, "--role", "long", "--long", str(args.long), "--rounds",
-                      str(args.rounds))
-        procs.append(long_)
-        assert long_.stdout.readline().strip() == "open"
-        time.sleep(2.5)  # at least two collections with every connection open
-        peak_maps = ridley_maps()
-        long_.wait(timeout=max(1, deadline - time.monotonic()))
-        time.sleep(2)
-        costs = prog_costs()
-        cpu, peak_rss, rss = proc_stats(daemon.pid)
-        daemon.send_signal(signal.SIGINT)
-        daemon.wait(timeout=30)
+        with tempfile.TemporaryDirectory(prefix="ridley-bench-") as tmp:
+            work = pathlib.Path(tmp)
+            for phase in phases:
+                started = time.monotonic()
+                before = len(rows)
+                if phase == "kernel":
+                    phase_kernel(work, rows, args.short)
+                elif phase == "http":
+                    phase_http(work, rows, args.http_runs, 5)
+                elif phase == "idle":
+                    phase_idle(work, rows, args.conns)
+                elif phase == "links":
+                    phase_links(work, rows, args.links)
+                elif phase == "startup":
+                    phase_startup(work, rows)
+                elif phase == "k8s":
+                    phase_k8s(rows)
+                elif phase == "soak" and args.soak > 0:
+                    phase_soak(work, rows, args.soak)
+                if len(rows) > before:
+                    save_rows(phase, rows[before:])
+                print(f"# {phase}: {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+                print(render(rows[-3:]) if rows else "", file=sys.stderr, flush=True)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
         sh("sysctl", "-q", "-w", "kernel.bpf_stats_enabled=0")
         teardown_network()
-
-    last = json.loads(out.read_text().splitlines()[-1])
-    metrics = {m["name"]: m for m in last["resourceMetrics"][0]["scopeMetrics"][0]["metrics"]}
-
-    def total(name, port, direction=None):
-        n = 0
-        for p in metrics[name]["sum"]["dataPoints"]:
-            attrs = {a["key"]: a["value"] for a in p["attributes"]}
-            if int(attrs["server.port"]["intValue"]) != port:
-                continue
-            if direction and attrs["ridley.link.direction"]["stringValue"] != direction:
-                continue
-            n += int(p["asInt"])
-        return n
-
-    print(f"ridley benchmark: {args.short} short connections ({short_s:.1f} s), "
-          f"then {args.long} long-lived x {args.rounds} exchanges")
-    for name, (cnt, ns) in sorted(costs.items()):
-        print(f"  kernel program {name:<16} runs {cnt:>9}  mean {ns / cnt:8.0f} ns/run")
-    print(f"  daemon CPU            {cpu:.2f} s")
-    print(f"  daemon RSS            {rss / 2**20:.1f} MiB after the storm, "
-          f"{peak_rss / 2**20:.1f} MiB peak (startup BTF parsing)")
-    print(f"  kernel map memory     {sum(peak_maps.values()) / 2**20:.2f} MiB at peak "
-          f"({', '.join(f'{k} {v / 2**10:.0f} KiB' for k, v in sorted(peak_maps.items()))})")
-    short_opened = total("ridley.link.connections.opened", SHORT_PORT)
-    long_opened = total("ridley.link.connections.opened", LONG_PORT)
-    long_bytes = total("ridley.link.bytes", LONG_PORT, "client_to_server")
-    print(f"  counted: short opened {short_opened}/{args.short}, long opened "
-          f"{long_opened}/{args.long}, long bytes client->server {long_bytes}/"
-          f"{args.long * args.rounds * 100}")
-    losses = {(p["attributes"][0]["value"]["stringValue"]): int(p["asInt"])
-              for p in metrics["ridley.receiver.losses"]["sum"]["dataPoints"]}
-    print(f"  losses: {losses}")
+    table = render(rows)
+    print(table)
+    if args.readme:
+        update_readme(render(saved_rows()))
 
 
 if __name__ == "__main__":

@@ -73,12 +73,12 @@ def exporter_config(kind, workdir):
             "otlp")
 
 
-def measure(kind, links, workdir, perf=None):
+def measure(kind, links, workdir, perf=None, interval_s=INTERVAL_S, intervals=MEASURED_INTERVALS):
     exporters, exporter_id = exporter_config(kind, workdir)
     config = workdir / f"{kind.replace('+', '-')}-{links}.yaml"
     config.write_text(
         "receivers:\n  ebpf:\n"
-        f"    collection_interval: {INTERVAL_S}s\n    idle_timeout: 10m\n"
+        f"    collection_interval: {interval_s}s\n    idle_timeout: 10m\n"
         f"    max_links: {max(links, 1) + 10}\n"
         f"exporters:\n{exporters}"
         "service:\n  telemetry:\n    logs: {level: warn}\n"
@@ -90,15 +90,15 @@ def measure(kind, links, workdir, perf=None):
         time.sleep(3)
         if links:
             scan(20000, links)
-        time.sleep(2 * INTERVAL_S)  # the links are in the table and have been exported
+        time.sleep(2 * interval_s)  # the links are in the table and have been exported
         recorder = None
         if perf and links:
             out = pathlib.Path(perf) / f"{kind.replace('+', '-')}-{links}.perf.data"
             recorder = subprocess.Popen(["perf", "record", "-g", "-o", str(out), "-p", str(proc.pid)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = cpu_s(proc.pid)
-        time.sleep(MEASURED_INTERVALS * INTERVAL_S)
-        cpu_per_interval = (cpu_s(proc.pid) - cpu_before) / MEASURED_INTERVALS
+        time.sleep(intervals * interval_s)
+        cpu_per_interval = (cpu_s(proc.pid) - cpu_before) / intervals
         if recorder:
             recorder.send_signal(signal.SIGINT)
             recorder.wait(timeout=60)

@@ -31,7 +31,7 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{
-            BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+            BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
             BPF_SK_STORAGE_GET_F_CREATE,
         },
         btf_maps::SkStorage,
@@ -55,14 +55,15 @@ mod programs {
     static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
 
     /// Local ends of established client sockets, so that a server socket on this host
-    /// can tell its client is local (each link once). Allocated on demand
-    /// (`BPF_F_NO_PREALLOC`): memory follows the number of open client connections.
-    /// The size is a default; userspace sets it from `max_connections`. Entries are
-    /// removed at the client's `TCP_CLOSE`, which every TCP socket reaches; a full map is
-    /// counted (ENDPOINTS_FULL), never silently ignored.
+    /// can tell its client is local (each link once). Preallocated: an insert and a
+    /// delete per client connection then take an element from a per-CPU free list
+    /// instead of the allocator, which measured 38 % of the state-change program's time
+    /// (398 -> 247 ns per run); the price is the whole map's memory up front (about 5 MiB
+    /// at the default size). The size is a default; userspace sets it from
+    /// `max_connections`. Entries are removed at the client's `TCP_CLOSE`, which every TCP
+    /// socket reaches; a full map is counted (ENDPOINTS_FULL), never silently ignored.
     #[map]
-    static CLIENT_ENDPOINTS: HashMap<EndpointKey, u8> =
-        HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
+    static CLIENT_ENDPOINTS: HashMap<EndpointKey, u8> = HashMap::with_max_entries(65536, 0);
 
     /// One record per closed or failed connection; drained continuously by userspace.
     /// A full buffer drops the record and counts it (RINGBUF_DROPS).

@@ -81,7 +81,8 @@ impl Default for EbpfConfig {
 /// monotonic clock, and the kernel refuses hash maps much larger than this.
 const MAX_COLLECTION_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
-const MAX_CONNECTIONS: u32 = 1 << 22;
+/// The endpoint table is preallocated (about 80 bytes per entry): at most 80 MiB.
+const MAX_CONNECTIONS: u32 = 1 << 20;
 const MAX_SPAN_PAIRS_PER_LINK: usize = 1000;
 const MAX_LINKS: usize = 1_000_000;
 /// Every this many walks, one reports every socket, changed or not: the table of open
@@ -443,7 +444,7 @@ mod tests {
             ),
             (
                 "max_connections: 4294967295",
-                "receivers.ebpf.max_connections: must be from 1 to 4194304, got 4294967295",
+                "receivers.ebpf.max_connections: must be from 1 to 1048576, got 4294967295",
             ),
             (
                 "span_pairs_per_link: 100000",

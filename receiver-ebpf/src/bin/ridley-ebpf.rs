@@ -31,8 +31,7 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{
-            BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-            BPF_SK_STORAGE_GET_F_CREATE,
+            BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
         },
         btf_maps::SkStorage,
         helpers::{

@@ -17,10 +17,11 @@ test: setup
 	cargo test --workspace
 	python3 -m pytest -v tests/
 
-# A bounded connection storm with figures (not a test).
+# Every figure of the README's benchmark table, with its references, and the table
+# regenerated from them (not a test; about 55 minutes with the 30-minute soak).
 bench: setup
 	cargo build --release
-	python3 scripts/bench.py
+	python3 scripts/bench.py --readme
 
 # The image (Dockerfile, multi-stage), with podman or docker, whichever exists. Where no
 # registry is reachable, the debian:bookworm-slim base is made locally first.

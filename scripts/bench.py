@@ -477,11 +477,15 @@ def phase_startup(work, rows):
             peaks.append(proc_stats(daemon.pid)[1])
         finally:
             procs.end()
-    size = RIDLEY.stat().st_size
-    debug = RIDLEY.with_name("ridley.debug")
-    debug_note = f"; debug info split off: {debug.stat().st_size / 2**20:.1f} MiB" if debug.exists() else ""
+    stripped = pathlib.Path(tempfile.mkdtemp()) / "ridley"
+    sh("strip", "-o", str(stripped), str(RIDLEY))
+    dwp = RIDLEY.with_name("ridley.dwp")
     rows.append(("peak RSS at startup (median of 3)", f"{statistics.median(peaks) / 2**20:.1f} MiB", ""))
-    rows.append(("release binary (stripped)", f"{size / 2**20:.1f} MiB{debug_note}", ""))
+    rows.append(("release binary",
+                 f"{RIDLEY.stat().st_size / 2**20:.1f} MiB as built (symbols, no debug info), "
+                 f"{stripped.stat().st_size / 2**20:.1f} MiB stripped (the image's)",
+                 f"debug info apart: ridley.dwp {dwp.stat().st_size / 2**20:.0f} MiB" if dwp.exists() else ""))
+    shutil.rmtree(stripped.parent)
 
 
 def phase_k8s(rows):

@@ -219,11 +219,41 @@ def typed_dashboard_problems(dashboard_json):
     return problems
 
 
+@pytest.mark.parametrize("name", ["ridley.json", "ridley-prometheus.json"])
+def test_every_dashboard_parses_into_grafanas_typed_models(name):
+    import json
+    dashboard = json.loads((EXAMPLES / "grafana/dashboards" / name).read_text())
+    assert typed_dashboard_problems(dashboard) == []
+
+
+def test_the_prometheus_only_dashboard_names_no_datasource_of_ours():
+    """Any Prometheus: every panel and query goes through the `datasource` variable (no
+    uid of the example stack), the map is a Node Graph of node and edge frames, and the
+    namespace and workload filters apply to every query."""
+    import json
+    dashboard = json.loads((EXAMPLES / "grafana/dashboards/ridley-prometheus.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert {"namespace", "workload"} <= set(variables)
+    for v in ("namespace", "workload"):
+        assert variables[v]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    targets = [t for p in dashboard["panels"] for t in p["targets"]]
+    assert all(p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+               for p in dashboard["panels"])
+    assert all(t["datasource"] == {"type": "prometheus", "uid": "${datasource}"} for t in targets)
+    assert all('=~"$namespace"' in t["expr"] and '=~"$workload"' in t["expr"] for t in targets)
+    graph = dashboard["panels"][0]
+    assert graph["type"] == "nodeGraph"
+    assert [t["refId"] for t in graph["targets"]] == ["nodes", "edges"]
+    rename = graph["transformations"][0]["options"]["renameByName"]
+    assert rename == {"Value #nodes": "mainstat", "Value #edges": "mainstat"}
+
+
 def test_dashboard_parses_into_grafanas_typed_models():
     import copy
     import json
     dashboard = json.loads((EXAMPLES / "grafana/dashboards/ridley.json").read_text())
-    assert typed_dashboard_problems(dashboard) == []
     # The check would have caught the panel id this dashboard once shipped with.
     broken = copy.deepcopy(dashboard)
     broken["panels"][0]["type"] = "nodegraph"

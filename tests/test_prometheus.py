@@ -109,9 +109,20 @@ def by(result, *labels):
             for s in result}
 
 
-def dashboard_queries():
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if t.get("expr")]
+PROMETHEUS_ONLY = DASHBOARD.with_name("ridley-prometheus.json")
+
+
+def dashboard_queries(path=DASHBOARD):
+    """Every query of a dashboard, with Grafana's variables as an "All" selection and
+    its built-in intervals given values (rate(): at least four 1 s scrapes)."""
+    dashboard = json.loads(path.read_text())
+    substitutions = {"$__rate_interval": "30s", "$__range": "5m", '"$namespace"': '".*"',
+                     '"$workload"': '".*"'}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if t.get("expr")]
+    for old, new in substitutions.items():
+        exprs = [e.replace(old, new) for e in exprs]
+    assert all("$" not in e.replace("$1", "") for e in exprs), exprs
+    return exprs
 
 
 def test_prometheus_scrapes_ridley_and_answers_every_dashboard_query(ridley, peers, tmp_path):
@@ -136,12 +147,22 @@ def test_prometheus_scrapes_ridley_and_answers_every_dashboard_query(ridley, pee
         assert sent == {("client_to_server",): 300, ("server_to_client",): 120}
         # Every query of the shipped dashboard is valid PromQL over what ridley exposes and
         # answers with data (Grafana's $__rate_interval: at least four scrape intervals).
-        queries = dashboard_queries()
-        assert len(queries) >= 6, queries
+        queries = dashboard_queries() + dashboard_queries(PROMETHEUS_ONLY)
+        assert len(queries) >= 12, queries
         time.sleep(5)  # room for rate() over 1 s scrapes
         for expr in queries:
-            result = prometheus.query(expr.replace("$__rate_interval", "30s"))
+            result = prometheus.query(expr)
             assert result, f"no data for the dashboard's {expr}"
+        # The Prometheus-only map: nodes and edges named by address (no Kubernetes here),
+        # the refused client included, each edge once.
+        nodes_expr, edges_expr = dashboard_queries(PROMETHEUS_ONLY)[:2]
+        nodes = {s["metric"]["id"] for s in prometheus.query(nodes_expr)}
+        edges = [(s["metric"]["source"], s["metric"]["target"], s["metric"]["id"])
+                 for s in prometheus.query(edges_expr)]
+        assert {B4, C4, A4} <= nodes, nodes
+        ours = [e for e in edges if e[1] == A4 and e[0] in (B4, C4)]
+        assert sorted(ours) == [(B4, A4, f"{B4} -> {A4}"), (C4, A4, f"{C4} -> {A4}")], edges
+        assert all(source and target for source, target, _ in edges), edges
     finally:
         prometheus.stop()
         r.stop()

@@ -140,6 +140,17 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
+/// Hands the heap memory freed after startup (the BTF parses) back to the system:
+/// glibc keeps freed memory for reuse, so the daemon's resident size would otherwise
+/// stay at its startup peak.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// CLOCK_MONOTONIC in microseconds: the clock of `bpf_ktime_get_ns` and `tcp_mstamp`.
 fn monotonic_us() -> u64 {
     let mut ts = libc::timespec {
@@ -243,27 +254,30 @@ impl Capture {
     /// close records, which the caller drains.
     pub fn load(sizes: MapSizes) -> Result<(Self, RingBuf<MapData>)> {
         check_kernel()?;
-        // Kernel BTF is large (several MiB on disk, several times that parsed): the
-        // offsets' parse is dropped before aya's, and aya's one parse serves the loader
-        // and both programs, so the startup peak holds one parse at a time.
+        // Kernel BTF is large (over 5 MiB on disk, about 14 MiB parsed by aya), and
+        // startup is the daemon's memory peak: the offsets come from a reader that keeps
+        // the file and an index (dropped at once); aya's loader parses BTF when it is
+        // created, which is dropped at once too (the programs use no CO-RE relocation:
+        // `.btf(None)`); then one parse serves both programs' attach. One parse is alive
+        // at a time.
         let offsets = {
-            let vmlinux = btf_rs::Btf::from_file(btf::VMLINUX_BTF)
-                .with_context(|| format!("parsing {}", btf::VMLINUX_BTF))?;
+            let vmlinux = btf::KernelBtf::from_file(btf::VMLINUX_BTF)?;
             btf::kernel_offsets(&vmlinux).context("resolving kernel struct offsets from BTF")?
         };
         let offsets = PodOffsets(offsets);
-        let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
 
         // Wake the drain when a quarter of the ring is used; a timer drains the rest.
         let wakeup_bytes = u64::from(sizes.ring_buffer_bytes / 4);
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&kernel_btf))
+        let mut ebpf = loader
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .override_global(names::GLOBAL_RINGBUF_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::MAP_CLIENT_ENDPOINTS, sizes.max_connections)
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
             .load(PROGRAMS)
             .context("loading the eBPF object (are you root, or have CAP_BPF + CAP_PERFMON?)")?;
+        let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
 
         let state: &mut BtfTracePoint = program(&mut ebpf, names::PROG_STATE)?;
         state
@@ -289,6 +303,8 @@ impl Capture {
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
         let walker = Walker::spawn(ebpf)?;
+        drop(kernel_btf);
+        release_freed_memory();
         Ok((Capture { counters, walker }, events))
     }
 

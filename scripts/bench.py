@@ -585,7 +585,8 @@ def saved_rows():
 
 def render(rows):
     lines = ["| figure | ridley | reference in the same run |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    cell = lambda text: " ".join(str(text).split())  # noqa: E731 (one table row per line)
+    lines += [f"| {cell(a)} | {cell(b)} | {cell(c)} |" for a, b, c in rows]
     return "\n".join(lines)
 
 

@@ -228,38 +228,47 @@ def test_otel_environment_variables_fill_what_the_yaml_leaves_unset(ridley, peer
     assert all(res.get("host.name") for res in resources), "detected attributes stay"
 
 
-def test_zstd_compressed_http_requests_decode_whole(ridley, peers):
-    """`compression: zstd` over OTLP/HTTP: a receiver that decodes as the collector's
-    confighttp does (Content-Encoding: zstd) gets the exact link. rotel, the suite's
-    collector, accepts gzip only, and gRPC's zstd is tonic's codec (not exercised here:
-    Python's grpcio has no zstd)."""
+def otlp_http_receiver(record):
+    """An OTLP/HTTP receiver on a free loopback port that hands each request's handler
+    and body to `record` and answers 200, as a collector does. Shut it down after use."""
     import http.server
     import threading
-
-    import zstandard
-    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
-    from google.protobuf.json_format import MessageToDict
-
-    received = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_POST(self):
-            body = self.rfile.read(int(self.headers["content-length"]))
-            encoding = self.headers.get("content-encoding")
-            if encoding == "zstd":
-                body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
-            request = metrics_service_pb2.ExportMetricsServiceRequest()
-            request.ParseFromString(body)
-            received.append((encoding, MessageToDict(request)))
+            record(self, self.rfile.read(int(self.headers["content-length"])))
             self.send_response(200)
             self.send_header("content-type", "application/x-protobuf")
             self.end_headers()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_zstd_compressed_http_requests_decode_whole(ridley, peers):
+    """`compression: zstd` over OTLP/HTTP: a receiver that decodes as the collector's
+    confighttp does (Content-Encoding: zstd) gets the exact link. rotel, the suite's
+    collector, accepts gzip only, and gRPC's zstd is tonic's codec (not exercised here:
+    Python's grpcio has no zstd)."""
+    import zstandard
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+    from google.protobuf.json_format import MessageToDict
+
+    received = []
+
+    def record(handler, body):
+        encoding = handler.headers.get("content-encoding")
+        if encoding == "zstd":
+            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        request = metrics_service_pb2.ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        received.append((encoding, MessageToDict(request)))
+
+    server = otlp_http_receiver(record)
     try:
         exporters = (f"  otlphttp:\n    endpoint: http://127.0.0.1:{server.server_address[1]}\n"
                      "    compression: zstd\n")
@@ -278,25 +287,13 @@ def test_per_signal_header_variables_reach_each_signal(ridley, peers):
     """OTEL_EXPORTER_OTLP_HEADERS goes on every request; OTEL_EXPORTER_OTLP_METRICS_HEADERS
     and _TRACES_HEADERS add to it for their signal, overriding a key both name. Read by an
     HTTP receiver that records each request's headers by path."""
-    import http.server
-    import threading
-
     seen = {}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
+    def record(handler, body):
+        seen.setdefault(handler.path, []).append(
+            {k.lower(): v for k, v in handler.headers.items() if k.lower().startswith("x-")})
 
-        def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
-            seen.setdefault(self.path, []).append(
-                {k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-")})
-            self.send_response(200)
-            self.send_header("content-type", "application/x-protobuf")
-            self.end_headers()
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = otlp_http_receiver(record)
     try:
         r = ridley(exporters="  otlphttp: {}\n",
                    pipelines={"metrics": ["otlphttp"], "traces": ["otlphttp"]}, env={

@@ -242,45 +242,51 @@ impl From<Pod> for PodRecord {
     }
 }
 
-/// The reflector keys a pod by namespace and name, like a `Pod`.
-///
-/// No resource version or UID: the watcher tracks versions itself and the store never
-/// reads either, while a copy of each in every key would cost about 50 bytes a pod.
-impl Lookup for PodRecord {
-    type DynamicType = ();
+/// `Lookup` for a compact record of the kube resource `$resource`: kind, group, version
+/// and plural are the resource's; the key is the record's namespace and name. No
+/// resource version or UID: the watcher tracks versions itself and the store never reads
+/// either, while a copy of each in every key would cost about 50 bytes an object.
+macro_rules! lookup_as {
+    ($resource:ty, $($record:tt)+) => {
+        $($record)+ {
+            type DynamicType = ();
 
-    fn kind(dyntype: &()) -> Cow<'_, str> {
-        <Pod as Resource>::kind(dyntype)
-    }
+            fn kind(dyntype: &()) -> Cow<'_, str> {
+                <$resource as Resource>::kind(dyntype)
+            }
 
-    fn group(dyntype: &()) -> Cow<'_, str> {
-        <Pod as Resource>::group(dyntype)
-    }
+            fn group(dyntype: &()) -> Cow<'_, str> {
+                <$resource as Resource>::group(dyntype)
+            }
 
-    fn version(dyntype: &()) -> Cow<'_, str> {
-        <Pod as Resource>::version(dyntype)
-    }
+            fn version(dyntype: &()) -> Cow<'_, str> {
+                <$resource as Resource>::version(dyntype)
+            }
 
-    fn plural(dyntype: &()) -> Cow<'_, str> {
-        <Pod as Resource>::plural(dyntype)
-    }
+            fn plural(dyntype: &()) -> Cow<'_, str> {
+                <$resource as Resource>::plural(dyntype)
+            }
 
-    fn name(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(&self.name))
-    }
+            fn name(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(&self.name))
+            }
 
-    fn namespace(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(&self.namespace))
-    }
+            fn namespace(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(&self.namespace))
+            }
 
-    fn resource_version(&self) -> Option<Cow<'_, str>> {
-        None
-    }
+            fn resource_version(&self) -> Option<Cow<'_, str>> {
+                None
+            }
 
-    fn uid(&self) -> Option<Cow<'_, str>> {
-        None
-    }
+            fn uid(&self) -> Option<Cow<'_, str>> {
+                None
+            }
+        }
+    };
 }
+
+lookup_as!(Pod, impl Lookup for PodRecord);
 
 /// An intermediate owner of the owner chain (a ReplicaSet or a Job, `K`): its name and
 /// its controller.
@@ -332,42 +338,7 @@ impl<K> fmt::Debug for OwnerRecord<K> {
     }
 }
 
-/// Keyed by namespace and name, like `K`; no version or UID, as for [`PodRecord`].
-impl<K: Resource<DynamicType = ()>> Lookup for OwnerRecord<K> {
-    type DynamicType = ();
-
-    fn kind(dyntype: &()) -> Cow<'_, str> {
-        <K as Resource>::kind(dyntype)
-    }
-
-    fn group(dyntype: &()) -> Cow<'_, str> {
-        <K as Resource>::group(dyntype)
-    }
-
-    fn version(dyntype: &()) -> Cow<'_, str> {
-        <K as Resource>::version(dyntype)
-    }
-
-    fn plural(dyntype: &()) -> Cow<'_, str> {
-        <K as Resource>::plural(dyntype)
-    }
-
-    fn name(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(&self.name))
-    }
-
-    fn namespace(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(&self.namespace))
-    }
-
-    fn resource_version(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-
-    fn uid(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-}
+lookup_as!(K, impl<K: Resource<DynamicType = ()>> Lookup for OwnerRecord<K>);
 
 /// The object's controller, when it is a workload kind.
 pub(crate) fn controller(meta: &ObjectMeta, strings: &mut Interner) -> Option<Workload> {

@@ -10,8 +10,6 @@
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-/// `IPPROTO_TCP`.
-pub const IPPROTO_TCP: u16 = 6;
 
 /// TCP states as `include/net/tcp_states.h` numbers them.
 pub mod tcp_state {
@@ -115,7 +113,6 @@ pub struct KernelOffsets {
     pub skc_net: u32,
     /// `ns.inum` inside `struct net`.
     pub net_ns_inum: u32,
-    pub sk_protocol: u32,
     pub sk_err: u32,
     pub sk_flags: u32,
     pub bytes_acked: u32,
@@ -278,4 +275,4 @@ const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
 const _: () = assert!(core::mem::size_of::<SockState>() == 80);
 const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);

@@ -937,17 +937,22 @@ mod tests {
         (c, s)
     }
 
-    #[test]
-    fn preexisting_pair_on_one_host_is_reported_once_by_the_client() {
-        let mut agg = Aggregator::new(config(60));
-        let (c, s) = local_pair((10, 10), (10, 10));
-        let listener = SockRecord {
+    /// The listener of `local_pair`'s server.
+    fn local_pair_listener() -> SockRecord {
+        SockRecord {
             state: tcp_state::LISTEN,
             local_port: 80,
             netns: 2,
             local_addr: v4([10, 0, 0, 2]),
             ..SockRecord::default()
-        };
+        }
+    }
+
+    #[test]
+    fn preexisting_pair_on_one_host_is_reported_once_by_the_client() {
+        let mut agg = Aggregator::new(config(60));
+        let (c, s) = local_pair((10, 10), (10, 10));
+        let listener = local_pair_listener();
         agg.apply_walk(&[c, s, listener], at(1), true, true);
         assert_eq!(agg.open_connections(), 1);
         assert_eq!(agg.collect(at(1))[0].0, key());
@@ -1119,13 +1124,7 @@ mod tests {
     fn a_pair_left_to_the_client_stays_left_when_a_later_walk_lists_only_the_server() {
         let mut agg = Aggregator::new(config(60));
         let (c, s) = local_pair((10, 10), (10, 10));
-        let listener = SockRecord {
-            state: tcp_state::LISTEN,
-            local_port: 80,
-            netns: 2,
-            local_addr: v4([10, 0, 0, 2]),
-            ..SockRecord::default()
-        };
+        let listener = local_pair_listener();
         agg.apply_walk(&[c, s, listener], at(1), true, true);
         // Only the server's counters changed since: without its client in the walk, it
         // must still not be counted as a second link.

@@ -89,7 +89,6 @@ mod programs {
         skc_v6_daddr: 0,
         skc_net: 0,
         net_ns_inum: 0,
-        sk_protocol: 0,
         sk_err: 0,
         sk_flags: 0,
         bytes_acked: 0,
@@ -616,7 +615,11 @@ mod programs {
             let last_packet_us: u64 = unsafe {
                 bpf_probe_read_kernel(sk.add(offset!(tcp_mstamp) as usize) as *const u64)
             }
-            .unwrap_or(u64::MAX);
+            .unwrap_or_else(|_| {
+                // Counted, and the socket is looked at in full instead.
+                bump(counter::READ_ERRORS);
+                u64::MAX
+            });
             if last_packet_us < control.quiet_before_us {
                 return 0;
             }

@@ -273,7 +273,6 @@ pub fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         skc_v6_daddr: sock(&["__sk_common", "skc_v6_daddr"], 16)?,
         skc_net: sock(&["__sk_common", "skc_net", "net"], 8)?,
         net_ns_inum: btf.offset("net", &["ns", "inum"], 4)?,
-        sk_protocol: sock(&["sk_protocol"], 2)?,
         sk_err: sock(&["sk_err"], 4)?,
         // Moved from struct sock into sock_common (as skc_flags) in 6.x.
         sk_flags: sock(&["sk_flags"], 8).or_else(|_| sock(&["__sk_common", "skc_flags"], 8))?,

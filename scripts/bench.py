@@ -478,13 +478,17 @@ def phase_idle(work, rows, conns):
 def phase_links(work, rows, links):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_links
-    for kind in ("file", "prometheus", "otlp"):
-        idle_rss, idle_cpu = bench_links.measure(kind, 0, work, interval_s=10, intervals=3)
-        rss, cpu = bench_links.measure(kind, links, work, interval_s=10, intervals=3)
+    how = {"file": "OTLP/JSON lines appended to a file",
+           "prometheus": "page scraped once per interval",
+           "otlphttp": "to a live OTLP/HTTP receiver",
+           "otlp": "gRPC collector down: every request queued (16 MiB bound) and retried"}
+    for kind in ("file", "prometheus", "otlphttp", "otlp"):
+        idle_rss, idle_cpu, _ = bench_links.measure(kind, 0, work, interval_s=10, intervals=3)
+        rss, cpu, peak = bench_links.measure(kind, links, work, interval_s=10, intervals=3)
         rows.append((f"{links:,} links, {kind} exporter, 10 s interval",
-                     f"{rss:.0f} MiB RSS ({(rss - idle_rss) * 1024 / links:.1f} KiB per link), "
+                     f"{rss:.0f} MiB RSS, peak {peak:.0f} MiB ({(rss - idle_rss) * 1024 / links:.1f} KiB per link), "
                      f"{cpu / 10 * 100:.1f} % of a core ({(cpu - idle_cpu) * 1e6 / links:.1f} us per link per interval)",
-                     ""))
+                     how[kind]))
 
 
 def phase_startup(work, rows):

@@ -4,10 +4,14 @@
 A client namespace connects once to each of N closed ports of a server namespace (a
 port scan: N links of one refused connection each). For each exporter and each N, the
 daemon's resident memory once the links are exported, its CPU per collection interval,
-and the memory per link above an idle daemon. Bounded: N connects, a fixed number of
+and the memory per link above an idle daemon. Exporters work as in production: the
+Prometheus page is scraped once per interval, `otlphttp` sends to a live receiver (a
+sink that reads every request and answers 200), `otlp` to a collector that is not
+there (every request queued and retried). Bounded: N connects, a fixed number of
 intervals, every process ended by its pid.
 """
 import argparse
+import http.client
 import os
 import pathlib
 import re
@@ -16,7 +20,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RIDLEY = pathlib.Path(os.environ.get("RIDLEY_BIN", ROOT / "target" / "release" / "ridley"))
@@ -49,9 +56,10 @@ def scan(first, count):
     sh("ip", "netns", "exec", CLIENT_NS, sys.executable, "-c", code)
 
 
-def rss_mib(pid):
+def rss_mib(pid, field="VmRSS"):
+    """Resident memory now (VmRSS) or at its peak since start (VmHWM)."""
     status = open(f"/proc/{pid}/status").read()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    return int(re.search(field + r":\s+(\d+) kB", status).group(1)) / 1024
 
 
 def cpu_s(pid):
@@ -59,22 +67,80 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def exporter_config(kind, workdir):
+def exporter_config(kind, workdir, helpers, interval_s):
     """One exporter, or several joined by `+` in one pipeline (`file+prometheus+otlp`)."""
     if "+" in kind:
-        parts = [exporter_config(k, workdir) for k in kind.split("+")]
+        parts = [exporter_config(k, workdir, helpers, interval_s) for k in kind.split("+")]
         return "".join(p[0] for p in parts), ", ".join(p[1] for p in parts)
     if kind == "file":
         return f"  file:\n    path: {workdir / 'out.jsonl'}\n", "file"
     if kind == "prometheus":
-        return f"  prometheus:\n    endpoint: 127.0.0.1:{free_port()}\n", "prometheus"
+        port = free_port()
+        helpers.start_scraper(port, interval_s)
+        return f"  prometheus:\n    endpoint: 127.0.0.1:{port}\n", "prometheus"
+    if kind == "otlphttp":
+        port = helpers.start_sink()
+        return f"  otlphttp:\n    endpoint: http://127.0.0.1:{port}\n", "otlphttp"
     # A collector that is not there: encoding and queueing, every request retried.
     return (f"  otlp:\n    endpoint: 127.0.0.1:{free_port()}\n    tls: {{insecure: true}}\n",
             "otlp")
 
 
+class Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that reads each request whole and accepts it."""
+    received = 0
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        while length:
+            length -= len(self.rfile.read(min(length, 1 << 20)))
+        Sink.received += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+class Helpers:
+    """What runs beside the daemon during a measurement: the OTLP sink, the scraper."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.threads = []
+        self.sink = None
+        self.scraped = 0
+
+    def start_sink(self):
+        self.sink = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        self.threads.append(threading.Thread(target=self.sink.serve_forever, daemon=True))
+        self.threads[-1].start()
+        return self.sink.server_address[1]
+
+    def start_scraper(self, port, interval_s):
+        def scrape():
+            while not self.stop.wait(interval_s):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as r:
+                        while chunk := r.read(1 << 20):
+                            self.scraped += len(chunk)
+                except (OSError, http.client.HTTPException):
+                    pass  # the daemon stopping mid-scrape
+        self.threads.append(threading.Thread(target=scrape, daemon=True))
+        self.threads[-1].start()
+
+    def end(self):
+        self.stop.set()
+        if self.sink:
+            self.sink.shutdown()
+            self.sink.server_close()
+
+
 def measure(kind, links, workdir, perf=None, interval_s=INTERVAL_S, intervals=MEASURED_INTERVALS):
-    exporters, exporter_id = exporter_config(kind, workdir)
+    helpers = Helpers()
+    exporters, exporter_id = exporter_config(kind, workdir, helpers, interval_s)
     config = workdir / f"{kind.replace('+', '-')}-{links}.yaml"
     config.write_text(
         "receivers:\n  ebpf:\n"
@@ -103,16 +169,19 @@ def measure(kind, links, workdir, perf=None, interval_s=INTERVAL_S, intervals=ME
             recorder.send_signal(signal.SIGINT)
             recorder.wait(timeout=60)
         rss = rss_mib(proc.pid)
+        peak = rss_mib(proc.pid, "VmHWM")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    return rss, cpu_per_interval
+        helpers.end()
+        (workdir / "out.jsonl").unlink(missing_ok=True)
+    return rss, cpu_per_interval, peak
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--links", default="1000,4000")
-    parser.add_argument("--exporters", default="file,prometheus,otlp,file+prometheus+otlp",
+    parser.add_argument("--exporters", default="file,prometheus,otlphttp,otlp,file+prometheus+otlp",
                         help="comma-separated; `a+b` is one pipeline with both exporters")
     parser.add_argument("--perf", metavar="DIR",
                         help="also record a CPU profile (perf record -g) of each measured run into DIR")
@@ -123,16 +192,17 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = pathlib.Path(tmp)
-            print(f"{'exporters':<22} {'links':>6} {'RSS MiB':>8} {'KiB/link':>9} "
+            print(f"{'exporters':<22} {'links':>6} {'RSS MiB':>8} {'peak MiB':>9} {'KiB/link':>9} "
                   f"{'CPU ms/interval':>16} {'us/link/interval':>17}")
             for kind in args.exporters.split(","):
-                idle_rss, idle_cpu = measure(kind, 0, workdir, args.perf)
-                print(f"{kind:<22} {0:>6} {idle_rss:>8.1f} {'':>9} {idle_cpu * 1000:>16.1f} {'':>17}")
+                idle_rss, idle_cpu, idle_peak = measure(kind, 0, workdir, args.perf)
+                print(f"{kind:<22} {0:>6} {idle_rss:>8.1f} {idle_peak:>9.1f} {'':>9} "
+                      f"{idle_cpu * 1000:>16.1f} {'':>17}")
                 for links in map(int, args.links.split(",")):
-                    rss, cpu = measure(kind, links, workdir, args.perf)
+                    rss, cpu, peak = measure(kind, links, workdir, args.perf)
                     per_link_kib = (rss - idle_rss) * 1024 / links
                     per_link_us = (cpu - idle_cpu) * 1e6 / links
-                    print(f"{kind:<22} {links:>6} {rss:>8.1f} {per_link_kib:>9.1f} "
+                    print(f"{kind:<22} {links:>6} {rss:>8.1f} {peak:>9.1f} {per_link_kib:>9.1f} "
                           f"{cpu * 1000:>16.1f} {per_link_us:>17.1f}", flush=True)
     finally:
         teardown_network()

@@ -99,7 +99,26 @@ fn init_logs(level: &str, encoding: config::LogEncoding) {
     }
 }
 
+/// Keeps the heap's resident size close to what is in use. glibc's defaults fit a
+/// daemon badly: once a large block (an export part, a page piece) is freed, the size
+/// above which blocks come from mmap rises to that block's, so the next parts come
+/// from the heap and their pages stay resident after they are freed; and every thread
+/// may get an arena of its own. A fixed threshold (128 KiB, glibc's initial value)
+/// keeps large blocks in mmap, returned to the system when freed, and two arenas bound
+/// fragmentation across the runtime's threads. Measured with 16,000 links and the
+/// `otlp` exporter: 97 -> 47 MiB RSS.
+fn bound_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters; called before any thread
+    // exists. A parameter it rejects (returns 0) leaves glibc's default in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    bound_heap();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(&args.config, false),

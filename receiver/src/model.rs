@@ -516,7 +516,7 @@ impl LinkBatch {
 #[derive(Clone, Copy)]
 pub enum Data<'a> {
     /// A batch of links, with its encodings built once for every exporter.
-    Links(&'a crate::encode::Encoded<'a>),
+    Links(&'a crate::encode::Encoded),
     Telemetry(&'a crate::telemetry::TelemetrySnapshot),
 }
 

@@ -50,9 +50,11 @@ impl PipelineRun {
                 let mut processor = processor.lock().unwrap_or_else(|e| e.into_inner());
                 batch = processor.process(batch);
             }
-            self.export(Data::Links(&Encoded::new(&batch))).await;
+            let time = batch.time;
+            self.export(Data::Links(&Encoded::new(Arc::new(batch))))
+                .await;
             if let Some(telemetry) = &self.self_telemetry {
-                let snapshot = telemetry.snapshot_at(batch.time);
+                let snapshot = telemetry.snapshot_at(time);
                 self.export(Data::Telemetry(&snapshot)).await;
             }
         }

@@ -190,9 +190,11 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
 impl Exporter for DebugExporter {
     async fn export(&mut self, signal: Signal, data: Data<'_>) -> Result<()> {
         let text = match (signal, data) {
-            (Signal::Metrics, Data::Links(encoded)) => render(encoded.batch, self.config.verbosity),
+            (Signal::Metrics, Data::Links(encoded)) => {
+                render(&encoded.batch, self.config.verbosity)
+            }
             (Signal::Metrics, Data::Telemetry(snapshot)) => render_telemetry(snapshot),
-            (Signal::Traces, Data::Links(encoded)) => render_traces(encoded.batch),
+            (Signal::Traces, Data::Links(encoded)) => render_traces(&encoded.batch),
             (Signal::Traces, Data::Telemetry(_)) => return Ok(()),
         };
         if self.stdout_closed {

@@ -51,22 +51,13 @@ impl FileExporter {
         Ok(self.file.as_mut().expect("just opened"))
     }
 
-    fn lines(&mut self, signal: Signal, data: Data<'_>) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        match (signal, data) {
-            (Signal::Metrics, Data::Links(encoded)) => write_line(&mut out, &**encoded.metrics())?,
-            (Signal::Metrics, Data::Telemetry(snapshot)) => {
-                let request = encode::metrics::telemetry_request(snapshot, &self.resource);
-                write_line(&mut out, &request)?;
-            }
-            (Signal::Traces, Data::Links(encoded)) => {
-                for (request, _) in encoded.traces() {
-                    write_line(&mut out, &**request)?;
-                }
-            }
-            (Signal::Traces, Data::Telemetry(_)) => {}
-        }
-        Ok(out)
+    /// Appends one line, in one write: a reader never sees half a request.
+    async fn append(&mut self, line: &[u8]) -> Result<()> {
+        let path = self.path.display().to_string();
+        let file = self.file().await?;
+        file.write_all(line)
+            .await
+            .with_context(|| format!("writing {path}"))
     }
 }
 
@@ -136,19 +127,40 @@ fn strip_null_fields(json: &[u8], out: &mut Vec<u8>) {
 #[async_trait]
 impl Exporter for FileExporter {
     async fn export(&mut self, signal: Signal, data: Data<'_>) -> Result<()> {
-        let lines = self.lines(signal, data)?;
-        if lines.is_empty() {
-            return Ok(());
+        // Part by part (one request per line): the line being written is all that is
+        // held, however many links the batch has.
+        let mut line = Vec::new();
+        match (signal, data) {
+            (Signal::Metrics, Data::Links(encoded)) => {
+                let resource = self.resource.clone();
+                for request in encoded.metric_parts(&resource) {
+                    line.clear();
+                    write_line(&mut line, &request)?;
+                    drop(request);
+                    self.append(&line).await?;
+                }
+            }
+            (Signal::Metrics, Data::Telemetry(snapshot)) => {
+                let request = encode::metrics::telemetry_request(snapshot, &self.resource);
+                write_line(&mut line, &request)?;
+                self.append(&line).await?;
+            }
+            (Signal::Traces, Data::Links(encoded)) => {
+                for (request, _) in encoded.trace_parts() {
+                    line.clear();
+                    write_line(&mut line, &request)?;
+                    drop(request);
+                    self.append(&line).await?;
+                }
+            }
+            (Signal::Traces, Data::Telemetry(_)) => {}
         }
-        let path = self.path.display().to_string();
-        let file = self.file().await?;
-        // One write per batch: a reader never sees half a request.
-        file.write_all(&lines)
-            .await
-            .with_context(|| format!("writing {path}"))?;
-        file.flush()
-            .await
-            .with_context(|| format!("writing {path}"))
+        if let Some(file) = self.file.as_mut() {
+            file.flush()
+                .await
+                .with_context(|| format!("writing {}", self.path.display()))?;
+        }
+        Ok(())
     }
 
     async fn shutdown(&mut self, _deadline: tokio::time::Instant) -> Result<u64> {

@@ -4,14 +4,15 @@ use std::{str::FromStr, sync::Arc};
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
+use bytes::{BufMut, Bytes};
 use config::{ComponentSection, Signal};
 use opentelemetry_proto::tonic::collector::{
-    metrics::v1::metrics_service_client::MetricsServiceClient,
-    trace::v1::trace_service_client::TraceServiceClient,
+    metrics::v1::ExportMetricsServiceResponse, trace::v1::ExportTraceServiceResponse,
 };
 use tonic::{
     Code,
-    codec::CompressionEncoding,
+    client::Grpc,
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
     metadata::{MetadataKey, MetadataMap, MetadataValue},
     transport::{Channel, Endpoint},
 };
@@ -33,11 +34,65 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
     )))
 }
 
+/// The OTLP services' one method each (opentelemetry-proto's service definitions).
+const METRICS_EXPORT: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+const TRACES_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
 struct GrpcTransport {
-    metrics: MetricsServiceClient<Channel>,
-    traces: TraceServiceClient<Channel>,
+    client: Grpc<Channel>,
     metrics_headers: MetadataMap,
     traces_headers: MetadataMap,
+}
+
+/// The gRPC codec for requests the queue holds already encoded: the body is written as
+/// it is (no decode and re-encode, no copy of a decoded request per attempt); the
+/// response is an OTLP export response, decoded with prost.
+struct PreEncoded<Response>(std::marker::PhantomData<Response>);
+
+impl<Response> Default for PreEncoded<Response> {
+    fn default() -> Self {
+        PreEncoded(std::marker::PhantomData)
+    }
+}
+
+impl<Response: prost::Message + Default + Send + 'static> Codec for PreEncoded<Response> {
+    type Encode = Bytes;
+    type Decode = Response;
+    type Encoder = BodyEncoder;
+    type Decoder = ResponseDecoder<Response>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        BodyEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ResponseDecoder(std::marker::PhantomData)
+    }
+}
+
+struct BodyEncoder;
+
+impl Encoder for BodyEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, body: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(body);
+        Ok(())
+    }
+}
+
+struct ResponseDecoder<Response>(std::marker::PhantomData<Response>);
+
+impl<Response: prost::Message + Default> Decoder for ResponseDecoder<Response> {
+    type Item = Response;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Response>, tonic::Status> {
+        Response::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("decoding the response: {e}")))
+    }
 }
 
 /// `host:port` gets a scheme from `tls.insecure`, as the collector does.
@@ -85,32 +140,49 @@ impl GrpcTransport {
             }
             Ok(headers)
         };
-        let mut metrics = MetricsServiceClient::new(channel.clone());
-        let mut traces = TraceServiceClient::new(channel);
+        let mut client = Grpc::new(channel);
         let encoding = match config.compression {
             Compression::Gzip => Some(CompressionEncoding::Gzip),
             Compression::Zstd => Some(CompressionEncoding::Zstd),
             Compression::None => None,
         };
         if let Some(encoding) = encoding {
-            metrics = metrics.send_compressed(encoding);
-            traces = traces.send_compressed(encoding);
+            client = client.send_compressed(encoding);
         }
         Ok(GrpcTransport {
-            metrics,
-            traces,
+            client,
             metrics_headers: metadata(Signal::Metrics)?,
             traces_headers: metadata(Signal::Traces)?,
         })
     }
 
-    fn request<T>(&self, signal: Signal, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        *request.metadata_mut() = match signal {
-            Signal::Metrics => self.metrics_headers.clone(),
-            Signal::Traces => self.traces_headers.clone(),
+    /// One unary export call of `signal` with an encoded request.
+    async fn export<Response: prost::Message + Default + Send + 'static>(
+        &self,
+        signal: Signal,
+        body: Bytes,
+    ) -> Result<Response, tonic::Status> {
+        let (path, headers) = match signal {
+            Signal::Metrics => (METRICS_EXPORT, &self.metrics_headers),
+            Signal::Traces => (TRACES_EXPORT, &self.traces_headers),
         };
-        request
+        let mut request = tonic::Request::new(body);
+        *request.metadata_mut() = headers.clone();
+        let mut client = self.client.clone();
+        client.ready().await.map_err(|e| {
+            tonic::Status::unavailable(format!(
+                "connecting: {}",
+                super::otlp_exporter::error_chain(&e)
+            ))
+        })?;
+        let response = client
+            .unary(
+                request,
+                http::uri::PathAndQuery::from_static(path),
+                PreEncoded::<Response>::default(),
+            )
+            .await?;
+        Ok(response.into_inner())
     }
 }
 
@@ -186,14 +258,12 @@ fn send_error(status: tonic::Status) -> SendError {
 impl Transport for GrpcTransport {
     async fn send(&self, payload: &Payload) -> Result<(), SendError> {
         match payload {
-            Payload::Metrics { request, .. } => {
-                let response = self
-                    .metrics
-                    .clone()
-                    .export(self.request(Signal::Metrics, (**request).clone()))
+            Payload::Metrics { body, .. } => {
+                let response: ExportMetricsServiceResponse = self
+                    .export(Signal::Metrics, body.clone())
                     .await
                     .map_err(send_error)?;
-                if let Some(partial) = response.into_inner().partial_success {
+                if let Some(partial) = response.partial_success {
                     if partial.rejected_data_points > 0 {
                         tracing::warn!(
                             rejected = partial.rejected_data_points,
@@ -203,14 +273,12 @@ impl Transport for GrpcTransport {
                     }
                 }
             }
-            Payload::Traces { request, .. } => {
-                let response = self
-                    .traces
-                    .clone()
-                    .export(self.request(Signal::Traces, (**request).clone()))
+            Payload::Traces { body, .. } => {
+                let response: ExportTraceServiceResponse = self
+                    .export(Signal::Traces, body.clone())
                     .await
                     .map_err(send_error)?;
-                if let Some(partial) = response.into_inner().partial_success {
+                if let Some(partial) = response.partial_success {
                     if partial.rejected_spans > 0 {
                         tracing::warn!(
                             rejected = partial.rejected_spans,

@@ -20,12 +20,14 @@ use std::{
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
+use bytes::Bytes;
 use config::Signal;
 use opentelemetry_proto::tonic::{
-    collector::{metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest},
+    collector::metrics::v1::ExportMetricsServiceRequest,
     metrics::v1::{Metric, metric},
     resource::v1::Resource,
 };
+use prost::Message as _;
 use serde::Deserialize;
 use tokio::{sync::Notify, task::JoinHandle};
 
@@ -351,19 +353,19 @@ pub enum MetricStream {
     Telemetry,
 }
 
-/// One request, as queued.
+/// One request, as queued: encoded (protobuf), about a third of its decoded size, so
+/// that `sending_queue.max_bytes` bounds what the queue really holds.
 #[derive(Clone, Debug)]
 pub enum Payload {
     Metrics {
-        /// Shared with the batch's other exporters until it is sent.
-        request: Arc<ExportMetricsServiceRequest>,
+        body: Bytes,
         stream: MetricStream,
         /// Which batch it came from: a cumulative batch supersedes every part of the
         /// batches of its stream before it.
         batch: u64,
     },
     Traces {
-        request: Arc<ExportTraceServiceRequest>,
+        body: Bytes,
         pairs: usize,
     },
 }
@@ -380,12 +382,15 @@ impl Payload {
         matches!(self, Payload::Metrics { .. })
     }
 
-    fn encoded_len(&self) -> usize {
-        use prost::Message;
+    /// The encoded request, as sent.
+    pub fn body(&self) -> &Bytes {
         match self {
-            Payload::Metrics { request, .. } => request.encoded_len(),
-            Payload::Traces { request, .. } => request.encoded_len(),
+            Payload::Metrics { body, .. } | Payload::Traces { body, .. } => body,
         }
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.body().len()
     }
 }
 
@@ -402,22 +407,6 @@ pub struct SendError {
 /// Splits a metrics request into requests of at most `max_bytes` encoded, by data
 /// point, each carrying the same resource and scope and the headers of the metrics
 /// it has points of. One point is never split (a point is far below any limit).
-/// [`split_metrics_request`] for a shared request: one within the limit is queued as it
-/// is, without a copy.
-fn split_shared(
-    request: Arc<ExportMetricsServiceRequest>,
-    max_bytes: usize,
-) -> Vec<Arc<ExportMetricsServiceRequest>> {
-    use prost::Message;
-    if request.encoded_len() <= max_bytes {
-        return vec![request];
-    }
-    split_metrics_request(Arc::unwrap_or_clone(request), max_bytes)
-        .into_iter()
-        .map(Arc::new)
-        .collect()
-}
-
 pub fn split_metrics_request(
     request: ExportMetricsServiceRequest,
     max_bytes: usize,
@@ -526,7 +515,10 @@ struct Queued {
 
 struct Queue {
     queued: Mutex<Queued>,
+    /// Wakes the sender: a request was queued, or shutdown began.
     notify: Notify,
+    /// Wakes an exporter waiting to queue the next part of a batch: one was sent.
+    room: Notify,
     closing: std::sync::atomic::AtomicBool,
     /// Requests held at most.
     capacity: usize,
@@ -538,6 +530,53 @@ struct Queue {
 }
 
 impl Queue {
+    /// Queues one part of a batch. When the queue is full of parts it would have to
+    /// drop to make room (the beginning of this very batch, say) and the sender is
+    /// getting requests through, waits up to `wait` for it to send some: a large batch
+    /// goes out whole through a queue smaller than itself. A failing or closing lane
+    /// does not wait: the queue's drop rules apply at once.
+    async fn push_part(&self, payload: Payload, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if !self.is_full_for(&payload)
+                || self.stats.failing.load(Ordering::Relaxed)
+                || self.is_closing()
+            {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                break;
+            }
+        }
+        self.push(payload);
+    }
+
+    /// Whether queuing `payload` would drop something (what it supersedes aside).
+    fn is_full_for(&self, payload: &Payload) -> bool {
+        let q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+        let superseded = |p: &Payload| match (self.coalesce_metrics, payload, p) {
+            (
+                true,
+                Payload::Metrics { batch, stream, .. },
+                Payload::Metrics {
+                    batch: b,
+                    stream: s,
+                    ..
+                },
+            ) => s == stream && b != batch,
+            _ => false,
+        };
+        let (len, bytes) = q
+            .items
+            .iter()
+            .filter(|(p, _)| !superseded(p))
+            .fold((0, 0), |(n, b), (_, size)| (n + 1, b + size));
+        len >= self.capacity || bytes + payload.encoded_len() > self.max_bytes
+    }
+
     fn push(&self, payload: Payload) {
         let size = payload.encoded_len();
         let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
@@ -592,6 +631,8 @@ impl Queue {
         let (item, size) = q.items.pop_front()?;
         q.bytes -= size;
         self.publish(&q);
+        drop(q);
+        self.room.notify_waiters();
         Some(item)
     }
 
@@ -764,6 +805,9 @@ pub struct OtlpExporter {
     transport: Arc<dyn Transport>,
     retry: RetryConfig,
     max_request_size: usize,
+    /// How long queuing one part of a batch may wait for the sender (see
+    /// [`Queue::push_part`]).
+    part_wait: Duration,
     /// Batches exported so far: the generation of cumulative metric requests.
     batches: u64,
 }
@@ -775,6 +819,7 @@ impl OtlpExporter {
             queue: Arc::new(Queue {
                 queued: Mutex::new(Queued::default()),
                 notify: Notify::new(),
+                room: Notify::new(),
                 closing: Default::default(),
                 capacity: if config.sending_queue.enabled {
                     config.sending_queue.queue_size
@@ -801,6 +846,7 @@ impl OtlpExporter {
             transport,
             retry: config.retry_on_failure.clone(),
             max_request_size: config.max_request_size as usize,
+            part_wait: config.timeout,
             batches: 0,
         }
     }
@@ -822,39 +868,56 @@ impl Exporter for OtlpExporter {
                 format!("{}/{signal}", self.id),
             )));
         }
-        let (mut request, stream) = match (signal, data) {
-            (Signal::Metrics, Data::Links(encoded)) => {
-                (Arc::clone(encoded.metrics()), MetricStream::Links)
-            }
-            (Signal::Metrics, Data::Telemetry(snapshot)) => (
-                Arc::new(encode::metrics::telemetry_request(snapshot, &self.resource)),
-                MetricStream::Telemetry,
-            ),
-            (Signal::Traces, Data::Links(encoded)) => {
-                for (request, pairs) in encoded.traces() {
-                    lane.queue.push(Payload::Traces {
-                        request: Arc::clone(request),
-                        pairs: *pairs,
-                    });
+        let queue = lane.queue.clone();
+        let resource = self.resource.clone();
+        let (stream, parts): (MetricStream, Box<dyn Iterator<Item = _> + Send + '_>) =
+            match (signal, data) {
+                (Signal::Metrics, Data::Links(encoded)) => (
+                    MetricStream::Links,
+                    Box::new(encoded.metric_parts(&resource)),
+                ),
+                (Signal::Metrics, Data::Telemetry(snapshot)) => (
+                    MetricStream::Telemetry,
+                    Box::new(std::iter::once(encode::metrics::telemetry_request(
+                        snapshot, &resource,
+                    ))),
+                ),
+                (Signal::Traces, Data::Links(encoded)) => {
+                    for (request, pairs) in encoded.trace_parts() {
+                        let body = Bytes::from(request.encode_to_vec());
+                        drop(request);
+                        queue
+                            .push_part(Payload::Traces { body, pairs }, self.part_wait)
+                            .await;
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
-            (Signal::Traces, Data::Telemetry(_)) => return Ok(()),
-        };
-        if let Some(deltas) = self.delta.as_mut() {
-            // Deltas are this exporter's own: its copy of the shared request.
-            deltas
-                .entry(stream)
-                .or_default()
-                .convert(Arc::make_mut(&mut request));
-        }
+                (Signal::Traces, Data::Telemetry(_)) => return Ok(()),
+            };
         self.batches += 1;
-        for request in split_shared(request, self.max_request_size) {
-            lane.queue.push(Payload::Metrics {
-                request,
-                stream,
-                batch: self.batches,
-            });
+        let batch = self.batches;
+        // Deltas are this exporter's own, converted part by part as they are built.
+        let mut deltas = self
+            .delta
+            .as_mut()
+            .map(|d| d.entry(stream).or_default().batch());
+        for mut part in parts {
+            if let Some(deltas) = deltas.as_mut() {
+                deltas.convert(&mut part);
+            }
+            for request in split_metrics_request(part, self.max_request_size) {
+                let body = Bytes::from(request.encode_to_vec());
+                drop(request);
+                let payload = Payload::Metrics {
+                    body,
+                    stream,
+                    batch,
+                };
+                queue.push_part(payload, self.part_wait).await;
+            }
+        }
+        if let Some(deltas) = deltas {
+            deltas.finish();
         }
         Ok(())
     }
@@ -873,6 +936,7 @@ mod tests {
         Queue {
             queued: Mutex::new(Queued::default()),
             notify: Notify::new(),
+            room: Notify::new(),
             closing: Default::default(),
             capacity,
             max_bytes: usize::MAX,
@@ -886,7 +950,7 @@ mod tests {
     /// A metrics request of a new batch.
     fn metrics() -> Payload {
         Payload::Metrics {
-            request: Arc::default(),
+            body: Bytes::new(),
             stream: MetricStream::Links,
             batch: BATCH.fetch_add(1, Ordering::Relaxed) + 1,
         }
@@ -894,7 +958,7 @@ mod tests {
 
     fn traces(pairs: usize) -> Payload {
         Payload::Traces {
-            request: Arc::default(),
+            body: Bytes::new(),
             pairs,
         }
     }
@@ -1024,6 +1088,7 @@ mod bounds_tests {
         let q = Queue {
             queued: Mutex::new(Queued::default()),
             notify: Notify::new(),
+            room: Notify::new(),
             closing: Default::default(),
             capacity: 1000,
             max_bytes: 100_000,
@@ -1034,7 +1099,7 @@ mod bounds_tests {
         let size = request.encoded_len();
         for batch in 0..100 {
             q.push(Payload::Metrics {
-                request: Arc::new(request.clone()),
+                body: Bytes::from(request.encode_to_vec()),
                 stream: MetricStream::Links,
                 batch,
             });
@@ -1078,6 +1143,7 @@ mod bounds_tests {
         let queue = Arc::new(Queue {
             queued: Mutex::new(Queued::default()),
             notify: Notify::new(),
+            room: Notify::new(),
             closing: Default::default(),
             capacity: 10,
             max_bytes: usize::MAX,
@@ -1101,7 +1167,7 @@ mod bounds_tests {
         while started.elapsed() < window {
             batch += 1;
             queue.push(Payload::Metrics {
-                request: Arc::default(),
+                body: Bytes::new(),
                 stream: MetricStream::Links,
                 batch,
             });

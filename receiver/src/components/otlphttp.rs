@@ -5,8 +5,8 @@ use std::{io::Write, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
+use bytes::Bytes;
 use config::{ComponentSection, Signal};
-use prost::Message;
 use reqwest::{
     StatusCode,
     header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue},
@@ -95,44 +95,38 @@ impl HttpTransport {
 }
 
 /// The body as sent, and its `Content-Encoding`.
+/// Uncompressed, the queued body itself is sent (shared, not copied).
 fn compress(
     compression: Compression,
-    body: Vec<u8>,
-) -> std::io::Result<(Vec<u8>, Option<&'static str>)> {
+    body: &Bytes,
+) -> std::io::Result<(Bytes, Option<&'static str>)> {
     match compression {
-        Compression::None => Ok((body, None)),
+        Compression::None => Ok((body.clone(), None)),
         Compression::Gzip => {
             let mut encoder =
                 flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            encoder.write_all(&body)?;
-            Ok((encoder.finish()?, Some("gzip")))
+            encoder.write_all(body)?;
+            Ok((encoder.finish()?.into(), Some("gzip")))
         }
         // Level 1: the fast end, as the collector's default for zstd.
-        Compression::Zstd => Ok((zstd::bulk::compress(&body, 1)?, Some("zstd"))),
+        Compression::Zstd => Ok((zstd::bulk::compress(body, 1)?.into(), Some("zstd"))),
     }
 }
 
 #[async_trait]
 impl Transport for HttpTransport {
     async fn send(&self, payload: &Payload) -> Result<(), SendError> {
-        let (url, headers, body) = match payload {
-            Payload::Metrics { request, .. } => (
-                &self.metrics_url,
-                &self.metrics_headers,
-                request.encode_to_vec(),
-            ),
-            Payload::Traces { request, .. } => (
-                &self.traces_url,
-                &self.traces_headers,
-                request.encode_to_vec(),
-            ),
+        let (url, headers) = match payload {
+            Payload::Metrics { .. } => (&self.metrics_url, &self.metrics_headers),
+            Payload::Traces { .. } => (&self.traces_url, &self.traces_headers),
         };
         let mut request = self.client.post(url.as_str()).headers(headers.clone());
-        let (body, encoding) = compress(self.compression, body).map_err(|e| SendError {
-            retryable: false,
-            throttle: None,
-            message: format!("compressing the request: {e}"),
-        })?;
+        let (body, encoding) =
+            compress(self.compression, payload.body()).map_err(|e| SendError {
+                retryable: false,
+                throttle: None,
+                message: format!("compressing the request: {e}"),
+            })?;
         if let Some(encoding) = encoding {
             request = request.header(CONTENT_ENCODING, encoding);
         }
@@ -208,26 +202,24 @@ mod tests {
     #[test]
     fn bodies_are_compressed_as_their_encoding_header_says() {
         use std::io::Read;
-        let body: Vec<u8> = (0..10_000u32)
+        let body: Bytes = (0..10_000u32)
             .flat_map(|n| (n % 97).to_le_bytes())
-            .collect();
-        let (zstd_body, encoding) = compress(Compression::Zstd, body.clone()).unwrap();
+            .collect::<Vec<u8>>()
+            .into();
+        let (zstd_body, encoding) = compress(Compression::Zstd, &body).unwrap();
         assert_eq!(encoding, Some("zstd"));
         assert!(zstd_body.len() < body.len() / 4);
         assert_eq!(
             zstd::bulk::decompress(&zstd_body, body.len()).unwrap(),
             body
         );
-        let (gzip_body, encoding) = compress(Compression::Gzip, body.clone()).unwrap();
+        let (gzip_body, encoding) = compress(Compression::Gzip, &body).unwrap();
         assert_eq!(encoding, Some("gzip"));
         let mut unzipped = Vec::new();
         flate2::read::GzDecoder::new(&gzip_body[..])
             .read_to_end(&mut unzipped)
             .unwrap();
         assert_eq!(unzipped, body);
-        assert_eq!(
-            compress(Compression::None, body.clone()).unwrap(),
-            (body, None)
-        );
+        assert_eq!(compress(Compression::None, &body).unwrap(), (body, None));
     }
 }

@@ -24,13 +24,15 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, KeyValue, any_value},
     metrics::v1::{metric::Data, number_data_point::Value},
+    resource::v1::Resource,
 };
 use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Exporter},
     encode,
-    model::Data as PipelineData,
+    encode::metrics::{LINK_METRICS, LinkValues},
+    model::{Data as PipelineData, LATENCY_BOUNDS_S},
     telemetry::Telemetry,
 };
 
@@ -60,12 +62,139 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Exp
     }))
 }
 
-/// The page in two parts, each rendered when it changes and shared (not copied) by
-/// every scrape: the links (with `target_info`) and ridley's own telemetry.
+/// The page in two parts, each replaced when it changes and shared (not copied) by
+/// every scrape: the links and ridley's own telemetry.
 #[derive(Default)]
 struct Page {
-    links: Bytes,
+    links: Option<Arc<LinkPage>>,
     telemetry: Bytes,
+}
+
+/// Links rendered per piece of the response: a piece is at most about 1.5 MiB of text
+/// (a histogram family with many attributes), the most a scrape holds at once.
+const LINKS_PER_PIECE: usize = 256;
+
+/// The links of the newest batch as the page shows them. Text is produced while the
+/// response is sent, family by family and piece by piece, straight from the link table:
+/// a page of 16,000 links (about 200 MiB of text) is never held whole.
+struct LinkPage {
+    batch: Arc<crate::model::LinkBatch>,
+    /// Each link's label set, `k="v",` per attribute then the scope's labels: built
+    /// once per batch, not per line.
+    labels: Vec<Box<str>>,
+    /// Which link families have at least one point (a metric with no points is left
+    /// out, as from every other exporter).
+    present: [bool; LINK_METRICS.len()],
+    /// `target_info`, from ridley's resource.
+    head: Bytes,
+    /// The service-graph series (bounded by the `servicegraph` processor's edge limit).
+    tail: Bytes,
+}
+
+impl LinkPage {
+    fn new(batch: Arc<crate::model::LinkBatch>, resource: &Resource) -> Self {
+        let scope = scope_labels(Some(&encode::scope()));
+        let labels = batch
+            .links
+            .iter()
+            .map(|(key, _)| {
+                label_body(&encode::link_point_attributes(&batch, key), &scope).into_boxed_str()
+            })
+            .collect();
+        let present = LINK_METRICS.each_ref().map(|m| match m.values {
+            LinkValues::Split { points, .. } => batch
+                .links
+                .iter()
+                .any(|(_, s)| points(s).iter().any(Option::is_some)),
+            _ => !batch.links.is_empty(),
+        });
+        let tail = encode::metrics::service_graph_request(&batch, resource)
+            .map(|request| render_all(&[&request], false))
+            .unwrap_or_default();
+        LinkPage {
+            labels,
+            present,
+            head: Bytes::from(target_info(resource)),
+            tail: Bytes::from(tail),
+            batch,
+        }
+    }
+
+    /// The whole page, as pieces rendered one at a time while they are sent.
+    fn pieces(self: Arc<Self>) -> impl Iterator<Item = Bytes> + Send + 'static {
+        let pieces_per_family = self.batch.links.len().div_ceil(LINKS_PER_PIECE);
+        let present = self.present;
+        let page = self.clone();
+        let body = (0..LINK_METRICS.len())
+            .filter(move |f| present[*f])
+            .flat_map(move |f| (0..pieces_per_family).map(move |piece| (f, piece)))
+            .map(move |(f, piece)| Bytes::from(page.render(f, piece)));
+        std::iter::once(self.head.clone())
+            .chain(body)
+            .chain(std::iter::once(self.tail.clone()))
+    }
+
+    /// One piece of family `f`: its header with the first piece, then the lines of
+    /// links `piece * LINKS_PER_PIECE ..`.
+    fn render(&self, f: usize, piece: usize) -> String {
+        let m = &LINK_METRICS[f];
+        let from = piece * LINKS_PER_PIECE;
+        let to = (from + LINKS_PER_PIECE).min(self.batch.links.len());
+        let mut out = String::new();
+        let (name, kind) = match m.values {
+            LinkValues::Histogram(_) => (metric_name(m.name, m.unit, false), "histogram"),
+            _ if m.monotonic => (metric_name(m.name, m.unit, true), "counter"),
+            _ => (metric_name(m.name, m.unit, false), "gauge"),
+        };
+        if piece == 0 {
+            let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", m.description);
+        }
+        let links = self.batch.links[from..to]
+            .iter()
+            .zip(&self.labels[from..to]);
+        for ((_, stats), labels) in links {
+            match m.values {
+                LinkValues::Number(value) => {
+                    let _ = writeln!(out, "{name}{{{labels}}} {}", value(stats));
+                }
+                LinkValues::Split { key, points } => {
+                    // The extra attribute goes after the link's, before the scope's.
+                    let (attributes, scope) = split_scope(labels);
+                    let key = sanitize(key);
+                    for (label, value) in points(stats).into_iter().flatten() {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{{attributes}{key}=\"{label}\",{scope}}} {value}"
+                        );
+                    }
+                }
+                LinkValues::Histogram(histogram_of) => {
+                    let h = histogram_of(stats);
+                    let mut cumulative = 0;
+                    for (i, count) in h.bucket_counts.iter().enumerate() {
+                        cumulative += count;
+                        let le = LATENCY_BOUNDS_S.get(i).copied().unwrap_or(f64::INFINITY);
+                        let _ = writeln!(
+                            out,
+                            "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                            number(le)
+                        );
+                    }
+                    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", number(h.sum));
+                    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A link's label set split before the scope's labels (`otel_scope_name` first).
+fn split_scope(labels: &str) -> (&str, &str) {
+    match labels.find("otel_scope_name=") {
+        Some(at) => labels.split_at(at),
+        None => (labels, ""),
+    }
 }
 
 async fn serve(State(page): State<Arc<RwLock<Page>>>) -> impl IntoResponse {
@@ -73,13 +202,18 @@ async fn serve(State(page): State<Arc<RwLock<Page>>>) -> impl IntoResponse {
         let page = page.read().unwrap_or_else(|e| e.into_inner());
         (page.links.clone(), page.telemetry.clone())
     };
-    let parts = [links, telemetry].map(Ok::<_, std::convert::Infallible>);
+    let pieces = links
+        .into_iter()
+        .flat_map(LinkPage::pieces)
+        .chain(std::iter::once(telemetry))
+        .filter(|piece| !piece.is_empty())
+        .map(Ok::<_, std::convert::Infallible>);
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        Body::from_stream(futures::stream::iter(parts)),
+        Body::from_stream(futures::stream::iter(pieces)),
     )
 }
 
@@ -88,7 +222,7 @@ struct PrometheusExporter {
     endpoint: super::Endpoint,
     page: Arc<RwLock<Page>>,
     telemetry: Arc<Telemetry>,
-    resource: opentelemetry_proto::tonic::resource::v1::Resource,
+    resource: Resource,
     /// Stops the endpoint at shutdown.
     stop: tokio_util::sync::CancellationToken,
 }
@@ -124,22 +258,22 @@ impl Exporter for PrometheusExporter {
 
     async fn export(&mut self, _signal: config::Signal, data: PipelineData<'_>) -> Result<()> {
         // The page shows the newest links and the newest telemetry side by side; each
-        // part is rendered when it changes, and the old one is freed once no scrape
+        // part is replaced when it changes, and the old one is freed once no scrape
         // still sends it.
-        let (links, text) = match data {
-            PipelineData::Links(encoded) => (true, render_all(&[&**encoded.metrics()], true)),
+        match data {
+            PipelineData::Links(encoded) => {
+                let links = Arc::new(LinkPage::new(encoded.batch.clone(), &self.resource));
+                self.page.write().unwrap_or_else(|e| e.into_inner()).links = Some(links);
+            }
             PipelineData::Telemetry(snapshot) => {
                 let request = encode::metrics::telemetry_request(snapshot, &self.resource);
-                (false, render_all(&[&request], false))
+                let text = Bytes::from(render_all(&[&request], false));
+                self.page
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .telemetry = text;
             }
-        };
-        let mut page = self.page.write().unwrap_or_else(|e| e.into_inner());
-        let part = if links {
-            &mut page.links
-        } else {
-            &mut page.telemetry
-        };
-        *part = Bytes::from(text);
+        }
         Ok(())
     }
 }
@@ -246,21 +380,25 @@ fn number(value: f64) -> String {
     }
 }
 
-/// The text exposition of one (cumulative) request.
+/// `target_info`: the resource's attributes as labels.
+fn target_info(resource: &Resource) -> String {
+    let body = label_body(&resource.attributes, "");
+    format!(
+        "# HELP target_info Target metadata\n# TYPE target_info gauge\ntarget_info{} 1\n",
+        braced(body.trim_end_matches(','))
+    )
+}
+
+/// The text exposition of OTLP requests (telemetry, the service graph, tests).
 /// The requests on one page: `target_info` once when `with_target_info` (every request
 /// carries ridley's one resource), then every metric of each.
 pub fn render_all(requests: &[&ExportMetricsServiceRequest], with_target_info: bool) -> String {
     let mut out = String::new();
-    let mut target_info = !with_target_info;
+    let mut with_info = !with_target_info;
     for rm in requests.iter().flat_map(|r| &r.resource_metrics) {
-        if let (Some(resource), false) = (&rm.resource, target_info) {
-            target_info = true;
-            let _ = writeln!(
-                out,
-                "# HELP target_info Target metadata\n# TYPE target_info gauge"
-            );
-            let body = label_body(&resource.attributes, "");
-            let _ = writeln!(out, "target_info{} 1", braced(body.trim_end_matches(',')));
+        if let (Some(resource), false) = (&rm.resource, with_info) {
+            with_info = true;
+            out.push_str(&target_info(resource));
         }
         for (scope, metric) in rm.scope_metrics.iter().flat_map(|sm| {
             let scope = scope_labels(sm.scope.as_ref());
@@ -357,20 +495,20 @@ mod tests {
         );
     }
 
+    /// The page as a scrape receives it.
+    fn page(batch: crate::model::LinkBatch) -> String {
+        let page = Arc::new(LinkPage::new(Arc::new(batch), &encode::resource()));
+        let pieces: Vec<Bytes> = page.pieces().collect();
+        String::from_utf8(pieces.concat()).unwrap()
+    }
+
     #[test]
     fn renders_counters_and_histograms() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let mut stats = LinkStats::new(t);
         stats.bytes_transmit = 42;
         stats.connect_duration.record(Duration::from_micros(70));
-        let batch = crate::model::one_link_batch(t, stats);
-        let text = render_all(
-            &[&encode::metrics::metrics_request(
-                &batch,
-                &encode::resource(),
-            )],
-            true,
-        );
+        let text = page(crate::model::one_link_batch(t, stats));
         let link = "client_address=\"10.0.0.1\",server_address=\"10.0.0.2\",server_port=\"80\",network_transport=\"tcp\",network_type=\"ipv4\"";
         assert!(
             text.contains("# TYPE ridley_link_bytes_total counter"),
@@ -396,5 +534,73 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
         assert!(text.contains("target_info{service_name=\"ridley\""));
+        assert!(
+            !text.contains("ridley_link_connections_failed"),
+            "a family without points is left out"
+        );
+    }
+
+    /// The page rendered straight from the link table, piece by piece, is exactly the
+    /// generic rendering of the batch's OTLP request: the two encodings cannot drift.
+    #[test]
+    fn the_streamed_page_is_the_otlp_request_rendered() {
+        use crate::model::{FailureReason, LinkBatch, LinkKey, ServiceGraphEdge};
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut batch = LinkBatch::new(t + Duration::from_secs(10));
+        let links = 2 * LINKS_PER_PIECE + 3;
+        batch.links = (0..links)
+            .map(|i| {
+                let mut stats = LinkStats::new(t);
+                stats.bytes_transmit = i as u64;
+                stats.bytes_receive = 2 * i as u64;
+                stats.opened = 1;
+                if i % 7 == 0 {
+                    stats.add_failure(FailureReason::Refused);
+                }
+                if i % 11 == 0 {
+                    stats.add_failure(FailureReason::Timeout);
+                }
+                stats.rtt.record(Duration::from_micros(30 * i as u64));
+                let key = if i == links - 1 {
+                    LinkKey::OVERFLOW
+                } else {
+                    LinkKey::between(
+                        "10.0.0.1".parse().unwrap(),
+                        "10.0.0.2".parse().unwrap(),
+                        1000 + i as u16,
+                        if i % 2 == 0 { 77 } else { 0 },
+                    )
+                };
+                (key, stats)
+            })
+            .collect();
+        batch
+            .cgroups
+            .insert(77, "/system.slice/a \"b\".service".into());
+        batch.service_graph = vec![ServiceGraphEdge {
+            client: "a".into(),
+            client_namespace: "x".into(),
+            server: "b".into(),
+            server_namespace: "y".into(),
+            overflow: false,
+            start: t,
+            requests: 5,
+            failed: 1,
+            durations: Default::default(),
+        }];
+        let expected = render_all(
+            &[&encode::metrics::metrics_request(
+                &batch,
+                &encode::resource(),
+            )],
+            true,
+        );
+        let streamed = page(batch);
+        assert!(streamed.contains("ridley_link_connections_failed_total{"));
+        assert!(streamed.contains("traces_service_graph_request_total{"));
+        assert_eq!(streamed.lines().count(), expected.lines().count());
+        for (n, (got, want)) in streamed.lines().zip(expected.lines()).enumerate() {
+            assert_eq!(got, want, "line {n}");
+        }
     }
 }

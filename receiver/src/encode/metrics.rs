@@ -93,110 +93,208 @@ fn histogram(name: &str, description: &str, points: Vec<HistogramDataPoint>) -> 
     }
 }
 
-/// One export request for the whole batch: cumulative temporality, one point per link
-/// (and per direction or failure reason) per metric, then the service-graph series when
-/// a `servicegraph` processor produced edges. Each link's attributes are worked out once
-/// and copied to its points.
-pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
+/// The points of a split link metric: (the extra attribute's value, the value).
+pub type SplitPoints = [Option<(&'static str, u64)>; 3];
+
+/// How a link metric's points come from a link's statistics.
+pub enum LinkValues {
+    /// One point per link.
+    Number(fn(&LinkStats) -> u64),
+    /// One point per value of an extra attribute `key` (direction, failure reason);
+    /// `None` entries make no point.
+    Split {
+        key: &'static str,
+        points: fn(&LinkStats) -> SplitPoints,
+    },
+    Histogram(fn(&LinkStats) -> &Histogram),
+}
+
+/// One `ridley.link.*` metric: what every exporter's encoding of links is built from
+/// (OTLP here, the Prometheus text page straight from the link table).
+pub struct LinkMetric {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub unit: &'static str,
+    /// Sums: monotonic (a counter) or not (a gauge). Histograms: unused.
+    pub monotonic: bool,
+    pub values: LinkValues,
+}
+
+fn bytes_by_direction(s: &LinkStats) -> SplitPoints {
+    [
+        Some(("client_to_server", s.bytes_transmit)),
+        Some(("server_to_client", s.bytes_receive)),
+        None,
+    ]
+}
+
+/// A reason appears once it has happened at least once on the link.
+fn failures_by_reason(s: &LinkStats) -> SplitPoints {
+    FailureReason::ALL.map(|reason| {
+        let count = s.failed(reason);
+        (count > 0).then_some((reason.as_str(), count))
+    })
+}
+
+/// The link metrics, in the order they are exported.
+pub const LINK_METRICS: [LinkMetric; 7] = [
+    LinkMetric {
+        name: "ridley.link.bytes",
+        description: "Payload bytes carried by the link, by direction (transmit: client to server).",
+        unit: "By",
+        monotonic: true,
+        values: LinkValues::Split {
+            key: "ridley.link.direction",
+            points: bytes_by_direction,
+        },
+    },
+    LinkMetric {
+        name: "ridley.link.connections.opened",
+        description: "Connections that completed the TCP handshake.",
+        unit: "{connection}",
+        monotonic: true,
+        values: LinkValues::Number(|s| s.opened),
+    },
+    LinkMetric {
+        name: "ridley.link.connections.failed",
+        description: "Connections that failed: refused, reset or timed out.",
+        unit: "{connection}",
+        monotonic: true,
+        values: LinkValues::Split {
+            key: "error.type",
+            points: failures_by_reason,
+        },
+    },
+    LinkMetric {
+        name: "ridley.link.connections.active",
+        description: "Connections open at collection time.",
+        unit: "{connection}",
+        monotonic: false,
+        values: LinkValues::Number(|s| s.active),
+    },
+    LinkMetric {
+        name: "ridley.link.connect.duration",
+        description: "TCP handshake duration, measured by the reporting end.",
+        unit: "s",
+        monotonic: false,
+        values: LinkValues::Histogram(|s| &s.connect_duration),
+    },
+    LinkMetric {
+        name: "ridley.link.rtt",
+        description: "Smoothed RTT of the link's connections, sampled once per connection per interval and at close.",
+        unit: "s",
+        monotonic: false,
+        values: LinkValues::Histogram(|s| &s.rtt),
+    },
+    LinkMetric {
+        name: "ridley.link.retransmits",
+        description: "TCP segments retransmitted by the reporting end.",
+        unit: "{segment}",
+        monotonic: true,
+        values: LinkValues::Number(|s| s.retransmits),
+    },
+];
+
+/// Links per metrics request part: about 0.6-1.5 MiB encoded (depending on how many
+/// attributes enrichment adds) and 3x that decoded, the most any exporter holds
+/// decoded at once.
+pub const LINKS_PER_PART: usize = 256;
+
+/// The batch as cumulative metrics requests of at most `links_per_part` links each,
+/// built one at a time as the iterator is advanced: an exporter holds one part, never
+/// the whole batch. The service-graph series go with the last part. Nothing to
+/// export (no links, no edges): no part.
+pub fn metrics_parts<'a>(
+    batch: &'a LinkBatch,
+    resource: &'a Resource,
+    links_per_part: usize,
+) -> impl Iterator<Item = ExportMetricsServiceRequest> + 'a {
     let p = PointBuilder { time: batch.time };
-    let links = &batch.links;
+    let chunks: Vec<&'a [(crate::model::LinkKey, LinkStats)]> = if batch.links.is_empty() {
+        if batch.service_graph.is_empty() {
+            vec![]
+        } else {
+            vec![&[]]
+        }
+    } else {
+        batch.links.chunks(links_per_part.max(1)).collect()
+    };
+    let last = chunks.len().saturating_sub(1);
+    chunks.into_iter().enumerate().map(move |(i, links)| {
+        let mut metrics = link_metrics(batch, links, &p);
+        if i == last && !batch.service_graph.is_empty() {
+            metrics.extend(service_graph_metrics(batch, &p));
+        }
+        request(resource, metrics)
+    })
+}
+
+/// The whole batch as one request.
+#[cfg(test)]
+pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
+    metrics_parts(batch, resource, usize::MAX)
+        .next()
+        .unwrap_or_else(|| request(resource, vec![]))
+}
+
+/// The service-graph series alone (no edges: none), for an exporter that renders the
+/// links itself.
+pub fn service_graph_request(
+    batch: &LinkBatch,
+    resource: &Resource,
+) -> Option<ExportMetricsServiceRequest> {
+    (!batch.service_graph.is_empty()).then(|| {
+        let p = PointBuilder { time: batch.time };
+        request(resource, service_graph_metrics(batch, &p))
+    })
+}
+
+/// The `ridley.link.*` metrics of `links`, one point per link (and per direction or
+/// failure reason) per metric; each link's attributes are worked out once and copied
+/// to its points.
+fn link_metrics(
+    batch: &LinkBatch,
+    links: &[(crate::model::LinkKey, LinkStats)],
+    p: &PointBuilder,
+) -> Vec<Metric> {
     let attributes: Vec<Vec<KeyValue>> = links
         .iter()
         .map(|(key, _)| link_point_attributes(batch, key))
         .collect();
-    let with = |i: usize, extra: KeyValue| {
-        let mut a = Vec::with_capacity(attributes[i].len() + 1);
-        a.extend_from_slice(&attributes[i]);
-        a.push(extra);
-        a
-    };
-    let per_link = |value: &dyn Fn(&LinkStats) -> u64| -> Vec<NumberDataPoint> {
-        links
-            .iter()
-            .zip(&attributes)
-            .map(|((_, stats), a)| p.number(stats.start_time, a.clone(), value(stats)))
-            .collect()
-    };
-
-    let mut bytes = Vec::with_capacity(links.len() * 2);
-    let mut failed = Vec::new();
-    for (i, (_, stats)) in links.iter().enumerate() {
-        for (direction, value) in [
-            ("client_to_server", stats.bytes_transmit),
-            ("server_to_client", stats.bytes_receive),
-        ] {
-            let a = with(i, kv_str("ridley.link.direction", direction));
-            bytes.push(p.number(stats.start_time, a, value));
-        }
-        // A reason appears once it has happened at least once on the link.
-        for reason in FailureReason::ALL {
-            let count = stats.failed(reason);
-            if count > 0 {
-                let a = with(i, kv_str("error.type", reason.as_str()));
-                failed.push(p.number(stats.start_time, a, count));
+    LINK_METRICS
+        .iter()
+        .map(|m| {
+            let each = links.iter().zip(&attributes);
+            match m.values {
+                LinkValues::Number(value) => sum(
+                    m.name,
+                    m.description,
+                    m.unit,
+                    m.monotonic,
+                    each.map(|((_, s), a)| p.number(s.start_time, a.clone(), value(s)))
+                        .collect(),
+                ),
+                LinkValues::Split { key, points } => {
+                    let mut out = Vec::with_capacity(links.len() * 2);
+                    for ((_, s), a) in each {
+                        for (label, value) in points(s).into_iter().flatten() {
+                            let mut with = Vec::with_capacity(a.len() + 1);
+                            with.extend_from_slice(a);
+                            with.push(kv_str(key, label));
+                            out.push(p.number(s.start_time, with, value));
+                        }
+                    }
+                    sum(m.name, m.description, m.unit, m.monotonic, out)
+                }
+                LinkValues::Histogram(histogram_of) => histogram(
+                    m.name,
+                    m.description,
+                    each.map(|((_, s), a)| p.histogram(s.start_time, a.clone(), histogram_of(s)))
+                        .collect(),
+                ),
             }
-        }
-    }
-
-    let mut metrics = vec![
-        sum(
-            "ridley.link.bytes",
-            "Payload bytes carried by the link, by direction (transmit: client to server).",
-            "By",
-            true,
-            bytes,
-        ),
-        sum(
-            "ridley.link.connections.opened",
-            "Connections that completed the TCP handshake.",
-            "{connection}",
-            true,
-            per_link(&|s| s.opened),
-        ),
-        sum(
-            "ridley.link.connections.failed",
-            "Connections that failed: refused, reset or timed out.",
-            "{connection}",
-            true,
-            failed,
-        ),
-        sum(
-            "ridley.link.connections.active",
-            "Connections open at collection time.",
-            "{connection}",
-            false,
-            per_link(&|s| s.active),
-        ),
-        histogram(
-            "ridley.link.connect.duration",
-            "TCP handshake duration, measured by the reporting end.",
-            links
-                .iter()
-                .zip(&attributes)
-                .map(|((_, s), a)| p.histogram(s.start_time, a.clone(), &s.connect_duration))
-                .collect(),
-        ),
-        histogram(
-            "ridley.link.rtt",
-            "Smoothed RTT of the link's connections, sampled once per connection per interval and at close.",
-            links
-                .iter()
-                .zip(&attributes)
-                .map(|((_, s), a)| p.histogram(s.start_time, a.clone(), &s.rtt))
-                .collect(),
-        ),
-        sum(
-            "ridley.link.retransmits",
-            "TCP segments retransmitted by the reporting end.",
-            "{segment}",
-            true,
-            per_link(&|s| s.retransmits),
-        ),
-    ];
-    if !batch.service_graph.is_empty() {
-        metrics.extend(service_graph_metrics(batch, &p));
-    }
-    request(resource, metrics)
+        })
+        .collect()
 }
 
 /// ridley's own telemetry as one request of its own (`Data::Telemetry`).

@@ -12,10 +12,11 @@ pub mod temporality;
 pub use attributes::{kv, kv_str, link_attributes, link_point_attributes, scope, unix_nanos};
 pub use resource::resource;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use opentelemetry_proto::tonic::collector::{
-    metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest,
+use opentelemetry_proto::tonic::{
+    collector::{metrics::v1::ExportMetricsServiceRequest, trace::v1::ExportTraceServiceRequest},
+    resource::v1::Resource,
 };
 
 use crate::model::LinkBatch;
@@ -23,43 +24,36 @@ use crate::model::LinkBatch;
 /// Span pairs per trace request (about 2.7 KB each: well below any receiver's limit).
 pub const PAIRS_PER_REQUEST: usize = 512;
 
-/// One batch and its encodings, each built at most once however many exporters need
-/// it: the pipeline hands every exporter the same `Encoded`, and the first that asks
-/// for the metrics request (or the span pairs) builds it for all.
-pub struct Encoded<'a> {
-    pub batch: &'a LinkBatch,
-    metrics: OnceLock<Arc<ExportMetricsServiceRequest>>,
-    traces: OnceLock<Vec<(Arc<ExportTraceServiceRequest>, usize)>>,
+/// One batch as every exporter of a pipeline gets it. Encodings are built part by part
+/// as an exporter asks for them, so that no exporter ever holds a whole batch decoded:
+/// memory follows the part size, not the number of links (each exporter that needs a
+/// part builds it: CPU is traded for a bound on memory). The batch itself is shared:
+/// an exporter that serves it later (the Prometheus page) keeps a reference.
+pub struct Encoded {
+    pub batch: Arc<LinkBatch>,
 }
 
-impl<'a> Encoded<'a> {
-    pub fn new(batch: &'a LinkBatch) -> Self {
-        Encoded {
-            batch,
-            metrics: OnceLock::new(),
-            traces: OnceLock::new(),
-        }
+impl Encoded {
+    pub fn new(batch: Arc<LinkBatch>) -> Self {
+        Encoded { batch }
     }
 
-    /// The batch as one cumulative metrics request, shared (an exporter that queues it
-    /// holds a reference, not a copy).
-    pub fn metrics(&self) -> &Arc<ExportMetricsServiceRequest> {
-        self.metrics
-            .get_or_init(|| Arc::new(metrics::metrics_request(self.batch, &resource())))
+    /// The batch as cumulative metrics requests of at most
+    /// [`metrics::LINKS_PER_PART`] links each, built one at a time.
+    pub fn metric_parts<'a>(
+        &'a self,
+        resource: &'a Resource,
+    ) -> impl Iterator<Item = ExportMetricsServiceRequest> + 'a {
+        metrics::metrics_parts(&self.batch, resource, metrics::LINKS_PER_PART)
     }
 
     /// The batch's span pairs, in requests of at most [`PAIRS_PER_REQUEST`] pairs, each
-    /// with its number of pairs.
-    pub fn traces(&self) -> &[(Arc<ExportTraceServiceRequest>, usize)] {
-        self.traces.get_or_init(|| {
-            spans::trace_requests(
-                self.batch,
-                &mut spans::IdGenerator::default(),
-                PAIRS_PER_REQUEST,
-            )
-            .into_iter()
-            .map(|(request, pairs)| (Arc::new(request), pairs))
-            .collect()
-        })
+    /// with its number of pairs, built one at a time.
+    pub fn trace_parts(&self) -> impl Iterator<Item = (ExportTraceServiceRequest, usize)> + '_ {
+        spans::trace_parts(
+            &self.batch,
+            spans::IdGenerator::default(),
+            PAIRS_PER_REQUEST,
+        )
     }
 }

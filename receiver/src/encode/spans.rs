@@ -139,60 +139,83 @@ fn pair(
 
 /// Span pairs for one batch: the sampled connection attempts of every link, and one
 /// `traffic` pair for a link that moved data without a new connection. Pairs are never
-/// split across requests; at most `max_pairs_per_request` pairs per request.
+/// split across requests; at most `max_pairs_per_request` pairs per request. Built one
+/// request at a time as the iterator is advanced: an exporter holds one, never the
+/// whole batch.
+pub fn trace_parts<'a>(
+    batch: &'a LinkBatch,
+    mut ids: IdGenerator,
+    max_pairs_per_request: usize,
+) -> impl Iterator<Item = (ExportTraceServiceRequest, usize)> + 'a {
+    // The overflow series has no ends to name: it is counted in metrics only.
+    let mut pairs = batch
+        .links
+        .iter()
+        .filter(|(key, _)| !key.is_overflow())
+        .flat_map(move |(key, stats)| link_pairs(batch, key, stats, &mut ids));
+    std::iter::from_fn(move || {
+        let chunk: Vec<_> = pairs.by_ref().take(max_pairs_per_request.max(1)).collect();
+        (!chunk.is_empty()).then(|| (request(&chunk), chunk.len()))
+    })
+}
+
+/// [`trace_parts`], all of them.
+#[cfg(test)]
 pub fn trace_requests(
     batch: &LinkBatch,
-    ids: &mut IdGenerator,
     max_pairs_per_request: usize,
 ) -> Vec<(ExportTraceServiceRequest, usize)> {
-    let mut pairs: Vec<(EndIdentity, EndIdentity, Pair)> = Vec::new();
-    // The overflow series has no ends to name: it is counted in metrics only.
-    for (key, stats) in batch.links.iter().filter(|(key, _)| !key.is_overflow()) {
+    trace_parts(batch, IdGenerator::default(), max_pairs_per_request).collect()
+}
+
+/// The pairs of one link in one interval.
+fn link_pairs(
+    batch: &LinkBatch,
+    key: &LinkKey,
+    stats: &crate::model::LinkStats,
+    ids: &mut IdGenerator,
+) -> Vec<(EndIdentity, EndIdentity, Pair)> {
+    let interval = &stats.interval;
+    let mut pairs = Vec::new();
+    if !interval.samples.is_empty() {
         let (client, server) = batch.end_names(key);
-        let interval = &stats.interval;
-        if !interval.samples.is_empty() {
-            let ratio = interval.samples.len() as f64 / interval.attempts.max(1) as f64;
-            for ConnectionSample {
-                start,
-                duration,
-                failure,
-            } in &interval.samples
-            {
-                let error = failure.map(|f| f.as_str());
-                let p = pair(
-                    ids,
-                    key,
-                    &server.service_name,
-                    *start,
-                    *duration,
-                    error,
-                    ratio,
-                    "connection",
-                );
-                pairs.push((client.clone(), server.clone(), p));
-            }
-        } else if interval.carried_traffic {
-            // A real measurement for a pair without a handshake: the link's latest RTT.
-            if let Some(rtt) = interval.last_rtt {
-                let start = batch.time.checked_sub(rtt).unwrap_or(batch.time);
-                let p = pair(
-                    ids,
-                    key,
-                    &server.service_name,
-                    start,
-                    rtt,
-                    None,
-                    1.0,
-                    "traffic",
-                );
-                pairs.push((client.clone(), server.clone(), p));
-            }
+        let ratio = interval.samples.len() as f64 / interval.attempts.max(1) as f64;
+        for ConnectionSample {
+            start,
+            duration,
+            failure,
+        } in &interval.samples
+        {
+            let error = failure.map(|f| f.as_str());
+            let p = pair(
+                ids,
+                key,
+                &server.service_name,
+                *start,
+                *duration,
+                error,
+                ratio,
+                "connection",
+            );
+            pairs.push((client.clone(), server.clone(), p));
         }
+    } else if let (true, Some(rtt)) = (interval.carried_traffic, interval.last_rtt) {
+        // A real measurement for a pair without a handshake: the link's latest RTT.
+        let (client, server) = batch.end_names(key);
+        let start = batch.time.checked_sub(rtt).unwrap_or(batch.time);
+        let p = pair(
+            ids,
+            key,
+            &server.service_name,
+            start,
+            rtt,
+            None,
+            1.0,
+            "traffic",
+        );
+        pairs.push((client, server, p));
     }
     pairs
-        .chunks(max_pairs_per_request.max(1))
-        .map(|chunk| (request(chunk), chunk.len()))
-        .collect()
 }
 
 fn request(pairs: &[(EndIdentity, EndIdentity, Pair)]) -> ExportTraceServiceRequest {
@@ -264,7 +287,7 @@ mod tests {
 
     #[test]
     fn pairs_are_client_parent_of_server_under_their_own_resources() {
-        let requests = trace_requests(&batch(), &mut IdGenerator::default(), 100);
+        let requests = trace_requests(&batch(), 100);
         assert_eq!(requests.len(), 1);
         let (request, pairs) = &requests[0];
         assert_eq!(*pairs, 3);
@@ -325,7 +348,7 @@ mod tests {
 
     #[test]
     fn pairs_are_never_split_across_requests() {
-        let requests = trace_requests(&batch(), &mut IdGenerator::default(), 2);
+        let requests = trace_requests(&batch(), 2);
         assert_eq!(
             requests.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
             vec![2, 1]
@@ -375,7 +398,7 @@ mod resource_tests {
             EndRef::client(&key("10.0.0.2")).expect("an address end"),
             api("green"),
         );
-        let requests = trace_requests(&batch, &mut IdGenerator::default(), 100);
+        let requests = trace_requests(&batch, 100);
         let namespaces: Vec<(String, String, usize)> = requests[0]
             .0
             .resource_spans

@@ -21,37 +21,81 @@ enum Previous {
     },
 }
 
+/// The previous cumulative value of each series, by [`series_key`].
 #[derive(Default)]
 pub struct DeltaConverter {
-    previous: HashMap<String, Previous>,
+    previous: HashMap<u64, Previous>,
 }
 
-fn series_key(metric: &str, attributes: &[KeyValue]) -> String {
-    format!("{metric}\u{1f}{attributes:?}")
+/// A series' identity: its metric name and attributes, hashed (64 bits: a collision
+/// among the few hundred thousand series of one node is about one in 10^9). Hashing
+/// instead of keeping the text keeps this map at a few dozen bytes per series.
+fn series_key(metric: &str, attributes: &[KeyValue]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    /// Feeds formatted text to the hasher without building it.
+    struct HashWriter<'a>(&'a mut std::hash::DefaultHasher);
+    impl std::fmt::Write for HashWriter<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            s.hash(self.0);
+            Ok(())
+        }
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    metric.hash(&mut hasher);
+    // Attribute values have no `Hash` (doubles): their debug form identifies them.
+    let _ =
+        std::fmt::Write::write_fmt(&mut HashWriter(&mut hasher), format_args!("{attributes:?}"));
+    hasher.finish()
 }
 
 impl DeltaConverter {
-    /// Rewrites a cumulative request into deltas since the previous call. A series seen
-    /// for the first time reports its whole cumulative value (from its start time); a
-    /// counter that went backwards (restart) reports its new value.
+    /// Starts converting one batch, which may come in several requests: series the
+    /// whole batch does not carry are forgotten at [`DeltaBatch::finish`].
+    pub fn batch(&mut self) -> DeltaBatch<'_> {
+        DeltaBatch {
+            current: HashMap::with_capacity(self.previous.len()),
+            converter: self,
+        }
+    }
+
+    /// Converts a batch that is one request.
+    #[cfg(test)]
     pub fn convert(&mut self, request: &mut ExportMetricsServiceRequest) {
-        let mut current = HashMap::with_capacity(self.previous.len());
+        let mut batch = self.batch();
+        batch.convert(request);
+        batch.finish();
+    }
+}
+
+/// One batch being converted, request by request.
+pub struct DeltaBatch<'a> {
+    converter: &'a mut DeltaConverter,
+    current: HashMap<u64, Previous>,
+}
+
+impl DeltaBatch<'_> {
+    /// Rewrites a cumulative request into deltas since the previous batch. A series
+    /// seen for the first time reports its whole cumulative value (from its start
+    /// time); a counter that went backwards (restart) reports its new value.
+    pub fn convert(&mut self, request: &mut ExportMetricsServiceRequest) {
+        let previous = &self.converter.previous;
+        let current = &mut self.current;
         for metric in request
             .resource_metrics
             .iter_mut()
             .flat_map(|rm| rm.scope_metrics.iter_mut())
             .flat_map(|sm| sm.metrics.iter_mut())
         {
-            let name = metric.name.clone();
+            let name = metric.name.as_str();
             match metric.data.as_mut() {
                 Some(Data::Sum(sum)) if sum.is_monotonic => {
                     sum.aggregation_temporality = AggregationTemporality::Delta as i32;
                     for point in &mut sum.data_points {
-                        let key = series_key(&name, &point.attributes);
+                        let key = series_key(name, &point.attributes);
                         let Some(Value::AsInt(value)) = point.value else {
                             continue;
                         };
-                        if let Some(Previous::Number(before)) = self.previous.get(&key) {
+                        if let Some(Previous::Number(before)) = previous.get(&key) {
                             if *before <= value {
                                 point.value = Some(Value::AsInt(value - before));
                             }
@@ -62,7 +106,7 @@ impl DeltaConverter {
                 Some(Data::Histogram(histogram)) => {
                     histogram.aggregation_temporality = AggregationTemporality::Delta as i32;
                     for point in &mut histogram.data_points {
-                        let key = series_key(&name, &point.attributes);
+                        let key = series_key(name, &point.attributes);
                         let now = Previous::Histogram {
                             count: point.count,
                             sum: point.sum.unwrap_or(0.0),
@@ -72,7 +116,7 @@ impl DeltaConverter {
                             count,
                             sum,
                             buckets,
-                        }) = self.previous.get(&key)
+                        }) = previous.get(&key)
                         {
                             if *count <= point.count && buckets.len() == point.bucket_counts.len() {
                                 point.count -= count;
@@ -91,7 +135,11 @@ impl DeltaConverter {
                 _ => {}
             }
         }
-        self.previous = current;
+    }
+
+    /// The batch is complete: its series are the ones to compare the next batch with.
+    pub fn finish(self) {
+        self.converter.previous = self.current;
     }
 }
 

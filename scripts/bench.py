@@ -544,6 +544,7 @@ def phase_soak(work, rows, minutes):
                "    s.close()\n")
             port = 20000 + (port + 300 - 20000) % 20000
             samples.append((time.monotonic(), proc_stats(daemon.pid)[2]))
+            print(f"soak minute {len(samples)}: RSS {samples[-1][1] / 2**20:.1f} MiB", flush=True)
             time.sleep(max(0, 60 - (time.monotonic() - samples[-1][0]) - 1))
         holder.stdin.write("go\n")
         holder.stdin.flush()
@@ -554,7 +555,9 @@ def phase_soak(work, rows, minutes):
     rows.append((f"{minutes}-minute soak (storms, 2,000 long-lived, 300 new links a minute)",
                  f"RSS {warm / 2**20:.1f} MiB after warm-up, {last / 2**20:.1f} MiB at the end "
                  f"({(last - warm) / warm * 100:+.1f} %); max {max(s for _, s in samples) / 2**20:.1f} MiB",
-                 ""))
+                 "RSS every 5 minutes: " + ", ".join(
+                     f"{rss / 2**20:.1f}" for i, (_, rss) in enumerate(samples) if i % 5 == 4)
+                 + " MiB"))
 
 
 def ensure_tools(phases):

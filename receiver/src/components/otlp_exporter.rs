@@ -1177,6 +1177,86 @@ mod bounds_tests {
         transport.attempts.load(Ordering::Relaxed)
     }
 
+    /// A collector that takes `delay` per request and accepts it.
+    struct Slow {
+        delay: Duration,
+        received: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Transport for Slow {
+        async fn send(&self, _: &Payload) -> Result<(), SendError> {
+            tokio::time::sleep(self.delay).await;
+            self.received.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    /// Queues `parts` parts of one cumulative batch of 1 KiB each through a queue that
+    /// holds 3 of them; returns (received by the collector, dropped).
+    async fn batch_through_a_small_queue(
+        transport: Arc<dyn Transport>,
+        parts: usize,
+    ) -> (u64, u64) {
+        let queue = Arc::new(Queue {
+            queued: Mutex::new(Queued::default()),
+            notify: Notify::new(),
+            room: Notify::new(),
+            closing: Default::default(),
+            capacity: 1000,
+            max_bytes: 3 * 1024,
+            coalesce_metrics: true,
+            stats: Arc::default(),
+        });
+        let retry = RetryConfig {
+            initial_interval: Duration::from_secs(1),
+            randomization_factor: 0.0,
+            ..RetryConfig::default()
+        };
+        let sender = tokio::spawn(run_sender(queue.clone(), transport, retry, "otlp".into()));
+        for _ in 0..parts {
+            let part = Payload::Metrics {
+                body: Bytes::from(vec![0u8; 1024]),
+                stream: MetricStream::Links,
+                batch: 1,
+            };
+            queue.push_part(part, Duration::from_secs(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        sender.abort();
+        let stats = &queue.stats;
+        (
+            stats.sent.load(Ordering::Relaxed),
+            stats.dropped_metric_requests.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_larger_than_the_queue_goes_out_whole_while_the_collector_takes_it() {
+        let slow = Arc::new(Slow {
+            delay: Duration::from_millis(100),
+            received: AtomicUsize::new(0),
+        });
+        let (sent, dropped) = batch_through_a_small_queue(slow.clone(), 20).await;
+        assert_eq!((sent, dropped), (20, 0));
+        assert_eq!(slow.received.load(Ordering::Relaxed), 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_collector_does_not_hold_the_pipeline() {
+        let dead = Arc::new(Failing {
+            attempts: AtomicUsize::new(0),
+            throttle: None,
+        });
+        let started = tokio::time::Instant::now();
+        let (sent, dropped) = batch_through_a_small_queue(dead, 20).await;
+        // The first attempt fails while the queue fills; from then on parts do not wait:
+        // the oldest go, counted, and the three newest are held.
+        assert_eq!(sent, 0);
+        assert_eq!(dropped, 20 - 3 - 1, "one is in the sender's hands");
+        assert!(started.elapsed() < Duration::from_secs(5 + 60 + 1));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn newer_batches_do_not_skip_the_backoff() {
         // Waits 1, 1.5, 2.25, 3.4, 5.1, 7.6, 11.4, 17.1 s: 9 attempts in 60 s (one per

@@ -202,8 +202,9 @@ pub const LINKS_PER_PART: usize = 256;
 
 /// The batch as cumulative metrics requests of at most `links_per_part` links each,
 /// built one at a time as the iterator is advanced: an exporter holds one part, never
-/// the whole batch. The service-graph series go with the last part. Nothing to
-/// export (no links, no edges): no part.
+/// the whole batch. The service-graph series go with the last part. A batch without
+/// links is one request without metrics: a reader of the file exporter sees that the
+/// links are gone.
 pub fn metrics_parts<'a>(
     batch: &'a LinkBatch,
     resource: &'a Resource,
@@ -211,11 +212,7 @@ pub fn metrics_parts<'a>(
 ) -> impl Iterator<Item = ExportMetricsServiceRequest> + 'a {
     let p = PointBuilder { time: batch.time };
     let chunks: Vec<&'a [(crate::model::LinkKey, LinkStats)]> = if batch.links.is_empty() {
-        if batch.service_graph.is_empty() {
-            vec![]
-        } else {
-            vec![&[]]
-        }
+        vec![&[]]
     } else {
         batch.links.chunks(links_per_part.max(1)).collect()
     };
@@ -234,7 +231,7 @@ pub fn metrics_parts<'a>(
 pub fn metrics_request(batch: &LinkBatch, resource: &Resource) -> ExportMetricsServiceRequest {
     metrics_parts(batch, resource, usize::MAX)
         .next()
-        .unwrap_or_else(|| request(resource, vec![]))
+        .expect("a batch is at least one part")
 }
 
 /// The service-graph series alone (no edges: none), for an exporter that renders the

@@ -594,9 +594,9 @@ class KubeApi:
                          "labels": {"kubernetes.io/service-name": name}},
             "endpoints": [{"addresses": [ip]} for ip in endpoint_ips]})
 
-    def node(self, name, ip):
+    def node(self, name, ip, labels=None):
         self.create("/api/v1/nodes", {
-            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels or {}},
             "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
 
     def patch_pod(self, ns, name, patch):

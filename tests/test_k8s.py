@@ -286,3 +286,58 @@ def test_host_network_clients_are_named_by_their_cgroup(ridley, peers, kube):
     attrs = next(a for a, _ in r.batches()[-1].points("ridley.link.connections.opened")
                  if a.get("client.service.name") == "agent")
     assert attrs["client.k8s.daemonset.name"] == "agent" and attrs["client.k8s.pod.uid"] == uid
+
+
+ZONE = "topology.kubernetes.io/zone"
+REGION = "topology.kubernetes.io/region"
+
+
+def two_zones(kube):
+    """Nodes in zones eu-1a and eu-1b of region eu-1: the server (host a) and one client
+    (host c) on node-a in eu-1a, the other client (host b) on node-b in eu-1b."""
+    kube.node("node-a", "192.0.2.21", labels={ZONE: "eu-1a", REGION: "eu-1"})
+    kube.node("node-b", "192.0.2.22", labels={ZONE: "eu-1b", REGION: "eu-1"})
+    kube.pod("shop", "catalog-0", A4, "StatefulSet", "catalog", node="node-a")
+    kube.pod("shop", "cart-0", C4, "StatefulSet", "cart", node="node-a")
+    kube.pod("shop", "checkout-0", B4, "StatefulSet", "checkout", node="node-b")
+
+
+def merged_points(batch, client_service, port):
+    """The bytes points of a workload link (replicas merged): attributes and value by
+    direction."""
+    return {attrs["ridley.link.direction"]: (attrs, int(p["asInt"]))
+            for attrs, p in batch.points("ridley.link.bytes")
+            if attrs.get("client.service.name") == client_service and attrs["server.port"] == port}
+
+
+def test_zones_are_on_both_ends_and_cross_zone_bytes_are_exact(ridley, peers, kube):
+    """With the default merge of replicas into workloads: a workload end carries its
+    zone (replicas in two zones would be one end per zone, so merging keeps cross-zone
+    bytes apart), and the link says whether it crosses zones."""
+    two_zones(kube)
+    r = enriched(ridley, kube, keep_pod_detail=False)
+    peers.server("a", A4, 3560, reply=1)
+    # The watches have caught up once a link carries both ends' zones.
+    deadline = time.monotonic() + 30
+    while True:
+        peers.connect("b", A4, 3560, send=1)
+        batch = r.wait_for(lambda b: True, fresh=True)
+        if any(a.get("ridley.link.cross_zone") for a, _ in merged_points(batch, "checkout", 3560).values()):
+            break
+        assert time.monotonic() < deadline, "zones never appeared"
+    peers.server("a", A4, 3561, reply=300)
+    peers.connect("b", A4, 3561, send=1000)
+    peers.connect("c", A4, 3561, send=700)
+    batch = r.wait_for(lambda b: len(merged_points(b, "checkout", 3561)) == 2
+                       and len(merged_points(b, "cart", 3561)) == 2)
+    r.stop()
+    for client, zone, cross, sent in (("checkout", "eu-1b", True, 1000), ("cart", "eu-1a", False, 700)):
+        points = merged_points(batch, client, 3561)
+        assert {d: v for d, (_, v) in points.items()} == {"client_to_server": sent, "server_to_client": 300}
+        attrs = points["client_to_server"][0]
+        assert {k: v for k, v in attrs.items() if "cloud." in k or "zone" in k} == {
+            "client.cloud.availability_zone": zone, "client.cloud.region": "eu-1",
+            "server.cloud.availability_zone": "eu-1a", "server.cloud.region": "eu-1",
+            "ridley.link.cross_zone": cross,
+        }
+        assert attrs["server.service.name"] == "catalog"

@@ -1,6 +1,6 @@
 //! The OpenTelemetry names of a resolved end: `service.name`, `service.namespace`,
 //! `k8s.*` resource attributes.
-use crate::index::Resolved;
+use crate::index::{Resolved, Topology};
 
 /// `service.name` plus resource attributes, in a stable order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -9,8 +9,14 @@ pub struct EndAttributes {
     pub attributes: Vec<(String, String)>,
 }
 
-/// Attributes of a resolved end. `cluster` is `k8s.cluster.name` when configured.
-pub fn attributes_of(resolved: &Resolved, cluster: Option<&str>) -> EndAttributes {
+/// Attributes of a resolved end. `cluster` is `k8s.cluster.name` when configured;
+/// `topology` the zone and region of the end's node (`cloud.availability_zone`,
+/// `cloud.region`), when known.
+pub fn attributes_of(
+    resolved: &Resolved,
+    cluster: Option<&str>,
+    topology: Option<&Topology>,
+) -> EndAttributes {
     let mut attributes: Vec<(String, String)> = Vec::new();
     let mut put = |k: &str, v: &str| attributes.push((k.to_owned(), v.to_owned()));
     if let Some(cluster) = cluster {
@@ -53,6 +59,14 @@ pub fn attributes_of(resolved: &Resolved, cluster: Option<&str>) -> EndAttribute
             name.clone()
         }
     };
+    if let Some(topology) = topology {
+        if let Some(zone) = &topology.zone {
+            attributes.push(("cloud.availability_zone".to_owned(), zone.clone()));
+        }
+        if let Some(region) = &topology.region {
+            attributes.push(("cloud.region".to_owned(), region.clone()));
+        }
+    }
     EndAttributes {
         service_name,
         attributes,

@@ -191,7 +191,16 @@ pub struct Index {
     /// hostNetwork pods share their node's address: told apart by the ports they declare.
     host_pods_by_port: HashMap<(IpAddr, u16), Arc<PodInfo>>,
     nodes_by_ip: HashMap<IpAddr, String>,
+    /// Nodes with a zone or region label, by name.
+    topology_by_node: HashMap<String, Topology>,
     services_by_ip: HashMap<IpAddr, Resolved>,
+}
+
+/// Where a node is: its `topology.kubernetes.io/zone` and `/region` labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Topology {
+    pub zone: Option<String>,
+    pub region: Option<String>,
 }
 
 impl Index {
@@ -199,6 +208,17 @@ impl Index {
         let mut index = Index::default();
         for node in &snapshot.nodes {
             let name = node.name_any();
+            let label = |key: &str| {
+                let labels = node.metadata.labels.as_ref()?;
+                labels.get(key).filter(|v| !v.is_empty()).cloned()
+            };
+            let topology = Topology {
+                zone: label(record::ZONE_LABEL),
+                region: label(record::REGION_LABEL),
+            };
+            if topology != Topology::default() {
+                index.topology_by_node.insert(name.clone(), topology);
+            }
             let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
             for addr in addresses.into_iter().flatten() {
                 if let Ok(ip) = addr.address.parse() {
@@ -323,6 +343,17 @@ impl Index {
         self.nodes_by_ip
             .get(&addr)
             .map(|name| Resolved::Node { name: name.clone() })
+    }
+
+    /// The zone and region of the node an end runs on (a pod's node, or the node
+    /// itself); none for a Service or a workload behind one (its pods may be anywhere).
+    pub fn topology_of(&self, resolved: &Resolved) -> Option<&Topology> {
+        let node = match resolved {
+            Resolved::Pod(pod) => pod.node()?,
+            Resolved::Node { name } => name,
+            Resolved::Workload { .. } | Resolved::Service { .. } => return None,
+        };
+        self.topology_by_node.get(node)
     }
 
     /// The pod whose UID appears in a cgroup path (`.../pod<uid>/...`, or the systemd
@@ -623,6 +654,69 @@ mod tests {
                 name: "node-1".into()
             })
         );
+    }
+
+    /// A pod's end carries its node's zone and region, a node's end its own; a node
+    /// without the labels adds nothing, and the labels survive the record stripping.
+    #[test]
+    fn ends_are_placed_in_their_nodes_zone_and_region() {
+        let mut snap = snapshot(vec![
+            pod(
+                "checkout-7d9f-x1",
+                "10.0.0.5",
+                Some(("ReplicaSet", "checkout-7d9f")),
+            ),
+            {
+                let mut other = pod("cart-1", "10.0.0.6", None);
+                other.spec.as_mut().unwrap().node_name = Some("node-2".into());
+                other
+            },
+        ]);
+        let labelled = Node {
+            metadata: ObjectMeta {
+                labels: Some(
+                    [
+                        (record::ZONE_LABEL.to_owned(), "eu-west-1a".to_owned()),
+                        (record::REGION_LABEL.to_owned(), "eu-west-1".to_owned()),
+                        ("kubernetes.io/os".to_owned(), "linux".to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..snap.nodes[0].metadata.clone()
+            },
+            ..(*snap.nodes[0]).clone()
+        };
+        let stripped = record::strip_node(labelled);
+        assert_eq!(stripped.metadata.labels.as_ref().map(|l| l.len()), Some(2));
+        snap.nodes = vec![Arc::new(stripped)];
+        let index = Index::build(&snap);
+        let placed = Topology {
+            zone: Some("eu-west-1a".into()),
+            region: Some("eu-west-1".into()),
+        };
+        let resolved = index.resolve(ip("10.0.0.5"), None).unwrap();
+        assert_eq!(index.topology_of(&resolved), Some(&placed));
+        let named = crate::attributes_of(&resolved, None, index.topology_of(&resolved));
+        let cloud: Vec<_> = named
+            .attributes
+            .iter()
+            .filter(|(k, _)| k.starts_with("cloud."))
+            .collect();
+        assert_eq!(
+            cloud,
+            [
+                &(
+                    "cloud.availability_zone".to_owned(),
+                    "eu-west-1a".to_owned()
+                ),
+                &("cloud.region".to_owned(), "eu-west-1".to_owned())
+            ]
+        );
+        let node = index.resolve(ip("192.0.2.10"), Some(22)).unwrap();
+        assert_eq!(index.topology_of(&node), Some(&placed));
+        // node-2 has no Node object, so no labels.
+        let elsewhere = index.resolve(ip("10.0.0.6"), None).unwrap();
+        assert_eq!(index.topology_of(&elsewhere), None);
     }
 
     #[test]

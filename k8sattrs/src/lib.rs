@@ -13,6 +13,6 @@ pub mod record;
 pub mod watch;
 
 pub use attributes::{EndAttributes, attributes_of};
-pub use index::{Index, PodInfo, Resolved, Snapshot};
+pub use index::{Index, PodInfo, Resolved, Snapshot, Topology};
 pub use record::PodRecord;
 pub use watch::{WatchHealth, Watchers};

@@ -418,10 +418,26 @@ pub fn strip_endpoint_slice(slice: EndpointSlice) -> EndpointSlice {
     }
 }
 
-/// A Node's name and addresses (its status also lists every image it holds).
+/// The node labels that place a node: its zone and region.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// A Node's name, addresses and zone and region labels (its status also lists every
+/// image it holds; its other labels are not read).
 pub fn strip_node(node: Node) -> Node {
+    let labels: Option<std::collections::BTreeMap<String, String>> =
+        node.metadata.labels.clone().and_then(|labels| {
+            let kept: std::collections::BTreeMap<_, _> = labels
+                .into_iter()
+                .filter(|(key, _)| key == ZONE_LABEL || key == REGION_LABEL)
+                .collect();
+            (!kept.is_empty()).then_some(kept)
+        });
     Node {
-        metadata: bare_meta(node.metadata),
+        metadata: ObjectMeta {
+            labels,
+            ..bare_meta(node.metadata)
+        },
         spec: None,
         status: node.status.map(|status| NodeStatus {
             addresses: status.addresses,
@@ -672,5 +688,18 @@ mod tests {
         let status = node.status.unwrap();
         assert_eq!(status.addresses.unwrap().len(), 1);
         assert_eq!(status.images, None);
+
+        let zoned: Node = serde_json::from_value(json!({
+            "metadata": {"name": "node-2", "labels": {
+                "a": "b", ZONE_LABEL: "eu-1a", REGION_LABEL: "eu-1"}},
+        }))
+        .unwrap();
+        assert_eq!(
+            strip_node(zoned).metadata.labels,
+            Some(BTreeMap::from([
+                (REGION_LABEL.into(), "eu-1".into()),
+                (ZONE_LABEL.into(), "eu-1a".into())
+            ]))
+        );
     }
 }

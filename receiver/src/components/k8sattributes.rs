@@ -274,7 +274,7 @@ struct Naming<'a> {
 
 impl Naming<'_> {
     fn named(&self, resolved: &k8sattrs::Resolved) -> EndIdentity {
-        let named = attributes_of(resolved, self.cluster);
+        let named = attributes_of(resolved, self.cluster, self.index.topology_of(resolved));
         EndIdentity {
             service_name: named.service_name,
             attributes: named.attributes,

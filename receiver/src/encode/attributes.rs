@@ -88,10 +88,11 @@ pub fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> 
             path.unwrap_or_else(|| key.client_cgroup.to_string()),
         ));
     }
-    for (prefix, identity) in [
+    let ends = [
         ("client", batch.client_identity(key)),
         ("server", batch.server_identity(key)),
-    ] {
+    ];
+    for (prefix, identity) in ends {
         if let Some(identity) = identity {
             attributes.push(kv_str(
                 &format!("{prefix}.service.name"),
@@ -102,5 +103,70 @@ pub fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> 
             }
         }
     }
+    // Both zones known: whether the link crosses zones, the bytes a cloud bill charges
+    // for. A function of the two ends, so it adds no series.
+    fn zone(identity: Option<&crate::model::EndIdentity>) -> Option<&str> {
+        identity?
+            .attributes
+            .iter()
+            .find(|(k, _)| k == ZONE_ATTRIBUTE)
+            .map(|(_, v)| v.as_str())
+    }
+    if let (Some(client), Some(server)) = (zone(ends[0].1), zone(ends[1].1)) {
+        attributes.push(kv(
+            CROSS_ZONE_ATTRIBUTE,
+            any_value::Value::BoolValue(client != server),
+        ));
+    }
     attributes
+}
+
+/// The semantic-convention zone of an end (a resource attribute of its identity).
+pub const ZONE_ATTRIBUTE: &str = "cloud.availability_zone";
+/// On a link whose two ends' zones are known: `true` when they differ.
+pub const CROSS_ZONE_ATTRIBUTE: &str = "ridley.link.cross_zone";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndIdentity, EndRef};
+
+    fn zoned(zone: Option<&str>) -> EndIdentity {
+        EndIdentity {
+            service_name: "svc".into(),
+            attributes: zone
+                .map(|z| vec![(ZONE_ATTRIBUTE.to_owned(), z.to_owned())])
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `ridley.link.cross_zone` is on a link exactly when both ends' zones are known.
+    #[test]
+    fn a_link_is_marked_cross_zone_only_when_both_zones_are_known() {
+        let key = LinkKey::between(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            80,
+            0,
+        );
+        let cross_zone = |client: Option<&str>, server: Option<&str>| {
+            let mut batch = LinkBatch::new(SystemTime::UNIX_EPOCH);
+            batch
+                .ends
+                .insert(EndRef::client(&key).unwrap(), zoned(client));
+            batch
+                .ends
+                .insert(EndRef::server(&key).unwrap(), zoned(server));
+            link_point_attributes(&batch, &key)
+                .into_iter()
+                .find(|kv| kv.key == CROSS_ZONE_ATTRIBUTE)
+                .and_then(|kv| kv.value?.value)
+        };
+        let yes = Some(any_value::Value::BoolValue(true));
+        let no = Some(any_value::Value::BoolValue(false));
+        assert_eq!(cross_zone(Some("a"), Some("b")), yes);
+        assert_eq!(cross_zone(Some("a"), Some("a")), no);
+        assert_eq!(cross_zone(Some("a"), None), None);
+        assert_eq!(cross_zone(None, None), None);
+    }
 }

@@ -10,6 +10,9 @@ and every process is ended by its pid. Phases (`--phases`, all by default):
            tcplife-style script. Mean ns per run of each (kernel.bpf_stats_enabled).
   http     nginx + wrk, one request per connection and keep-alive, alternating runs
            with no daemon, ridley and the bpftrace script: median req/s relative to none.
+  udp      keep-alive HTTP with UDP links on and off (alternating): req/s ratio, and the
+           UDP hooks' ns per run on that TCP traffic and per datagram of connected UDP
+           queries, beside an empty program on the same tracepoint.
   idle     CONNS live idle connections (default 50,000, default settings): daemon CPU at
            a 1 s interval, `iter/tcp` ns per socket visited, then all close at once:
            losses and exact counts.
@@ -33,6 +36,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -44,7 +48,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RIDLEY = pathlib.Path(os.environ.get("RIDLEY_BIN", ROOT / "target" / "release" / "ridley"))
 SERVER_NS, CLIENT_NS = "rdlb-srv", "rdlb-cli"
 SERVER_IP, CLIENT_IP = "10.232.0.1", "10.232.0.2"
-SHORT_PORT, LONG_PORT, HTTP_PORT = 7001, 7002, 7080
+SHORT_PORT, LONG_PORT, HTTP_PORT, UDP_PORT = 7001, 7002, 7080, 7053
 # Connections per holding process: the hard open-file limit may be as low as 20,000.
 PER_PROCESS = 15_000
 
@@ -277,9 +281,9 @@ BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 5, 17
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 
 
-def load_floor_program():
-    """Attaches `r0 = 0; exit` to the inet_sock_set_state raw tracepoint. Returns the
-    two fds to keep open (closing them detaches) and the program's id."""
+def load_floor_program(tracepoint="inet_sock_set_state", name="bench_floor"):
+    """Attaches `r0 = 0; exit` to a raw tracepoint (inet_sock_set_state by default).
+    Returns the two fds to keep open (closing them detaches) and the program's id."""
     libc = ctypes.CDLL(None, use_errno=True)
     insns = bytes.fromhex("b700000000000000" "9500000000000000")
     insns_buf = ctypes.create_string_buffer(insns)
@@ -287,17 +291,17 @@ def load_floor_program():
     attr = ctypes.create_string_buffer(128)
     struct.pack_into("IIQQ", attr, 0, BPF_PROG_TYPE_RAW_TRACEPOINT, 2,
                      ctypes.addressof(insns_buf), ctypes.addressof(license_buf))
-    attr[48:48 + len(b"bench_floor")] = b"bench_floor"  # prog_name
+    attr[48:48 + len(name)] = name.encode()  # prog_name
     prog_fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 128)
     if prog_fd < 0:
         raise OSError(ctypes.get_errno(), "loading the floor program")
-    name = ctypes.create_string_buffer(b"inet_sock_set_state")
+    tp_name = ctypes.create_string_buffer(tracepoint.encode())
     attr = ctypes.create_string_buffer(128)
-    struct.pack_into("QI", attr, 0, ctypes.addressof(name), prog_fd)
+    struct.pack_into("QI", attr, 0, ctypes.addressof(tp_name), prog_fd)
     link_fd = libc.syscall(SYS_BPF, BPF_RAW_TRACEPOINT_OPEN, attr, 128)
     if link_fd < 0:
         raise OSError(ctypes.get_errno(), "attaching the floor program")
-    prog_id = next(e["id"] for e in bpftool("prog", "show") if e.get("name") == "bench_floor")
+    prog_id = next(e["id"] for e in bpftool("prog", "show") if e.get("name") == name)
     return (prog_fd, link_fd), prog_id
 
 
@@ -384,7 +388,8 @@ def wrk(url, keepalive, seconds):
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
-def phase_http(work, rows, runs, seconds):
+def start_nginx(work, procs):
+    """nginx serving a 512-byte page in the server namespace; returns its URL."""
     conf = work / "nginx.conf"
     (work / "www").mkdir(exist_ok=True)
     (work / "www" / "index.html").write_text("x" * 512)
@@ -393,12 +398,16 @@ def phase_http(work, rows, runs, seconds):
         "events { worker_connections 4096; }\n"
         "http { access_log off; keepalive_requests 1000000;\n"
         f"  server {{ listen {SERVER_IP}:{HTTP_PORT} backlog=4096; root {work / 'www'}; }} }}\n")
+    procs.add(subprocess.Popen(["ip", "netns", "exec", SERVER_NS, "nginx", "-c", str(conf),
+                                "-g", "daemon off;"], stderr=subprocess.DEVNULL))
+    time.sleep(1)
+    return f"http://{SERVER_IP}:{HTTP_PORT}/index.html"
+
+
+def phase_http(work, rows, runs, seconds):
     procs = Procs()
     try:
-        procs.add(subprocess.Popen(["ip", "netns", "exec", SERVER_NS, "nginx", "-c", str(conf),
-                                    "-g", "daemon off;"], stderr=subprocess.DEVNULL))
-        time.sleep(1)
-        url = f"http://{SERVER_IP}:{HTTP_PORT}/index.html"
+        url = start_nginx(work, procs)
         results = {(mode, keep): [] for mode in ("none", "ridley", "bpftrace") for keep in (False, True)}
         for _ in range(runs):
             for mode in ("none", "ridley", "bpftrace"):
@@ -421,6 +430,91 @@ def phase_http(work, rows, runs, seconds):
         rows.append((f"{label}, req/s vs no daemon (median of {runs})",
                      f"{ratio['ridley']:.3f}",
                      f"bpftrace: {ratio['bpftrace']:.3f} (no daemon: {base:,.0f} req/s)"))
+
+
+def udp_serve(port):
+    """An unconnected UDP echo server (as DNS servers are), in the server namespace."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((SERVER_IP, port))
+    print("listening", flush=True)
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(data, peer)
+
+
+def udp_queries(port, count):
+    """`count` queries of 40 bytes from one connected socket, each waiting its answer."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.connect((SERVER_IP, port))
+    for _ in range(count):
+        s.send(b"q" * 40)
+        s.recv(2048)
+    print("done", flush=True)
+
+
+def phase_udp(work, rows, runs, seconds, queries=50_000):
+    """What UDP links cost: keep-alive HTTP (all TCP: every send and receive passes the
+    UDP hooks' early exit) with UDP links on and off, alternating; the hooks' cost per
+    run on that TCP traffic beside an empty program on the same tracepoint; their cost
+    per datagram on connected UDP queries."""
+    procs = Procs()
+    floor_fds, floor_id = load_floor_program("sock_send_length", "bench_udp_floor")
+    try:
+        url = start_nginx(work, procs)
+        results = {"off": [], "on": []}
+        tcp_costs = {"send": [0, 0], "recv": [0, 0], "floor": [0, 0]}
+        for _ in range(runs):
+            for mode in ("off", "on"):
+                agent = Procs()
+                try:
+                    start_ridley(agent, work, extra="    max_udp_flows: 0\n" if mode == "off" else "")
+                    ids = ridley_prog_ids()
+                    watch = {floor_id}
+                    if mode == "on":
+                        watch |= {ids["ridley_sock_send_length"], ids["ridley_sock_recv_length"]}
+                    before = prog_stats(watch)
+                    results[mode].append(wrk(url, True, seconds))
+                    after = prog_stats(watch)
+                    if mode == "on":
+                        for key, prog in (("send", ids["ridley_sock_send_length"]),
+                                          ("recv", ids["ridley_sock_recv_length"]), ("floor", floor_id)):
+                            tcp_costs[key][0] += after[prog][0] - before.get(prog, (0, 0))[0]
+                            tcp_costs[key][1] += after[prog][1] - before.get(prog, (0, 0))[1]
+                finally:
+                    agent.end()
+        ratio = statistics.median(results["on"]) / statistics.median(results["off"])
+        per_run = {k: ns / n if n else float("nan") for k, (n, ns) in tcp_costs.items()}
+        rows.append((f"keep-alive HTTP with UDP links on, req/s vs UDP off (median of {runs})",
+                     f"{ratio:.3f}",
+                     f"UDP off: {statistics.median(results['off']):,.0f} req/s"))
+        rows.append(("UDP hooks on TCP traffic (keep-alive HTTP), ns per run",
+                     f"send {per_run['send']:.0f}, receive {per_run['recv']:.0f}",
+                     f"empty program on sock_send_length: {per_run['floor']:.0f} (floor)"))
+        agent = Procs()
+        try:
+            start_ridley(agent, work)
+            ids = ridley_prog_ids()
+            watch = {ids["ridley_sock_send_length"], ids["ridley_sock_recv_length"], floor_id}
+            server = agent.add(in_ns(SERVER_NS, "--role", "udp-serve", "--port", str(UDP_PORT)))
+            assert server.stdout.readline().strip() == "listening"
+            before = prog_stats(watch)
+            client = agent.add(in_ns(CLIENT_NS, "--role", "udp-query", "--port", str(UDP_PORT),
+                                     "--count", str(queries)))
+            client.wait(timeout=600)
+            after = prog_stats(watch)
+            send_ns, _ = mean_ns(before, after, ids["ridley_sock_send_length"])
+            recv_ns, _ = mean_ns(before, after, ids["ridley_sock_recv_length"])
+            floor_ns, _ = mean_ns(before, after, floor_id)
+            rows.append((f"UDP hooks per datagram ({queries:,} connected queries and answers), ns per run",
+                         f"send {send_ns:.0f}, receive {recv_ns:.0f}",
+                         f"empty program on sock_send_length: {floor_ns:.0f} (floor)"))
+        finally:
+            agent.end()
+    finally:
+        procs.end()
+        for fd in floor_fds:
+            os.close(fd)
 
 
 def phase_idle(work, rows, conns):
@@ -561,7 +655,7 @@ def phase_soak(work, rows, minutes):
 
 
 def ensure_tools(phases):
-    need = {"http": ["wrk", "nginx", "bpftrace"], "kernel": ["bpftrace"]}
+    need = {"http": ["wrk", "nginx", "bpftrace"], "kernel": ["bpftrace"], "udp": ["wrk", "nginx"]}
     missing = {tool for p in phases for tool in need.get(p, []) if not shutil.which(tool)}
     if missing:
         packages = {"wrk": "wrk", "nginx": "nginx-light", "bpftrace": "bpftrace"}
@@ -570,7 +664,7 @@ def ensure_tools(phases):
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-PHASES = ["kernel", "http", "idle", "links", "startup", "k8s", "soak"]
+PHASES = ["kernel", "http", "udp", "idle", "links", "startup", "k8s", "soak"]
 ROWS_DIR = ROOT / "target" / "bench"
 
 
@@ -617,7 +711,8 @@ def main():
     parser.add_argument("--soak", type=int, default=int(os.environ.get("SOAK_MINUTES", 30)),
                         help="soak minutes (env SOAK_MINUTES)")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
-    parser.add_argument("--role", choices=["serve", "short", "hold"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["serve", "short", "hold", "udp-serve", "udp-query"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pause", type=float, default=0, help=argparse.SUPPRESS)
@@ -627,6 +722,10 @@ def main():
         return asyncio.run(serve(args.port or [SHORT_PORT, LONG_PORT]))
     if args.role == "short":
         return asyncio.run(short_storm(args.count, 64))
+    if args.role == "udp-serve":
+        return udp_serve((args.port or [UDP_PORT])[0])
+    if args.role == "udp-query":
+        return udp_queries((args.port or [UDP_PORT])[0], args.count)
     if args.role == "hold":
         return asyncio.run(hold((args.port or [LONG_PORT])[0], args.count, args.rounds, args.pause))
 
@@ -648,6 +747,8 @@ def main():
                     phase_kernel(work, rows, args.short)
                 elif phase == "http":
                     phase_http(work, rows, args.http_runs, 5)
+                elif phase == "udp":
+                    phase_udp(work, rows, args.http_runs, 5)
                 elif phase == "idle":
                     phase_idle(work, rows, args.conns)
                 elif phase == "links":

@@ -122,6 +122,21 @@ class Peers:
         assert proc.returncode == 0, err
         return out.splitlines()
 
+    def udp_server(self, host, addr, port, reply=0):
+        proc = self._spawn(host, "udp-serve", "--addr", addr, "--port", port, "--reply", reply)
+        line = proc.stdout.readline().strip()
+        assert line == "listening", f"UDP server did not start: {line} {proc.stderr.read()}"
+        return proc
+
+    def udp_query(self, host, addr, port, send=1, count=1, unconnected=False):
+        """`count` queries and answers; returns the bytes answered."""
+        flags = ["--unconnected"] if unconnected else []
+        proc = self._spawn(host, "udp-query", "--addr", addr, "--port", port, "--send", send,
+                           "--count", count, *flags)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        return int(out.split()[1])
+
     def scan(self, host, addr, first, last):
         """Connects once to every port from `first` to `last`; returns how many refused."""
         proc = self._spawn(host, "connect", "--addr", addr, "--port", 0, "--ports", f"{first}-{last}")

@@ -122,6 +122,40 @@ def connect(args):
             print(f"received {got}", flush=True)
 
 
+def udp_serve(args):
+    """An unconnected UDP server (as DNS servers are): answers each datagram with
+    --reply bytes, to whoever sent it."""
+    family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((args.addr, args.port))
+    print("listening", flush=True)
+    while True:
+        _, peer = s.recvfrom(65536)
+        if args.reply:
+            s.sendto(b"r" * args.reply, peer)
+
+
+def udp_query(args):
+    """--count queries of --send bytes, each waiting for its answer: from one connected
+    socket (a resolver's), or with --unconnected from sendto()/recvfrom() on an
+    unconnected socket. Prints the bytes answered."""
+    family = socket.AF_INET6 if ":" in args.addr else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.settimeout(args.timeout)
+    if not args.unconnected:
+        s.connect((args.addr, args.port))
+    answered = 0
+    for _ in range(args.count):
+        if args.unconnected:
+            s.sendto(b"q" * args.send, (args.addr, args.port))
+            answered += len(s.recvfrom(65536)[0])
+        else:
+            s.send(b"q" * args.send)
+            answered += len(s.recv(65536))
+    s.close()
+    print(f"answered {answered}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -151,8 +185,19 @@ def main():
                    help="send --send bytes, then close with a RST")
     c.add_argument("--pause-after-send", action="store_true",
                    help="after sending, print 'sent' and wait for a line before closing")
+    u = sub.add_parser("udp-serve")
+    u.add_argument("--addr", required=True)
+    u.add_argument("--port", type=int, required=True)
+    u.add_argument("--reply", type=int, default=0)
+    q = sub.add_parser("udp-query")
+    q.add_argument("--addr", required=True)
+    q.add_argument("--port", type=int, required=True)
+    q.add_argument("--send", type=int, default=1)
+    q.add_argument("--count", type=int, default=1)
+    q.add_argument("--timeout", type=float, default=10.0)
+    q.add_argument("--unconnected", action="store_true")
     args = parser.parse_args()
-    serve(args) if args.mode == "serve" else connect(args)
+    {"serve": serve, "connect": connect, "udp-serve": udp_serve, "udp-query": udp_query}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ A4, _ = HOSTS["a"]
 B4, _ = HOSTS["b"]
 
 # Map names as the kernel keeps them (at most 15 characters).
-TRACKED_MAPS = {"CLIENT_ENDPOINT": "CLIENT_ENDPOINTS"}
+TRACKED_MAPS = {"CLIENT_ENDPOINT": "CLIENT_ENDPOINTS", "UDP_FLOWS_0": "UDP_FLOWS_0",
+                "UDP_FLOWS_1": "UDP_FLOWS_1"}
 
 
 def daemon_map_ids(pid):
@@ -65,6 +66,7 @@ def test_the_maps_are_what_the_bounds_assume(ridley):
     assert maps.get("SOCK_STATES") == "sk_storage", maps
     assert maps.get("CLIENT_ENDPOINT") == "hash", maps
     assert maps.get("EVENTS") == "ringbuf", maps
+    assert maps.get("UDP_FLOWS_0") == maps.get("UDP_FLOWS_1") == "hash", maps
     assert "SOCKS" not in maps, maps
 
 

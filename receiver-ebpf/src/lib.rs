@@ -9,6 +9,10 @@
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
+/// `sk_protocol` of a UDP socket.
+pub const IPPROTO_UDP: u16 = 17;
+/// `MSG_PEEK`: a receive that leaves the datagram queued (it is counted when read).
+pub const MSG_PEEK: i32 = 2;
 pub const AF_INET6: u16 = 10;
 
 /// TCP states as `include/net/tcp_states.h` numbers them.
@@ -73,7 +77,9 @@ pub mod counter {
     pub const ENDPOINTS_FULL: u32 = 2;
     /// `bpf_probe_read_kernel` failures.
     pub const READ_ERRORS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// UDP datagrams not counted: their flow did not fit in the flow table.
+    pub const UDP_FLOWS_FULL: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Names of maps and programs, shared so that neither side spells them twice.
@@ -88,6 +94,10 @@ pub mod names {
     pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
     pub const PROG_ITER: &str = "ridley_iter_tcp";
     pub const PROG_ITER_STATES: &str = "ridley_iter_states";
+    pub const MAP_UDP_FLOWS: [&str; 2] = ["UDP_FLOWS_0", "UDP_FLOWS_1"];
+    pub const MAP_UDP_CONTROL: &str = "UDP_CONTROL";
+    pub const PROG_UDP_SEND: &str = "ridley_sock_send_length";
+    pub const PROG_UDP_RECV: &str = "ridley_sock_recv_length";
 }
 
 /// Byte offsets of the kernel fields the programs read, relative to `struct sock *`
@@ -124,6 +134,7 @@ pub struct KernelOffsets {
     /// `tcp_sock.tcp_mstamp`: when the socket last sent or received a packet (us of
     /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`).
     pub tcp_mstamp: u32,
+    pub sk_protocol: u32,
 }
 
 /// Per-socket state the programs keep, in socket-local storage (`SOCK_STATES`): it is
@@ -270,9 +281,40 @@ impl SockRecord {
     pub const SIZE: usize = core::mem::size_of::<SockRecord>();
 }
 
+/// A UDP flow as the kernel aggregates it: a connected socket's local end (the client)
+/// and the address and port it is connected to (the server). The client's port is not
+/// part of it: every socket of one client to one server port is one flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UdpFlowKey {
+    /// IPv4 as IPv4-mapped IPv6, as everywhere.
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    /// The sending or receiving task's cgroup v2 id (userspace keeps it only for
+    /// clients in the host's network namespace, as for TCP).
+    pub cgroup_id: u64,
+    pub netns: u32,
+    pub server_port: u16,
+    pub _pad: u16,
+}
+
+/// What a flow carried since its entry was created, on one CPU (the tables are per-CPU:
+/// userspace sums the CPUs' values). Userspace drains a table and deletes its entries
+/// once per interval (see `UDP_FLOWS_*` in the programs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UdpFlowCounts {
+    pub sent_datagrams: u64,
+    pub sent_bytes: u64,
+    pub received_datagrams: u64,
+    pub received_bytes: u64,
+}
+
 // The layouts are part of the contract: a change here must be deliberate on both sides.
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
 const _: () = assert!(core::mem::size_of::<SockState>() == 80);
 const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 76);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 48);
+const _: () = assert!(core::mem::size_of::<UdpFlowCounts>() == 32);

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ridley_ebpf::{SockRecord, flags, tcp_state};
+use ridley_ebpf::{SockRecord, UdpFlowCounts, UdpFlowKey, flags, tcp_state};
 
 use crate::{
     capture::{OpenedAs, RecordExt, RecordKind},
@@ -591,6 +591,30 @@ impl Aggregator {
         }
     }
 
+    /// Adds what the kernel's UDP flows carried since the last drain: each flow's
+    /// connected end is the client, so a UDP link is reported once, by the client's node.
+    pub fn apply_udp(&mut self, flows: &[(UdpFlowKey, UdpFlowCounts)], now: Now) {
+        for (flow, counts) in flows {
+            let cgroup = if flow.netns == self.host_netns {
+                flow.cgroup_id
+            } else {
+                0
+            };
+            let key = self.admit(LinkKey::udp(
+                ip(flow.client_addr),
+                ip(flow.server_addr),
+                flow.server_port,
+                cgroup,
+            ));
+            let stats = &mut self.link_mut(key, now).stats;
+            stats.bytes_transmit += counts.sent_bytes;
+            stats.bytes_receive += counts.received_bytes;
+            stats.datagrams_transmit += counts.sent_datagrams;
+            stats.datagrams_receive += counts.received_datagrams;
+            stats.interval.carried_traffic = true;
+        }
+    }
+
     /// The cumulative state of every link, after expiring links idle for `idle_timeout`
     /// with no open connection.
     pub fn collect(&mut self, now: Now) -> Vec<(LinkKey, LinkStats)> {
@@ -760,6 +784,45 @@ mod tests {
             80,
             0,
         )
+    }
+
+    /// UDP flows add to their link drain after drain; the client's cgroup is kept only
+    /// in the host's network namespace, so two containers of one pod are one link.
+    #[test]
+    fn udp_flows_add_up_per_link_and_keep_the_cgroup_only_on_the_host() {
+        let mut agg = Aggregator::new(config(300));
+        let flow = |netns: u32, cgroup: u64| UdpFlowKey {
+            client_addr: v4([10, 0, 0, 1]),
+            server_addr: v4([10, 0, 0, 53]),
+            cgroup_id: cgroup,
+            netns,
+            server_port: 53,
+            _pad: 0,
+        };
+        let counts = |n: u64| UdpFlowCounts {
+            sent_datagrams: n,
+            sent_bytes: 40 * n,
+            received_datagrams: n,
+            received_bytes: 120 * n,
+        };
+        agg.apply_udp(&[(flow(7, 100), counts(2)), (flow(7, 200), counts(1))], at(1));
+        agg.apply_udp(&[(flow(1, 100), counts(3)), (flow(7, 100), counts(4))], at(2));
+        let links = agg.collect(at(2));
+        let pod = LinkKey::udp(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.53".parse().unwrap(),
+            53,
+            0,
+        );
+        let host = LinkKey { client_cgroup: 100, ..pod };
+        let find = |key: LinkKey| {
+            let (_, s) = links.iter().find(|(k, _)| *k == key).expect("the link");
+            (s.datagrams_transmit, s.bytes_transmit, s.datagrams_receive, s.bytes_receive)
+        };
+        assert_eq!(links.len(), 2);
+        assert_eq!(find(pod), (7, 280, 7, 840));
+        assert_eq!(find(host), (3, 120, 3, 360));
+        assert_eq!(pod.transport, crate::model::Transport::Udp);
     }
 
     fn at(secs: u64) -> Now {

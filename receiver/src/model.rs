@@ -26,6 +26,24 @@ impl Peer {
     }
 }
 
+/// `network.transport` of a link.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    /// Connected UDP sockets: the connecting end is the client.
+    Udp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
 /// A link: a client talking to a server port. The client's ephemeral port is never part
 /// of it, so every connection between the same two ends and port is one link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,6 +56,7 @@ pub struct LinkKey {
     pub client_cgroup: u64,
     /// `network.type`: IPv6 (IPv4-mapped IPv6 counts as IPv4).
     pub ipv6: bool,
+    pub transport: Transport,
 }
 
 impl LinkKey {
@@ -50,9 +69,10 @@ impl LinkKey {
         server_port: 0,
         client_cgroup: 0,
         ipv6: false,
+        transport: Transport::Tcp,
     };
 
-    /// A link between two addresses, as the receiver counts it.
+    /// A TCP link between two addresses, as the receiver counts it.
     pub fn between(client: IpAddr, server: IpAddr, server_port: u16, client_cgroup: u64) -> Self {
         LinkKey {
             client: Peer::Address(client),
@@ -60,6 +80,15 @@ impl LinkKey {
             server_port,
             client_cgroup,
             ipv6: server.is_ipv6(),
+            transport: Transport::Tcp,
+        }
+    }
+
+    /// A UDP link between two addresses.
+    pub fn udp(client: IpAddr, server: IpAddr, server_port: u16, client_cgroup: u64) -> Self {
+        LinkKey {
+            transport: Transport::Udp,
+            ..Self::between(client, server, server_port, client_cgroup)
         }
     }
 
@@ -244,6 +273,9 @@ pub struct LinkStats {
     pub active: u64,
     /// Segments retransmitted by the reporting end.
     pub retransmits: u64,
+    /// UDP datagrams client -> server and server -> client.
+    pub datagrams_transmit: u64,
+    pub datagrams_receive: u64,
     pub connect_duration: Histogram,
     pub rtt: Histogram,
     /// The last interval only, not cumulative.
@@ -262,6 +294,8 @@ impl LinkStats {
             failed: [0; 3],
             active: 0,
             retransmits: 0,
+            datagrams_transmit: 0,
+            datagrams_receive: 0,
             connect_duration: Histogram::default(),
             rtt: Histogram::default(),
             interval: IntervalActivity::default(),
@@ -280,6 +314,8 @@ impl LinkStats {
             failed: self.failed,
             active: self.active,
             retransmits: self.retransmits,
+            datagrams_transmit: self.datagrams_transmit,
+            datagrams_receive: self.datagrams_receive,
             connect_duration: self.connect_duration.clone(),
             rtt: self.rtt.clone(),
             interval: IntervalActivity::default(),
@@ -314,6 +350,12 @@ impl LinkStats {
             self.failed[i] += now.failed[i].saturating_sub(before.failed[i]);
         }
         self.retransmits += now.retransmits.saturating_sub(before.retransmits);
+        self.datagrams_transmit += now
+            .datagrams_transmit
+            .saturating_sub(before.datagrams_transmit);
+        self.datagrams_receive += now
+            .datagrams_receive
+            .saturating_sub(before.datagrams_receive);
         self.connect_duration
             .merge(&now.connect_duration.since(&before.connect_duration));
         self.rtt.merge(&now.rtt.since(&before.rtt));
@@ -331,6 +373,8 @@ pub struct Losses {
     pub socket_state_unavailable: u64,
     /// Client endpoints not recorded (the link may be reported from both ends).
     pub endpoint_table_full: u64,
+    /// UDP datagrams not counted: their flow did not fit in the kernel's flow table.
+    pub udp_flow_table_full: u64,
     /// Kernel memory reads that failed.
     pub read_errors: u64,
     /// Connection records counted in the overflow series because the link limit was
@@ -351,6 +395,7 @@ impl Losses {
             socket_state_unavailable: self.socket_state_unavailable
                 + other.socket_state_unavailable,
             endpoint_table_full: self.endpoint_table_full + other.endpoint_table_full,
+            udp_flow_table_full: self.udp_flow_table_full + other.udp_flow_table_full,
             read_errors: self.read_errors + other.read_errors,
             link_limit: self.link_limit + other.link_limit,
             close_lost: self.close_lost + other.close_lost,
@@ -358,11 +403,12 @@ impl Losses {
         }
     }
 
-    pub fn entries(&self) -> [(&'static str, u64); 7] {
+    pub fn entries(&self) -> [(&'static str, u64); 8] {
         [
             ("ringbuf_full", self.ringbuf_full),
             ("socket_state_unavailable", self.socket_state_unavailable),
             ("endpoint_table_full", self.endpoint_table_full),
+            ("udp_flow_table_full", self.udp_flow_table_full),
             ("read_error", self.read_errors),
             ("link_limit", self.link_limit),
             ("close_lost", self.close_lost),

@@ -12,6 +12,9 @@
 //!   for the full walks (the first, then every 60th): every connection, listeners (to
 //!   give connections that predate the daemon their role), and state for the sockets
 //!   that predate the programs.
+//! - `tp_btf/sock_send_length` and `tp_btf/sock_recv_length` (when UDP is enabled) see
+//!   every socket send and receive; a connected UDP socket's datagrams are added to its
+//!   flow in `UDP_FLOWS_*`. Everything else (TCP above all) leaves after one load.
 //!
 //! Both hooks receive BTF-typed socket pointers, so kernel fields are loaded directly at
 //! offsets userspace resolved from BTF (`OFFSETS`, constants to the verifier, which checks
@@ -31,7 +34,8 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{
-            BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
+            BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+            BPF_SK_STORAGE_GET_F_CREATE,
         },
         btf_maps::SkStorage,
         helpers::{
@@ -39,12 +43,13 @@ mod programs {
             generated::{bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
         },
         macros::{btf_map, btf_tracepoint, map},
-        maps::{Array, HashMap, PerCpuArray, RingBuf},
+        maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::BtfTracePointContext,
     };
     use ridley_ebpf::{
-        AF_INET, AF_INET6, EndpointKey, KernelOffsets, SockRecord, SockState, WalkControl, counter,
-        flags, kind, role, tcp_state, walk_mode,
+        AF_INET, AF_INET6, EndpointKey, IPPROTO_UDP, KernelOffsets, MSG_PEEK, SockRecord,
+        SockState, UdpFlowCounts, UdpFlowKey, WalkControl, counter, flags, kind, role, tcp_state,
+        walk_mode,
     };
 
     /// Per-socket state from the first transition to the socket's end. Socket-local
@@ -76,6 +81,25 @@ mod programs {
     #[map]
     static WALK_CONTROL: Array<WalkControl> = Array::with_max_entries(1, 0);
 
+    /// UDP flows, double-buffered: the programs add to the table `UDP_CONTROL` names;
+    /// userspace switches tables once per interval, waits out the program runs that
+    /// read the old index, then reads and deletes every entry of the table it left. The
+    /// tables return to empty every interval; what does not fit is counted
+    /// (UDP_FLOWS_FULL). Per-CPU values: a CPU adds to its own copy (no atomic adds,
+    /// which this target does not have, and no cache line shared between CPUs);
+    /// userspace sums them. The size is a default; userspace sets it from
+    /// `max_udp_flows`.
+    #[map]
+    static UDP_FLOWS_0: PerCpuHashMap<UdpFlowKey, UdpFlowCounts> =
+        PerCpuHashMap::with_max_entries(2048, 0);
+    #[map]
+    static UDP_FLOWS_1: PerCpuHashMap<UdpFlowKey, UdpFlowCounts> =
+        PerCpuHashMap::with_max_entries(2048, 0);
+
+    /// One entry: which `UDP_FLOWS_*` table the programs add to (0 or 1).
+    #[map]
+    static UDP_CONTROL: Array<u32> = Array::with_max_entries(1, 0);
+
     /// Filled in by userspace before load (see `KernelOffsets`).
     #[unsafe(no_mangle)]
     static OFFSETS: KernelOffsets = KernelOffsets {
@@ -98,6 +122,7 @@ mod programs {
         snd_una: 0,
         write_seq: 0,
         tcp_mstamp: 0,
+        sk_protocol: 0,
     };
 
     /// Wake the reader only once this many bytes wait in `EVENTS`; userspace also drains
@@ -434,6 +459,86 @@ mod programs {
             ));
         }
         st.flags = 0;
+    }
+
+    #[btf_tracepoint(function = "sock_send_length")]
+    pub fn ridley_sock_send_length(ctx: BtfTracePointContext) -> i32 {
+        let length: i32 = ctx.arg(1);
+        if length > 0 {
+            on_datagrams(ctx.arg(0), length as u64, true);
+        }
+        0
+    }
+
+    #[btf_tracepoint(function = "sock_recv_length")]
+    pub fn ridley_sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+        let length: i32 = ctx.arg(1);
+        let msg_flags: i32 = ctx.arg(2);
+        if length > 0 && msg_flags & MSG_PEEK == 0 {
+            on_datagrams(ctx.arg(0), length as u64, false);
+        }
+        0
+    }
+
+    /// A send or receive of `length` bytes on any socket. Every TCP send and receive of
+    /// the host comes here too: the protocol is the first and, for them, only load.
+    #[inline(always)]
+    fn on_datagrams(sk: *const u8, length: u64, sent: bool) {
+        // `sk` is the hook's BTF `struct sock *`: the same checked direct loads as for a
+        // TCP socket, of `struct sock` fields only.
+        let sock = TcpSock(sk);
+        let protocol: u16 = sock.load(offset!(sk_protocol));
+        if protocol != IPPROTO_UDP {
+            return;
+        }
+        // Connected (`connect()` sets the UDP socket's state to ESTABLISHED): the peer is
+        // known. An unconnected socket's peer is per datagram and not seen here.
+        if sock.state() != tcp_state::ESTABLISHED {
+            return;
+        }
+        let family = sock.family();
+        if !is_ip(family) {
+            return;
+        }
+        let mut rec = SockRecord::default();
+        sock.read_addresses(family, &mut rec);
+        let key = UdpFlowKey {
+            client_addr: rec.local_addr,
+            server_addr: rec.remote_addr,
+            // SAFETY: no preconditions; sends and receives run in the socket owner's task.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            netns: rec.netns,
+            server_port: rec.remote_port,
+            _pad: 0,
+        };
+        // SAFETY: copied out at once; a missing entry means table 0.
+        let table = unsafe { UDP_CONTROL.get(0) }.copied().unwrap_or(0);
+        let flows = if table == 0 { &UDP_FLOWS_0 } else { &UDP_FLOWS_1 };
+        let counts = match flows.get_ptr_mut(&key) {
+            Some(counts) => counts,
+            None => {
+                // Another CPU may create the entry first: then ours fails and the lookup
+                // finds theirs.
+                let _ = flows.insert(&key, &UdpFlowCounts::default(), BPF_NOEXIST as u64);
+                match flows.get_ptr_mut(&key) {
+                    Some(counts) => counts,
+                    None => {
+                        bump(counter::UDP_FLOWS_FULL);
+                        return;
+                    }
+                }
+            }
+        };
+        // SAFETY: `counts` is this CPU's copy of the entry's value, valid for this run
+        // and written by no one else while it runs.
+        let counts = unsafe { &mut *counts };
+        if sent {
+            counts.sent_datagrams += 1;
+            counts.sent_bytes += length;
+        } else {
+            counts.received_datagrams += 1;
+            counts.received_bytes += length;
+        }
     }
 
     /// `struct bpf_iter_meta`: only the first member is used.

@@ -283,6 +283,7 @@ pub fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         snd_una: tcp("snd_una", 4)?,
         write_seq: tcp("write_seq", 4)?,
         tcp_mstamp: tcp("tcp_mstamp", 8)?,
+        sk_protocol: sock(&["sk_protocol"], 2)?,
     };
     // The programs read `struct sock` fields through the `tcp_sock` pointer.
     let sock_size = btf.size_of(btf.struct_named("sock")?)?;
@@ -352,5 +353,6 @@ mod tests {
             );
         }
         assert_eq!(member_bits("sock", "sk_err") / 8, o.sk_err);
+        assert_eq!(member_bits("sock", "sk_protocol") / 8, o.sk_protocol);
     }
 }

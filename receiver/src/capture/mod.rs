@@ -1,7 +1,7 @@
 //! The kernel side as userspace sees it: checks what the kernel offers, loads and
-//! attaches the programs, and hands out the three things the receiver reads:
-//! close records (ring buffer), live-socket walks (`iter/tcp`, per network namespace)
-//! and the kernel loss counters.
+//! attaches the programs, and hands out the four things the receiver reads:
+//! close records (ring buffer), live-socket walks, UDP flows and the kernel loss
+//! counters.
 mod btf;
 mod cgroups;
 mod netns;
@@ -18,10 +18,12 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, Iter},
 };
-use ridley_ebpf::{KernelOffsets, SockRecord, WalkControl, counter, names, walk_mode};
+use ridley_ebpf::{
+    KernelOffsets, SockRecord, UdpFlowCounts, UdpFlowKey, WalkControl, counter, names, walk_mode,
+};
 use tokio::sync::oneshot;
 
 use crate::model::Losses;
@@ -44,6 +46,64 @@ struct PodOffsets(KernelOffsets);
 // SAFETY: KernelOffsets is #[repr(C)], all u32 fields, no padding, valid for any bits.
 unsafe impl Pod for PodOffsets {}
 
+/// `UdpFlowKey` and `UdpFlowCounts` as aya's plain-old-data, for reading their map.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodFlowKey(UdpFlowKey);
+// SAFETY: UdpFlowKey is #[repr(C)], byte arrays then u64, u32, u16, u16: no implicit
+// padding, valid for any bits.
+unsafe impl Pod for PodFlowKey {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodFlowCounts(UdpFlowCounts);
+// SAFETY: UdpFlowCounts is #[repr(C)], four u64: no padding, valid for any bits.
+unsafe impl Pod for PodFlowCounts {}
+
+/// How long a table switch waits before the table left is read: a program run that
+/// read the old index is still adding to it for at most microseconds (they never sleep).
+const UDP_SWITCH_GRACE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The double-buffered UDP flow tables (see `UDP_FLOWS_*` in the programs).
+struct UdpFlows {
+    tables: [PerCpuHashMap<MapData, PodFlowKey, PodFlowCounts>; 2],
+    control: Array<MapData, u32>,
+    /// The table the programs add to now.
+    active: u32,
+}
+
+impl UdpFlows {
+    /// Switches the programs to the other table, then reads and empties the one left:
+    /// every datagram since the last drain, each counted once.
+    async fn drain(&mut self) -> Result<Vec<(UdpFlowKey, UdpFlowCounts)>> {
+        let left = self.active;
+        self.active ^= 1;
+        self.control
+            .set(0, self.active, 0)
+            .context("switching the UDP flow table")?;
+        tokio::time::sleep(UDP_SWITCH_GRACE).await;
+        let table = &mut self.tables[left as usize];
+        let keys = table
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .context("listing UDP flows")?;
+        let mut flows = Vec::with_capacity(keys.len());
+        for key in keys {
+            let per_cpu = table.get(&key, 0).context("reading a UDP flow")?;
+            table.remove(&key).context("deleting a UDP flow")?;
+            let mut counts = UdpFlowCounts::default();
+            for cpu in per_cpu.iter() {
+                counts.sent_datagrams += cpu.0.sent_datagrams;
+                counts.sent_bytes += cpu.0.sent_bytes;
+                counts.received_datagrams += cpu.0.received_datagrams;
+                counts.received_bytes += cpu.0.received_bytes;
+            }
+            flows.push((key.0, counts));
+        }
+        Ok(flows)
+    }
+}
+
 /// Sizes of the kernel maps, from the receiver's config.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -52,6 +112,8 @@ pub struct MapSizes {
     pub max_connections: u32,
     /// Bytes of the `EVENTS` ring buffer (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
+    /// Entries of each `UDP_FLOWS_*` table; 0: UDP links off (nothing attached).
+    pub udp_flows: u32,
 }
 
 /// What a record reports: the user-side reading of `SockRecord::kind`.
@@ -247,6 +309,7 @@ pub fn privilege_problems() -> Vec<String> {
 pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
     walker: Walker,
+    udp: Option<UdpFlows>,
 }
 
 impl Capture {
@@ -275,6 +338,9 @@ impl Capture {
             .override_global(names::GLOBAL_RINGBUF_WAKEUP_BYTES, &wakeup_bytes, true)
             .map_max_entries(names::MAP_CLIENT_ENDPOINTS, sizes.max_connections)
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
+            // Preallocated hash tables: one entry each when UDP is off.
+            .map_max_entries(names::MAP_UDP_FLOWS[0], sizes.udp_flows.max(1))
+            .map_max_entries(names::MAP_UDP_FLOWS[1], sizes.udp_flows.max(1))
             .load(PROGRAMS)
             .context("loading the eBPF object (are you root, or have CAP_BPF + CAP_PERFMON?)")?;
         let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
@@ -296,8 +362,35 @@ impl Capture {
         iter_states
             .load("bpf_sk_storage_map", &kernel_btf)
             .context("loading iter/bpf_sk_storage_map (needs socket storage iterators, 5.11+)")?;
+        let udp = if sizes.udp_flows == 0 {
+            tracing::info!("UDP links: off (receivers.ebpf.max_udp_flows is 0)");
+            None
+        } else {
+            match attach_udp(&mut ebpf, &kernel_btf) {
+                Ok(()) => Some(UdpFlows {
+                    tables: [
+                        PerCpuHashMap::try_from(take_map(&mut ebpf, names::MAP_UDP_FLOWS[0])?)?,
+                        PerCpuHashMap::try_from(take_map(&mut ebpf, names::MAP_UDP_FLOWS[1])?)?,
+                    ],
+                    control: Array::try_from(take_map(&mut ebpf, names::MAP_UDP_CONTROL)?)?,
+                    active: 0,
+                }),
+                Err(e) => {
+                    // UDP is an addition: TCP capture goes on without it.
+                    tracing::warn!(
+                        "UDP links: off, this kernel cannot run them (sock_send_length and sock_recv_length tracepoints, 6.3+): {e:#}"
+                    );
+                    None
+                }
+            }
+        };
         tracing::info!(
-            "hooks active: tp_btf/inet_sock_set_state, iter/bpf_sk_storage_map, iter/tcp"
+            "hooks active: tp_btf/inet_sock_set_state, iter/bpf_sk_storage_map, iter/tcp{}",
+            if udp.is_some() {
+                ", tp_btf/sock_send_length, tp_btf/sock_recv_length (UDP links)"
+            } else {
+                ""
+            }
         );
 
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
@@ -305,7 +398,14 @@ impl Capture {
         let walker = Walker::spawn(ebpf)?;
         drop(kernel_btf);
         release_freed_memory();
-        Ok((Capture { counters, walker }, events))
+        Ok((
+            Capture {
+                counters,
+                walker,
+                udp,
+            },
+            events,
+        ))
     }
 
     /// Walks the live TCP sockets of every network namespace on the host: every socket
@@ -313,6 +413,15 @@ impl Capture {
     /// reported (see `walk_mode`).
     pub async fn walk(&self, full: bool) -> Result<Walk> {
         self.walker.walk(full).await
+    }
+
+    /// What connected UDP sockets carried since the last call, by flow (nothing when
+    /// UDP links are off).
+    pub async fn drain_udp(&mut self) -> Result<Vec<(UdpFlowKey, UdpFlowCounts)>> {
+        match self.udp.as_mut() {
+            Some(udp) => udp.drain().await,
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Kernel-side losses, summed over CPUs.
@@ -328,12 +437,30 @@ impl Capture {
             ringbuf_full: read(counter::RINGBUF_DROPS)?,
             socket_state_unavailable: read(counter::SOCK_STATE_UNAVAILABLE)?,
             endpoint_table_full: read(counter::ENDPOINTS_FULL)?,
+            udp_flow_table_full: read(counter::UDP_FLOWS_FULL)?,
             read_errors: read(counter::READ_ERRORS)?,
             close_lost: 0,
             namespace_skipped: 0,
             link_limit: 0,
         })
     }
+}
+
+/// Loads and attaches the two UDP programs.
+fn attach_udp(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<()> {
+    for (name, tracepoint) in [
+        (names::PROG_UDP_SEND, "sock_send_length"),
+        (names::PROG_UDP_RECV, "sock_recv_length"),
+    ] {
+        let program: &mut BtfTracePoint = program(ebpf, name)?;
+        program
+            .load(tracepoint, kernel_btf)
+            .with_context(|| format!("loading tp_btf/{tracepoint}"))?;
+        program
+            .attach()
+            .with_context(|| format!("attaching tp_btf/{tracepoint}"))?;
+    }
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

@@ -56,6 +56,11 @@ pub struct EbpfConfig {
     /// Client ranges never grouped (CIDRs): partners named by `external_names`, or a
     /// cluster whose pods have public addresses.
     pub keep_client_ranges: Vec<String>,
+    /// UDP flows (client, server address and port) the kernel counts per interval, in
+    /// each of its two preallocated tables (per entry: about 64 bytes plus 32 per CPU);
+    /// datagrams of flows beyond it are counted as `udp_flow_table_full`. 0 turns UDP links off
+    /// (nothing attached to the socket send and receive hooks).
+    pub max_udp_flows: u32,
     /// Report ready although the capture is partial (a privilege missing, network
     /// namespaces that cannot be walked). Off: a partial capture fails readiness.
     pub allow_partial_capture: bool,
@@ -72,6 +77,7 @@ impl Default for EbpfConfig {
             max_links: 2000,
             group_public_clients: true,
             keep_client_ranges: Vec::new(),
+            max_udp_flows: 2048,
             allow_partial_capture: false,
         }
     }
@@ -85,6 +91,10 @@ const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_CONNECTIONS: u32 = 1 << 20;
 const MAX_SPAN_PAIRS_PER_LINK: usize = 1000;
 const MAX_LINKS: usize = 1_000_000;
+/// Each UDP flow table is preallocated with per-CPU values (about 64 bytes plus 32 per
+/// CPU per entry, two tables): 65,536 entries on a 64-CPU node is 264 MiB of kernel
+/// memory, the most a setting may ask for.
+const MAX_UDP_FLOWS: u32 = 1 << 16;
 /// Every this many walks, one reports every socket, changed or not: the table of open
 /// connections is reconciled with the kernel's (a connection whose close record was lost
 /// leaves it). Between full walks an idle connection costs nothing in userspace and a
@@ -126,6 +136,15 @@ impl EbpfConfig {
             return Err(key_error(
                 "max_links",
                 format!("must be from 1 to {MAX_LINKS}, got {}", self.max_links),
+            ));
+        }
+        if self.max_udp_flows > MAX_UDP_FLOWS {
+            return Err(key_error(
+                "max_udp_flows",
+                format!(
+                    "must be at most {MAX_UDP_FLOWS} (0: UDP links off), got {}",
+                    self.max_udp_flows
+                ),
             ));
         }
         for range in &self.keep_client_ranges {
@@ -247,7 +266,9 @@ impl CaptureLoop {
         };
         // Every close up to the end of the walk is in the buffer now.
         drain(self.events.get_mut(), &mut self.aggregator);
+        let udp = self.capture.drain_udp().await?;
         let now = Now::current();
+        self.aggregator.apply_udp(&udp, now);
         self.note_skipped_namespaces(&walk);
         self.aggregator
             .apply_walk(&walk.records, now, walk.full, walk.skipped == 0);
@@ -267,7 +288,7 @@ impl CaptureLoop {
         if losses != self.last_losses {
             tracing::warn!(
                 ?losses,
-                "kernel data lost since start; raise ring_buffer_size or max_connections"
+                "kernel data lost since start; raise ring_buffer_size, max_connections or max_udp_flows"
             );
             self.last_losses = losses;
         }
@@ -339,6 +360,7 @@ impl Receiver for EbpfReceiver {
             max_connections: config.max_connections,
             // Validated to be at most 1 GiB.
             ring_buffer_bytes: config.ring_buffer_size as u32,
+            udp_flows: config.max_udp_flows,
         };
         // Parsing kernel BTF and verifying programs takes a while: off the async workers.
         let (capture, events) = tokio::task::spawn_blocking(move || Capture::load(sizes))

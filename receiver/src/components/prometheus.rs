@@ -101,12 +101,14 @@ impl LinkPage {
                 label_body(&encode::link_point_attributes(&batch, key), &scope).into_boxed_str()
             })
             .collect();
-        let present = LINK_METRICS.each_ref().map(|m| match m.values {
-            LinkValues::Split { points, .. } => batch
-                .links
-                .iter()
-                .any(|(_, s)| points(s).iter().any(Option::is_some)),
-            _ => !batch.links.is_empty(),
+        let present = LINK_METRICS.each_ref().map(|m| {
+            let mut links = batch.links.iter().filter(|(key, _)| m.applies_to(key));
+            match m.values {
+                LinkValues::Split { points, .. } => {
+                    links.any(|(_, s)| points(s).iter().any(Option::is_some))
+                }
+                _ => links.next().is_some(),
+            }
         });
         let tail = encode::metrics::service_graph_request(&batch, resource)
             .map(|request| render_all(&[&request], false))
@@ -152,7 +154,10 @@ impl LinkPage {
         let links = self.batch.links[from..to]
             .iter()
             .zip(&self.labels[from..to]);
-        for ((_, stats), labels) in links {
+        for ((key, stats), labels) in links {
+            if !m.applies_to(key) {
+                continue;
+            }
             match m.values {
                 LinkValues::Number(value) => {
                     let _ = writeln!(out, "{name}{{{labels}}} {}", value(stats));

@@ -19,7 +19,9 @@ use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Processor, key_error},
-    model::{EndIdentity, FailureReason, LinkBatch, LinkKey, LinkStats, ServiceGraphEdge},
+    model::{
+        EndIdentity, FailureReason, LinkBatch, LinkKey, LinkStats, ServiceGraphEdge, Transport,
+    },
 };
 
 #[derive(Debug, Deserialize)]
@@ -105,7 +107,10 @@ fn namespace(end: &EndIdentity) -> String {
 impl ServiceGraph {
     fn update(&mut self, batch: &LinkBatch) {
         let mut seen = HashMap::with_capacity(batch.links.len());
-        for (key, stats) in batch.links.iter().filter(|(key, _)| !key.is_overflow()) {
+        // An edge's requests are connection attempts: UDP links have none (their
+        // datagrams are in the link metrics).
+        let edges_of = |key: &LinkKey| !key.is_overflow() && key.transport == Transport::Tcp;
+        for (key, stats) in batch.links.iter().filter(|(key, _)| edges_of(key)) {
             let (client, server) = batch.end_names(key);
             let mut edge_key = (
                 namespace(&client),

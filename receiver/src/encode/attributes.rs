@@ -68,7 +68,7 @@ pub fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
                 "server.port",
                 any_value::Value::IntValue(i64::from(key.server_port)),
             ),
-            kv_str("network.transport", "tcp"),
+            kv_str("network.transport", key.transport.as_str()),
             kv_str("network.type", key.network_type()),
         ])
         .collect()

@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::{
 
 use super::{kv_str, link_point_attributes, unix_nanos};
 use crate::{
-    model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkStats},
+    model::{FailureReason, Histogram, LATENCY_BOUNDS_S, LinkBatch, LinkKey, LinkStats, Transport},
     telemetry::{ExporterSnapshot, TelemetrySnapshot},
 };
 
@@ -118,12 +118,31 @@ pub struct LinkMetric {
     /// Sums: monotonic (a counter) or not (a gauge). Histograms: unused.
     pub monotonic: bool,
     pub values: LinkValues,
+    /// The links it has points for: of one transport (and the overflow series, which
+    /// counts both), or every link.
+    pub only: Option<Transport>,
+}
+
+impl LinkMetric {
+    /// Whether `key` has points of this metric.
+    pub fn applies_to(&self, key: &LinkKey) -> bool {
+        self.only
+            .is_none_or(|transport| key.transport == transport || key.is_overflow())
+    }
 }
 
 fn bytes_by_direction(s: &LinkStats) -> SplitPoints {
     [
         Some(("client_to_server", s.bytes_transmit)),
         Some(("server_to_client", s.bytes_receive)),
+        None,
+    ]
+}
+
+fn datagrams_by_direction(s: &LinkStats) -> SplitPoints {
+    [
+        Some(("client_to_server", s.datagrams_transmit)),
+        Some(("server_to_client", s.datagrams_receive)),
         None,
     ]
 }
@@ -137,7 +156,7 @@ fn failures_by_reason(s: &LinkStats) -> SplitPoints {
 }
 
 /// The link metrics, in the order they are exported.
-pub const LINK_METRICS: [LinkMetric; 7] = [
+pub const LINK_METRICS: [LinkMetric; 8] = [
     LinkMetric {
         name: "ridley.link.bytes",
         description: "Payload bytes carried by the link, by direction (transmit: client to server).",
@@ -147,6 +166,7 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
             key: "ridley.link.direction",
             points: bytes_by_direction,
         },
+        only: None,
     },
     LinkMetric {
         name: "ridley.link.connections.opened",
@@ -154,6 +174,7 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
         unit: "{connection}",
         monotonic: true,
         values: LinkValues::Number(|s| s.opened),
+        only: Some(Transport::Tcp),
     },
     LinkMetric {
         name: "ridley.link.connections.failed",
@@ -164,6 +185,7 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
             key: "error.type",
             points: failures_by_reason,
         },
+        only: Some(Transport::Tcp),
     },
     LinkMetric {
         name: "ridley.link.connections.active",
@@ -171,6 +193,7 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
         unit: "{connection}",
         monotonic: false,
         values: LinkValues::Number(|s| s.active),
+        only: Some(Transport::Tcp),
     },
     LinkMetric {
         name: "ridley.link.connect.duration",
@@ -178,6 +201,7 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
         unit: "s",
         monotonic: false,
         values: LinkValues::Histogram(|s| &s.connect_duration),
+        only: Some(Transport::Tcp),
     },
     LinkMetric {
         name: "ridley.link.rtt",
@@ -185,6 +209,7 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
         unit: "s",
         monotonic: false,
         values: LinkValues::Histogram(|s| &s.rtt),
+        only: Some(Transport::Tcp),
     },
     LinkMetric {
         name: "ridley.link.retransmits",
@@ -192,6 +217,18 @@ pub const LINK_METRICS: [LinkMetric; 7] = [
         unit: "{segment}",
         monotonic: true,
         values: LinkValues::Number(|s| s.retransmits),
+        only: Some(Transport::Tcp),
+    },
+    LinkMetric {
+        name: "ridley.link.datagrams",
+        description: "UDP datagrams carried by the link, by direction (transmit: client to server).",
+        unit: "{datagram}",
+        monotonic: true,
+        values: LinkValues::Split {
+            key: "ridley.link.direction",
+            points: datagrams_by_direction,
+        },
+        only: Some(Transport::Udp),
     },
 ];
 
@@ -261,7 +298,10 @@ fn link_metrics(
     LINK_METRICS
         .iter()
         .map(|m| {
-            let each = links.iter().zip(&attributes);
+            let each = links
+                .iter()
+                .zip(&attributes)
+                .filter(|((key, _), _)| m.applies_to(key));
             match m.values {
                 LinkValues::Number(value) => sum(
                     m.name,

@@ -805,8 +805,14 @@ mod tests {
             received_datagrams: n,
             received_bytes: 120 * n,
         };
-        agg.apply_udp(&[(flow(7, 100), counts(2)), (flow(7, 200), counts(1))], at(1));
-        agg.apply_udp(&[(flow(1, 100), counts(3)), (flow(7, 100), counts(4))], at(2));
+        agg.apply_udp(
+            &[(flow(7, 100), counts(2)), (flow(7, 200), counts(1))],
+            at(1),
+        );
+        agg.apply_udp(
+            &[(flow(1, 100), counts(3)), (flow(7, 100), counts(4))],
+            at(2),
+        );
         let links = agg.collect(at(2));
         let pod = LinkKey::udp(
             "10.0.0.1".parse().unwrap(),
@@ -814,10 +820,18 @@ mod tests {
             53,
             0,
         );
-        let host = LinkKey { client_cgroup: 100, ..pod };
+        let host = LinkKey {
+            client_cgroup: 100,
+            ..pod
+        };
         let find = |key: LinkKey| {
             let (_, s) = links.iter().find(|(k, _)| *k == key).expect("the link");
-            (s.datagrams_transmit, s.bytes_transmit, s.datagrams_receive, s.bytes_receive)
+            (
+                s.datagrams_transmit,
+                s.bytes_transmit,
+                s.datagrams_receive,
+                s.bytes_receive,
+            )
         };
         assert_eq!(links.len(), 2);
         assert_eq!(find(pod), (7, 280, 7, 840));

@@ -70,9 +70,10 @@ struct Page {
     telemetry: Bytes,
 }
 
-/// Links rendered per piece of the response: a piece is at most about 1.5 MiB of text
-/// (a histogram family with many attributes), the most a scrape holds at once.
-const LINKS_PER_PIECE: usize = 256;
+/// Links rendered per piece of the response: a piece is at most about 400 KiB of text
+/// (a histogram family with many attributes), the most a scrape holds at once; with
+/// the listener's 64 connections, at most about 25 MiB for every scrape together.
+const LINKS_PER_PIECE: usize = 64;
 
 /// The links of the newest batch as the page shows them. Text is produced while the
 /// response is sent, family by family and piece by piece, straight from the link table:
@@ -566,15 +567,16 @@ mod tests {
                     stats.add_failure(FailureReason::Timeout);
                 }
                 stats.rtt.record(Duration::from_micros(30 * i as u64));
+                let (client, server) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
                 let key = if i == links - 1 {
                     LinkKey::OVERFLOW
+                } else if i % 5 == 1 {
+                    stats.datagrams_transmit = 3;
+                    stats.datagrams_receive = 4;
+                    LinkKey::udp(client, server, 1000 + i as u16, 0)
                 } else {
-                    LinkKey::between(
-                        "10.0.0.1".parse().unwrap(),
-                        "10.0.0.2".parse().unwrap(),
-                        1000 + i as u16,
-                        if i % 2 == 0 { 77 } else { 0 },
-                    )
+                    let cgroup = if i % 2 == 0 { 77 } else { 0 };
+                    LinkKey::between(client, server, 1000 + i as u16, cgroup)
                 };
                 (key, stats)
             })
@@ -603,6 +605,8 @@ mod tests {
         let streamed = page(batch);
         assert!(streamed.contains("ridley_link_connections_failed_total{"));
         assert!(streamed.contains("traces_service_graph_request_total{"));
+        assert!(streamed.contains("ridley_link_datagrams_total{"));
+        assert!(streamed.contains("network_transport=\"udp\""));
         assert_eq!(streamed.lines().count(), expected.lines().count());
         for (n, (got, want)) in streamed.lines().zip(expected.lines()).enumerate() {
             assert_eq!(got, want, "line {n}");

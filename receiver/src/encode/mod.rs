@@ -31,11 +31,16 @@ pub const PAIRS_PER_REQUEST: usize = 512;
 /// an exporter that serves it later (the Prometheus page) keeps a reference.
 pub struct Encoded {
     pub batch: Arc<LinkBatch>,
+    /// Where this batch's trace and span ids start (random per batch).
+    id_seed: u64,
 }
 
 impl Encoded {
     pub fn new(batch: Arc<LinkBatch>) -> Self {
-        Encoded { batch }
+        Encoded {
+            batch,
+            id_seed: fastrand::u64(..),
+        }
     }
 
     /// The batch as cumulative metrics requests of at most
@@ -48,11 +53,11 @@ impl Encoded {
     }
 
     /// The batch's span pairs, in requests of at most [`PAIRS_PER_REQUEST`] pairs, each
-    /// with its number of pairs, built one at a time.
+    /// with its number of pairs, built one at a time; the same ids for every exporter.
     pub fn trace_parts(&self) -> impl Iterator<Item = (ExportTraceServiceRequest, usize)> + '_ {
         spans::trace_parts(
             &self.batch,
-            spans::IdGenerator::default(),
+            spans::IdGenerator::from_seed(self.id_seed),
             PAIRS_PER_REQUEST,
         )
     }

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Exporter},
-    model::{Data, FailureReason, LinkBatch, Peer},
+    model::{Data, FailureReason, LinkBatch, Peer, Transport},
     telemetry::TelemetrySnapshot,
 };
 
@@ -147,7 +147,11 @@ pub fn render(batch: &LinkBatch, verbosity: Verbosity) -> String {
             [
                 shown(key.client, client.service_name),
                 shown(key.server, server.service_name),
-                key.server_port.to_string(),
+                // UDP links say so; their connection columns stay 0.
+                match key.transport {
+                    Transport::Tcp => key.server_port.to_string(),
+                    Transport::Udp => format!("{}/udp", key.server_port),
+                },
                 s.opened.to_string(),
                 s.active.to_string(),
                 s.failed(FailureReason::Refused).to_string(),

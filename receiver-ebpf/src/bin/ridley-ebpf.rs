@@ -513,7 +513,11 @@ mod programs {
         };
         // SAFETY: copied out at once; a missing entry means table 0.
         let table = unsafe { UDP_CONTROL.get(0) }.copied().unwrap_or(0);
-        let flows = if table == 0 { &UDP_FLOWS_0 } else { &UDP_FLOWS_1 };
+        let flows = if table == 0 {
+            &UDP_FLOWS_0
+        } else {
+            &UDP_FLOWS_1
+        };
         let counts = match flows.get_ptr_mut(&key) {
             Some(counts) => counts,
             None => {

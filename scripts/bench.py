@@ -468,7 +468,7 @@ def phase_udp(work, rows, runs, seconds, queries=50_000):
             for mode in ("off", "on"):
                 agent = Procs()
                 try:
-                    start_ridley(agent, work, extra="    max_udp_flows: 0\n" if mode == "off" else "")
+                    start_ridley(agent, work, extra="    udp_links: true\n" if mode == "on" else "")
                     ids = ridley_prog_ids()
                     watch = {floor_id}
                     if mode == "on":
@@ -493,7 +493,7 @@ def phase_udp(work, rows, runs, seconds, queries=50_000):
                      f"empty program on sock_send_length: {per_run['floor']:.0f} (floor)"))
         agent = Procs()
         try:
-            start_ridley(agent, work)
+            start_ridley(agent, work, extra="    udp_links: true\n")
             ids = ridley_prog_ids()
             watch = {ids["ridley_sock_send_length"], ids["ridley_sock_recv_length"], floor_id}
             server = agent.add(in_ns(SERVER_NS, "--role", "udp-serve", "--port", str(UDP_PORT)))

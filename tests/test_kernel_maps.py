@@ -66,7 +66,7 @@ def test_the_maps_are_what_the_bounds_assume(ridley):
     assert maps.get("SOCK_STATES") == "sk_storage", maps
     assert maps.get("CLIENT_ENDPOINT") == "hash", maps
     assert maps.get("EVENTS") == "ringbuf", maps
-    assert maps.get("UDP_FLOWS_0") == maps.get("UDP_FLOWS_1") == "hash", maps
+    assert maps.get("UDP_FLOWS_0") == maps.get("UDP_FLOWS_1") == "percpu_hash", maps
     assert "SOCKS" not in maps, maps
 
 
@@ -111,7 +111,7 @@ def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers)
 
     final = r.stop()
     assert final.losses() == {"ringbuf_full": 0, "socket_state_unavailable": 0,
-                              "endpoint_table_full": 0, "read_error": 0, "link_limit": 0, "close_lost": 0,
+                              "endpoint_table_full": 0, "udp_flow_table_full": 0, "read_error": 0, "link_limit": 0, "close_lost": 0,
              "namespace_skipped": 0}
     link = final.link(B4, A4, 8600)
     assert (link["opened"], link["transmit"], link["receive"]) == (200, 1400, 2000)

@@ -9,6 +9,7 @@ from test_kernel_maps import hash_map_entries, wait_for_baseline
 A4, _ = HOSTS["a"]
 B4, _ = HOSTS["b"]
 C4, _ = HOSTS["c"]
+UDP_ON = "    udp_links: true\n"
 
 
 def udp_link(batch, client, server, port):
@@ -24,7 +25,7 @@ def udp_link(batch, client, server, port):
 
 
 def test_connected_udp_queries_are_a_link_with_exact_datagrams_and_bytes(ridley, peers):
-    r = ridley(pipelines={"metrics": ["file"], "traces": ["file/spans"]})
+    r = ridley(receiver_extra=UDP_ON, pipelines={"metrics": ["file"], "traces": ["file/spans"]})
     peers.udp_server("a", A4, 5353, reply=120)
     assert peers.udp_query("b", A4, 5353, send=40, count=5) == 600
     want = {("bytes", "client_to_server"): 200, ("bytes", "server_to_client"): 600,
@@ -54,7 +55,7 @@ def test_connected_udp_queries_are_a_link_with_exact_datagrams_and_bytes(ridley,
 def test_an_unconnected_sender_is_not_attributed(ridley, peers):
     """sendto() on an unconnected socket names its peer per datagram, which these hooks
     do not see: no link (its replies come from an unconnected server too)."""
-    r = ridley()
+    r = ridley(receiver_extra=UDP_ON)
     peers.udp_server("a", A4, 5354, reply=8)
     assert peers.udp_query("c", A4, 5354, send=8, count=3, unconnected=True) == 24
     # A connected query made after it shows up; by then the unconnected one would have.
@@ -70,7 +71,7 @@ def test_an_unconnected_sender_is_not_attributed(ridley, peers):
 def test_a_full_flow_table_is_counted_and_nothing_is_counted_twice(ridley, peers):
     """Two flows fit per interval: every datagram is either in a link or in the
     `udp_flow_table_full` loss, never both, never neither."""
-    r = ridley(receiver_extra="    max_udp_flows: 2\n")
+    r = ridley(receiver_extra=UDP_ON + "    max_udp_flows: 2\n")
     for port in range(5360, 5366):
         peers.udp_server("a", A4, port, reply=4)
     for port in range(5360, 5366):
@@ -89,3 +90,17 @@ def test_a_full_flow_table_is_counted_and_nothing_is_counted_twice(ridley, peers
     r.stop()
     assert counted(batch) + lost(batch) == total
     assert counted(batch) > 0
+
+
+def test_udp_links_are_off_by_default(ridley, peers):
+    """Off unless asked for (the hooks cost every socket operation of the host): the
+    same queries make no link, and the hooks are not attached."""
+    r = ridley()
+    peers.udp_server("a", A4, 5355, reply=8)
+    peers.udp_query("b", A4, 5355, send=8, count=2)
+    peers.server("a", A4, 5356, reply=1)
+    peers.connect("b", A4, 5356, send=1)  # a TCP link shows the batch is recent enough
+    batch = r.wait_for(lambda b: (b.link(B4, A4, 5356) or {}).get("opened") == 1)
+    assert udp_link(batch, B4, A4, 5355) == ({}, None)
+    r.stop()
+    assert "UDP links: off (receivers.ebpf.udp_links: false)" in r.log_path.read_text()

@@ -363,7 +363,7 @@ impl Capture {
             .load("bpf_sk_storage_map", &kernel_btf)
             .context("loading iter/bpf_sk_storage_map (needs socket storage iterators, 5.11+)")?;
         let udp = if sizes.udp_flows == 0 {
-            tracing::info!("UDP links: off (receivers.ebpf.max_udp_flows is 0)");
+            tracing::info!("UDP links: off (receivers.ebpf.udp_links: false)");
             None
         } else {
             match attach_udp(&mut ebpf, &kernel_btf) {

@@ -56,10 +56,13 @@ pub struct EbpfConfig {
     /// Client ranges never grouped (CIDRs): partners named by `external_names`, or a
     /// cluster whose pods have public addresses.
     pub keep_client_ranges: Vec<String>,
+    /// UDP links from connected UDP sockets. Off by default: the send and receive hooks
+    /// run for every socket operation of the host, and keep-alive HTTP measured about 5 %
+    /// fewer requests per second with them attached (see the README's benchmark).
+    pub udp_links: bool,
     /// UDP flows (client, server address and port) the kernel counts per interval, in
     /// each of its two preallocated tables (per entry: about 64 bytes plus 32 per CPU);
-    /// datagrams of flows beyond it are counted as `udp_flow_table_full`. 0 turns UDP links off
-    /// (nothing attached to the socket send and receive hooks).
+    /// datagrams of flows beyond it are counted as `udp_flow_table_full`.
     pub max_udp_flows: u32,
     /// Report ready although the capture is partial (a privilege missing, network
     /// namespaces that cannot be walked). Off: a partial capture fails readiness.
@@ -77,6 +80,7 @@ impl Default for EbpfConfig {
             max_links: 2000,
             group_public_clients: true,
             keep_client_ranges: Vec::new(),
+            udp_links: false,
             max_udp_flows: 2048,
             allow_partial_capture: false,
         }
@@ -138,11 +142,11 @@ impl EbpfConfig {
                 format!("must be from 1 to {MAX_LINKS}, got {}", self.max_links),
             ));
         }
-        if self.max_udp_flows > MAX_UDP_FLOWS {
+        if self.max_udp_flows == 0 || self.max_udp_flows > MAX_UDP_FLOWS {
             return Err(key_error(
                 "max_udp_flows",
                 format!(
-                    "must be at most {MAX_UDP_FLOWS} (0: UDP links off), got {}",
+                    "must be from 1 to {MAX_UDP_FLOWS} (udp_links: false turns UDP off), got {}",
                     self.max_udp_flows
                 ),
             ));
@@ -360,7 +364,11 @@ impl Receiver for EbpfReceiver {
             max_connections: config.max_connections,
             // Validated to be at most 1 GiB.
             ring_buffer_bytes: config.ring_buffer_size as u32,
-            udp_flows: config.max_udp_flows,
+            udp_flows: if config.udp_links {
+                config.max_udp_flows
+            } else {
+                0
+            },
         };
         // Parsing kernel BTF and verifying programs takes a while: off the async workers.
         let (capture, events) = tokio::task::spawn_blocking(move || Capture::load(sizes))

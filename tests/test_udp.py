@@ -6,8 +6,8 @@ import time
 from conftest import HOSTS
 from test_kernel_maps import hash_map_entries, wait_for_baseline
 
-A4, _ = HOSTS["a"]
-B4, _ = HOSTS["b"]
+A4, A6 = HOSTS["a"]
+B4, B6 = HOSTS["b"]
 C4, _ = HOSTS["c"]
 UDP_ON = "    udp_links: true\n"
 
@@ -50,6 +50,17 @@ def test_connected_udp_queries_are_a_link_with_exact_datagrams_and_bytes(ridley,
     r.stop()
     # No span pairs for UDP: no handshake to time (see the README); TCP ones go on.
     assert not [s for s in r.spans() if s["attrs"].get("network.transport") == "udp"]
+
+
+def test_udp_over_ipv6_is_a_link_of_its_own(ridley, peers):
+    r = ridley(receiver_extra=UDP_ON)
+    peers.udp_server("a", A6, 5357, reply=30)
+    assert peers.udp_query("b", A6, 5357, send=20, count=3) == 90
+    want = {("bytes", "client_to_server"): 60, ("bytes", "server_to_client"): 90,
+            ("datagrams", "client_to_server"): 3, ("datagrams", "server_to_client"): 3}
+    batch = r.wait_for(lambda b: udp_link(b, B6, A6, 5357)[0] == want)
+    assert udp_link(batch, B6, A6, 5357)[1]["network.type"] == "ipv6"
+    r.stop()
 
 
 def test_an_unconnected_sender_is_not_attributed(ridley, peers):

@@ -98,6 +98,10 @@ def test_a_full_flow_table_is_counted_and_nothing_is_counted_twice(ridley, peers
                    if a["reason"] == "udp_flow_table_full")
 
     batch = r.wait_for(lambda b: counted(b) + lost(b) == total and lost(b) > 0, timeout=20)
+    # Full tables are drained like any others: both empty again.
+    counts = wait_for_baseline(r.proc.pid, {**hash_map_entries(r.proc.pid), "UDP_FLOWS_0": 0,
+                                            "UDP_FLOWS_1": 0})
+    assert (counts["UDP_FLOWS_0"], counts["UDP_FLOWS_1"]) == (0, 0), counts
     r.stop()
     assert counted(batch) + lost(batch) == total
     assert counted(batch) > 0

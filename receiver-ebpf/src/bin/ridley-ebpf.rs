@@ -222,19 +222,38 @@ mod programs {
             }
         }
 
-        /// Fills the addressing part of a record. IPv4 is stored IPv4-mapped (::ffff:a.b.c.d).
+        /// Both ends of the socket. IPv4 is IPv4-mapped (::ffff:a.b.c.d).
+        #[inline(always)]
+        fn ends(self, family: u16) -> Ends {
+            let (local_addr, remote_addr) = if family == AF_INET {
+                (
+                    v4_mapped(self.load(offset!(skc_rcv_saddr))),
+                    v4_mapped(self.load(offset!(skc_daddr))),
+                )
+            } else {
+                (
+                    self.load(offset!(skc_v6_rcv_saddr)),
+                    self.load(offset!(skc_v6_daddr)),
+                )
+            };
+            Ends {
+                local_addr,
+                remote_addr,
+                local_port: self.load(offset!(skc_num)),
+                remote_port: u16::from_be(self.load(offset!(skc_dport))),
+                netns: self.netns(),
+            }
+        }
+
+        /// Fills the addressing part of a record.
         #[inline(always)]
         fn read_addresses(self, family: u16, rec: &mut SockRecord) {
-            if family == AF_INET {
-                rec.local_addr = v4_mapped(self.load(offset!(skc_rcv_saddr)));
-                rec.remote_addr = v4_mapped(self.load(offset!(skc_daddr)));
-            } else {
-                rec.local_addr = self.load(offset!(skc_v6_rcv_saddr));
-                rec.remote_addr = self.load(offset!(skc_v6_daddr));
-            }
-            rec.local_port = self.load(offset!(skc_num));
-            rec.remote_port = u16::from_be(self.load(offset!(skc_dport)));
-            rec.netns = self.netns();
+            let ends = self.ends(family);
+            rec.local_addr = ends.local_addr;
+            rec.remote_addr = ends.remote_addr;
+            rec.local_port = ends.local_port;
+            rec.remote_port = ends.remote_port;
+            rec.netns = ends.netns;
         }
 
         /// Fills the tcp_sock counters and error state of a record.
@@ -252,6 +271,16 @@ mod programs {
                 rec.flags |= flags::PEER_FIN;
             }
         }
+    }
+
+    /// The addressing of a socket, without the rest of a record.
+    #[derive(Clone, Copy)]
+    struct Ends {
+        local_addr: [u8; 16],
+        remote_addr: [u8; 16],
+        local_port: u16,
+        remote_port: u16,
+        netns: u32,
     }
 
     #[inline(always)]
@@ -357,9 +386,8 @@ mod programs {
     /// Whether the remote end of `tp` is an established client socket on this host.
     #[inline(always)]
     fn client_is_local(tp: TcpSock, family: u16) -> bool {
-        let mut rec = SockRecord::default();
-        tp.read_addresses(family, &mut rec);
-        let remote = EndpointKey::new(rec.remote_addr, rec.remote_port, rec.netns);
+        let ends = tp.ends(family);
+        let remote = EndpointKey::new(ends.remote_addr, ends.remote_port, ends.netns);
         // SAFETY: the value is a plain u8 we only test for presence.
         unsafe { CLIENT_ENDPOINTS.get(&remote) }.is_some()
     }
@@ -378,13 +406,12 @@ mod programs {
         st.base_bytes_received = tp.load(offset!(bytes_received));
         st.base_total_retrans = tp.load(offset!(total_retrans));
 
-        let mut rec = SockRecord::default();
-        tp.read_addresses(family, &mut rec);
-        st.local_port = rec.local_port;
+        let ends = tp.ends(family);
+        st.local_port = ends.local_port;
         if old_state == tcp_state::SYN_SENT {
             // The client's ESTABLISHED precedes the server's: the server needs the client's
             // final ACK, sent only after this transition.
-            let local = EndpointKey::new(rec.local_addr, rec.local_port, rec.netns);
+            let local = EndpointKey::new(ends.local_addr, ends.local_port, ends.netns);
             if CLIENT_ENDPOINTS.insert(&local, &1, 0).is_err() {
                 st.flags |= flags::ENDPOINT_UNRECORDED;
                 bump(counter::ENDPOINTS_FULL);
@@ -450,12 +477,11 @@ mod programs {
             && st.established_ns != 0
             && st.flags & flags::ENDPOINT_UNRECORDED == 0
         {
-            let mut rec = SockRecord::default();
-            tp.read_addresses(family, &mut rec);
+            let ends = tp.ends(family);
             let _ = CLIENT_ENDPOINTS.remove(&EndpointKey::new(
-                rec.local_addr,
+                ends.local_addr,
                 st.local_port,
-                rec.netns,
+                ends.netns,
             ));
         }
         st.flags = 0;
@@ -500,15 +526,14 @@ mod programs {
         if !is_ip(family) {
             return;
         }
-        let mut rec = SockRecord::default();
-        sock.read_addresses(family, &mut rec);
+        let ends = sock.ends(family);
         let key = UdpFlowKey {
-            client_addr: rec.local_addr,
-            server_addr: rec.remote_addr,
+            client_addr: ends.local_addr,
+            server_addr: ends.remote_addr,
             // SAFETY: no preconditions; sends and receives run in the socket owner's task.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            netns: rec.netns,
-            server_port: rec.remote_port,
+            netns: ends.netns,
+            server_port: ends.remote_port,
             _pad: 0,
         };
         // SAFETY: copied out at once; a missing entry means table 0.

@@ -530,6 +530,26 @@ struct Queue {
 }
 
 impl Queue {
+    /// An empty queue of at most `capacity` requests and `max_bytes` encoded bytes;
+    /// `coalesce_metrics`: metric requests are cumulative (a newer batch supersedes).
+    fn new(
+        capacity: usize,
+        max_bytes: usize,
+        coalesce_metrics: bool,
+        stats: Arc<ExporterStats>,
+    ) -> Self {
+        Queue {
+            queued: Mutex::new(Queued::default()),
+            notify: Notify::new(),
+            room: Notify::new(),
+            closing: Default::default(),
+            capacity,
+            max_bytes,
+            coalesce_metrics,
+            stats,
+        }
+    }
+
     /// Queues one part of a batch. When the queue is full of parts it would have to
     /// drop to make room (the beginning of this very batch, say) and the sender is
     /// getting requests through, waits up to `wait` for it to send some: a large batch
@@ -816,26 +836,21 @@ impl OtlpExporter {
     pub fn new(cx: &BuildContext, config: &OtlpConfig, transport: Arc<dyn Transport>) -> Self {
         let delta = config.temporality == Temporality::Delta;
         let lane = |signal: Signal| Lane {
-            queue: Arc::new(Queue {
-                queued: Mutex::new(Queued::default()),
-                notify: Notify::new(),
-                room: Notify::new(),
-                closing: Default::default(),
-                capacity: if config.sending_queue.enabled {
+            queue: Arc::new(Queue::new(
+                if config.sending_queue.enabled {
                     config.sending_queue.queue_size
                 } else {
                     1
                 },
-                max_bytes: if config.sending_queue.enabled {
+                if config.sending_queue.enabled {
                     config.sending_queue.max_bytes as usize
                 } else {
                     config.max_request_size as usize
                 },
-                coalesce_metrics: signal == Signal::Metrics && !delta,
-                stats: cx
-                    .telemetry
+                signal == Signal::Metrics && !delta,
+                cx.telemetry
                     .exporter(&cx.id.to_string(), &signal.to_string()),
-            }),
+            )),
             sender: None,
         };
         OtlpExporter {
@@ -933,16 +948,7 @@ mod tests {
     use super::*;
 
     fn queue(capacity: usize, coalesce_metrics: bool) -> Queue {
-        Queue {
-            queued: Mutex::new(Queued::default()),
-            notify: Notify::new(),
-            room: Notify::new(),
-            closing: Default::default(),
-            capacity,
-            max_bytes: usize::MAX,
-            coalesce_metrics,
-            stats: Arc::default(),
-        }
+        Queue::new(capacity, usize::MAX, coalesce_metrics, Arc::default())
     }
 
     static BATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -1085,16 +1091,7 @@ mod bounds_tests {
 
     #[test]
     fn the_queue_is_bounded_in_bytes() {
-        let q = Queue {
-            queued: Mutex::new(Queued::default()),
-            notify: Notify::new(),
-            room: Notify::new(),
-            closing: Default::default(),
-            capacity: 1000,
-            max_bytes: 100_000,
-            coalesce_metrics: false,
-            stats: Arc::default(),
-        };
+        let q = Queue::new(1000, 100_000, false, Arc::default());
         let request = encode::metrics::metrics_request(&scan_batch(30), &encode::resource());
         let size = request.encoded_len();
         for batch in 0..100 {
@@ -1140,16 +1137,7 @@ mod bounds_tests {
             attempts: AtomicUsize::new(0),
             throttle,
         });
-        let queue = Arc::new(Queue {
-            queued: Mutex::new(Queued::default()),
-            notify: Notify::new(),
-            room: Notify::new(),
-            closing: Default::default(),
-            capacity: 10,
-            max_bytes: usize::MAX,
-            coalesce_metrics: true,
-            stats: Arc::default(),
-        });
+        let queue = Arc::new(Queue::new(10, usize::MAX, true, Arc::default()));
         let retry = RetryConfig {
             initial_interval: Duration::from_secs(1),
             max_interval: Duration::from_secs(30),
@@ -1198,16 +1186,7 @@ mod bounds_tests {
         transport: Arc<dyn Transport>,
         parts: usize,
     ) -> (u64, u64) {
-        let queue = Arc::new(Queue {
-            queued: Mutex::new(Queued::default()),
-            notify: Notify::new(),
-            room: Notify::new(),
-            closing: Default::default(),
-            capacity: 1000,
-            max_bytes: 3 * 1024,
-            coalesce_metrics: true,
-            stats: Arc::default(),
-        });
+        let queue = Arc::new(Queue::new(1000, 3 * 1024, true, Arc::default()));
         let retry = RetryConfig {
             initial_interval: Duration::from_secs(1),
             randomization_factor: 0.0,

@@ -80,9 +80,11 @@ const LINKS_PER_PIECE: usize = 64;
 /// a page of 16,000 links (about 200 MiB of text) is never held whole.
 struct LinkPage {
     batch: Arc<crate::model::LinkBatch>,
-    /// Each link's label set, `k="v",` per attribute then the scope's labels: built
-    /// once per batch, not per line.
+    /// Each link's attributes as labels, `k="v",` each: built once per batch, not per
+    /// line.
     labels: Vec<Box<str>>,
+    /// The scope's labels, which end every line's label set (the same for every link).
+    scope: String,
     /// Which link families have at least one point (a metric with no points is left
     /// out, as from every other exporter).
     present: [bool; LINK_METRICS.len()],
@@ -94,12 +96,11 @@ struct LinkPage {
 
 impl LinkPage {
     fn new(batch: Arc<crate::model::LinkBatch>, resource: &Resource) -> Self {
-        let scope = scope_labels(Some(&encode::scope()));
         let labels = batch
             .links
             .iter()
             .map(|(key, _)| {
-                label_body(&encode::link_point_attributes(&batch, key), &scope).into_boxed_str()
+                label_body(&encode::link_point_attributes(&batch, key), "").into_boxed_str()
             })
             .collect();
         let present = LINK_METRICS.each_ref().map(|m| {
@@ -116,6 +117,7 @@ impl LinkPage {
             .unwrap_or_default();
         LinkPage {
             labels,
+            scope: scope_labels(Some(&encode::scope())),
             present,
             head: Bytes::from(target_info(resource)),
             tail: Bytes::from(tail),
@@ -152,20 +154,20 @@ impl LinkPage {
         if piece == 0 {
             let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", m.description);
         }
+        let scope = &self.scope;
         let links = self.batch.links[from..to]
             .iter()
             .zip(&self.labels[from..to]);
-        for ((key, stats), labels) in links {
+        for ((key, stats), attributes) in links {
             if !m.applies_to(key) {
                 continue;
             }
             match m.values {
                 LinkValues::Number(value) => {
-                    let _ = writeln!(out, "{name}{{{labels}}} {}", value(stats));
+                    let _ = writeln!(out, "{name}{{{attributes}{scope}}} {}", value(stats));
                 }
                 LinkValues::Split { key, points } => {
                     // The extra attribute goes after the link's, before the scope's.
-                    let (attributes, scope) = split_scope(labels);
                     let key = sanitize(key);
                     for (label, value) in points(stats).into_iter().flatten() {
                         let _ = writeln!(
@@ -182,24 +184,17 @@ impl LinkPage {
                         let le = LATENCY_BOUNDS_S.get(i).copied().unwrap_or(f64::INFINITY);
                         let _ = writeln!(
                             out,
-                            "{name}_bucket{{{labels},le=\"{}\"}} {cumulative}",
+                            "{name}_bucket{{{attributes}{scope},le=\"{}\"}} {cumulative}",
                             number(le)
                         );
                     }
+                    let labels = format_args!("{attributes}{scope}");
                     let _ = writeln!(out, "{name}_sum{{{labels}}} {}", number(h.sum));
                     let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
                 }
             }
         }
         out
-    }
-}
-
-/// A link's label set split before the scope's labels (`otel_scope_name` first).
-fn split_scope(labels: &str) -> (&str, &str) {
-    match labels.find("otel_scope_name=") {
-        Some(at) => labels.split_at(at),
-        None => (labels, ""),
     }
 }
 

@@ -326,6 +326,15 @@ impl Index {
         }
     }
 
+    /// The name of the Service whose ClusterIP `addr` is.
+    pub fn service_at(&self, addr: IpAddr) -> Option<&str> {
+        match self.services_by_ip.get(&addr)? {
+            Resolved::Workload { via_service, .. } => Some(via_service),
+            Resolved::Service { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
     /// What `addr` is; `port` is the server port when `addr` is a server end (it tells
     /// hostNetwork pods on one node apart).
     pub fn resolve(&self, addr: IpAddr, port: Option<u16>) -> Option<Resolved> {

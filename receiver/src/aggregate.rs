@@ -18,6 +18,7 @@ use ridley_ebpf::{SockRecord, UdpFlowCounts, UdpFlowKey, flags, tcp_state};
 use crate::{
     capture::{OpenedAs, RecordExt, RecordKind},
     model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses, Peer},
+    nat::Translation,
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -27,13 +28,13 @@ const ETIMEDOUT: i32 = 110;
 
 /// `struct sock` address plus open time: addresses are reused, open times are not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ConnId {
+pub struct ConnId {
     sk: u64,
     start_ns: u64,
 }
 
 impl ConnId {
-    fn of(rec: &SockRecord) -> Self {
+    pub fn of(rec: &SockRecord) -> Self {
         ConnId {
             sk: rec.sk,
             start_ns: rec.start_ns,
@@ -107,7 +108,7 @@ enum End {
     Server,
 }
 
-fn ip(addr: [u8; 16]) -> IpAddr {
+pub fn ip(addr: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(addr);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
@@ -131,6 +132,26 @@ fn link_of(rec: &SockRecord, end: End, host_netns: u32) -> LinkKey {
         ),
         End::Server => LinkKey::between(ip(rec.remote_addr), ip(rec.local_addr), rec.local_port, 0),
     }
+}
+
+/// The link of a connection whose address was translated (see `nat`): a client counted
+/// under the backend that answered, with the address it dialled kept; a server under
+/// its real client.
+fn translated(mut key: LinkKey, end: End, translation: Option<&Translation>) -> LinkKey {
+    match (end, translation) {
+        (End::Client, Some(Translation::Backend(backend))) => {
+            if let Peer::Address(dialed) = key.server {
+                key.dialed = Some((dialed, key.server_port));
+            }
+            key.server = Peer::Address(backend.ip());
+            key.server_port = backend.port();
+        }
+        (End::Server, Some(Translation::Client(client))) => {
+            key.client = Peer::Address(*client);
+        }
+        _ => {}
+    }
+    key
 }
 
 /// A globally routable address: not private, loopback, link-local, carrier-grade NAT
@@ -202,6 +223,9 @@ pub struct Aggregator {
     keep_client_ranges: Vec<ipnet::IpNet>,
     /// Records counted in the overflow series (the link limit was reached).
     link_limit_hits: u64,
+    /// What conntrack said about connections about to be keyed (see `nat`); used once,
+    /// when the connection is first counted, then dropped.
+    translations: HashMap<ConnId, Translation>,
 }
 
 /// Sampling knobs and the clock the kernel's timestamps are converted with.
@@ -278,7 +302,30 @@ impl Aggregator {
             group_public_clients: config.group_public_clients,
             keep_client_ranges: config.keep_client_ranges,
             link_limit_hits: 0,
+            translations: HashMap::new(),
         }
+    }
+
+    /// Whether a record's connection has not been counted in a link yet: only such a
+    /// connection's link can still be translated.
+    pub fn is_new(&self, rec: &SockRecord) -> bool {
+        let id = ConnId::of(rec);
+        !self.conns.contains_key(&id) && !self.left_to_peer.contains(&id)
+    }
+
+    /// Translations for the records applied next (replacing any left unused).
+    pub fn set_translations(&mut self, translations: HashMap<ConnId, Translation>) {
+        self.translations = translations;
+    }
+
+    /// The link a connection is first counted in, translated when conntrack said so.
+    fn key_of(&mut self, rec: &SockRecord, end: End) -> LinkKey {
+        let translation = self.translations.remove(&ConnId::of(rec));
+        self.admit(translated(
+            link_of(rec, end, self.host_netns),
+            end,
+            translation.as_ref(),
+        ))
     }
 
     /// The link a connection's records are counted in: its own, with a public client
@@ -409,7 +456,7 @@ impl Aggregator {
                     // No answer before the kernel (ETIMEDOUT) or the application gave up.
                     FailureReason::Timeout
                 };
-                let key = self.admit(link_of(rec, End::Client, self.host_netns));
+                let key = self.key_of(rec, End::Client);
                 self.offer_sample(key, rec, Some(reason), now);
                 self.link_mut(key, now).stats.add_failure(reason);
             }
@@ -422,6 +469,10 @@ impl Aggregator {
         let id = ConnId::of(rec);
         self.closed_since_walk.insert(id);
         if self.left_to_peer.remove(&id) {
+            return;
+        }
+        if self.translations.get(&id) == Some(&Translation::LeftToClient) {
+            self.translations.remove(&id);
             return;
         }
         let final_payload = SocketBytes::of(rec);
@@ -442,7 +493,7 @@ impl Aggregator {
                 } else {
                     End::Client
                 };
-                let key = self.admit(link_of(rec, end, self.host_netns));
+                let key = self.key_of(rec, end);
                 self.record_open(key, rec, failure, now);
                 (key, end, SocketBytes::baseline(rec))
             }
@@ -556,11 +607,14 @@ impl Aggregator {
                         ))
                 }
             };
-            if peer_reports {
+            let left_to_client = end == End::Server
+                && self.translations.get(&id) == Some(&Translation::LeftToClient);
+            if peer_reports || left_to_client {
+                self.translations.remove(&id);
                 self.left_to_peer.insert(id);
                 continue;
             }
-            let key = self.admit(link_of(rec, end, self.host_netns));
+            let key = self.key_of(rec, end);
             let counted = if tracked {
                 self.record_open(key, rec, None, now);
                 SocketBytes::baseline(rec)
@@ -585,6 +639,8 @@ impl Aggregator {
         }
 
         self.closed_since_walk.clear();
+        // Translations are for the records of this round only.
+        self.translations.clear();
         if !(full && complete) {
             return;
         }
@@ -671,7 +727,7 @@ impl Aggregator {
 }
 
 /// Established (data can flow) states: the ones whose counters belong to a link.
-fn is_connected(state: u8) -> bool {
+pub fn is_connected(state: u8) -> bool {
     matches!(
         state,
         tcp_state::ESTABLISHED

@@ -12,6 +12,7 @@ mod component;
 mod components;
 mod encode;
 mod model;
+mod nat;
 mod otel_env;
 mod service;
 mod telemetry;

@@ -57,6 +57,9 @@ pub struct LinkKey {
     /// `network.type`: IPv6 (IPv4-mapped IPv6 counts as IPv4).
     pub ipv6: bool,
     pub transport: Transport,
+    /// The address and port the client dialled, when the kernel translated them to the
+    /// server's (DNAT of a Service address, read from conntrack).
+    pub dialed: Option<(IpAddr, u16)>,
 }
 
 impl LinkKey {
@@ -70,6 +73,7 @@ impl LinkKey {
         client_cgroup: 0,
         ipv6: false,
         transport: Transport::Tcp,
+        dialed: None,
     };
 
     /// A TCP link between two addresses, as the receiver counts it.
@@ -81,6 +85,7 @@ impl LinkKey {
             client_cgroup,
             ipv6: server.is_ipv6(),
             transport: Transport::Tcp,
+            dialed: None,
         }
     }
 
@@ -385,6 +390,12 @@ pub struct Losses {
     /// Network namespaces a walk could not enter or read (missing privileges, a
     /// failure inside the namespace): their live connections were not seen that time.
     pub namespace_skipped: u64,
+    /// Connections to a translated (DNAT) address whose conntrack entry was gone or
+    /// could not be read: counted under the address dialled, not the backend.
+    pub nat_unresolved: u64,
+    /// Connections not looked up in conntrack because the interval's lookups were
+    /// used up (`conntrack.max_lookups_per_interval`): counted under the address dialled.
+    pub nat_lookup_limit: u64,
 }
 
 impl Losses {
@@ -400,10 +411,12 @@ impl Losses {
             link_limit: self.link_limit + other.link_limit,
             close_lost: self.close_lost + other.close_lost,
             namespace_skipped: self.namespace_skipped + other.namespace_skipped,
+            nat_unresolved: self.nat_unresolved + other.nat_unresolved,
+            nat_lookup_limit: self.nat_lookup_limit + other.nat_lookup_limit,
         }
     }
 
-    pub fn entries(&self) -> [(&'static str, u64); 8] {
+    pub fn entries(&self) -> [(&'static str, u64); 10] {
         [
             ("ringbuf_full", self.ringbuf_full),
             ("socket_state_unavailable", self.socket_state_unavailable),
@@ -413,6 +426,8 @@ impl Losses {
             ("link_limit", self.link_limit),
             ("close_lost", self.close_lost),
             ("namespace_skipped", self.namespace_skipped),
+            ("nat_unresolved", self.nat_unresolved),
+            ("nat_lookup_limit", self.nat_lookup_limit),
         ]
     }
 }
@@ -503,6 +518,9 @@ pub struct LinkBatch {
     pub service_graph: Vec<ServiceGraphEdge>,
     /// The workloads that `Peer::Workload` ends name, by index.
     pub workloads: Vec<EndIdentity>,
+    /// The Service behind each translated address a link dialled (`LinkKey::dialed`),
+    /// filled by processors: exported as `server.k8s.service.name`.
+    pub dialed_services: std::collections::HashMap<IpAddr, String>,
 }
 
 impl LinkBatch {
@@ -514,6 +532,7 @@ impl LinkBatch {
             cgroups: Default::default(),
             service_graph: Vec::new(),
             workloads: Vec::new(),
+            dialed_services: Default::default(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! counters.
 mod btf;
 mod cgroups;
+pub mod conntrack;
 mod netns;
 mod states;
 
@@ -439,9 +440,7 @@ impl Capture {
             endpoint_table_full: read(counter::ENDPOINTS_FULL)?,
             udp_flow_table_full: read(counter::UDP_FLOWS_FULL)?,
             read_errors: read(counter::READ_ERRORS)?,
-            close_lost: 0,
-            namespace_skipped: 0,
-            link_limit: 0,
+            ..Losses::default()
         })
     }
 }

@@ -17,7 +17,7 @@ use ridley_ebpf::SockRecord;
 
 /// Every distinct network namespace: one path per namespace inode. Processes'
 /// namespaces (pods: their pause process holds one) and named ones (`ip netns add`).
-fn namespaces() -> BTreeMap<u64, PathBuf> {
+pub(super) fn namespaces() -> BTreeMap<u64, PathBuf> {
     let mut found = BTreeMap::new();
     let mut consider = |path: PathBuf| {
         if let Ok(meta) = std::fs::metadata(&path) {
@@ -44,7 +44,7 @@ fn namespaces() -> BTreeMap<u64, PathBuf> {
 }
 
 /// Enters the namespace behind `ns`. Only this thread moves.
-fn enter(ns: &File) -> std::io::Result<()> {
+pub(super) fn enter(ns: &File) -> std::io::Result<()> {
     // SAFETY: setns on a valid namespace fd; affects the calling thread only.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error());

@@ -14,14 +14,18 @@ use serde::Deserialize;
 use tokio::io::{Interest, unix::AsyncFd};
 use tokio_util::sync::CancellationToken;
 
+use ridley_ebpf::{SockRecord, flags};
+
 use crate::{
-    aggregate::{Aggregator, AggregatorConfig, Now},
+    aggregate::{Aggregator, AggregatorConfig, Now, is_connected},
     capture::{
-        Capture, CgroupPaths, MapSizes, Walk, host_netns, parse_record, wall_minus_monotonic_ns,
+        Capture, CgroupPaths, MapSizes, RecordExt, RecordKind, Walk, conntrack::NatReader,
+        host_netns, parse_record, wall_minus_monotonic_ns,
     },
     component::key_error,
     component::{BatchSender, BuildContext, Receiver},
     model::{LinkBatch, Losses},
+    nat::{NatResolver, Pending},
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +71,31 @@ pub struct EbpfConfig {
     /// Report ready although the capture is partial (a privilege missing, network
     /// namespaces that cannot be walked). Off: a partial capture fails readiness.
     pub allow_partial_capture: bool,
+    /// Real ends of translated connections, read from the kernel's conntrack table.
+    pub conntrack: ConntrackConfig,
+}
+
+/// Connections to a translated address (a Service's ClusterIP DNAT'd by kube-proxy)
+/// are counted under the backend that answered; servers reached through a masquerading
+/// namespace of this host under the real client. Needs `CAP_NET_ADMIN`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    pub enabled: bool,
+    /// Conntrack lookups per interval at most (one per new connection to a translated
+    /// address, one per new destination per minute otherwise). Beyond it connections
+    /// keep the address dialled and are counted as `nat_lookup_limit`; close records
+    /// waiting for a lookup (144 bytes each) are bounded by it too.
+    pub max_lookups_per_interval: usize,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        ConntrackConfig {
+            enabled: true,
+            max_lookups_per_interval: 16_384,
+        }
+    }
 }
 
 impl Default for EbpfConfig {
@@ -83,6 +112,7 @@ impl Default for EbpfConfig {
             udp_links: false,
             max_udp_flows: 2048,
             allow_partial_capture: false,
+            conntrack: ConntrackConfig::default(),
         }
     }
 }
@@ -99,6 +129,10 @@ const MAX_LINKS: usize = 1_000_000;
 /// CPU per entry, two tables): 65,536 entries on a 64-CPU node is 264 MiB of kernel
 /// memory, the most a setting may ask for.
 const MAX_UDP_FLOWS: u32 = 1 << 16;
+const MAX_NAT_LOOKUPS: usize = 1_000_000;
+/// Every this many intervals the addresses of this host's namespaces are read again
+/// (masquerading namespaces come and go with pods).
+const LOCAL_ADDRESSES_EVERY: u32 = 6;
 /// Every this many walks, one reports every socket, changed or not: the table of open
 /// connections is reconciled with the kernel's (a connection whose close record was lost
 /// leaves it). Between full walks an idle connection costs nothing in userspace and a
@@ -148,6 +182,15 @@ impl EbpfConfig {
                 format!(
                     "must be from 1 to {MAX_UDP_FLOWS} (udp_links: false turns UDP off), got {}",
                     self.max_udp_flows
+                ),
+            ));
+        }
+        let lookups = self.conntrack.max_lookups_per_interval;
+        if lookups == 0 || lookups > MAX_NAT_LOOKUPS {
+            return Err(key_error(
+                "conntrack.max_lookups_per_interval",
+                format!(
+                    "must be from 1 to {MAX_NAT_LOOKUPS} (conntrack.enabled: false turns lookups off), got {lookups}"
                 ),
             ));
         }
@@ -213,22 +256,50 @@ type Events = AsyncFd<RingBuf<MapData>>;
 /// How often close records are drained when the kernel has not woken us.
 const DRAIN_PERIOD: Duration = Duration::from_millis(200);
 
+/// Where records go: straight into the aggregator, or, for a new connection whose
+/// address may have been translated, held until the interval's conntrack lookups.
+struct Intake {
+    aggregator: Aggregator,
+    nat: Option<NatResolver>,
+    /// Records waiting for their lookup, bounded by the resolver's lookups per interval.
+    deferred: Vec<(SockRecord, Pending)>,
+}
+
+impl Intake {
+    fn take(&mut self, record: &SockRecord, now: Now) {
+        if let Some(nat) = self.nat.as_mut() {
+            let keyed_now = match record.record_kind() {
+                Some(RecordKind::ConnectFailed) => true,
+                Some(RecordKind::Closed) => record.flags & flags::TRACKED != 0,
+                _ => false,
+            };
+            if keyed_now && self.aggregator.is_new(record) {
+                if let Some(pending) = nat.lookup_for(record, now.mono) {
+                    self.deferred.push((*record, pending));
+                    return;
+                }
+            }
+        }
+        self.aggregator.apply_event(record, now);
+    }
+}
+
 /// Applies every close record waiting in the ring buffer.
-fn drain(events: &mut RingBuf<MapData>, aggregator: &mut Aggregator) {
+fn drain(events: &mut RingBuf<MapData>, intake: &mut Intake) {
     let now = Now::current();
     while let Some(item) = events.next() {
         if let Some(record) = parse_record(&item) {
-            aggregator.apply_event(&record, now);
+            intake.take(&record, now);
         }
     }
 }
 
-async fn drain_when_ready(events: &mut Events, aggregator: &mut Aggregator) -> Result<()> {
+async fn drain_when_ready(events: &mut Events, intake: &mut Intake) -> Result<()> {
     let mut guard = events
         .readable_mut()
         .await
         .context("polling the ring buffer")?;
-    drain(guard.get_inner_mut(), aggregator);
+    drain(guard.get_inner_mut(), intake);
     guard.clear_ready();
     Ok(())
 }
@@ -236,7 +307,12 @@ async fn drain_when_ready(events: &mut Events, aggregator: &mut Aggregator) -> R
 struct CaptureLoop {
     capture: Capture,
     events: Events,
-    aggregator: Aggregator,
+    intake: Intake,
+    /// The conntrack reader, when lookups are enabled.
+    nat_reader: Option<NatReader>,
+    intervals: u32,
+    /// The last conntrack failure, to log only changes.
+    last_nat_error: Option<String>,
     last_losses: Losses,
     cgroups: CgroupPaths,
     /// Namespaces skipped by the previous walk, to log only changes.
@@ -264,17 +340,19 @@ impl CaptureLoop {
             loop {
                 tokio::select! {
                     result = &mut walk => break result?,
-                    drained = drain_when_ready(&mut self.events, &mut self.aggregator) => drained?,
+                    drained = drain_when_ready(&mut self.events, &mut self.intake) => drained?,
                 }
             }
         };
         // Every close up to the end of the walk is in the buffer now.
-        drain(self.events.get_mut(), &mut self.aggregator);
+        drain(self.events.get_mut(), &mut self.intake);
         let udp = self.capture.drain_udp().await?;
         let now = Now::current();
-        self.aggregator.apply_udp(&udp, now);
+        self.intake.aggregator.apply_udp(&udp, now);
         self.note_skipped_namespaces(&walk);
-        self.aggregator
+        self.translate(&walk, now).await;
+        self.intake
+            .aggregator
             .apply_walk(&walk.records, now, walk.full, walk.skipped == 0);
         self.walks_since_full = if walk.full {
             0
@@ -287,8 +365,12 @@ impl CaptureLoop {
         self.next_walk_full = walk.skipped > 0
             || losses.ringbuf_full != self.last_losses.ringbuf_full
             || losses.socket_state_unavailable != self.last_losses.socket_state_unavailable;
-        self.aggregator.add_losses(&mut losses);
+        self.intake.aggregator.add_losses(&mut losses);
         losses.namespace_skipped = self.namespace_skipped;
+        if let Some(nat) = &self.intake.nat {
+            losses.nat_unresolved = nat.unresolved;
+            losses.nat_lookup_limit = nat.over_limit;
+        }
         if losses != self.last_losses {
             tracing::warn!(
                 ?losses,
@@ -300,17 +382,80 @@ impl CaptureLoop {
             full = walk.full,
             namespaces = walk.namespaces,
             sockets = walk.records.len(),
-            open = self.aggregator.open_connections(),
-            closed_unseen = self.aggregator.closed_unknown(),
+            open = self.intake.aggregator.open_connections(),
+            closed_unseen = self.intake.aggregator.closed_unknown(),
             "collected"
         );
         let mut batch = LinkBatch::new(now.wall);
-        batch.links = self.aggregator.collect(now);
+        batch.links = self.intake.aggregator.collect(now);
         batch.cgroups = self
             .cgroups
             .paths(batch.links.iter().map(|(key, _)| key.client_cgroup));
         self.telemetry.record_losses(&self.id, losses);
         Ok(batch)
+    }
+
+    /// Looks up in conntrack the new connections of this round (held close records and
+    /// the walk's new connections), then applies the held records with what was found.
+    /// A failed lookup leaves connections under the address dialled; it is logged once
+    /// per distinct failure and counted for translated destinations.
+    async fn translate(&mut self, walk: &Walk, now: Now) {
+        let (Some(nat), Some(reader)) = (self.intake.nat.as_mut(), self.nat_reader.as_ref()) else {
+            return;
+        };
+        if self.intervals.is_multiple_of(LOCAL_ADDRESSES_EVERY) {
+            match reader.local_addresses().await {
+                Ok(addresses) => nat.set_local_addresses(addresses),
+                Err(e) => tracing::warn!("reading the addresses of this host's namespaces: {e:#}"),
+            }
+        }
+        self.intervals = self.intervals.wrapping_add(1);
+        let mut pending: Vec<Pending> = self
+            .intake
+            .deferred
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect();
+        let aggregator = &self.intake.aggregator;
+        pending.extend(
+            walk.records
+                .iter()
+                .filter(|r| {
+                    r.flags & flags::TRACKED != 0 && is_connected(r.state) && aggregator.is_new(r)
+                })
+                .filter_map(|r| nat.lookup_for(r, now.mono)),
+        );
+        let answers = if pending.is_empty() {
+            Ok(Vec::new())
+        } else {
+            reader
+                .lookup(pending.iter().map(|p| p.query.clone()).collect())
+                .await
+        };
+        let answers = match answers {
+            Ok(answers) => {
+                if self.last_nat_error.take().is_some() {
+                    tracing::info!("conntrack lookups work again");
+                }
+                Some(answers)
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                if self.last_nat_error.as_ref() != Some(&why) {
+                    tracing::warn!(
+                        "conntrack lookups failed ({why}): translated connections keep the address dialled (needs CAP_NET_ADMIN)"
+                    );
+                    self.last_nat_error = Some(why);
+                }
+                None
+            }
+        };
+        let translations = nat.translations(&pending, answers.as_deref(), now.mono);
+        nat.start_interval(now.mono);
+        self.intake.aggregator.set_translations(translations);
+        for (record, _) in std::mem::take(&mut self.intake.deferred) {
+            self.intake.aggregator.apply_event(&record, now);
+        }
     }
 
     /// Namespaces the walk could not see make the capture partial: said once per change
@@ -378,22 +523,36 @@ impl Receiver for EbpfReceiver {
         // long as the AsyncFd (which owns the ring buffer) lives.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer: {e}"))?;
+        let nat_reader = if config.conntrack.enabled {
+            Some(NatReader::spawn()?)
+        } else {
+            None
+        };
         let mut collector = CaptureLoop {
             capture,
             events,
-            aggregator: Aggregator::new(AggregatorConfig {
-                idle_timeout: config.idle_timeout,
-                samples_per_link: config.span_pairs_per_link,
-                wall_minus_monotonic_ns: wall_minus_monotonic_ns(),
-                host_netns: host_netns(),
-                max_links: config.max_links,
-                group_public_clients: config.group_public_clients,
-                keep_client_ranges: config
-                    .keep_client_ranges
-                    .iter()
-                    .filter_map(|r| r.parse().ok())
-                    .collect(),
-            }),
+            nat_reader,
+            intervals: 0,
+            last_nat_error: None,
+            intake: Intake {
+                nat: config.conntrack.enabled.then(|| {
+                    NatResolver::new(host_netns(), config.conntrack.max_lookups_per_interval)
+                }),
+                deferred: Vec::new(),
+                aggregator: Aggregator::new(AggregatorConfig {
+                    idle_timeout: config.idle_timeout,
+                    samples_per_link: config.span_pairs_per_link,
+                    wall_minus_monotonic_ns: wall_minus_monotonic_ns(),
+                    host_netns: host_netns(),
+                    max_links: config.max_links,
+                    group_public_clients: config.group_public_clients,
+                    keep_client_ranges: config
+                        .keep_client_ranges
+                        .iter()
+                        .filter_map(|r| r.parse().ok())
+                        .collect(),
+                }),
+            },
             cgroups: CgroupPaths::new(),
             last_losses: Losses::default(),
             last_skipped: 0,
@@ -406,7 +565,7 @@ impl Receiver for EbpfReceiver {
         // The first walk sets the baseline of connections that predate the programs.
         collector.collect().await?;
         tracing::info!(
-            open_connections = collector.aggregator.open_connections(),
+            open_connections = collector.intake.aggregator.open_connections(),
             interval = ?config.collection_interval,
             "capture started"
         );
@@ -422,8 +581,8 @@ impl Receiver for EbpfReceiver {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                drained = drain_when_ready(&mut collector.events, &mut collector.aggregator) => drained?,
-                _ = drain_timer.tick() => drain(collector.events.get_mut(), &mut collector.aggregator),
+                drained = drain_when_ready(&mut collector.events, &mut collector.intake) => drained?,
+                _ = drain_timer.tick() => drain(collector.events.get_mut(), &mut collector.intake),
                 _ = ticker.tick() => out.send(collector.collect().await?),
             }
         }
@@ -479,6 +638,10 @@ mod tests {
             (
                 "span_pairs_per_link: 100000",
                 "receivers.ebpf.span_pairs_per_link: must be at most 1000, got 100000",
+            ),
+            (
+                "conntrack: {max_lookups_per_interval: 0}",
+                "receivers.ebpf.conntrack.max_lookups_per_interval: must be from 1 to 1000000 (conntrack.enabled: false turns lookups off), got 0",
             ),
         ];
         for (yaml, expected) in cases {

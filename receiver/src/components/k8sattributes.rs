@@ -344,6 +344,11 @@ impl Naming<'_> {
             if let (Some(at), Some(server)) = (EndRef::server(key), server) {
                 ends.push((at, server));
             }
+            if let Some((dialed, _)) = key.dialed {
+                if let Some(service) = index.service_at(dialed) {
+                    batch.dialed_services.insert(dialed, service.to_owned());
+                }
+            }
         }
         batch.ends.extend(ends);
     }

@@ -60,6 +60,15 @@ pub fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
         .server
         .address()
         .map(|addr| kv_str("server.address", addr.to_string()));
+    let dialed = key.dialed.into_iter().flat_map(|(addr, port)| {
+        [
+            kv_str(DIALED_ADDRESS_ATTRIBUTE, addr.to_string()),
+            kv(
+                "ridley.link.dialed.port",
+                any_value::Value::IntValue(i64::from(port)),
+            ),
+        ]
+    });
     client
         .into_iter()
         .chain(server)
@@ -71,8 +80,13 @@ pub fn link_attributes(key: &LinkKey) -> Vec<KeyValue> {
             kv_str("network.transport", key.transport.as_str()),
             kv_str("network.type", key.network_type()),
         ])
+        .chain(dialed)
         .collect()
 }
+
+/// The address a translated link's client dialled (a Service's ClusterIP), when the
+/// server is the backend conntrack named.
+pub const DIALED_ADDRESS_ATTRIBUTE: &str = "ridley.link.dialed.address";
 
 /// Link attributes plus what processors know of each end, prefixed `client.` and
 /// `server.` (`client.service.name`, `server.k8s.deployment.name`, ...).
@@ -102,6 +116,19 @@ pub fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> 
                 attributes.push(kv_str(&format!("{prefix}.{k}"), v.clone()));
             }
         }
+    }
+    // The Service a translated link's client dialled: its backend is the server end.
+    let dialed_service = key
+        .dialed
+        .and_then(|(addr, _)| batch.dialed_services.get(&addr));
+    let server_names_service = ends[1].1.is_some_and(|identity| {
+        identity
+            .attributes
+            .iter()
+            .any(|(k, _)| k == "k8s.service.name")
+    });
+    if let (Some(service), false) = (dialed_service, server_names_service) {
+        attributes.push(kv_str("server.k8s.service.name", service.clone()));
     }
     // Both zones known: whether the link crosses zones, the bytes a cloud bill charges
     // for. A function of the two ends, so it adds no series.

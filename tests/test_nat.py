@@ -1,0 +1,211 @@
+"""Translated connections end to end: the real backend behind a Service address read
+from the kernel's conntrack table (DNAT written as kube-proxy's nftables mode writes it),
+and a server reached through a masquerading router namespace (SNAT)."""
+import subprocess
+import time
+
+from conftest import HOSTS, ns, sh
+from test_k8s import attrs_of, enriched, shop
+
+A4, _ = HOSTS["a"]
+B4, _ = HOSTS["b"]
+C4, _ = HOSTS["c"]
+
+VIP = "10.96.0.20"
+PORT = 3560
+
+# kube-proxy's nftables mode, cut down to one Service with two endpoints: a services
+# map from address, protocol and port to the Service's chain, which picks an endpoint
+# chain (kube-proxy uses `numgen random`; `numgen inc` alternates, so the spread is
+# known), which DNATs. In the client's namespace, as for a host-network client.
+KUBE_PROXY_NFT = f"""
+table ip rdlt-kube-proxy {{
+  chain nat-output {{
+    type nat hook output priority -100; policy accept;
+    ip daddr . meta l4proto . th dport vmap {{ {VIP} . tcp . 80 : goto service-mixed }}
+  }}
+  chain service-mixed {{
+    numgen inc mod 2 vmap {{ 0 : goto endpoint-a, 1 : goto endpoint-c }}
+  }}
+  chain endpoint-a {{
+    meta l4proto tcp dnat to {A4}:{PORT}
+  }}
+  chain endpoint-c {{
+    meta l4proto tcp dnat to {C4}:{PORT}
+  }}
+}}
+"""
+
+
+def nft(host, script):
+    subprocess.run(["ip", "netns", "exec", ns(host), "nft", "-f", "-"], input=script,
+                   text=True, check=True)
+
+
+def with_service_route(host):
+    sh("ip", "-n", ns(host), "route", "add", "10.96.0.0/16", "dev", "eth0")
+
+
+def cleanup(host, table):
+    sh("ip", "netns", "exec", ns(host), "nft", "delete", "table", "ip", table, check=False)
+    sh("ip", "-n", ns(host), "route", "del", "10.96.0.0/16", check=False)
+
+
+def test_each_backend_of_a_service_is_counted_under_its_own_workload(ridley, peers, kube):
+    """A Service with two different workloads behind it: connections to its address are
+    spread over both, and each backend's bytes are exact under its own workload, with
+    the Service kept as `server.k8s.service.name` and the address dialled."""
+    shop(kube)
+    kube.replicaset("shop", "recommendation-6b2a", "recommendation")
+    kube.pod("shop", "recommendation-6b2a-z1", C4, "ReplicaSet", "recommendation-6b2a",
+             labels={"app.kubernetes.io/name": "recommendation"})
+    kube.service("shop", "mixed", VIP, [A4, C4])
+    with_service_route("b")
+    try:
+        nft("b", KUBE_PROXY_NFT)
+        r = enriched(ridley, kube)
+        peers.server("a", A4, PORT, reply=3)
+        peers.server("c", C4, PORT, reply=3)
+
+        def both_named(batch):
+            return all((attrs_of(batch, B4, server, PORT) or {}).get("server.k8s.service.name")
+                       for server in (A4, C4))
+        deadline = time.monotonic() + 30
+        while True:
+            assert peers.connect("b", VIP, 80, send=10, count=2) == ["received 3"] * 2
+            try:
+                before = r.wait_for(both_named, fresh=True, timeout=5)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, r.batches()[-1:]
+        # The named state is reached; six more connections, three to each backend.
+        base = {s: before.link(B4, s, PORT) for s in (A4, C4)}
+        assert peers.connect("b", VIP, 80, send=10, count=6) == ["received 3"] * 6
+        final = r.stop()
+    finally:
+        cleanup("b", "rdlt-kube-proxy")
+    for server, workload in ((A4, "productcatalog"), (C4, "recommendation")):
+        link = final.link(B4, server, PORT)
+        delta = {k: link[k] - base[server][k] for k in ("opened", "transmit", "receive")}
+        assert delta == {"opened": 3, "transmit": 30, "receive": 9}, (server, delta)
+        assert link["failed"] == {}
+        attrs = attrs_of(final, B4, server, PORT)
+        assert (attrs["server.k8s.deployment.name"], attrs["server.k8s.service.name"],
+                attrs["ridley.link.dialed.address"], attrs["ridley.link.dialed.port"],
+                attrs["client.k8s.deployment.name"]) == (workload, "mixed", VIP, 80, "checkout")
+    # Nothing is left under the Service address, and each connection is counted once
+    # (the backends' server sockets are left to the client's report).
+    assert sorted(l for l in final.links() if l[0] == B4) == [(B4, A4, PORT), (B4, C4, PORT)]
+    assert final.losses().get("nat_unresolved", 0) == 0
+
+
+def test_a_vanished_conntrack_entry_keeps_the_address_dialled_and_is_counted(ridley, peers):
+    """An entry gone before the interval's lookup (its TIME_WAIT shortened to 1 s, the
+    interval 5 s): the connection is counted under the address dialled, exactly, and
+    as `nat_unresolved`."""
+    single = f"""
+table ip rdlt-dnat {{
+  chain out {{
+    type nat hook output priority -100; policy accept;
+    ip daddr {VIP} tcp dport 80 dnat to {A4}:{PORT + 1}
+  }}
+}}
+"""
+    timeouts = ["time_wait", "close", "close_wait", "last_ack", "fin_wait"]
+    with_service_route("b")
+    try:
+        nft("b", single)
+        r = ridley(interval="5s")
+        peers.server("a", A4, PORT + 1, reply=2)
+        # The first connection (entry read at the next interval) makes the address
+        # known as translated.
+        assert peers.connect("b", VIP, 80, send=4) == ["received 2"]
+        r.wait_for(lambda b: b.link(B4, A4, PORT + 1) is not None, timeout=15)
+        for t in timeouts:
+            sh("ip", "netns", "exec", ns("b"), "sysctl", "-qw", f"net.netfilter.nf_conntrack_tcp_timeout_{t}=1")
+        # Just after an interval: the next entry expires 4 s before the next one.
+        r.wait_for(lambda b: True, fresh=True, timeout=15)
+        assert peers.connect("b", VIP, 80, send=5) == ["received 2"]
+        after = r.wait_for(lambda b: b.link(B4, VIP, 80) is not None, fresh=True, timeout=15)
+        final = r.stop()
+    finally:
+        cleanup("b", "rdlt-dnat")
+    translated = final.link(B4, A4, PORT + 1)
+    assert (translated["opened"], translated["transmit"], translated["receive"]) == (1, 4, 2)
+    fallback = after.link(B4, VIP, 80)
+    assert (fallback["opened"], fallback["transmit"], fallback["receive"]) == (1, 5, 2)
+    assert after.losses()["nat_unresolved"] == 1
+
+
+def test_conntrack_off_keeps_the_address_dialled(ridley, peers):
+    """`conntrack.enabled: false`: a translated connection is counted under the address
+    the client dialled, as before, and no lookup is counted."""
+    with_service_route("b")
+    try:
+        nft("b", KUBE_PROXY_NFT)
+        r = ridley(receiver_extra="    conntrack:\n      enabled: false\n")
+        peers.server("a", A4, PORT, reply=1)
+        peers.server("c", C4, PORT, reply=1)
+        assert peers.connect("b", VIP, 80, send=2, count=4) == ["received 1"] * 4
+        final = r.stop()
+    finally:
+        cleanup("b", "rdlt-kube-proxy")
+    link = final.link(B4, VIP, 80)
+    assert (link["opened"], link["transmit"], link["receive"]) == (4, 8, 4)
+    assert [l for l in final.links() if l[0] == B4] == [(B4, VIP, 80)]
+
+
+# A client and a server on two subnets, joined by a router namespace that masquerades
+# what it forwards to the server's side (as a node masquerades pod traffic).
+SNAT_NETS = {"client": "10.232.1.2", "router_in": "10.232.1.1",
+             "router_out": "10.232.2.1", "server": "10.232.2.2"}
+
+
+def snat_topology():
+    names = {k: f"rdlt-snat-{k}" for k in ("client", "router", "server")}
+    for name in names.values():
+        sh("ip", "netns", "del", name, check=False)
+        sh("ip", "netns", "add", name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+    for side, peer in (("client", "router_in"), ("server", "router_out")):
+        sh("ip", "link", "add", "eth0", "netns", names[side], "type", "veth",
+           "peer", "name", f"r-{side}", "netns", names["router"])
+        sh("ip", "-n", names[side], "addr", "add", f"{SNAT_NETS[side]}/24", "dev", "eth0")
+        sh("ip", "-n", names[side], "link", "set", "eth0", "up")
+        sh("ip", "-n", names["router"], "addr", "add", f"{SNAT_NETS[peer]}/24", "dev", f"r-{side}")
+        sh("ip", "-n", names["router"], "link", "set", f"r-{side}", "up")
+        sh("ip", "-n", names[side], "route", "add", "default", "via", SNAT_NETS[peer])
+    sh("ip", "netns", "exec", names["router"], "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    subprocess.run(["ip", "netns", "exec", names["router"], "nft", "-f", "-"], text=True, check=True,
+                   input="table ip nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+                         "  oifname \"r-server\" masquerade\n }\n}\n")
+    return names
+
+
+def test_a_masqueraded_client_is_mapped_back_and_counted_once(ridley, peers):
+    """Client -> router (masquerade) -> server, all on this host: the server's socket
+    sees the router's address; conntrack in the router names the real client, whose
+    own socket reports the link. One link, exact, under the real client's address,
+    for short connections (close records) and one held open through walks."""
+    import subprocess as sp
+    names = snat_topology()
+    client, server = SNAT_NETS["client"], SNAT_NETS["server"]
+    try:
+        r = ridley()
+        peers.server("snat-server", server, 3570, reply=6)
+        assert peers.connect("snat-client", server, 3570, send=11, count=3) == ["received 6"] * 3
+        held = peers._spawn("snat-client", "connect", "--addr", server, "--port", 3570,
+                            "--hold", "--before", 7, "--send", 2, stdin=sp.PIPE)
+        assert held.stdout.readline().strip() == "connected"
+        r.wait_for(lambda b: (b.link(client, server, 3570) or {}).get("active") == 1, fresh=True)
+        held.stdin.write("\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "received 6"
+        final = r.stop()
+    finally:
+        for name in names.values():
+            sh("ip", "netns", "del", name, check=False)
+    links = [l for l in final.links() if l[2] == 3570]
+    assert links == [(client, server, 3570)], links
+    link = final.link(client, server, 3570)
+    assert (link["opened"], link["transmit"], link["receive"]) == (4, 42, 24)

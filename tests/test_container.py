@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import HOSTS, ON_CI, ROOT, RIDLEY, batches_of, sh
+from conftest import HOSTS, ON_CI, ROOT, RIDLEY, batches_of, ns, sh
 
 A4, _ = HOSTS["a"]
 B4, _ = HOSTS["b"]
@@ -127,6 +127,18 @@ def test_the_daemonset_security_context_captures_exactly_in_a_container(image, p
 
         peers.server("a", A4, 9100, reply=300)
         assert peers.connect("b", A4, 9100, send=1234, count=3) == ["received 300"] * 3
+        # A Service address DNAT'd in the client's namespace: with the manifest's
+        # capabilities conntrack is readable, and the link names the backend.
+        sh("ip", "-n", ns("b"), "route", "add", "10.96.0.0/16", "dev", "eth0")
+        nft = ["ip", "netns", "exec", ns("b"), "nft"]
+        sh(*nft, "add table ip rdlt-ct; add chain ip rdlt-ct out { type nat hook output priority -100; };"
+                 f" add rule ip rdlt-ct out ip daddr 10.96.0.30 tcp dport 80 dnat to {A4}:9101")
+        peers.server("a", A4, 9101, reply=50)
+        try:
+            assert peers.connect("b", "10.96.0.30", 80, send=10, count=2) == ["received 50"] * 2
+        finally:
+            sh(*nft, "delete table ip rdlt-ct", check=False)
+            sh("ip", "-n", ns("b"), "route", "del", "10.96.0.0/16", check=False)
         time.sleep(0.3)
         stopped = podman("stop", "-t", "30", name, timeout=60)
         assert stopped.returncode == 0, stopped.stderr
@@ -137,5 +149,9 @@ def test_the_daemonset_security_context_captures_exactly_in_a_container(image, p
         final = batches_of([json.loads(line) for line in lines])[-1]
         link = final.link(B4, A4, 9100)
         assert (link["opened"], link["transmit"], link["receive"], link["failed"]) == (3, 3702, 900, {})
+        assert "conntrack lookups" not in podman("logs", name).stderr
+        assert [l for l in final.links() if l[0] == B4] == [(B4, A4, 9100), (B4, A4, 9101)]
+        backend = final.link(B4, A4, 9101)
+        assert (backend["opened"], backend["transmit"], backend["receive"]) == (2, 20, 100)
     finally:
         podman("rm", "-f", name, check=False)

@@ -49,7 +49,7 @@ def test_daemonset_has_least_privilege_and_probes_that_match_the_config(tmp_path
     (container,) = pod["containers"]
     sc = container["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN", "SYS_PTRACE"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"]}
     assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["readinessProbe"]["httpGet"]["path"] == "/"
@@ -133,7 +133,7 @@ def test_compose_wires_every_piece():
     services = compose["services"]
     assert set(services) == {"ridley", "otel-collector", "tempo", "jaeger", "prometheus", "grafana"}
     ridley = services["ridley"]
-    assert ridley["pid"] == "host" and ridley["cap_add"] == ["SYS_ADMIN", "SYS_PTRACE"]
+    assert ridley["pid"] == "host" and ridley["cap_add"] == ["SYS_ADMIN", "SYS_PTRACE", "NET_ADMIN"]
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

@@ -99,6 +99,46 @@ def test_each_backend_of_a_service_is_counted_under_its_own_workload(ridley, pee
     assert final.losses().get("nat_unresolved", 0) == 0
 
 
+def test_a_service_translated_in_the_hosts_namespace_is_looked_up_there(ridley, peers):
+    """kube-proxy's usual placement: the pod's packets to the Service address are routed
+    to the node and DNAT'd in the host's namespace (replies come back over the bridge
+    through the host's conntrack, as with any bridge CNI). The client's own namespace
+    has no entry; the host's names the backend."""
+    from conftest import HOST_V4
+    vip, port = "10.96.0.22", PORT + 2
+    host_nat = f"""
+table ip rdlt-host-nat {{
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    ip daddr {vip} tcp dport 80 dnat to {A4}:{port}
+  }}
+}}
+"""
+    bridged = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+    saved = {path: open(path).read().strip() for path in (bridged, "/proc/sys/net/ipv4/ip_forward")}
+    try:
+        for path in saved:
+            with open(path, "w") as f:
+                f.write("1")
+        subprocess.run(["nft", "-f", "-"], input=host_nat, text=True, check=True)
+        sh("ip", "-n", ns("b"), "route", "add", "10.96.0.0/16", "via", HOST_V4)
+        r = ridley()
+        peers.server("a", A4, port, reply=5)
+        assert peers.connect("b", vip, 80, send=8, count=3) == ["received 5"] * 3
+        final = r.stop()
+    finally:
+        sh("nft", "delete", "table", "ip", "rdlt-host-nat", check=False)
+        sh("ip", "-n", ns("b"), "route", "del", "10.96.0.0/16", check=False)
+        for path, value in saved.items():
+            with open(path, "w") as f:
+                f.write(value)
+    assert [l for l in final.links() if l[0] == B4] == [(B4, A4, port)]
+    link = final.link(B4, A4, port)
+    assert (link["opened"], link["transmit"], link["receive"]) == (3, 24, 15)
+    attrs = attrs_of(final, B4, A4, port)
+    assert (attrs["ridley.link.dialed.address"], attrs["ridley.link.dialed.port"]) == (vip, 80)
+
+
 def test_a_vanished_conntrack_entry_keeps_the_address_dialled_and_is_counted(ridley, peers):
     """An entry gone before the interval's lookup (its TIME_WAIT shortened to 1 s, the
     interval 5 s): the connection is counted under the address dialled, exactly, and

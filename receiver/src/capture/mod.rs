@@ -258,6 +258,7 @@ fn check_kernel() -> Result<()> {
 }
 
 /// Capability bits (`include/uapi/linux/capability.h`).
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 /// Inode of the initial PID namespace (`PROC_PID_INIT_INO`): the host's.
@@ -270,15 +271,7 @@ const HOST_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
 pub fn privilege_problems() -> Vec<String> {
     use std::os::unix::fs::MetadataExt;
     let mut problems = Vec::new();
-    let effective = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        });
-    match effective {
+    match effective_capabilities() {
         Some(caps) => {
             if caps & (1 << CAP_SYS_ADMIN) == 0 {
                 problems.push(
@@ -304,6 +297,24 @@ pub fn privilege_problems() -> Vec<String> {
         Err(e) => problems.push(format!("cannot read /proc/self/ns/pid: {e}")),
     }
     problems
+}
+
+/// The process's effective capability set, as a bit mask.
+fn effective_capabilities() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+}
+
+/// Whether conntrack can be read: ctnetlink requires `CAP_NET_ADMIN` (no other
+/// capability implies it).
+pub fn can_read_conntrack() -> bool {
+    effective_capabilities().is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
 /// The loaded, attached programs.

@@ -523,7 +523,17 @@ impl Receiver for EbpfReceiver {
         // long as the AsyncFd (which owns the ring buffer) lives.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("registering the ring buffer: {e}"))?;
-        let nat_reader = if config.conntrack.enabled {
+        let conntrack = config.conntrack.enabled
+            && {
+                let capable = crate::capture::can_read_conntrack();
+                if !capable {
+                    tracing::warn!(
+                        "conntrack lookups off: CAP_NET_ADMIN is missing; connections to translated addresses (Service ClusterIPs) keep the address dialled"
+                    );
+                }
+                capable
+            };
+        let nat_reader = if conntrack {
             Some(NatReader::spawn()?)
         } else {
             None

@@ -98,12 +98,12 @@ async def serve(ports):
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
-async def short_storm(count, concurrency):
+async def short_storm(count, concurrency, addr=SERVER_IP, port=SHORT_PORT):
     sem = asyncio.Semaphore(concurrency)
 
     async def one():
         async with sem:
-            reader, writer = await asyncio.open_connection(SERVER_IP, SHORT_PORT)
+            reader, writer = await asyncio.open_connection(addr, port)
             writer.write(b"q" * 100)
             await writer.drain()
             await reader.readexactly(50)
@@ -517,6 +517,55 @@ def phase_udp(work, rows, runs, seconds, queries=50_000):
             os.close(fd)
 
 
+NAT_VIP, NAT_PORT = "10.96.7.1", 80
+
+
+def phase_nat(work, rows, short, runs=3):
+    """Short connections to a Service address DNAT'd in the client's namespace: what
+    the conntrack lookups cost the daemon per connection (conntrack on vs off, runs
+    alternating), and that every connection is counted, under the backend when on."""
+    sh("ip", "-n", CLIENT_NS, "route", "add", "10.96.0.0/16", "dev", "rdlb1")
+    rules = (f"table ip rdlb-nat {{\n chain out {{\n  type nat hook output priority -100;\n"
+             f"  ip daddr {NAT_VIP} tcp dport {NAT_PORT} dnat to {SERVER_IP}:{SHORT_PORT}\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", CLIENT_NS, "nft", "-f", "-"], input=rules, text=True, check=True)
+    results = {True: [], False: []}
+    try:
+        for _ in range(runs):
+            for enabled in (True, False):
+                procs = Procs()
+                try:
+                    daemon, out = start_ridley(
+                        procs, work, extra=f"    conntrack:\n      enabled: {str(enabled).lower()}\n")
+                    server = procs.add(in_ns(SERVER_NS, "--role", "serve"))
+                    assert server.stdout.readline().strip() == "listening"
+                    cpu0 = proc_stats(daemon.pid)[0]
+                    t0 = time.monotonic()
+                    storm = procs.add(in_ns(CLIENT_NS, "--role", "short", "--count", str(short),
+                                            "--addr", NAT_VIP, "--port", str(NAT_PORT)))
+                    storm.wait(timeout=600)
+                    took = time.monotonic() - t0
+                    time.sleep(2.5)  # two intervals: every close record applied
+                    cpu = proc_stats(daemon.pid)[0] - cpu0
+                    procs.end()  # the final batch is flushed
+                    metrics = last_metrics(out)
+                finally:
+                    procs.end()
+                port = SHORT_PORT if enabled else NAT_PORT
+                opened = total(metrics, "ridley.link.connections.opened", port)
+                results[enabled].append((cpu, took, opened, losses(metrics)))
+    finally:
+        sh("ip", "netns", "exec", CLIENT_NS, "nft", "delete", "table", "ip", "rdlb-nat", check=False)
+        sh("ip", "-n", CLIENT_NS, "route", "del", "10.96.0.0/16", check=False)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    on = median([r[0] for r in results[True]])
+    off = median([r[0] for r in results[False]])
+    rate = short / median([r[1] for r in results[True]])
+    counted = [r[2] for r in results[True]]
+    rows.append((f"{short:,} short connections to a DNAT'd Service address (about {rate:,.0f}/s), 1 s interval, conntrack lookups on vs off (median of {runs} alternating runs)",
+                 f"daemon CPU {on:.2f} s on vs {off:.2f} s off: {(on - off) / short * 1e6:.1f} µs per connection looked up; counted under the backend {min(counted):,}-{max(counted):,} of {short:,}; losses {results[True][0][3] or 0}",
+                 f"off: counted under the Service address {min(r[2] for r in results[False]):,} of {short:,}"))
+
+
 def phase_idle(work, rows, conns):
     procs = Procs()
     groups = [(LONG_PORT + 10 + i, min(PER_PROCESS, conns - i * PER_PROCESS))
@@ -664,7 +713,7 @@ def ensure_tools(phases):
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-PHASES = ["kernel", "http", "udp", "idle", "links", "startup", "k8s", "soak"]
+PHASES = ["kernel", "http", "udp", "nat", "idle", "links", "startup", "k8s", "soak"]
 ROWS_DIR = ROOT / "target" / "bench"
 
 
@@ -717,11 +766,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--pause", type=float, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, action="append", help=argparse.SUPPRESS)
+    parser.add_argument("--addr", default=SERVER_IP, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "serve":
         return asyncio.run(serve(args.port or [SHORT_PORT, LONG_PORT]))
     if args.role == "short":
-        return asyncio.run(short_storm(args.count, 64))
+        return asyncio.run(short_storm(args.count, 64, args.addr, (args.port or [SHORT_PORT])[0]))
     if args.role == "udp-serve":
         return udp_serve((args.port or [UDP_PORT])[0])
     if args.role == "udp-query":
@@ -749,6 +799,8 @@ def main():
                     phase_http(work, rows, args.http_runs, 5)
                 elif phase == "udp":
                     phase_udp(work, rows, args.http_runs, 5)
+                elif phase == "nat":
+                    phase_nat(work, rows, args.short)
                 elif phase == "idle":
                     phase_idle(work, rows, args.conns)
                 elif phase == "links":

@@ -202,19 +202,22 @@ fn lookup_all(queries: &[NatQuery]) -> Result<Vec<NatAnswer>> {
         }
         in_namespaces(by_namespace.keys().copied().collect::<Vec<_>>(), |ns| {
             let mut table = ConntrackSocket::open()?;
-            for &i in &by_namespace[&ns] {
-                let query = &queries[i];
-                if let Some(entry) = table.get(query.tuple, query.direction)? {
-                    let translates = match query.direction {
-                        Direction::Original => entry.translates_destination(),
-                        Direction::Reply => entry.translates_source(),
-                    };
-                    answers[i] = if translates {
-                        NatAnswer::Translated(entry)
-                    } else {
-                        NatAnswer::Untranslated
-                    };
-                }
+            let asked = &by_namespace[&ns];
+            let tuples: Vec<(FlowTuple, Direction)> = asked
+                .iter()
+                .map(|&i| (queries[i].tuple, queries[i].direction))
+                .collect();
+            for (&i, entry) in asked.iter().zip(table.get_many(&tuples)?) {
+                let Some(entry) = entry else { continue };
+                let translates = match queries[i].direction {
+                    Direction::Original => entry.translates_destination(),
+                    Direction::Reply => entry.translates_source(),
+                };
+                answers[i] = if translates {
+                    NatAnswer::Translated(entry)
+                } else {
+                    NatAnswer::Untranslated
+                };
             }
             Ok(())
         })?;
@@ -248,60 +251,105 @@ impl ConntrackSocket {
         })
     }
 
-    /// The entry `tuple` names in `direction`, if there is one.
-    fn get(&mut self, tuple: FlowTuple, direction: Direction) -> Result<Option<NatEntry>> {
-        self.sequence = self.sequence.wrapping_add(1);
-        let family = match tuple.src.ip() {
-            IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
-            IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
-        };
-        let attribute = match direction {
-            Direction::Original => ConntrackAttribute::CtaTupleOrig(tuple_attributes(tuple)),
-            Direction::Reply => ConntrackAttribute::CtaTupleReply(tuple_attributes(tuple)),
-        };
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = self.sequence;
-        let mut message = NetlinkMessage::new(
-            header,
-            NetlinkPayload::InnerMessage(NetfilterMessage::new(
-                NetfilterHeader::new(family, 0, 0),
-                ConntrackMessage::Get(vec![attribute]),
-            )),
-        );
-        message.finalize();
-        let mut request = vec![0u8; message.buffer_len()];
-        message.serialize(&mut request);
-        self.socket
-            .send(&request, 0)
-            .context("sending a conntrack lookup")?;
-        loop {
-            self.buf.clear();
-            self.buf.reserve(REPLY_BUFFER);
-            let len = self
-                .socket
-                .recv(&mut self.buf, 0)
-                .context("reading a conntrack reply")?;
-            let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[..len])
-                .context("parsing a conntrack reply")?;
-            if reply.header.sequence_number != self.sequence {
-                // An answer to an earlier lookup that timed out: not ours.
-                continue;
+    /// The entry each tuple names in its direction, if there is one. Requests go out
+    /// [`REQUESTS_PER_SEND`] to a `send` (the kernel answers each message of a buffer in
+    /// turn), so a lookup costs one `recv` and a share of one `send`.
+    fn get_many(&mut self, tuples: &[(FlowTuple, Direction)]) -> Result<Vec<Option<NatEntry>>> {
+        let mut out = Vec::with_capacity(tuples.len());
+        let mut request = Vec::new();
+        for chunk in tuples.chunks(REQUESTS_PER_SEND) {
+            let first = self.sequence.wrapping_add(1);
+            request.clear();
+            for (tuple, direction) in chunk {
+                self.sequence = self.sequence.wrapping_add(1);
+                let message = get_request(*tuple, *direction, self.sequence);
+                let at = request.len();
+                request.resize(at + message.buffer_len(), 0);
+                message.serialize(&mut request[at..]);
             }
-            return match reply.payload {
-                NetlinkPayload::InnerMessage(NetfilterMessage {
-                    inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
-                    ..
-                }) => Ok(entry_of(&attributes)),
-                NetlinkPayload::Error(error) => match error.code {
-                    Some(code) if -code.get() == ENOENT => Ok(None),
-                    Some(code) => Err(std::io::Error::from_raw_os_error(-code.get()))
-                        .context("conntrack lookup"),
-                    None => Ok(None),
-                },
-                _ => Ok(None),
-            };
+            self.socket
+                .send(&request, 0)
+                .context("sending conntrack lookups")?;
+            let mut answers: Vec<Option<Option<NatEntry>>> = vec![None; chunk.len()];
+            let mut pending = chunk.len();
+            while pending > 0 {
+                self.buf.clear();
+                self.buf.reserve(REPLY_BUFFER);
+                let len = self
+                    .socket
+                    .recv(&mut self.buf, 0)
+                    .context("reading conntrack replies")?;
+                let mut at = 0;
+                while at + NETLINK_HEADER_LEN <= len {
+                    let reply = NetlinkMessage::<NetfilterMessage>::deserialize(&self.buf[at..len])
+                        .context("parsing a conntrack reply")?;
+                    let size = (reply.header.length as usize).max(NETLINK_HEADER_LEN);
+                    at += size.next_multiple_of(4);
+                    // An answer to a lookup of an earlier batch that timed out: not ours.
+                    let index = reply.header.sequence_number.wrapping_sub(first) as usize;
+                    let Some(slot) = answers.get_mut(index) else {
+                        continue;
+                    };
+                    if slot.is_none() {
+                        pending -= 1;
+                    }
+                    *slot = Some(entry_of_reply(reply.payload)?);
+                }
+            }
+            out.extend(answers.into_iter().map(Option::flatten));
         }
+        Ok(out)
+    }
+}
+
+/// Lookups sent in one buffer: their replies (a few hundred bytes each) must fit the
+/// socket's receive buffer while they are read.
+const REQUESTS_PER_SEND: usize = 64;
+const NETLINK_HEADER_LEN: usize = 16;
+
+/// An `IPCTNL_MSG_CT_GET` request for the entry `tuple` names in `direction`.
+fn get_request(
+    tuple: FlowTuple,
+    direction: Direction,
+    sequence: u32,
+) -> NetlinkMessage<NetfilterMessage> {
+    let family = match tuple.src.ip() {
+        IpAddr::V4(_) => NetfilterProtoFamily::IPv4,
+        IpAddr::V6(_) => NetfilterProtoFamily::IPv6,
+    };
+    let attribute = match direction {
+        Direction::Original => ConntrackAttribute::CtaTupleOrig(tuple_attributes(tuple)),
+        Direction::Reply => ConntrackAttribute::CtaTupleReply(tuple_attributes(tuple)),
+    };
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = sequence;
+    let mut message = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(NetfilterMessage::new(
+            NetfilterHeader::new(family, 0, 0),
+            ConntrackMessage::Get(vec![attribute]),
+        )),
+    );
+    message.finalize();
+    message
+}
+
+/// The entry in a reply; `None` when there is none (`ENOENT`).
+fn entry_of_reply(payload: NetlinkPayload<NetfilterMessage>) -> Result<Option<NatEntry>> {
+    match payload {
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
+            ..
+        }) => Ok(entry_of(&attributes)),
+        NetlinkPayload::Error(error) => match error.code {
+            Some(code) if -code.get() == ENOENT => Ok(None),
+            Some(code) => {
+                Err(std::io::Error::from_raw_os_error(-code.get())).context("conntrack lookup")
+            }
+            None => Ok(None),
+        },
+        _ => Ok(None),
     }
 }
 

@@ -453,6 +453,52 @@ def udp_queries(port, count):
     print("done", flush=True)
 
 
+def udp_spray(flows, rounds):
+    """`flows` connected UDP sockets, one per server port, each sending one datagram a
+    second for `rounds` seconds: that many UDP flows in every interval."""
+    socks = []
+    for i in range(flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((SERVER_IP, UDP_SPRAY_PORT + i))
+        socks.append(s)
+    start = time.monotonic()
+    for r in range(rounds):
+        for s in socks:
+            try:
+                s.send(b"u" * 40)
+            except ConnectionRefusedError:
+                pass  # the ICMP answer of a port nobody listens on, reported on a later send
+        time.sleep(max(0.0, start + r + 1 - time.monotonic()))
+    print("done", flush=True)
+
+
+UDP_SPRAY_PORT = 20000
+
+
+def udp_interval_cost(work, rows, flows=1000, seconds=20):
+    """What UDP flows cost the daemon per interval: CPU with `flows` flows in every
+    1 s interval (drained from the kernel's tables, added to links, exported) beyond the
+    same daemon idle."""
+    agent = Procs()
+    try:
+        daemon, _ = start_ridley(agent, work, extra="    udp_links: true\n")
+        time.sleep(2)
+        cpu0 = proc_stats(daemon.pid)[0]
+        time.sleep(seconds)
+        idle = proc_stats(daemon.pid)[0] - cpu0
+        spray = agent.add(in_ns(CLIENT_NS, "--role", "udp-spray", "--count", str(flows),
+                                "--rounds", str(seconds)))
+        cpu0 = proc_stats(daemon.pid)[0]
+        assert spray.stdout.readline().strip() == "done"
+        busy = proc_stats(daemon.pid)[0] - cpu0
+    finally:
+        agent.end()
+    per_flow = (busy - idle) / (flows * seconds) * 1e6
+    rows.append((f"{flows:,} UDP flows in every 1 s interval for {seconds} s: daemon CPU per flow per interval",
+                 f"{per_flow:.1f} µs (table switch, read and delete, added to its link, exported by the file exporter); {busy / seconds * 100:.1f} % of a core",
+                 f"same daemon idle: {idle / seconds * 100:.1f} % of a core"))
+
+
 def phase_udp(work, rows, runs, seconds, queries=50_000):
     """What UDP links cost: keep-alive HTTP (all TCP: every send and receive passes the
     UDP hooks' early exit) with UDP links on and off, alternating; the hooks' cost per
@@ -511,6 +557,7 @@ def phase_udp(work, rows, runs, seconds, queries=50_000):
                          f"empty program on sock_send_length: {floor_ns:.0f} (floor)"))
         finally:
             agent.end()
+        udp_interval_cost(work, rows)
     finally:
         procs.end()
         for fd in floor_fds:
@@ -760,7 +807,7 @@ def main():
     parser.add_argument("--soak", type=int, default=int(os.environ.get("SOAK_MINUTES", 30)),
                         help="soak minutes (env SOAK_MINUTES)")
     parser.add_argument("--readme", action="store_true", help="rewrite the README's table")
-    parser.add_argument("--role", choices=["serve", "short", "hold", "udp-serve", "udp-query"],
+    parser.add_argument("--role", choices=["serve", "short", "hold", "udp-serve", "udp-query", "udp-spray"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
@@ -774,6 +821,8 @@ def main():
         return asyncio.run(short_storm(args.count, 64, args.addr, (args.port or [SHORT_PORT])[0]))
     if args.role == "udp-serve":
         return udp_serve((args.port or [UDP_PORT])[0])
+    if args.role == "udp-spray":
+        return udp_spray(args.count, args.rounds)
     if args.role == "udp-query":
         return udp_queries((args.port or [UDP_PORT])[0], args.count)
     if args.role == "hold":

@@ -374,7 +374,7 @@ impl CaptureLoop {
         if losses != self.last_losses {
             tracing::warn!(
                 ?losses,
-                "kernel data lost since start; raise ring_buffer_size, max_connections or max_udp_flows"
+                "data lost since start; raise ring_buffer_size, max_connections, max_udp_flows or conntrack.max_lookups_per_interval"
             );
             self.last_losses = losses;
         }

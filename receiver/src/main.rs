@@ -3,7 +3,9 @@
 //! collector-style pipeline.
 //!
 //! This crate owns the daemon: loading and attaching the kernel programs (`capture`),
-//! link accounting (`aggregate`), the pipeline and its components, and the OTLP edge.
+//! link accounting (`aggregate`), the real ends of translated connections (`nat`, with
+//! conntrack lookups in `capture::conntrack`), the pipeline and its components, and the
+//! OTLP edge.
 //! It must not define kernel-boundary types (they live in `receiver-ebpf`) nor parse
 //! the config document's structure (that is the `config` crate's).
 mod aggregate;

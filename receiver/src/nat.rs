@@ -188,8 +188,8 @@ impl NatResolver {
     }
 
     /// Reads the answers to `pending` (in order); `answers` is `None` when the lookups
-    /// failed as a whole. `is_local_client` tells whether a real client address is one
-    /// of this host's (it then reports the connection itself).
+    /// failed as a whole. A real client whose address is one of this host's reports the
+    /// connection itself (`LeftToClient`).
     pub fn translations(
         &mut self,
         pending: &[Pending],

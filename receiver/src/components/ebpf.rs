@@ -4,6 +4,8 @@
 //! One task owns the aggregation: it drains close records as they arrive (so the ring
 //! buffer never fills waiting for a tick) and, each interval, walks the live sockets,
 //! collects the links and sends them. Nothing is shared with exporters but the batch.
+//! A new connection that may have been translated (NAT) waits for the interval's
+//! conntrack lookups before it is counted, so that its link names the real ends.
 use std::time::Duration;
 
 use anyhow::{Context, Result};

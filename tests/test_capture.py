@@ -12,7 +12,7 @@ C4, C6 = HOSTS["c"]
 NO_LOSSES = {"ringbuf_full": 0, "socket_state_unavailable": 0, "endpoint_table_full": 0,
              "udp_flow_table_full": 0,
              "read_error": 0, "link_limit": 0, "close_lost": 0,
-             "namespace_skipped": 0}
+             "namespace_skipped": 0, "nat_unresolved": 0, "nat_lookup_limit": 0}
 
 
 def test_clients_and_servers_across_namespaces_exact_bytes(ridley, peers):

@@ -1,4 +1,5 @@
-//! Memory of Kubernetes enrichment for N pods (prints figures; asserts nothing).
+//! Memory of Kubernetes enrichment for N pods, and what naming one link end costs per
+//! interval with and without zones (prints figures; asserts nothing).
 //!
 //! Feeds N realistic pods (env, resources, conditions, managed fields: what an API
 //! server sends) and their ReplicaSets through the same compact records, string sharing
@@ -10,7 +11,10 @@ use std::{
     sync::atomic::{AtomicIsize, Ordering},
 };
 
-use k8s_openapi::api::{apps::v1::ReplicaSet, core::v1::Pod};
+use k8s_openapi::api::{
+    apps::v1::ReplicaSet,
+    core::v1::{Node, Pod},
+};
 use k8sattrs::{
     Index, PodRecord, Snapshot,
     index::Owners,
@@ -87,6 +91,46 @@ fn replicaset(d: usize) -> PartialObjectMeta<ReplicaSet> {
     .expect("valid metadata")
 }
 
+fn node(n: usize) -> Node {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("node-{n}"), "labels": {
+            "topology.kubernetes.io/zone": format!("zone-{}", n % 3),
+            "topology.kubernetes.io/region": "region-1"}},
+        "status": {"addresses": [{"type": "InternalIP", "address": format!("192.0.2.{n}")}]}
+    }))
+    .expect("a valid node")
+}
+
+/// Mean time to resolve an address and build its end's attributes, as `k8sattributes`
+/// does for every link end each interval, with the node's zone or without.
+fn naming_cost(index: &Index, pods: usize, zones: bool) -> f64 {
+    let addrs: Vec<std::net::IpAddr> = (0..pods.min(20_000))
+        .map(|i| {
+            format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
+                .parse()
+                .expect("an address")
+        })
+        .collect();
+    let mut attributes = 0usize;
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        for addr in &addrs {
+            let resolved = index.resolve(*addr, None).expect("a pod address");
+            let topology = if zones {
+                index.topology_of(&resolved)
+            } else {
+                None
+            };
+            attributes += k8sattrs::attributes_of(&resolved, Some("cluster"), topology)
+                .attributes
+                .len();
+        }
+    }
+    std::hint::black_box(attributes);
+    started.elapsed().as_nanos() as f64 / (5 * addrs.len()) as f64
+}
+
 fn main() {
     let pods: usize = std::env::args()
         .skip(1)
@@ -117,6 +161,7 @@ fn main() {
     let snapshot = Snapshot {
         pods: pod_store.state(),
         owners,
+        nodes: (0..100).map(|n| std::sync::Arc::new(node(n))).collect(),
         ..Default::default()
     };
     let index = Index::build(&snapshot);
@@ -138,6 +183,13 @@ fn main() {
     println!(
         "  total                                                  {:7.1} MiB",
         mib(stores + with_index)
+    );
+    let (plain, zoned) = (
+        naming_cost(&index, pods, false),
+        naming_cost(&index, pods, true),
+    );
+    println!(
+        "  naming one link end (resolve + attributes), per interval  {plain:.0} ns; with its zone and region {zoned:.0} ns"
     );
     println!(
         "  (inline sizes: PodRecord {} B, where k8s-openapi's Pod is {} B; {} shared strings)",

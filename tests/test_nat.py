@@ -139,6 +139,35 @@ table ip rdlt-host-nat {{
     assert (attrs["ridley.link.dialed.address"], attrs["ridley.link.dialed.port"]) == (vip, 80)
 
 
+def test_an_ipv6_service_address_is_translated_too(ridley, peers):
+    """The same lookup over IPv6 (a dual-stack or IPv6 cluster's Services)."""
+    a6, b6 = HOSTS["a"][1], HOSTS["b"][1]
+    vip, port = "fd00:96::20", PORT + 3
+    rules = f"""
+table ip6 rdlt-dnat6 {{
+  chain out {{
+    type nat hook output priority -100; policy accept;
+    ip6 daddr {vip} tcp dport 80 dnat to [{a6}]:{port}
+  }}
+}}
+"""
+    sh("ip", "-n", ns("b"), "-6", "route", "add", "fd00:96::/64", "dev", "eth0")
+    try:
+        subprocess.run(["ip", "netns", "exec", ns("b"), "nft", "-f", "-"], input=rules, text=True, check=True)
+        r = ridley()
+        peers.server("a", a6, port, reply=4)
+        assert peers.connect("b", vip, 80, send=6, count=2) == ["received 4"] * 2
+        final = r.stop()
+    finally:
+        sh("ip", "netns", "exec", ns("b"), "nft", "delete", "table", "ip6", "rdlt-dnat6", check=False)
+        sh("ip", "-n", ns("b"), "-6", "route", "del", "fd00:96::/64", check=False)
+    assert [l for l in final.links() if l[0] == b6] == [(b6, a6, port)]
+    link = final.link(b6, a6, port)
+    assert (link["network.type"], link["opened"], link["transmit"], link["receive"]) == ("ipv6", 2, 12, 8)
+    attrs = attrs_of(final, b6, a6, port)
+    assert (attrs["ridley.link.dialed.address"], attrs["ridley.link.dialed.port"]) == (vip, 80)
+
+
 def test_a_vanished_conntrack_entry_keeps_the_address_dialled_and_is_counted(ridley, peers):
     """An entry gone before the interval's lookup (its TIME_WAIT shortened to 1 s, the
     interval 5 s): the connection is counted under the address dialled, exactly, and

@@ -99,13 +99,15 @@ impl NatReader {
         let thread = thread::Builder::new()
             .name("ridley-conntrack".into())
             .spawn(move || {
+                let mut paths = NamespacePaths::default();
                 while let Ok(request) = rx.recv() {
                     match request {
                         Request::Lookup(queries, reply) => {
-                            let _ = reply.send(lookup_all(&queries));
+                            let _ = reply.send(lookup_all(&queries, &mut paths));
                         }
                         Request::Addresses(reply) => {
-                            let _ = reply.send(addresses_of_every_namespace());
+                            paths.refresh();
+                            let _ = reply.send(addresses_of_every_namespace(&mut paths));
                         }
                     }
                 }
@@ -151,9 +153,43 @@ impl Drop for NatReader {
     }
 }
 
+/// Where each network namespace can be opened, kept between lookups: listing them
+/// scans `/proc`, which on a node with many processes costs milliseconds. Read again
+/// when a namespace is not found where it was (at most once per round of lookups).
+#[derive(Default)]
+struct NamespacePaths {
+    by_inode: BTreeMap<u64, std::path::PathBuf>,
+}
+
+impl NamespacePaths {
+    fn refresh(&mut self) {
+        self.by_inode = netns::namespaces();
+    }
+
+    /// The namespace `inode`, opened; `None` when it is gone.
+    fn open(&mut self, inode: u32, refreshed: &mut bool) -> Option<(File, std::path::PathBuf)> {
+        loop {
+            // A cached `/proc/<pid>/ns/net` may now be another process's: the inode
+            // of what was opened must be the one asked for.
+            let found = self.by_inode.get(&u64::from(inode)).and_then(|path| {
+                let file = File::open(path).ok()?;
+                let meta = file.metadata().ok()?;
+                (std::os::unix::fs::MetadataExt::ino(&meta) == u64::from(inode))
+                    .then(|| (file, path.clone()))
+            });
+            if found.is_some() || *refreshed {
+                return found;
+            }
+            *refreshed = true;
+            self.refresh();
+        }
+    }
+}
+
 /// Runs `work` inside each namespace of `wanted` (inode numbers), coming back to our
 /// own after each. A namespace that is gone is skipped; failing to come back is fatal.
 fn in_namespaces(
+    paths: &mut NamespacePaths,
     wanted: impl IntoIterator<Item = u32>,
     mut work: impl FnMut(u32) -> Result<()>,
 ) -> Result<()> {
@@ -161,16 +197,13 @@ fn in_namespaces(
     let home_inode = std::os::unix::fs::MetadataExt::ino(
         &home.metadata().context("reading own network namespace")?,
     ) as u32;
-    let paths: BTreeMap<u64, std::path::PathBuf> = netns::namespaces();
+    let mut refreshed = false;
     for inode in wanted {
         if inode == home_inode {
             work(inode)?;
             continue;
         }
-        let Some(path) = paths.get(&u64::from(inode)) else {
-            continue;
-        };
-        let Ok(ns) = File::open(path) else {
+        let Some((ns, path)) = paths.open(inode, &mut refreshed) else {
             continue;
         };
         netns::enter(&ns).with_context(|| format!("entering {}", path.display()))?;
@@ -183,7 +216,7 @@ fn in_namespaces(
 
 /// Answers every query, entering each namespace once per round (a query's first
 /// namespace, then its second for those still untranslated).
-fn lookup_all(queries: &[NatQuery]) -> Result<Vec<NatAnswer>> {
+fn lookup_all(queries: &[NatQuery], paths: &mut NamespacePaths) -> Result<Vec<NatAnswer>> {
     let mut answers = vec![NatAnswer::Missing; queries.len()];
     let rounds = queries
         .iter()
@@ -200,27 +233,31 @@ fn lookup_all(queries: &[NatQuery]) -> Result<Vec<NatAnswer>> {
                 by_namespace.entry(*ns).or_default().push(i);
             }
         }
-        in_namespaces(by_namespace.keys().copied().collect::<Vec<_>>(), |ns| {
-            let mut table = ConntrackSocket::open()?;
-            let asked = &by_namespace[&ns];
-            let tuples: Vec<(FlowTuple, Direction)> = asked
-                .iter()
-                .map(|&i| (queries[i].tuple, queries[i].direction))
-                .collect();
-            for (&i, entry) in asked.iter().zip(table.get_many(&tuples)?) {
-                let Some(entry) = entry else { continue };
-                let translates = match queries[i].direction {
-                    Direction::Original => entry.translates_destination(),
-                    Direction::Reply => entry.translates_source(),
-                };
-                answers[i] = if translates {
-                    NatAnswer::Translated(entry)
-                } else {
-                    NatAnswer::Untranslated
-                };
-            }
-            Ok(())
-        })?;
+        in_namespaces(
+            paths,
+            by_namespace.keys().copied().collect::<Vec<_>>(),
+            |ns| {
+                let mut table = ConntrackSocket::open()?;
+                let asked = &by_namespace[&ns];
+                let tuples: Vec<(FlowTuple, Direction)> = asked
+                    .iter()
+                    .map(|&i| (queries[i].tuple, queries[i].direction))
+                    .collect();
+                for (&i, entry) in asked.iter().zip(table.get_many(&tuples)?) {
+                    let Some(entry) = entry else { continue };
+                    let translates = match queries[i].direction {
+                        Direction::Original => entry.translates_destination(),
+                        Direction::Reply => entry.translates_source(),
+                    };
+                    answers[i] = if translates {
+                        NatAnswer::Translated(entry)
+                    } else {
+                        NatAnswer::Untranslated
+                    };
+                }
+                Ok(())
+            },
+        )?;
     }
     Ok(answers)
 }
@@ -438,10 +475,10 @@ fn set_receive_timeout(socket: &Socket, timeout: Duration) -> Result<()> {
 }
 
 /// Addresses of every namespace's interfaces (see [`NatReader::local_addresses`]).
-fn addresses_of_every_namespace() -> Result<HashMap<IpAddr, u32>> {
+fn addresses_of_every_namespace(paths: &mut NamespacePaths) -> Result<HashMap<IpAddr, u32>> {
     let mut found: HashMap<IpAddr, Option<u32>> = HashMap::new();
-    let inodes: Vec<u32> = netns::namespaces().keys().map(|i| *i as u32).collect();
-    in_namespaces(inodes, |ns| {
+    let inodes: Vec<u32> = paths.by_inode.keys().map(|i| *i as u32).collect();
+    in_namespaces(paths, inodes, |ns| {
         for addr in interface_addresses()? {
             found
                 .entry(addr)

@@ -102,6 +102,11 @@ pub(super) fn walk_all_namespaces(iter: &mut Iter) -> Result<Walk> {
                 continue;
             }
         };
+        // The process behind a `/proc/<pid>` path may have exited and its pid been
+        // reused since the listing: that namespace is gone, and this one is another's.
+        if ns.metadata().map(|m| m.ino()).ok() != Some(inode) {
+            continue;
+        }
         if let Err(e) = enter(&ns) {
             walk.skip(format!(
                 "entering {} (namespace {inode}): {e}",

@@ -313,8 +313,16 @@ impl Aggregator {
         !self.conns.contains_key(&id) && !self.left_to_peer.contains(&id)
     }
 
-    /// Translations for the records applied next (replacing any left unused).
-    pub fn set_translations(&mut self, translations: HashMap<ConnId, Translation>) {
+    /// Translations for the records applied next (replacing any left unused). A server
+    /// end whose real client reports the connection is left to it like any other.
+    pub fn set_translations(&mut self, mut translations: HashMap<ConnId, Translation>) {
+        translations.retain(|id, translation| {
+            let left = *translation == Translation::LeftToClient;
+            if left {
+                self.left_to_peer.insert(*id);
+            }
+            !left
+        });
         self.translations = translations;
     }
 
@@ -471,10 +479,6 @@ impl Aggregator {
         if self.left_to_peer.remove(&id) {
             return;
         }
-        if self.translations.get(&id) == Some(&Translation::LeftToClient) {
-            self.translations.remove(&id);
-            return;
-        }
         let final_payload = SocketBytes::of(rec);
         let failure = close_failure(rec);
         let (key, end, counted) = match self.conns.remove(&id) {
@@ -607,10 +611,7 @@ impl Aggregator {
                         ))
                 }
             };
-            let left_to_client = end == End::Server
-                && self.translations.get(&id) == Some(&Translation::LeftToClient);
-            if peer_reports || left_to_client {
-                self.translations.remove(&id);
+            if peer_reports {
                 self.left_to_peer.insert(id);
                 continue;
             }
@@ -752,6 +753,16 @@ fn close_failure(rec: &SockRecord) -> Option<FailureReason> {
         .then_some(FailureReason::Reset)
 }
 
+/// An IPv4 address as the kernel records it (IPv4-mapped IPv6), for tests.
+#[cfg(test)]
+pub(crate) fn v4(a: [u8; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12..].copy_from_slice(&a);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,14 +802,6 @@ mod tests {
             group_public_clients: true,
             keep_client_ranges: vec!["203.0.113.0/24".parse().unwrap()],
         }
-    }
-
-    fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        out[10] = 0xff;
-        out[11] = 0xff;
-        out[12..].copy_from_slice(&a);
-        out
     }
 
     /// A tracked client socket 10.0.0.1:40000 -> 10.0.0.2:80, established with the
@@ -1321,6 +1324,37 @@ mod tests {
         let s = agg.collect(at(2))[0].1.clone();
         assert_eq!(s.interval, crate::model::IntervalActivity::default());
         assert_eq!(s.opened, 5);
+    }
+
+    /// A client counted under the backend conntrack named, the address dialled kept;
+    /// a server whose real client reports the connection is not counted.
+    #[test]
+    fn translations_apply_when_a_connection_is_first_counted() {
+        let mut agg = Aggregator::new(config(300));
+        let dialed = client(1);
+        let mut server = client(2);
+        server.role = role::SERVER;
+        server.local_port = 80;
+        server.remote_port = 61000;
+        let backend: std::net::SocketAddr = "10.0.1.5:8080".parse().unwrap();
+        agg.set_translations(HashMap::from([
+            (ConnId::of(&dialed), Translation::Backend(backend)),
+            (ConnId::of(&server), Translation::LeftToClient),
+        ]));
+        agg.apply_event(&closed(dialed, 10, 3), at(1));
+        agg.apply_event(&closed(server, 3, 10), at(1));
+        let links = agg.collect(at(1));
+        assert_eq!(links.len(), 1, "{links:?}");
+        let (key, stats) = &links[0];
+        assert_eq!(key.server, Peer::Address(backend.ip()));
+        assert_eq!(key.server_port, 8080);
+        assert_eq!(key.dialed, Some(("10.0.0.2".parse().unwrap(), 80)));
+        assert_eq!(
+            (stats.opened, stats.bytes_transmit, stats.bytes_receive),
+            (1, 10, 3)
+        );
+        // Used when first counted, then dropped.
+        assert!(agg.translations.is_empty());
     }
 
     #[test]

@@ -114,36 +114,21 @@ impl NatResolver {
     }
 
     /// The lookup a connection that is about to be keyed needs, if any. `None` also
-    /// when the interval's lookups are used up (counted): it is keyed as it is.
+    /// when the interval's lookups are used up (counted): it is keyed as it is. Called
+    /// per close record: nothing is allocated unless a lookup is asked.
     pub fn lookup_for(&mut self, rec: &SockRecord, now: Duration) -> Option<Pending> {
         let local = SocketAddr::new(ip(rec.local_addr), rec.local_port);
         let remote = SocketAddr::new(ip(rec.remote_addr), rec.remote_port);
         if remote.ip().is_loopback() || remote.ip().is_unspecified() {
             return None;
         }
-        let (cache_key, query) = match rec.opened_as() {
-            OpenedAs::Client => {
-                let mut namespaces = vec![rec.netns];
-                if rec.netns != self.host_netns {
-                    namespaces.push(self.host_netns);
-                }
-                (
-                    CacheKey {
-                        netns: rec.netns,
-                        direction: DirectionKey::Original,
-                        client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                        server: remote,
-                    },
-                    NatQuery {
-                        tuple: FlowTuple {
-                            src: local,
-                            dst: remote,
-                        },
-                        direction: Direction::Original,
-                        namespaces,
-                    },
-                )
-            }
+        let cache_key = match rec.opened_as() {
+            OpenedAs::Client => CacheKey {
+                netns: rec.netns,
+                direction: DirectionKey::Original,
+                client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                server: remote,
+            },
             OpenedAs::Server => {
                 // Only a client address that another namespace of this host owns can
                 // be that namespace's masquerade.
@@ -151,22 +136,12 @@ impl NatResolver {
                 if owner == rec.netns {
                     return None;
                 }
-                (
-                    CacheKey {
-                        netns: owner,
-                        direction: DirectionKey::Reply,
-                        client: remote.ip(),
-                        server: local,
-                    },
-                    NatQuery {
-                        tuple: FlowTuple {
-                            src: local,
-                            dst: remote,
-                        },
-                        direction: Direction::Reply,
-                        namespaces: vec![owner],
-                    },
-                )
+                CacheKey {
+                    netns: owner,
+                    direction: DirectionKey::Reply,
+                    client: remote.ip(),
+                    server: local,
+                }
             }
             OpenedAs::Unknown => return None,
         };
@@ -180,9 +155,25 @@ impl NatResolver {
             return None;
         }
         self.asked += 1;
+        let (direction, namespaces) = match cache_key.direction {
+            // The client's namespace (a rule written there, or a host-network client),
+            // then the host's, where kube-proxy translates pods' traffic.
+            DirectionKey::Original if rec.netns != self.host_netns => {
+                (Direction::Original, vec![rec.netns, self.host_netns])
+            }
+            DirectionKey::Original => (Direction::Original, vec![rec.netns]),
+            DirectionKey::Reply => (Direction::Reply, vec![cache_key.netns]),
+        };
         Some(Pending {
             conn: ConnId::of(rec),
-            query,
+            query: NatQuery {
+                tuple: FlowTuple {
+                    src: local,
+                    dst: remote,
+                },
+                direction,
+                namespaces,
+            },
             cache_key,
         })
     }
@@ -257,19 +248,11 @@ mod tests {
     use ridley_ebpf::{flags, role};
 
     use super::*;
-    use crate::capture::conntrack::NatEntry;
+    use crate::{aggregate::v4, capture::conntrack::NatEntry};
 
     const HOST: u32 = 1;
     const POD: u32 = 2;
     const ROUTER: u32 = 3;
-
-    fn v4(a: [u8; 4]) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        out[10] = 0xff;
-        out[11] = 0xff;
-        out[12..].copy_from_slice(&a);
-        out
-    }
 
     fn record(opened: u8, local: ([u8; 4], u16), remote: ([u8; 4], u16), sk: u64) -> SockRecord {
         SockRecord {
@@ -376,6 +359,44 @@ mod tests {
             .unwrap();
         nat.translations(&[p, q], None, Duration::from_secs(2));
         assert_eq!(nat.unresolved, 2);
+    }
+
+    /// The destination table holds at most `MAX_DESTINATIONS`: past it a new
+    /// destination is not remembered (it is looked up again, within the lookup limit),
+    /// and expired entries make room at the next interval.
+    #[test]
+    fn the_destination_table_is_bounded_and_expired_entries_make_room() {
+        let mut nat = NatResolver::new(HOST, usize::MAX);
+        let to = |i: usize| {
+            let dst = [10, 1, (i >> 8) as u8, i as u8];
+            record(
+                role::CLIENT,
+                ([10, 0, 0, 2], 40000),
+                (dst, 80 + (i >> 16) as u16),
+                i as u64,
+            )
+        };
+        let untranslated = |nat: &mut NatResolver, i: usize, now: Duration| {
+            let p = nat.lookup_for(&to(i), now).expect("a lookup");
+            nat.translations(&[p], Some(&[NatAnswer::Untranslated]), now);
+        };
+        for i in 0..MAX_DESTINATIONS {
+            untranslated(&mut nat, i, Duration::ZERO);
+        }
+        assert_eq!(nat.destinations.len(), MAX_DESTINATIONS);
+        let extra = MAX_DESTINATIONS + 1;
+        untranslated(&mut nat, extra, Duration::ZERO);
+        assert_eq!(nat.destinations.len(), MAX_DESTINATIONS);
+        assert!(
+            nat.lookup_for(&to(extra), Duration::ZERO).is_some(),
+            "not remembered: asked again"
+        );
+        assert!(
+            nat.lookup_for(&to(0), Duration::ZERO).is_none(),
+            "remembered"
+        );
+        nat.start_interval(DESTINATION_TTL);
+        assert!(nat.destinations.is_empty());
     }
 
     #[test]

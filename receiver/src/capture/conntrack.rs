@@ -12,12 +12,10 @@ use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    sync::mpsc as std_mpsc,
-    thread::{self, JoinHandle},
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -26,7 +24,7 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use tokio::sync::oneshot;
 
-use super::netns;
+use super::{RequestThread, netns};
 
 /// A TCP connection's addresses as conntrack keys them, in one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,68 +86,33 @@ enum Request {
 }
 
 /// The lookup thread. Dropping it stops the thread.
-pub struct NatReader {
-    requests: Option<std_mpsc::Sender<Request>>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct NatReader(RequestThread<Request>);
 
 impl NatReader {
     pub fn spawn() -> Result<Self> {
-        let (tx, rx) = std_mpsc::channel::<Request>();
-        let thread = thread::Builder::new()
-            .name("ridley-conntrack".into())
-            .spawn(move || {
-                let mut paths = NamespacePaths::default();
-                while let Ok(request) = rx.recv() {
-                    match request {
-                        Request::Lookup(queries, reply) => {
-                            let _ = reply.send(lookup_all(&queries, &mut paths));
-                        }
-                        Request::Addresses(reply) => {
-                            paths.refresh();
-                            let _ = reply.send(addresses_of_every_namespace(&mut paths));
-                        }
-                    }
-                }
-            })
-            .context("starting the conntrack thread")?;
-        Ok(NatReader {
-            requests: Some(tx),
-            thread: Some(thread),
+        let mut paths = NamespacePaths::default();
+        RequestThread::spawn("conntrack", move |request| match request {
+            Request::Lookup(queries, reply) => {
+                let _ = reply.send(lookup_all(&queries, &mut paths));
+            }
+            Request::Addresses(reply) => {
+                paths.refresh();
+                let _ = reply.send(addresses_of_every_namespace(&mut paths));
+            }
         })
+        .map(NatReader)
     }
 
     /// One answer per query, in order.
     pub async fn lookup(&self, queries: Vec<NatQuery>) -> Result<Vec<NatAnswer>> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Request::Lookup(queries, tx))?;
-        rx.await.map_err(|_| anyhow!("conntrack thread stopped"))?
+        self.0.ask(|reply| Request::Lookup(queries, reply)).await?
     }
 
     /// Every address configured in a network namespace of this host (loopback
     /// excluded), with its namespace; an address found in two namespaces is left out,
     /// because it does not say which one translated.
     pub async fn local_addresses(&self) -> Result<HashMap<IpAddr, u32>> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Request::Addresses(tx))?;
-        rx.await.map_err(|_| anyhow!("conntrack thread stopped"))?
-    }
-
-    fn send(&self, request: Request) -> Result<()> {
-        self.requests
-            .as_ref()
-            .ok_or_else(|| anyhow!("conntrack thread stopped"))?
-            .send(request)
-            .map_err(|_| anyhow!("conntrack thread stopped"))
-    }
-}
-
-impl Drop for NatReader {
-    fn drop(&mut self) {
-        self.requests.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.0.ask(Request::Addresses).await?
     }
 }
 

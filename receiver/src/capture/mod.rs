@@ -521,18 +521,70 @@ impl Walk {
     }
 }
 
+/// A thread of its own that serves requests one at a time, for work no async worker may
+/// do: entering network namespaces (`setns` moves the calling thread only) and blocking
+/// kernel reads. Requests carry their own reply channel. Dropping it ends the thread
+/// (and whatever the thread owns) once the request in hand is done.
+pub(crate) struct RequestThread<R: Send + 'static> {
+    name: &'static str,
+    requests: Option<std_mpsc::Sender<R>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<R: Send + 'static> RequestThread<R> {
+    pub(crate) fn spawn(
+        name: &'static str,
+        mut serve: impl FnMut(R) + Send + 'static,
+    ) -> Result<Self> {
+        let (tx, rx) = std_mpsc::channel::<R>();
+        let thread = thread::Builder::new()
+            .name(format!("ridley-{name}"))
+            .spawn(move || {
+                while let Ok(request) = rx.recv() {
+                    serve(request);
+                }
+            })
+            .with_context(|| format!("starting the {name} thread"))?;
+        Ok(RequestThread {
+            name,
+            requests: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn send(&self, request: R) -> Result<()> {
+        self.requests
+            .as_ref()
+            .and_then(|tx| tx.send(request).ok())
+            .ok_or_else(|| anyhow!("{} thread stopped", self.name))
+    }
+
+    /// Sends a request made around a reply channel and waits for the reply.
+    pub(crate) async fn ask<T>(&self, request: impl FnOnce(oneshot::Sender<T>) -> R) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(request(tx))?;
+        rx.await
+            .map_err(|_| anyhow!("{} thread stopped", self.name))
+    }
+}
+
+impl<R: Send + 'static> Drop for RequestThread<R> {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 struct WalkRequest {
     full: bool,
     reply: oneshot::Sender<Result<Walk>>,
 }
 
-/// A thread of its own that owns the programs and enters network namespaces
-/// (`setns` changes the calling thread's namespace, so no async worker may do it).
+/// The thread that owns the programs and walks the sockets of every network namespace.
 /// Dropping the walker stops the thread, which detaches the programs.
-struct Walker {
-    requests: Option<std_mpsc::Sender<WalkRequest>>,
-    thread: Option<JoinHandle<()>>,
-}
+struct Walker(RequestThread<WalkRequest>);
 
 impl Walker {
     fn spawn(mut ebpf: Ebpf) -> Result<Self> {
@@ -545,70 +597,46 @@ impl Walker {
         let mut generation = 0u32;
         // Start of the last walk that succeeded: sockets quiet since are skipped.
         let mut last_start_us = 0u64;
-        let (tx, rx) = std_mpsc::channel::<WalkRequest>();
-        let thread = thread::Builder::new()
-            .name("ridley-netns-walk".into())
-            .spawn(move || {
-                while let Ok(WalkRequest { full, reply }) = rx.recv() {
-                    // Never 0, the generation of storage no walk has written.
-                    generation = generation.wrapping_add(1).max(1);
-                    let started_us = monotonic_us();
-                    let value = PodWalkControl(WalkControl {
-                        generation,
-                        quiet_before_us: if full { 0 } else { last_start_us },
-                        mode: if full {
-                            walk_mode::FULL
-                        } else {
-                            walk_mode::CHANGED
-                        },
-                    });
-                    let result = control
-                        .set(0, value, 0)
-                        .context("setting the walk control")
-                        .and_then(|()| {
-                            if full {
-                                program::<Iter>(&mut ebpf, names::PROG_ITER)
-                                    .and_then(netns::walk_all_namespaces)
-                            } else {
-                                walk_states(&mut ebpf, &sock_states)
-                            }
-                        })
-                        .map(|mut walk| {
-                            walk.full = full;
-                            walk
-                        });
-                    // A walk that left a namespace out does not vouch for its sockets.
-                    last_start_us = match &result {
-                        Ok(walk) if walk.skipped == 0 => started_us,
-                        _ => 0,
-                    };
-                    let _ = reply.send(result);
-                }
-            })
-            .context("starting the namespace walker thread")?;
-        Ok(Walker {
-            requests: Some(tx),
-            thread: Some(thread),
+        RequestThread::spawn("netns-walk", move |WalkRequest { full, reply }| {
+            // Never 0, the generation of storage no walk has written.
+            generation = generation.wrapping_add(1).max(1);
+            let started_us = monotonic_us();
+            let value = PodWalkControl(WalkControl {
+                generation,
+                quiet_before_us: if full { 0 } else { last_start_us },
+                mode: if full {
+                    walk_mode::FULL
+                } else {
+                    walk_mode::CHANGED
+                },
+            });
+            let result = control
+                .set(0, value, 0)
+                .context("setting the walk control")
+                .and_then(|()| {
+                    if full {
+                        program::<Iter>(&mut ebpf, names::PROG_ITER)
+                            .and_then(netns::walk_all_namespaces)
+                    } else {
+                        walk_states(&mut ebpf, &sock_states)
+                    }
+                })
+                .map(|mut walk| {
+                    walk.full = full;
+                    walk
+                });
+            // A walk that left a namespace out does not vouch for its sockets.
+            last_start_us = match &result {
+                Ok(walk) if walk.skipped == 0 => started_us,
+                _ => 0,
+            };
+            let _ = reply.send(result);
         })
+        .map(Walker)
     }
 
     async fn walk(&self, full: bool) -> Result<Walk> {
-        let (tx, rx) = oneshot::channel();
-        self.requests
-            .as_ref()
-            .ok_or_else(|| anyhow!("namespace walker stopped"))?
-            .send(WalkRequest { full, reply: tx })
-            .map_err(|_| anyhow!("namespace walker stopped"))?;
-        rx.await.map_err(|_| anyhow!("namespace walker stopped"))?
-    }
-}
-
-impl Drop for Walker {
-    fn drop(&mut self) {
-        self.requests.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.0.ask(|reply| WalkRequest { full, reply }).await?
     }
 }
 

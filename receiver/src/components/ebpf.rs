@@ -412,12 +412,11 @@ impl CaptureLoop {
             }
         }
         self.intervals = self.intervals.wrapping_add(1);
-        let mut pending: Vec<Pending> = self
-            .intake
-            .deferred
-            .iter()
-            .map(|(_, p)| p.clone())
-            .collect();
+        // The held records are applied below, after the lookups, whatever they found.
+        let (held, mut pending): (Vec<SockRecord>, Vec<Pending>) =
+            std::mem::take(&mut self.intake.deferred)
+                .into_iter()
+                .unzip();
         let aggregator = &self.intake.aggregator;
         pending.extend(
             walk.records
@@ -455,8 +454,8 @@ impl CaptureLoop {
         let translations = nat.translations(&pending, answers.as_deref(), now.mono);
         nat.start_interval(now.mono);
         self.intake.aggregator.set_translations(translations);
-        for (record, _) in std::mem::take(&mut self.intake.deferred) {
-            self.intake.aggregator.apply_event(&record, now);
+        for record in &held {
+            self.intake.aggregator.apply_event(record, now);
         }
     }
 

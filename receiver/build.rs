@@ -1,7 +1,7 @@
 //! Builds the kernel programs (`receiver-ebpf`, bin `ridley-ebpf`) for bpfel-unknown-none
 //! with Debian's rustc-web, whose prebuilt `core` for that target needs no rust-src
-//! download, and bpf-linker. `scripts/setup.sh` installs both. The object is embedded
-//! in the `ridley` binary.
+//! download, and bpf-linker. `scripts/setup.sh` installs both. The objects (one per
+//! per-socket state variant) are embedded in the `ridley` binary.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -35,6 +35,17 @@ fn main() {
         }
     }
 
+    // The programs twice: per-socket state in socket storage (5.11+), and in a hash
+    // table for older kernels (feature `socket-table`).
+    for (features, object_name) in [
+        (None, "ridley-ebpf.o"),
+        (Some("socket-table"), "ridley-ebpf-socket-table.o"),
+    ] {
+        build_programs(workspace, &target_dir, features, &out_dir.join(object_name));
+    }
+}
+
+fn build_programs(workspace: &Path, target_dir: &Path, features: Option<&str>, output: &Path) {
     let mut cmd = Command::new(BPF_CARGO);
     cmd.current_dir(workspace)
         .args([
@@ -46,8 +57,9 @@ fn main() {
             "--release",
         ])
         .args(["--target", BPF_TARGET])
+        .args(features.map(|f| ["--features", f]).into_iter().flatten())
         .arg("--target-dir")
-        .arg(&target_dir)
+        .arg(target_dir)
         .env("RUSTC", BPF_RUSTC)
         // aya-ebpf needs one unstable feature on the bpf target; scoping the bootstrap
         // to that crate keeps aya-build-style `-Z build-std` (needs rust-src) out.
@@ -84,6 +96,5 @@ fn main() {
         .join(BPF_TARGET)
         .join("release")
         .join("ridley-ebpf");
-    std::fs::copy(&object, out_dir.join("ridley-ebpf.o"))
-        .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
+    std::fs::copy(&object, output).unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));
 }

@@ -3,6 +3,8 @@ known byte counts, and the exact numbers ridley's file exporter reports."""
 import re
 import time
 
+import pytest
+
 from conftest import HOSTS, SILENT_V4, ns, sh
 
 A4, A6 = HOSTS["a"]
@@ -13,6 +15,15 @@ NO_LOSSES = {"ringbuf_full": 0, "socket_state_unavailable": 0, "endpoint_table_f
              "udp_flow_table_full": 0,
              "read_error": 0, "link_limit": 0, "close_lost": 0,
              "namespace_skipped": 0, "nat_unresolved": 0, "nat_lookup_limit": 0}
+
+
+@pytest.fixture(params=["storage", "table"])
+def ridley(request, ridley):
+    """Every test here runs with per-socket state in socket storage (5.11+) and in the
+    hash table older kernels use, on this kernel: the counts must not differ."""
+    def start(receiver_extra="", **kwargs):
+        return ridley(receiver_extra=f"    socket_state: {request.param}\n{receiver_extra}", **kwargs)
+    return start
 
 
 def test_clients_and_servers_across_namespaces_exact_bytes(ridley, peers):

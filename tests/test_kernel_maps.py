@@ -6,11 +6,15 @@ tool, through the map ids the daemon's own file descriptors hold.
 Per-socket state is socket-local storage (`SOCK_STATES`), which the kernel frees with the
 socket: it has no entries to count from userspace and nothing to remove. The tests check
 that it is that kind of map, and that the one hash map keyed by connections returns to
-its baseline."""
+its baseline. On kernels before 5.11 the state is a hash table whose entries the programs
+remove at each socket's close: the same tests run with it (`socket_state: table`) and
+count its entries too."""
 import json
 import os
 import re
 import time
+
+import pytest
 
 from conftest import HOSTS, SILENT_V4, sh
 
@@ -37,15 +41,15 @@ def daemon_map_ids(pid):
     return ids
 
 
-def hash_map_entries(pid):
+def hash_map_entries(pid, tracked=TRACKED_MAPS):
     """{map name: entry count} of the daemon's connection-tracking hash maps."""
     counts = {}
     for map_id in daemon_map_ids(pid):
         info = json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)
-        name = TRACKED_MAPS.get(info.get("name"))
+        name = tracked.get(info.get("name"))
         if name:
             counts[name] = len(json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout))
-    assert set(counts) == set(TRACKED_MAPS.values()), f"maps not found: {counts}"
+    assert set(counts) == set(tracked.values()), f"maps not found: {counts}"
     return counts
 
 
@@ -58,33 +62,43 @@ def daemon_maps(pid):
     return maps
 
 
-def test_the_maps_are_what_the_bounds_assume(ridley):
-    """Per-socket state lives and dies with the socket; nothing else is keyed by socket."""
-    r = ridley()
+@pytest.mark.parametrize("socket_state,kind", [("storage", "sk_storage"), ("table", "hash")])
+def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind):
+    """Per-socket state lives and dies with the socket (or, in the table, is removed at
+    its close); nothing else is keyed by socket."""
+    r = ridley(receiver_extra=f"    socket_state: {socket_state}\n    max_connections: 100\n")
     maps = daemon_maps(r.proc.pid)
+    if socket_state == "table":
+        info = next(json.loads(sh("bpftool", "-j", "map", "show", "id", str(i)).stdout)
+                    for i in daemon_map_ids(r.proc.pid)
+                    if json.loads(sh("bpftool", "-j", "map", "show", "id", str(i)).stdout)["name"] == "SOCK_STATES")
+        # Twice max_connections: clients, and servers of remote clients.
+        assert info["max_entries"] == 200, info
     r.stop()
-    assert maps.get("SOCK_STATES") == "sk_storage", maps
+    assert maps.get("SOCK_STATES") == kind, maps
     assert maps.get("CLIENT_ENDPOINT") == "hash", maps
     assert maps.get("EVENTS") == "ringbuf", maps
     assert maps.get("UDP_FLOWS_0") == maps.get("UDP_FLOWS_1") == "percpu_hash", maps
     assert "SOCKS" not in maps, maps
 
 
-def wait_for_baseline(pid, baseline, timeout=10):
+def wait_for_baseline(pid, baseline, tracked, timeout=10):
     deadline = time.monotonic() + timeout
     while True:
-        counts = hash_map_entries(pid)
+        counts = hash_map_entries(pid, tracked)
         if counts == baseline or time.monotonic() > deadline:
             return counts
         time.sleep(0.2)
 
 
-def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers):
+@pytest.mark.parametrize("socket_state", ["storage", "table"])
+def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers, socket_state):
     # A table much smaller than the traffic: a single leaked entry per connection
     # would fill it and show up as a table-full loss.
-    r = ridley(receiver_extra="    max_connections: 64\n")
+    r = ridley(receiver_extra=f"    max_connections: 64\n    socket_state: {socket_state}\n")
     pid = r.proc.pid
-    baseline = hash_map_entries(pid)
+    tracked = dict(TRACKED_MAPS, **({"SOCK_STATES": "SOCK_STATES"} if socket_state == "table" else {}))
+    baseline = hash_map_entries(pid, tracked)
 
     peers.server("a", A4, 8600, reply=10)
     peers.server("a", A4, 8601, reply=20, close_first=True)
@@ -106,7 +120,7 @@ def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers)
     # Both ends on one host, on loopback (the endpoint key carries the namespace).
     assert peers.connect("b", "127.0.0.1", 8604, send=1, count=100) == ["received 5"] * 100
 
-    after = wait_for_baseline(pid, baseline)
+    after = wait_for_baseline(pid, baseline, tracked)
     assert after == baseline, f"kernel maps did not return to baseline: {baseline} -> {after}"
 
     final = r.stop()

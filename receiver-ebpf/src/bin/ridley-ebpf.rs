@@ -16,6 +16,12 @@
 //!   every socket send and receive; a connected UDP socket's datagrams are added to its
 //!   flow in `UDP_FLOWS_*`. Everything else (TCP above all) leaves after one load.
 //!
+//! Built twice from this file. By default per-socket state is socket-local storage
+//! (5.11+ in tracing programs). With the `socket-table` feature it is a hash table keyed
+//! by socket address, for 5.9/5.10 kernels: entries are removed at `TCP_CLOSE`, which
+//! every socket with state reaches, and there is no `iter/bpf_sk_storage_map` (the walks
+//! between full walks go through `iter/tcp` too).
+//!
 //! Both hooks receive BTF-typed socket pointers, so kernel fields are loaded directly at
 //! offsets userspace resolved from BTF (`OFFSETS`, constants to the verifier, which checks
 //! each load against the kernel's types); aya-ebpf has no CO-RE field relocations.
@@ -34,17 +40,22 @@ mod programs {
 
     use aya_ebpf::{
         bindings::{
-            BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
-            BPF_SK_STORAGE_GET_F_CREATE,
+            BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+            BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
         },
-        btf_maps::SkStorage,
         helpers::{
-            bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-            generated::{bpf_seq_write, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+            bpf_get_current_cgroup_id, bpf_ktime_get_ns,
+            generated::{bpf_seq_write, bpf_skc_to_tcp_sock},
         },
-        macros::{btf_map, btf_tracepoint, map},
+        macros::{btf_tracepoint, map},
         maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::BtfTracePointContext,
+    };
+    #[cfg(not(feature = "socket-table"))]
+    use aya_ebpf::{
+        btf_maps::SkStorage,
+        helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
+        macros::btf_map,
     };
     use ridley_ebpf::{
         AF_INET, AF_INET6, EndpointKey, IPPROTO_UDP, KernelOffsets, MSG_PEEK, SockRecord,
@@ -55,8 +66,19 @@ mod programs {
     /// Per-socket state from the first transition to the socket's end. Socket-local
     /// storage: allocated with the socket's first tracked transition, freed by the kernel
     /// with the socket. No size to configure, nothing to delete, nothing that can leak.
+    #[cfg(not(feature = "socket-table"))]
     #[btf_map]
     static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
+
+    /// Per-socket state where socket storage is not available to tracing programs
+    /// (before 5.11): keyed by the socket's address, allocated as used (no preallocation:
+    /// memory follows the sockets tracked), removed at the socket's `TCP_CLOSE`
+    /// (`release_storage`). The size is a default; userspace sets it from
+    /// `max_connections`. A full table is counted (SOCK_STATE_UNAVAILABLE).
+    #[cfg(feature = "socket-table")]
+    #[map]
+    static SOCK_STATES: HashMap<u64, SockState> =
+        HashMap::with_max_entries(131072, BPF_F_NO_PREALLOC);
 
     /// Local ends of established client sockets, so that a server socket on this host
     /// can tell its client is local (each link once). Preallocated: an insert and a
@@ -190,6 +212,7 @@ mod programs {
         }
 
         /// The socket's state storage, created (zeroed) if `create` and absent.
+        #[cfg(not(feature = "socket-table"))]
         #[inline(always)]
         fn storage(self, create: bool) -> Option<&'static mut SockState> {
             let flags = if create {
@@ -209,6 +232,41 @@ mod programs {
                 ) as *mut SockState;
                 value.as_mut()
             }
+        }
+
+        /// Socket storage is freed with the socket: nothing to do.
+        #[cfg(not(feature = "socket-table"))]
+        #[inline(always)]
+        fn release_storage(self) {}
+
+        /// The socket's entry in the state table, created (zeroed) if `create` and absent.
+        #[cfg(feature = "socket-table")]
+        #[inline(always)]
+        fn storage(self, create: bool) -> Option<&'static mut SockState> {
+            let key = self.0 as u64;
+            if let Some(value) = SOCK_STATES.get_ptr_mut(&key) {
+                // SAFETY: the entry's value, valid until the entry is removed, which only
+                // this socket's own transitions do (they are serialised by the socket
+                // lock) or the daemon's exit.
+                return unsafe { value.as_mut() };
+            }
+            if !create {
+                return None;
+            }
+            // Full table: the insert fails and the lookup finds nothing (counted by the
+            // caller).
+            let _ = SOCK_STATES.insert(&key, &SockState::default(), BPF_NOEXIST as u64);
+            // SAFETY: as above.
+            SOCK_STATES
+                .get_ptr_mut(&key)
+                .and_then(|value| unsafe { value.as_mut() })
+        }
+
+        /// Removes the socket's entry: called at its `TCP_CLOSE`.
+        #[cfg(feature = "socket-table")]
+        #[inline(always)]
+        fn release_storage(self) {
+            let _ = SOCK_STATES.remove(&(self.0 as u64));
         }
 
         /// Network namespace inode.
@@ -323,10 +381,14 @@ mod programs {
     #[inline(always)]
     fn on_state_change(sk: *const u8, old_state: u8, new_state: u8) {
         // Half of all transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...), the close of
-        // listeners and of half-open children need nothing: leave before any read.
+        // listeners and of half-open children need nothing: leave before any read. (A
+        // half-open child may hold a state table entry, removed at its close.)
         let interesting = match new_state {
             tcp_state::SYN_SENT | tcp_state::SYN_RECV | tcp_state::ESTABLISHED => true,
-            tcp_state::CLOSE => old_state != tcp_state::LISTEN && old_state != tcp_state::SYN_RECV,
+            tcp_state::CLOSE => {
+                old_state != tcp_state::LISTEN
+                    && (cfg!(feature = "socket-table") || old_state != tcp_state::SYN_RECV)
+            }
             _ => false,
         };
         if !interesting {
@@ -343,6 +405,7 @@ mod programs {
             tcp_state::SYN_SENT => start(tp, role::CLIENT),
             tcp_state::SYN_RECV => start_server(tp, family),
             tcp_state::ESTABLISHED => established(tp, family, old_state),
+            _ if old_state == tcp_state::SYN_RECV => tp.release_storage(),
             _ => closed(tp, family, old_state),
         }
     }
@@ -378,6 +441,9 @@ mod programs {
     #[inline(always)]
     fn start_server(tp: TcpSock, family: u16) {
         if client_is_local(tp, family) {
+            // In the state table, an entry left at this address by a socket gone before
+            // (see `state_for_walked_socket`) must not be taken for this one's.
+            tp.release_storage();
             return;
         }
         start(tp, role::SERVER);
@@ -431,6 +497,7 @@ mod programs {
         let Some(mut entry) = EVENTS.reserve::<SockRecord>(0) else {
             bump(counter::RINGBUF_DROPS);
             forget_client_endpoint(tp, family, st);
+            tp.release_storage();
             return;
         };
         let rec = entry.as_mut_ptr();
@@ -469,6 +536,7 @@ mod programs {
             BPF_RB_NO_WAKEUP
         };
         entry.submit(wakeup as u64);
+        tp.release_storage();
     }
 
     #[inline(always)]
@@ -636,20 +704,34 @@ mod programs {
         let st = match tp.storage(false) {
             Some(st) => st,
             // The server end of a local client's connection keeps no state (see
-            // `start_server`); anything else without state predates the programs and
-            // gets it now, so that later walks can skip it while it is idle.
+            // `start_server`); anything else without state predates the programs.
             None if client_is_local(tp, family) => return 0,
-            None => match tp.storage(true) {
+            None => match state_for_walked_socket(tp) {
                 Some(st) => st,
                 None => {
-                    // Reported every time, without its open: counted, never dropped.
-                    bump(counter::SOCK_STATE_UNAVAILABLE);
+                    // Reported every time, without its open, never dropped.
                     tp.read_counters(&mut rec);
                     return write_record(meta, tp, family, &mut rec);
                 }
             },
         };
         report_if_changed(meta, tp, family, st, &control, &mut rec)
+    }
+
+    /// State for a socket that predates the programs, so that later walks can skip it
+    /// while it is idle and its close sends a record. Failing to allocate it is counted.
+    ///
+    /// In the state table, a walk may give state to a socket whose close transition has
+    /// just run (it is still in the table the walk reads until its close completes): the
+    /// entry then outlives the socket until the next socket at that address replaces it
+    /// (`start`) or removes it (`start_server`).
+    #[inline(always)]
+    fn state_for_walked_socket(tp: TcpSock) -> Option<&'static mut SockState> {
+        let st = tp.storage(true);
+        if st.is_none() {
+            bump(counter::SOCK_STATE_UNAVAILABLE);
+        }
+        st
     }
 
     /// Outside a full walk, a socket whose last packet predates the previous walk is
@@ -695,6 +777,7 @@ mod programs {
     }
 
     /// `struct bpf_iter__bpf_sk_storage_map`: pointers are 8-byte slots.
+    #[cfg(not(feature = "socket-table"))]
     #[repr(C)]
     struct IterStorageCtx {
         meta: *const IterMeta,
@@ -709,6 +792,7 @@ mod programs {
     /// for, once each, where `iter/tcp` scans the host's whole connection table once per
     /// namespace. Listeners and sockets that predate the programs are found by the full
     /// walks (which give the latter their state).
+    #[cfg(not(feature = "socket-table"))]
     #[unsafe(no_mangle)]
     #[unsafe(link_section = "iter/bpf_sk_storage_map")]
     pub fn ridley_iter_states(ctx: *mut c_void) -> i32 {

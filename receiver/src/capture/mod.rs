@@ -29,8 +29,38 @@ use tokio::sync::oneshot;
 
 use crate::model::Losses;
 
-/// The compiled kernel programs, embedded at build time by `build.rs`.
+/// The compiled kernel programs, embedded at build time by `build.rs`: per-socket state
+/// in socket storage, and the same programs with it in a hash table (`socket-table`).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ridley-ebpf.o"));
+static PROGRAMS_SOCKET_TABLE: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ridley-ebpf-socket-table.o"));
+
+/// Where the kernel programs keep per-socket state (`receivers.ebpf.socket_state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SocketState {
+    /// Socket storage from 5.11 on, the table before.
+    #[default]
+    Auto,
+    /// Socket-local storage: lives and dies with the socket, no size, cannot leak.
+    /// Tracing programs may use it from 5.11.
+    Storage,
+    /// A hash table keyed by socket, sized from `max_connections`, entries removed at
+    /// each socket's close. Between full walks, walks go through every namespace's
+    /// sockets (there is no iterator over a hash table's sockets).
+    Table,
+}
+
+impl SocketState {
+    /// `Auto` resolved for a kernel version.
+    fn resolve(self, kernel: Option<(u32, u32)>) -> SocketState {
+        match self {
+            SocketState::Auto if kernel.is_some_and(|v| v < STORAGE_KERNEL) => SocketState::Table,
+            SocketState::Auto => SocketState::Storage,
+            chosen => chosen,
+        }
+    }
+}
 
 /// `WalkControl` as aya's plain-old-data, for writing into its map.
 #[derive(Clone, Copy)]
@@ -108,9 +138,11 @@ impl UdpFlows {
 /// Sizes of the kernel maps, from the receiver's config.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
-    /// Entries of `CLIENT_ENDPOINTS`: established client connections at once (allocated
-    /// on demand). Per-socket state is socket-local storage, which has no size.
+    /// Entries of `CLIENT_ENDPOINTS`: established client connections at once. Per-socket
+    /// state in socket storage has no size; in the table it takes twice this (clients,
+    /// and servers of remote clients).
     pub max_connections: u32,
+    pub socket_state: SocketState,
     /// Bytes of the `EVENTS` ring buffer (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
     /// Entries of each `UDP_FLOWS_*` table; 0: UDP links off (nothing attached).
@@ -191,11 +223,54 @@ pub fn wall_minus_monotonic_ns() -> i128 {
     wall - monotonic
 }
 
-/// The oldest kernel the programs load on: socket-local storage in tracing programs
-/// (`bpf_sk_storage_get` from `tp_btf` and `iter`) arrived in 5.11, the last of what they
-/// use (BTF tracepoints 5.5, ring buffers 5.8, `iter/tcp` 5.9). 5.11 is also where BPF
-/// memory is charged to the memory cgroup instead of `RLIMIT_MEMLOCK`.
-const MIN_KERNEL: (u32, u32) = (5, 11);
+/// The oldest kernel the programs load on: BTF tracepoints (5.5), ring buffers (5.8),
+/// `iter/tcp` and `bpf_skc_to_tcp_sock` in tracing programs (5.9).
+const MIN_KERNEL: (u32, u32) = (5, 9);
+/// Socket-local storage in tracing programs (`bpf_sk_storage_get` from `tp_btf` and
+/// `iter`) arrived in 5.11; so did charging BPF memory to the memory cgroup instead of
+/// `RLIMIT_MEMLOCK`.
+const STORAGE_KERNEL: (u32, u32) = (5, 11);
+
+/// The running kernel's `major.minor`, if it can be read.
+fn running_kernel() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    kernel_version(release.trim())
+}
+
+/// Before 5.11 the kernel charges BPF maps against `RLIMIT_MEMLOCK` (often 64 KiB, or
+/// 8 MiB under systemd), which the maps exceed: lift it for this process, as every BPF
+/// loader does on such kernels.
+fn lift_memlock_limit() -> Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the rlimit structs we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut current);
+        if current.rlim_cur == libc::RLIM_INFINITY {
+            return Ok(());
+        }
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
+            let error = std::io::Error::last_os_error();
+            bail!(
+                "this kernel charges BPF maps against RLIMIT_MEMLOCK ({} bytes here) and \
+                 raising it failed ({error}): run with CAP_SYS_RESOURCE or an unlimited \
+                 memlock limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity)",
+                current.rlim_cur
+            );
+        }
+    }
+    tracing::info!(
+        "raised RLIMIT_MEMLOCK from {} bytes to unlimited: kernels before 5.11 charge BPF maps against it",
+        current.rlim_cur
+    );
+    Ok(())
+}
 
 /// `major.minor` of a kernel release string (`5.10.0-28-amd64` -> (5, 10)).
 fn kernel_version(release: &str) -> Option<(u32, u32)> {
@@ -232,8 +307,8 @@ fn check_kernel() -> Result<()> {
     if let Some(version) = kernel_version(release.trim()) {
         if version < MIN_KERNEL {
             bail!(
-                "kernel {} is too old: ridley needs Linux {}.{} or later (socket storage in \
-                 tracing programs)",
+                "kernel {} is too old: ridley needs Linux {}.{} or later (iter/tcp and \
+                 socket helpers in tracing programs)",
                 release.trim(),
                 MIN_KERNEL.0,
                 MIN_KERNEL.1
@@ -329,6 +404,22 @@ impl Capture {
     /// close records, which the caller drains.
     pub fn load(sizes: MapSizes) -> Result<(Self, RingBuf<MapData>)> {
         check_kernel()?;
+        let kernel = running_kernel();
+        if kernel.is_some_and(|v| v < STORAGE_KERNEL) {
+            lift_memlock_limit()?;
+        }
+        let socket_state = sizes.socket_state.resolve(kernel);
+        let (programs, state_note) = match socket_state {
+            SocketState::Table => (
+                PROGRAMS_SOCKET_TABLE,
+                format!(
+                    "a hash table of at most {} sockets",
+                    sizes.max_connections.saturating_mul(2)
+                ),
+            ),
+            _ => (PROGRAMS, "socket storage".to_owned()),
+        };
+        tracing::info!("per-socket state: {state_note}");
         // Kernel BTF is large (over 5 MiB on disk, about 14 MiB parsed by aya), and
         // startup is the daemon's memory peak: the offsets come from a reader that keeps
         // the file and an index (dropped at once); aya's loader parses BTF when it is
@@ -342,6 +433,13 @@ impl Capture {
         let offsets = PodOffsets(offsets);
         let mut loader = EbpfLoader::new();
         loader.btf(None);
+        if socket_state == SocketState::Table {
+            // Socket storage has no size; the table does.
+            loader.map_max_entries(
+                names::MAP_SOCK_STATES,
+                sizes.max_connections.saturating_mul(2),
+            );
+        }
 
         // Wake the drain when a quarter of the ring is used; a timer drains the rest.
         let wakeup_bytes = u64::from(sizes.ring_buffer_bytes / 4);
@@ -353,7 +451,7 @@ impl Capture {
             // Preallocated hash tables: one entry each when UDP is off.
             .map_max_entries(names::MAP_UDP_FLOWS[0], sizes.udp_flows.max(1))
             .map_max_entries(names::MAP_UDP_FLOWS[1], sizes.udp_flows.max(1))
-            .load(PROGRAMS)
+            .load(programs)
             .context("loading the eBPF object (are you root, or have CAP_BPF + CAP_PERFMON?)")?;
         let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
 
@@ -370,10 +468,14 @@ impl Capture {
         iter.load("tcp", &kernel_btf).context(
             "loading iter/tcp (needs BPF iterators and socket storage in tracing programs, 5.11+)",
         )?;
-        let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
-        iter_states
-            .load("bpf_sk_storage_map", &kernel_btf)
-            .context("loading iter/bpf_sk_storage_map (needs socket storage iterators, 5.11+)")?;
+        if socket_state == SocketState::Storage {
+            let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
+            iter_states
+                .load("bpf_sk_storage_map", &kernel_btf)
+                .context(
+                    "loading iter/bpf_sk_storage_map (needs socket storage iterators, 5.11+)",
+                )?;
+        }
         let udp = if sizes.udp_flows == 0 {
             tracing::info!("UDP links: off (receivers.ebpf.udp_links: false)");
             None
@@ -397,7 +499,12 @@ impl Capture {
             }
         };
         tracing::info!(
-            "hooks active: tp_btf/inet_sock_set_state, iter/bpf_sk_storage_map, iter/tcp{}",
+            "hooks active: tp_btf/inet_sock_set_state, {}iter/tcp{}",
+            if socket_state == SocketState::Storage {
+                "iter/bpf_sk_storage_map, "
+            } else {
+                ""
+            },
             if udp.is_some() {
                 ", tp_btf/sock_send_length, tp_btf/sock_recv_length (UDP links)"
             } else {
@@ -407,7 +514,7 @@ impl Capture {
 
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
-        let walker = Walker::spawn(ebpf)?;
+        let walker = Walker::spawn(ebpf, socket_state)?;
         drop(kernel_btf);
         release_freed_memory();
         Ok((
@@ -587,12 +694,20 @@ struct WalkRequest {
 struct Walker(RequestThread<WalkRequest>);
 
 impl Walker {
-    fn spawn(mut ebpf: Ebpf) -> Result<Self> {
+    fn spawn(mut ebpf: Ebpf, socket_state: SocketState) -> Result<Self> {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
-        let aya::maps::Map::SkStorage(sock_states) = take_map(&mut ebpf, names::MAP_SOCK_STATES)?
-        else {
-            bail!("map {} is not socket storage", names::MAP_SOCK_STATES);
+        // With state in socket storage, the walks between full walks iterate over it;
+        // a hash table's keys are no sockets, so there they walk every namespace too.
+        let sock_states = match socket_state {
+            SocketState::Storage => {
+                let aya::maps::Map::SkStorage(map) = take_map(&mut ebpf, names::MAP_SOCK_STATES)?
+                else {
+                    bail!("map {} is not socket storage", names::MAP_SOCK_STATES);
+                };
+                Some(map)
+            }
+            _ => None,
         };
         let mut generation = 0u32;
         // Start of the last walk that succeeded: sockets quiet since are skipped.
@@ -613,13 +728,10 @@ impl Walker {
             let result = control
                 .set(0, value, 0)
                 .context("setting the walk control")
-                .and_then(|()| {
-                    if full {
-                        program::<Iter>(&mut ebpf, names::PROG_ITER)
-                            .and_then(netns::walk_all_namespaces)
-                    } else {
-                        walk_states(&mut ebpf, &sock_states)
-                    }
+                .and_then(|()| match (&sock_states, full) {
+                    (Some(sock_states), false) => walk_states(&mut ebpf, sock_states),
+                    _ => program::<Iter>(&mut ebpf, names::PROG_ITER)
+                        .and_then(netns::walk_all_namespaces),
                 })
                 .map(|mut walk| {
                     walk.full = full;
@@ -642,7 +754,31 @@ impl Walker {
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_KERNEL, kernel_version};
+    use super::{MIN_KERNEL, STORAGE_KERNEL, SocketState, kernel_version};
+
+    #[test]
+    fn socket_state_follows_the_kernel_unless_chosen() {
+        let debian_11 = kernel_version("5.10.0-32-cloud-amd64");
+        assert_eq!(SocketState::Auto.resolve(debian_11), SocketState::Table);
+        assert_eq!(
+            SocketState::Auto.resolve(Some(STORAGE_KERNEL)),
+            SocketState::Storage
+        );
+        assert_eq!(
+            SocketState::Auto.resolve(Some((6, 18))),
+            SocketState::Storage
+        );
+        // Unreadable: the kernel will say if it cannot.
+        assert_eq!(SocketState::Auto.resolve(None), SocketState::Storage);
+        assert_eq!(
+            SocketState::Table.resolve(Some((6, 18))),
+            SocketState::Table
+        );
+        assert_eq!(
+            SocketState::Storage.resolve(debian_11),
+            SocketState::Storage
+        );
+    }
 
     #[test]
     fn kernel_releases_parse_to_major_and_minor() {
@@ -652,8 +788,8 @@ mod tests {
             Some((4, 14))
         );
         assert_eq!(kernel_version("6.18.0"), Some((6, 18)));
-        assert!(kernel_version("5.10.0") < Some(MIN_KERNEL));
-        assert!(kernel_version("5.11.0") >= Some(MIN_KERNEL));
+        assert!(kernel_version("5.8.0") < Some(MIN_KERNEL));
+        assert!(kernel_version("5.10.0") >= Some(MIN_KERNEL));
         assert!(kernel_version("5.15.0-91-generic") >= Some(MIN_KERNEL));
         assert_eq!(kernel_version("garbage"), None);
     }

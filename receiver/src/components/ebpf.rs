@@ -21,8 +21,8 @@ use ridley_ebpf::{SockRecord, flags};
 use crate::{
     aggregate::{Aggregator, AggregatorConfig, Now, is_connected},
     capture::{
-        Capture, CgroupPaths, MapSizes, RecordExt, RecordKind, Walk, conntrack::NatReader,
-        host_netns, parse_record, wall_minus_monotonic_ns,
+        Capture, CgroupPaths, MapSizes, RecordExt, RecordKind, SocketState, Walk,
+        conntrack::NatReader, host_netns, parse_record, wall_minus_monotonic_ns,
     },
     component::key_error,
     component::{BatchSender, BuildContext, Receiver},
@@ -75,6 +75,10 @@ pub struct EbpfConfig {
     pub allow_partial_capture: bool,
     /// Real ends of translated connections, read from the kernel's conntrack table.
     pub conntrack: ConntrackConfig,
+    /// Where the kernel programs keep per-socket state: `auto` (socket storage where
+    /// the kernel lets tracing programs use it, 5.11 and later; a hash table before),
+    /// `storage` or `table` to choose.
+    pub socket_state: SocketState,
 }
 
 /// Connections to a translated address (a Service's ClusterIP DNAT'd by kube-proxy)
@@ -115,6 +119,7 @@ impl Default for EbpfConfig {
             max_udp_flows: 2048,
             allow_partial_capture: false,
             conntrack: ConntrackConfig::default(),
+            socket_state: SocketState::Auto,
         }
     }
 }
@@ -508,6 +513,7 @@ impl Receiver for EbpfReceiver {
         }
         let sizes = MapSizes {
             max_connections: config.max_connections,
+            socket_state: config.socket_state,
             // Validated to be at most 1 GiB.
             ring_buffer_bytes: config.ring_buffer_size as u32,
             udp_flows: if config.udp_links {

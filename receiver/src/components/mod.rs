@@ -249,7 +249,7 @@ mod tests {
         };
         assert_eq!(
             keys("ebpf"),
-            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,max_links,group_public_clients,keep_client_ranges,udp_links,max_udp_flows,allow_partial_capture,conntrack"
+            "collection_interval,idle_timeout,max_connections,ring_buffer_size,span_pairs_per_link,max_links,group_public_clients,keep_client_ranges,udp_links,max_udp_flows,allow_partial_capture,conntrack,socket_state"
         );
         assert_eq!(keys("file"), "path");
         assert_eq!(keys("health_check"), "endpoint,path");

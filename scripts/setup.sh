@@ -22,6 +22,9 @@ command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v kubectl >/dev/null || need_apt+=(kubernetes-client)
 # Prometheus and promtool: what Prometheus reads is tested with Prometheus itself.
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# An older kernel (Debian 11's 5.10) runs in QEMU from an initramfs built with busybox.
+command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
 if [ ${#need_apt[@]} -gt 0 ]; then
     log "installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -47,6 +50,9 @@ if ! python3 -c 'import pytest, rotel, grpc, opentelemetry.proto, prometheus_cli
     log "installing the Python test peers"
     python3 -m pip install -q --root-user-action=ignore pytest rotel opentelemetry-proto grpcio prometheus-client kmock pytest-asyncio pyyaml kubernetes-validate zstandard 'grafana-foundation-sdk==1769699998!10.1.0'
 fi
+
+# Debian 11's 5.10 kernel image for tests/test_old_kernel.py (pinned by SHA-256).
+python3 "$(dirname "$0")/../tests/oldkernel.py" fetch >/dev/null
 
 # Kernel interfaces the daemon and the benchmark use.
 [ -d /sys/kernel/tracing/events ] || mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true

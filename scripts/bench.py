@@ -359,6 +359,13 @@ def phase_kernel(work, rows, short):
         metrics = last_metrics(out)
         ridley_ns, runs = mean_ns(before, after, state_id)
         floor_ns, _ = mean_ns(before, after, floor_id)
+        # The same storm with per-socket state in the hash table kernels before 5.11 use.
+        start_ridley(procs, work, extra="    socket_state: table\n")
+        table_id = ridley_prog_ids()["ridley_inet_sock_set_state"]
+        t_before, t_after, _ = storm_costs(work, procs, short, {table_id, floor_id})
+        procs.end()
+        table_ns, _ = mean_ns(t_before, t_after, table_id)
+        table_floor_ns, _ = mean_ns(t_before, t_after, floor_id)
         bt_ns = float("nan")
         bt_floor_ns = float("nan")
         if not os.environ.get("BENCH_NO_BPFTRACE"):
@@ -375,6 +382,9 @@ def phase_kernel(work, rows, short):
     rows.append(("`tp_btf/inet_sock_set_state`, mean ns per run, storm of short connections (both ends on this host)",
                  f"{ridley_ns:.0f} ({ridley_ns / floor_ns:.1f}x the floor; {runs:,} runs)",
                  f"empty program, same tracepoint, same storm: {floor_ns:.0f} (floor); bpftrace tcplife-style: {bt_ns:.0f} (floor beside it: {bt_floor_ns:.0f})"))
+    rows.append(("the same, per-socket state in the hash table (`socket_state: table`, as on 5.9/5.10)",
+                 f"{table_ns:.0f} ({table_ns / table_floor_ns:.1f}x the floor)",
+                 f"floor beside it: {table_floor_ns:.0f}"))
     rows.append((f"storm of {short:,} short connections ({short / took:,.0f}/s): daemon CPU",
                  f"{cpu / took * 100:.1f} % of a core; counted {opened:,}/{short:,}, losses {losses(metrics) or 0}",
                  ""))
@@ -613,13 +623,15 @@ def phase_nat(work, rows, short, runs=3):
                  f"off: counted under the Service address {min(r[2] for r in results[False]):,} of {short:,}"))
 
 
-def phase_idle(work, rows, conns):
+def phase_idle(work, rows, conns, socket_state="storage"):
     procs = Procs()
+    table = socket_state == "table"
     groups = [(LONG_PORT + 10 + i, min(PER_PROCESS, conns - i * PER_PROCESS))
               for i in range((conns + PER_PROCESS - 1) // PER_PROCESS)]
     try:
-        daemon, out = start_ridley(procs, work)
-        iter_id = ridley_prog_ids()["ridley_iter_states"]
+        daemon, out = start_ridley(procs, work, extra=f"    socket_state: {socket_state}\n")
+        iter_name = "ridley_iter_tcp" if table else "ridley_iter_states"
+        iter_id = ridley_prog_ids()[iter_name]
         for port, _ in groups:
             server = procs.add(in_ns(SERVER_NS, "--role", "serve", "--port", str(port)))
             assert server.stdout.readline().strip() == "listening"
@@ -657,10 +669,12 @@ def phase_idle(work, rows, conns):
         procs.end()
     opened = sum(total(metrics, "ridley.link.connections.opened", port) for port, _ in groups)
     sent = sum(total(metrics, "ridley.link.bytes", port, "client_to_server") for port, _ in groups)
-    rows.append((f"{conns:,} live idle connections, default settings, 1 s interval",
-                 f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `iter/bpf_sk_storage_map` {iter_ns:.0f} ns per socket visited ({visits / 10:,.0f} visits/s)",
+    iterator = "iter/tcp" if table else "iter/bpf_sk_storage_map"
+    variant = ", per-socket state in the hash table (as on 5.9/5.10)" if table else ""
+    rows.append((f"{conns:,} live idle connections, default settings{variant}, 1 s interval",
+                 f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `{iterator}` {iter_ns:.0f} ns per socket visited ({visits / 10:,.0f} visits/s)",
                  f"kernel maps: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(maps.items()))}"))
-    rows.append((f"all {conns:,} closing at once",
+    rows.append((f"all {conns:,} closing at once{variant}",
                  f"counted {opened:,}/{conns:,} opened, {sent:,}/{conns * 100:,} bytes; losses {losses(metrics) or 0}",
                  ""))
 
@@ -760,7 +774,7 @@ def ensure_tools(phases):
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-PHASES = ["kernel", "http", "udp", "nat", "idle", "links", "startup", "k8s", "soak"]
+PHASES = ["kernel", "http", "udp", "nat", "idle", "idle_table", "links", "startup", "k8s", "soak"]
 ROWS_DIR = ROOT / "target" / "bench"
 
 
@@ -852,6 +866,8 @@ def main():
                     phase_nat(work, rows, args.short)
                 elif phase == "idle":
                     phase_idle(work, rows, args.conns)
+                elif phase == "idle_table":
+                    phase_idle(work, rows, args.conns, socket_state="table")
                 elif phase == "links":
                     phase_links(work, rows, args.links)
                 elif phase == "startup":

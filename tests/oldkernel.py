@@ -27,6 +27,8 @@ KERNEL_DEB_URL = ("http://deb.debian.org/debian/pool/main/l/linux/"
                   "linux-image-5.10.0-32-cloud-amd64-unsigned_5.10.223-1_amd64.deb")
 KERNEL_DEB_SHA256 = "b1fb8d34c26105a2ba1271a3df868a9eea460657df98c77fd08822ef4908c9db"
 VMLINUZ = CACHE / f"vmlinuz-{KERNEL_RELEASE}"
+# The one module the guest loads: a veth pair between the host namespace and a "pod".
+VETH = CACHE / f"veth-{KERNEL_RELEASE}.ko"
 
 BUSYBOX = "/bin/busybox"
 QEMU = "qemu-system-x86_64"
@@ -34,8 +36,8 @@ BEGIN, END = "===RIDLEY-VM-RESULT-BEGIN===", "===RIDLEY-VM-RESULT-END==="
 
 
 def fetch():
-    """Downloads the kernel package, checks its hash, keeps only the kernel image."""
-    if VMLINUZ.exists():
+    """Downloads the kernel package, checks its hash, keeps the kernel image and veth."""
+    if VMLINUZ.exists() and VETH.exists():
         return VMLINUZ
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,6 +48,7 @@ def fetch():
         if digest != KERNEL_DEB_SHA256:
             sys.exit(f"{KERNEL_DEB_URL}: SHA-256 {digest}, expected {KERNEL_DEB_SHA256}")
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp + "/x"], check=True)
+        shutil.copy(f"{tmp}/x/lib/modules/{KERNEL_RELEASE}/kernel/drivers/net/veth.ko", VETH)
         shutil.copy(f"{tmp}/x/boot/vmlinuz-{KERNEL_RELEASE}", VMLINUZ.with_suffix(".part"))
         VMLINUZ.with_suffix(".part").rename(VMLINUZ)
     return VMLINUZ
@@ -53,8 +56,8 @@ def fetch():
 
 def unavailable():
     """Why the guest cannot run here, or None."""
-    if not VMLINUZ.exists():
-        return f"{VMLINUZ} missing (python3 tests/oldkernel.py fetch)"
+    if not (VMLINUZ.exists() and VETH.exists()):
+        return f"{VMLINUZ} or {VETH} missing (python3 tests/oldkernel.py fetch)"
     if shutil.which(QEMU) is None:
         return f"{QEMU} missing (apt-get install qemu-system-x86)"
     if not os.path.exists(BUSYBOX):
@@ -134,11 +137,13 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
+insmod /lib/modules/veth.ko
 # The memlock limit a container runtime or systemd would give a service.
 ulimit -l 64
 cd /work && /usr/bin/python3 /work/vm_scenario.py > /dev/ttyS0 2>&1
@@ -148,7 +153,7 @@ poweroff -f
 
 def build_initramfs(ridley, dest):
     """The guest's whole filesystem: busybox, a stripped copy of `ridley`, Python's
-    standard library, bpftool, the peer and the scenario."""
+    standard library, bpftool, iproute2, the veth module, the peer and the scenario."""
     cpio = Cpio()
     for d in ("proc", "sys", "dev", "tmp", "run", "work"):
         cpio.dir(d)
@@ -160,6 +165,8 @@ def build_initramfs(ridley, dest):
         subprocess.run(["objcopy", "--strip-debug", str(ridley), stripped], check=True)
         cpio.binary(stripped, "/work/ridley")
     cpio.binary("/usr/sbin/bpftool", "/usr/sbin/bpftool")
+    cpio.binary("/usr/bin/ip", "/usr/bin/ip")
+    cpio.host_file(str(VETH), "/lib/modules/veth.ko")
     # The system's Python (its standard library is where it expects it).
     python = os.path.realpath("/usr/bin/python3")
     cpio.binary(python, "/usr/bin/python3")

@@ -25,9 +25,29 @@ service:
 """
 
 
-def peer(*args, stdin=None):
-    return subprocess.Popen([PY, PEER, *map(str, args)], stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def peer(*args, stdin=None, netns=None):
+    enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    return subprocess.Popen([*enter, PY, PEER, *map(str, args)], stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def add_pod():
+    """A network namespace with its own address behind a veth pair, as a pod has."""
+    for cmd in (["netns", "add", "pod"],
+                ["link", "add", "rdv0", "type", "veth", "peer", "name", "rdv1", "netns", "pod"],
+                ["addr", "add", "10.9.0.1/24", "dev", "rdv0"],
+                ["link", "set", "rdv0", "up"],
+                ["-n", "pod", "addr", "add", "10.9.0.2/24", "dev", "rdv1"],
+                ["-n", "pod", "link", "set", "rdv1", "up"],
+                ["-n", "pod", "link", "set", "lo", "up"]):
+        subprocess.run(["/usr/bin/ip", *cmd], check=True, capture_output=True)
+
+
+def metrics_file():
+    try:
+        return base64.b64encode(open("/tmp/metrics.jsonl", "rb").read()).decode()
+    except OSError:
+        return ""
 
 
 def run_peer(*args):
@@ -54,6 +74,7 @@ def main():
     steps = out["steps"]
     with open("/tmp/ridley.yaml", "w") as f:
         f.write(CONFIG)
+    add_pod()
     servers = [peer("serve", "--addr", "127.0.0.1", "--port", port, "--reply", reply)
                for port, reply in ((9000, 5), (9002, 300))]
     steps["servers"] = [s.stdout.readline().strip() for s in servers]
@@ -75,6 +96,17 @@ def main():
         steps["short"] = run_peer("connect", "--addr", "127.0.0.1", "--port", 9000, "--send", 7,
                                   "--count", 50)
         steps["refused"] = run_peer("connect", "--addr", "127.0.0.1", "--port", 9001, "--count", 3)
+        # A client in the pod's namespace, held open across walks (which enter it).
+        servers.append(peer("serve", "--addr", "10.9.0.1", "--port", 9100, "--reply", 11))
+        steps["servers"].append(servers[-1].stdout.readline().strip())
+        pod = peer("connect", "--addr", "10.9.0.1", "--port", 9100, "--hold", "--before", 400,
+                   "--send", 600, stdin=subprocess.PIPE, netns="pod")
+        steps["pod_held"] = pod.stdout.readline().strip()
+        time.sleep(2.5)
+        out["metrics_while_held"] = metrics_file()
+        pod.stdin.write("go\n")
+        pod.stdin.flush()
+        steps["pod_released"] = pod.communicate(timeout=30)[0].splitlines()
         held.stdin.write("go\n")
         held.stdin.flush()
         steps["released"] = held.communicate(timeout=30)[0].splitlines()
@@ -99,10 +131,7 @@ def main():
                              capture_output=True, text=True, env={"NO_COLOR": "1"}, timeout=120)
     out["storage_exit_code"] = storage.returncode
     out["storage_log"] = storage.stdout + storage.stderr
-    try:
-        out["metrics"] = base64.b64encode(open("/tmp/metrics.jsonl", "rb").read()).decode()
-    except OSError:
-        out["metrics"] = ""
+    out["metrics"] = metrics_file()
     print("===RIDLEY-VM-RESULT-BEGIN===")
     text = json.dumps(out)
     for i in range(0, len(text), 512):

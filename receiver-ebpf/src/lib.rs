@@ -143,7 +143,8 @@ pub struct KernelOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockState {
-    /// When the open started: `SYN_SENT` (client) or the child socket's `SYN_RECV` (server).
+    /// When the open started: `SYN_SENT` (client) or the child socket's `ESTABLISHED` (server;
+    /// the same instant as its `SYN_RECV`).
     pub start_ns: u64,
     /// When it reached `ESTABLISHED`; 0 until then.
     pub established_ns: u64,

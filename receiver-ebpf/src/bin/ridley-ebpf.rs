@@ -380,15 +380,11 @@ mod programs {
 
     #[inline(always)]
     fn on_state_change(sk: *const u8, old_state: u8, new_state: u8) {
-        // Half of all transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...), the close of
-        // listeners and of half-open children need nothing: leave before any read. (A
-        // half-open child may hold a state table entry, removed at its close.)
+        // Most transitions (SYN_RECV, FIN_WAIT*, CLOSE_WAIT, LAST_ACK, ...), the close of
+        // listeners and of half-open children need nothing: leave before any read.
         let interesting = match new_state {
-            tcp_state::SYN_SENT | tcp_state::SYN_RECV | tcp_state::ESTABLISHED => true,
-            tcp_state::CLOSE => {
-                old_state != tcp_state::LISTEN
-                    && (cfg!(feature = "socket-table") || old_state != tcp_state::SYN_RECV)
-            }
+            tcp_state::SYN_SENT | tcp_state::ESTABLISHED => true,
+            tcp_state::CLOSE => old_state != tcp_state::LISTEN && old_state != tcp_state::SYN_RECV,
             _ => false,
         };
         if !interesting {
@@ -402,19 +398,26 @@ mod programs {
             return;
         }
         match new_state {
-            tcp_state::SYN_SENT => start(tp, role::CLIENT),
-            tcp_state::SYN_RECV => start_server(tp, family),
-            tcp_state::ESTABLISHED => established(tp, family, old_state),
-            _ if old_state == tcp_state::SYN_RECV => tp.release_storage(),
+            tcp_state::SYN_SENT => {
+                start(tp, role::CLIENT);
+            }
+            tcp_state::ESTABLISHED if old_state == tcp_state::SYN_RECV => {
+                server_established(tp, family)
+            }
+            tcp_state::ESTABLISHED => {
+                if let Some(st) = tp.storage(false) {
+                    established(tp, family, old_state, st);
+                }
+            }
             _ => closed(tp, family, old_state),
         }
     }
 
     #[inline(always)]
-    fn start(tp: TcpSock, role: u8) {
+    fn start(tp: TcpSock, role: u8) -> Option<&'static mut SockState> {
         let Some(st) = tp.storage(true) else {
             bump(counter::SOCK_STATE_UNAVAILABLE);
-            return;
+            return None;
         };
         // The whole state is written: a socket can connect() again after a failure.
         *st = SockState {
@@ -432,21 +435,35 @@ mod programs {
             },
             ..SockState::default()
         };
+        Some(st)
     }
 
-    /// A server child socket, created when the handshake's last ACK arrived. Its client
-    /// sent that ACK after its own `ESTABLISHED`, so a client on this host is already in
+    /// A server child socket established: created from its listener when the
+    /// handshake's last ACK arrived, and processing that ACK now. It is looked at here,
+    /// not at its `SYN_RECV` transition: some kernels (5.10) make that transition before
+    /// they copy the child's addresses and ports, and this one after. Its client sent the
+    /// ACK after its own `ESTABLISHED`, so a client on this host is already in
     /// `CLIENT_ENDPOINTS`: the client's record carries the connection, and this end keeps
-    /// no state at all (no record at close, skipped by the walks).
+    /// no state at all (no record at close, skipped by the walks). Its open starts here
+    /// (the child's `SYN_RECV` is the same instant).
     #[inline(always)]
-    fn start_server(tp: TcpSock, family: u16) {
+    fn server_established(tp: TcpSock, family: u16) {
+        if let Some(st) = tp.storage(false) {
+            if st.role == role::CLIENT && st.flags & flags::TRACKED != 0 {
+                // A simultaneous open (both ends connect()ed): this end is a client.
+                established(tp, family, tcp_state::SYN_RECV, st);
+                return;
+            }
+        }
         if client_is_local(tp, family) {
             // In the state table, an entry left at this address by a socket gone before
             // (see `state_for_walked_socket`) must not be taken for this one's.
             tp.release_storage();
             return;
         }
-        start(tp, role::SERVER);
+        if let Some(st) = start(tp, role::SERVER) {
+            established(tp, family, tcp_state::SYN_RECV, st);
+        }
     }
 
     /// Whether the remote end of `tp` is an established client socket on this host.
@@ -459,10 +476,7 @@ mod programs {
     }
 
     #[inline(always)]
-    fn established(tp: TcpSock, family: u16, old_state: u8) {
-        let Some(st) = tp.storage(false) else {
-            return;
-        };
+    fn established(tp: TcpSock, family: u16, old_state: u8, st: &mut SockState) {
         if st.flags & flags::TRACKED == 0 {
             return;
         }
@@ -704,7 +718,7 @@ mod programs {
         let st = match tp.storage(false) {
             Some(st) => st,
             // The server end of a local client's connection keeps no state (see
-            // `start_server`); anything else without state predates the programs.
+            // `server_established`); anything else without state predates the programs.
             None if client_is_local(tp, family) => return 0,
             None => match state_for_walked_socket(tp) {
                 Some(st) => st,
@@ -724,7 +738,7 @@ mod programs {
     /// In the state table, a walk may give state to a socket whose close transition has
     /// just run (it is still in the table the walk reads until its close completes): the
     /// entry then outlives the socket until the next socket at that address replaces it
-    /// (`start`) or removes it (`start_server`).
+    /// (`start`) or removes it (`server_established`).
     #[inline(always)]
     fn state_for_walked_socket(tp: TcpSock) -> Option<&'static mut SockState> {
         let st = tp.storage(true);

@@ -238,8 +238,16 @@ const ENOENT: i32 = 2;
 
 impl ConntrackSocket {
     fn open() -> Result<Self> {
-        let mut socket =
-            Socket::new(NETLINK_NETFILTER).context("opening a netfilter netlink socket")?;
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) {
+                anyhow::anyhow!(
+                    "this kernel has no netfilter netlink (nfnetlink and nf_conntrack_netlink \
+                     are not loaded: nothing uses conntrack on this node)"
+                )
+            } else {
+                anyhow::Error::new(e).context("opening a netfilter netlink socket")
+            }
+        })?;
         socket
             .bind_auto()
             .context("binding the netfilter netlink socket")?;

@@ -440,7 +440,8 @@ impl CaptureLoop {
         };
         let answers = match answers {
             Ok(answers) => {
-                if self.last_nat_error.take().is_some() {
+                // A round without lookups proves nothing.
+                if !pending.is_empty() && self.last_nat_error.take().is_some() {
                     tracing::info!("conntrack lookups work again");
                 }
                 Some(answers)
@@ -448,8 +449,13 @@ impl CaptureLoop {
             Err(e) => {
                 let why = format!("{e:#}");
                 if self.last_nat_error.as_ref() != Some(&why) {
+                    let hint = if why.contains("not permitted") {
+                        " (ctnetlink needs CAP_NET_ADMIN)"
+                    } else {
+                        ""
+                    };
                     tracing::warn!(
-                        "conntrack lookups failed ({why}): translated connections keep the address dialled (needs CAP_NET_ADMIN)"
+                        "conntrack lookups failed ({why}): translated connections keep the address dialled{hint}"
                     );
                     self.last_nat_error = Some(why);
                 }

@@ -58,7 +58,7 @@ MISTAKES = [
      "c0.yaml:3:5: receivers.ebpf.colection_interval: unknown field `colection_interval`, expected one of "
      "`collection_interval`, `idle_timeout`, `max_connections`, `ring_buffer_size`, `span_pairs_per_link`, "
      "`max_links`, `group_public_clients`, `keep_client_ranges`, "
-     "`udp_links`, `max_udp_flows`, `allow_partial_capture`, `conntrack` (did you mean `collection_interval`?)"),
+     "`udp_links`, `max_udp_flows`, `allow_partial_capture`, `conntrack`, `socket_state` (did you mean `collection_interval`?)"),
     ("typo in a top-level key", BASE.replace("exporters:\n  debug", "exporter:\n  debug"),
      "c0.yaml:4:1: exporter: unknown field `exporter`, expected one of `extensions`, `receivers`, `processors`, `exporters`, "
      "`service` (did you mean `exporters`?)"),

@@ -82,7 +82,7 @@ def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind):
     assert "SOCKS" not in maps, maps
 
 
-def wait_for_baseline(pid, baseline, tracked, timeout=10):
+def wait_for_baseline(pid, baseline, tracked=TRACKED_MAPS, timeout=10):
     deadline = time.monotonic() + timeout
     while True:
         counts = hash_map_entries(pid, tracked)

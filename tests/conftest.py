@@ -151,10 +151,11 @@ class Peers:
         assert proc.stdout.readline().strip() == "held", proc.stderr.read()
         return proc
 
-    def hold(self, host, addr, port, before, send):
+    def hold(self, host, addr, port, before, send, source=None, source_port=0):
         """A connection that sends `before` bytes now and `send` bytes on release()."""
+        bind = ["--source", source, "--source-port", source_port] if source else []
         proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--hold",
-                           "--before", before, "--send", send, stdin=subprocess.PIPE)
+                           "--before", before, "--send", send, *bind, stdin=subprocess.PIPE)
         assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
         return proc
 

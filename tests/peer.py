@@ -89,7 +89,11 @@ def connect(args):
         conn = socket.socket(family, socket.SOCK_STREAM)
         conn.settimeout(args.timeout)
         if args.source:
-            conn.bind((args.source, 0))
+            if args.source_port:
+                # Several sockets on one local port, towards different servers, as
+                # connect() itself does when it reuses an ephemeral port.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            conn.bind((args.source, args.source_port))
         try:
             conn.connect((args.addr, args.port))
         except OSError as e:
@@ -176,6 +180,7 @@ def main():
                    help="send --before bytes, print 'connected', wait for a line on stdin")
     c.add_argument("--before", type=int, default=0)
     c.add_argument("--source", help="local address to connect from")
+    c.add_argument("--source-port", type=int, default=0, help="local port to connect from (with --source)")
     c.add_argument("--hold-all", action="store_true",
                    help="open --count connections at once and hold them until a line on stdin")
     c.add_argument("--ports", help="FIRST-LAST: one connect to each port (a scan)")

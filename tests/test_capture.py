@@ -66,6 +66,28 @@ def test_connection_opened_before_the_daemon_counts_from_then_on(ridley, peers):
     assert final.losses() == NO_LOSSES
 
 
+def test_clients_sharing_a_local_port_are_each_counted_once(ridley, peers):
+    """connect() reuses an address's ephemeral port towards other destinations. Two held
+    clients on one local port, to two servers on this host: the first's close removes
+    the endpoint both share from the kernel's table, so a full walk (every 60th; 6 s at
+    100 ms) finds the second's server without a known local client and gives it state;
+    the walk sees both ends of that connection, and it is still counted once."""
+    r = ridley(interval="100ms")
+    peers.server("a", A4, 8710, reply=10)
+    peers.server("a", A4, 8711, reply=20)
+    first = peers.hold("b", A4, 8710, before=100, send=5, source=B4, source_port=47000)
+    second = peers.hold("b", A4, 8711, before=200, send=7, source=B4, source_port=47000)
+    assert peers.release(first) == ["received 10"]
+    time.sleep(7)
+    assert peers.release(second) == ["received 20"]
+    final = r.stop()
+    first_link, second_link = final.link(B4, A4, 8710), final.link(B4, A4, 8711)
+    assert (first_link["opened"], first_link["transmit"], first_link["receive"]) == (1, 105, 10)
+    assert (second_link["opened"], second_link["active"], second_link["transmit"],
+            second_link["receive"]) == (1, 0, 207, 20), second_link
+    assert final.losses() == NO_LOSSES
+
+
 def test_long_lived_connection_is_reported_while_open(ridley, peers):
     r = ridley(interval="1s")
     peers.server("a", A4, 8082, reply=42)

@@ -455,19 +455,25 @@ impl Capture {
             .context("loading the eBPF object (are you root, or have CAP_BPF + CAP_PERFMON?)")?;
         let kernel_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
 
+        // What the programs need beyond BTF tracepoints and iterators, for the errors.
+        let state_needs = match socket_state {
+            SocketState::Storage => "socket storage in tracing programs, 5.11+",
+            _ => "bpf_skc_to_tcp_sock in tracing programs, 5.9+",
+        };
         let state: &mut BtfTracePoint = program(&mut ebpf, names::PROG_STATE)?;
         state
             .load("inet_sock_set_state", &kernel_btf)
-            .context(
-                "loading tp_btf/inet_sock_set_state (needs BTF-enabled tracepoints and socket storage in tracing programs, 5.11+)",
-            )?;
+            .with_context(|| {
+                format!(
+                    "loading tp_btf/inet_sock_set_state (needs BTF-enabled tracepoints and {state_needs})"
+                )
+            })?;
         state
             .attach()
             .context("attaching tp_btf/inet_sock_set_state")?;
         let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
-        iter.load("tcp", &kernel_btf).context(
-            "loading iter/tcp (needs BPF iterators and socket storage in tracing programs, 5.11+)",
-        )?;
+        iter.load("tcp", &kernel_btf)
+            .with_context(|| format!("loading iter/tcp (needs BPF iterators and {state_needs})"))?;
         if socket_state == SocketState::Storage {
             let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
             iter_states

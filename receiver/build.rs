@@ -61,9 +61,10 @@ fn build_programs(workspace: &Path, target_dir: &Path, features: Option<&str>, o
         .arg("--target-dir")
         .arg(target_dir)
         .env("RUSTC", BPF_RUSTC)
-        // aya-ebpf needs one unstable feature on the bpf target; scoping the bootstrap
-        // to that crate keeps aya-build-style `-Z build-std` (needs rust-src) out.
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        // aya-ebpf needs one unstable feature on the bpf target, and the programs one
+        // (compare-and-exchange); scoping the bootstrap to those two crates keeps
+        // aya-build-style `-Z build-std` (needs rust-src) out.
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,ridley_ebpf")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),

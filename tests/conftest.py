@@ -151,11 +151,13 @@ class Peers:
         assert proc.stdout.readline().strip() == "held", proc.stderr.read()
         return proc
 
-    def hold(self, host, addr, port, before, send, source=None, source_port=0):
-        """A connection that sends `before` bytes now and `send` bytes on release()."""
+    def hold(self, host, addr, port, before, send, source=None, source_port=0, keepalive=0):
+        """A connection that sends `before` bytes now and `send` bytes on release();
+        `keepalive`: TCP keepalive probes every that many seconds while it waits."""
         bind = ["--source", source, "--source-port", source_port] if source else []
         proc = self._spawn(host, "connect", "--addr", addr, "--port", port, "--hold",
-                           "--before", before, "--send", send, *bind, stdin=subprocess.PIPE)
+                           "--before", before, "--send", send, "--keepalive", keepalive,
+                           *bind, stdin=subprocess.PIPE)
         assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
         return proc
 

@@ -94,6 +94,12 @@ def connect(args):
                 # connect() itself does when it reuses an ephemeral port.
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             conn.bind((args.source, args.source_port))
+        if args.keepalive:
+            # Probes every N seconds while idle: packets that change neither end's
+            # counters but are the server's latest activity.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, args.keepalive)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, args.keepalive)
         try:
             conn.connect((args.addr, args.port))
         except OSError as e:
@@ -181,6 +187,7 @@ def main():
     c.add_argument("--before", type=int, default=0)
     c.add_argument("--source", help="local address to connect from")
     c.add_argument("--source-port", type=int, default=0, help="local port to connect from (with --source)")
+    c.add_argument("--keepalive", type=int, default=0, help="TCP keepalive probes every N seconds")
     c.add_argument("--hold-all", action="store_true",
                    help="open --count connections at once and hold them until a line on stdin")
     c.add_argument("--ports", help="FIRST-LAST: one connect to each port (a scan)")

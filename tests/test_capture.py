@@ -69,16 +69,27 @@ def test_connection_opened_before_the_daemon_counts_from_then_on(ridley, peers):
 def test_clients_sharing_a_local_port_are_each_counted_once(ridley, peers):
     """connect() reuses an address's ephemeral port towards other destinations. Two held
     clients on one local port, to two servers on this host: the first's close removes
-    the endpoint both share from the kernel's table, so a full walk (every 60th; 6 s at
-    100 ms) finds the second's server without a known local client and gives it state;
-    the walk sees both ends of that connection, and it is still counted once."""
-    r = ridley(interval="100ms")
+    the endpoint both share from the kernel's table (state-table build), so a full walk
+    (every 60th) finds the second's server without a known local client and gives it
+    state; the walk sees both ends of that connection, and it is still counted once. The second
+    client's keepalive probes keep its server active but change neither end's counters:
+    the walks between full walks, which list only changed sockets, must not show that
+    server without its client (they leave sockets without state to the full walks)."""
+    r = ridley(interval="100ms", service_extra="  telemetry:\n    logs: {level: debug}\n")
     peers.server("a", A4, 8710, reply=10)
     peers.server("a", A4, 8711, reply=20)
     first = peers.hold("b", A4, 8710, before=100, send=5, source=B4, source_port=47000)
-    second = peers.hold("b", A4, 8711, before=200, send=7, source=B4, source_port=47000)
+    second = peers.hold("b", A4, 8711, before=200, send=7, source=B4, source_port=47000,
+                        keepalive=1)
+    # Both clients counted by the walks before the endpoint is forgotten.
+    r.wait_for(lambda b: (b.link(B4, A4, 8711) or {}).get("transmit") == 200)
+    log_mark = len(r.log_path.read_text())
     assert peers.release(first) == ["received 10"]
-    time.sleep(7)
+    # A full walk after the close, and a few of the walks between full walks after it.
+    deadline = time.monotonic() + 30
+    while not re.search(r"full=true(.*\n){5}", r.log_path.read_text()[log_mark:]):
+        assert time.monotonic() < deadline, "no full walk within 30 s"
+        time.sleep(0.2)
     assert peers.release(second) == ["received 20"]
     final = r.stop()
     first_link, second_link = final.link(B4, A4, 8710), final.link(B4, A4, 8711)
@@ -158,6 +169,21 @@ def test_burst_of_short_connections_is_counted_exactly(ridley, peers):
     link = final.link(C4, A4, 8085)
     assert (link["opened"], link["transmit"], link["receive"], link["failed"]) == (1200, 120_000, 60_000, {})
     assert link["connect_count"] == 1200
+    assert final.losses() == NO_LOSSES
+
+
+def test_a_burst_larger_than_the_ring_buffer_is_drained_as_it_comes(ridley, peers):
+    """4,000 short connections through a 64 KiB ring buffer (431 records): more than the
+    ring holds between two of the reader's timer drains (every 200 ms), so nothing is
+    lost only if the programs wake the reader as the backlog crosses each quarter of
+    the ring."""
+    r = ridley(receiver_extra="    ring_buffer_size: 65536\n")
+    peers.server("a", A4, 8087, reply=5)
+    out = peers.connect("c", A4, 8087, send=10, count=4000)
+    assert out == ["received 5"] * 4000
+    final = r.stop()
+    link = final.link(C4, A4, 8087)
+    assert (link["opened"], link["transmit"], link["receive"]) == (4000, 40_000, 20_000)
     assert final.losses() == NO_LOSSES
 
 

@@ -5,10 +5,11 @@ tool, through the map ids the daemon's own file descriptors hold.
 
 Per-socket state is socket-local storage (`SOCK_STATES`), which the kernel frees with the
 socket: it has no entries to count from userspace and nothing to remove. The tests check
-that it is that kind of map, and that the one hash map keyed by connections returns to
-its baseline. On kernels before 5.11 the state is a hash table whose entries the programs
-remove at each socket's close: the same tests run with it (`socket_state: table`) and
-count its entries too."""
+that it is that kind of map, and that the one map keyed by connections, the set of local
+client ends (`CLIENT_ENDPOINTS`: an array of buckets of 8-byte slots, a slot in use when
+not 0), returns to its baseline. On kernels before 5.12 the state is a hash table whose
+entries the programs remove at each socket's close, and the client ends a hash table
+too: the same tests run with them (`socket_state: table`) and count their entries."""
 import json
 import os
 import re
@@ -41,14 +42,24 @@ def daemon_map_ids(pid):
     return ids
 
 
+def used_slots(dump):
+    """Slots in use in a dump of the endpoint set: 8-byte fingerprints that are not 0."""
+    used = 0
+    for entry in dump:
+        value = bytes(int(b, 16) for b in entry["value"])
+        used += sum(1 for i in range(0, len(value), 8) if any(value[i:i + 8]))
+    return used
+
+
 def hash_map_entries(pid, tracked=TRACKED_MAPS):
-    """{map name: entry count} of the daemon's connection-tracking hash maps."""
+    """{map name: entries in use} of the daemon's maps keyed by connection or flow."""
     counts = {}
     for map_id in daemon_map_ids(pid):
         info = json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)
         name = tracked.get(info.get("name"))
         if name:
-            counts[name] = len(json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout))
+            dump = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
+            counts[name] = used_slots(dump) if info["type"] == "array" else len(dump)
     assert set(counts) == set(tracked.values()), f"maps not found: {counts}"
     return counts
 
@@ -62,21 +73,26 @@ def daemon_maps(pid):
     return maps
 
 
-@pytest.mark.parametrize("socket_state,kind", [("storage", "sk_storage"), ("table", "hash")])
-def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind):
+@pytest.mark.parametrize("socket_state,kind,endpoints", [("storage", "sk_storage", "array"),
+                                                         ("table", "hash", "hash")])
+def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoints):
     """Per-socket state lives and dies with the socket (or, in the table, is removed at
-    its close); nothing else is keyed by socket."""
+    its close); nothing else is keyed by socket. The sizes follow `max_connections`."""
     r = ridley(receiver_extra=f"    socket_state: {socket_state}\n    max_connections: 100\n")
-    maps = daemon_maps(r.proc.pid)
-    if socket_state == "table":
-        info = next(json.loads(sh("bpftool", "-j", "map", "show", "id", str(i)).stdout)
-                    for i in daemon_map_ids(r.proc.pid)
-                    if json.loads(sh("bpftool", "-j", "map", "show", "id", str(i)).stdout)["name"] == "SOCK_STATES")
-        # Twice max_connections: clients, and servers of remote clients.
-        assert info["max_entries"] == 200, info
+    infos = {info["name"]: info for info in
+             (json.loads(sh("bpftool", "-j", "map", "show", "id", str(i)).stdout)
+              for i in daemon_map_ids(r.proc.pid))}
+    maps = {name: info["type"] for name, info in infos.items()}
     r.stop()
+    if socket_state == "table":
+        # Twice max_connections: clients, and servers of remote clients.
+        assert infos["SOCK_STATES"]["max_entries"] == 200, infos["SOCK_STATES"]
+        assert infos["CLIENT_ENDPOINT"]["max_entries"] == 100, infos["CLIENT_ENDPOINT"]
+    else:
+        # Eight 8-byte slots per connection, in a power of two of 64-byte buckets.
+        assert (infos["CLIENT_ENDPOINT"]["max_entries"], infos["CLIENT_ENDPOINT"]["bytes_value"]) == (128, 64)
     assert maps.get("SOCK_STATES") == kind, maps
-    assert maps.get("CLIENT_ENDPOINT") == "hash", maps
+    assert maps.get("CLIENT_ENDPOINT") == endpoints, maps
     assert maps.get("EVENTS") == "ringbuf", maps
     assert maps.get("UDP_FLOWS_0") == maps.get("UDP_FLOWS_1") == "percpu_hash", maps
     assert "SOCKS" not in maps, maps

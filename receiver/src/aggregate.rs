@@ -193,17 +193,28 @@ struct Conn {
     seen: u64,
 }
 
+/// The tables every close record touches: foldhash (seeded per table, as hashbrown's
+/// default) instead of the standard library's SipHash, which was a third of the
+/// daemon's time per record under a storm of short connections.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// Live connections and the links they add up to.
 pub struct Aggregator {
-    conns: HashMap<ConnId, Conn>,
-    links: HashMap<LinkKey, Link>,
+    conns: FastMap<ConnId, Conn>,
+    links: FastMap<LinkKey, Link>,
     /// Connections closed since the last walk was applied: a walk that ran while they
     /// closed may still list them, and must not bring them back.
-    closed_since_walk: HashSet<ConnId>,
+    closed_since_walk: FastSet<ConnId>,
     /// Connections left to their local peer's report: decided once, when both ends are
     /// in one walk, and kept, because a later walk of changed sockets may list one end
     /// without the other.
-    left_to_peer: HashSet<ConnId>,
+    left_to_peer: FastSet<ConnId>,
+    /// Local ends of counted client connections the kernel could not record as local
+    /// (`ENDPOINT_UNRECORDED`): their servers on this host report too, and a server first
+    /// seen in a later walk than its client is left to the client. One entry per such
+    /// counted connection, removed with it.
+    unrecorded_clients: FastMap<(IpAddr, u16, u32), ConnId>,
     walk_generation: u64,
     idle_timeout: Duration,
     close_lost: u64,
@@ -286,10 +297,11 @@ impl Now {
 impl Aggregator {
     pub fn new(config: AggregatorConfig) -> Self {
         Aggregator {
-            conns: HashMap::new(),
-            links: HashMap::new(),
-            closed_since_walk: HashSet::new(),
-            left_to_peer: HashSet::new(),
+            conns: FastMap::default(),
+            links: FastMap::default(),
+            closed_since_walk: FastSet::default(),
+            left_to_peer: FastSet::default(),
+            unrecorded_clients: FastMap::default(),
             walk_generation: 0,
             idle_timeout: config.idle_timeout,
             close_lost: 0,
@@ -483,12 +495,30 @@ impl Aggregator {
         let failure = close_failure(rec);
         let (key, end, counted) = match self.conns.remove(&id) {
             Some(conn) => {
+                if conn.end == End::Client && rec.flags & flags::ENDPOINT_UNRECORDED != 0 {
+                    self.unrecorded_clients.remove(&endpoint(
+                        rec.local_addr,
+                        rec.local_port,
+                        rec.netns,
+                    ));
+                }
                 self.link_mut(conn.link, now).leave();
                 // Its open was sampled in an earlier walk; a reset is an attempt of its own.
                 if failure.is_some() {
                     self.offer_sample(conn.link, rec, failure, now);
                 }
                 (conn.link, conn.end, conn.counted)
+            }
+            None if !self.unrecorded_clients.is_empty()
+                && rec.opened_as() == OpenedAs::Server
+                && self.unrecorded_clients.contains_key(&endpoint(
+                    rec.remote_addr,
+                    rec.remote_port,
+                    rec.netns,
+                )) =>
+            {
+                // The server of a client counted from a walk: the client reports it.
+                return;
             }
             None if rec.flags & flags::TRACKED != 0 => {
                 // Opened and closed between two walks: the whole connection is here.
@@ -595,12 +625,12 @@ impl Aggregator {
             // is a client whose server could not be told that it is local.
             let peer_reports = match end {
                 End::Server => {
-                    !tracked
-                        && client_endpoints.contains(&endpoint(
-                            rec.remote_addr,
-                            rec.remote_port,
-                            rec.netns,
-                        ))
+                    let client = endpoint(rec.remote_addr, rec.remote_port, rec.netns);
+                    (!tracked && client_endpoints.contains(&client))
+                        // Its client was counted in an earlier walk, without this end.
+                        || (tracked
+                            && !self.unrecorded_clients.is_empty()
+                            && self.unrecorded_clients.contains_key(&client))
                 }
                 End::Client => {
                     (!tracked || rec.flags & flags::ENDPOINT_UNRECORDED != 0)
@@ -625,6 +655,10 @@ impl Aggregator {
                 now_payload
             };
             self.link_mut(key, now).stats.reported_by_server = end == End::Server;
+            if end == End::Client && tracked && rec.flags & flags::ENDPOINT_UNRECORDED != 0 {
+                self.unrecorded_clients
+                    .insert(endpoint(rec.local_addr, rec.local_port, rec.netns), id);
+            }
             self.add_payload(key, end, now_payload.since(counted), now);
             self.record_rtt(key, rec, now);
             self.link_mut(key, now).open += 1;
@@ -657,6 +691,9 @@ impl Aggregator {
         });
         let seen: HashSet<ConnId> = records.iter().map(ConnId::of).collect();
         self.left_to_peer.retain(|id| seen.contains(id));
+        let conns = &self.conns;
+        self.unrecorded_clients
+            .retain(|_, id| conns.contains_key(id));
         self.close_lost += lost.len() as u64;
         for key in lost {
             self.link_mut(key, now).leave();
@@ -1083,6 +1120,18 @@ mod tests {
         (c, s)
     }
 
+    /// A `local_pair` end the kernel saw opening, in `role`.
+    fn seen_opening(mut rec: SockRecord, role: u8, flags: u8) -> SockRecord {
+        rec.role = role;
+        rec.flags = flags;
+        rec.start_ns = T0;
+        rec.established_ns = T0 + 1000;
+        // The handshake's SYN, as the kernel's counters include it.
+        rec.base_bytes_acked = 1;
+        rec.base_bytes_received = 1;
+        rec
+    }
+
     /// The listener of `local_pair`'s server.
     fn local_pair_listener() -> SockRecord {
         SockRecord {
@@ -1109,14 +1158,8 @@ mod tests {
         // The client's socket did not fit the kernel's table; its server's did, and saw
         // no local client endpoint: the server reports, the client must not as well.
         let mut agg = Aggregator::new(config(60));
-        let (c, mut s) = local_pair((501, 1), (1, 501));
-        s.role = role::SERVER;
-        s.flags = flags::TRACKED;
-        s.start_ns = T0;
-        s.established_ns = T0 + 1000;
-        // The handshake's SYN, as the kernel's counters include it.
-        s.base_bytes_acked = 1;
-        s.base_bytes_received = 1;
+        let (c, s) = local_pair((501, 1), (1, 501));
+        let s = seen_opening(s, role::SERVER, flags::TRACKED);
         agg.apply_walk(&[c, s], at(1), true, true);
         assert_eq!(agg.open_connections(), 1);
         let links = agg.collect(at(1));
@@ -1126,6 +1169,33 @@ mod tests {
             links[0].1.bytes_transmit, 500,
             "the client's 500 bytes, counted once"
         );
+    }
+
+    /// A client the kernel could not record as local, counted from a walk that did not
+    /// see its server yet (the server's handshake had not completed): the server, first
+    /// seen in the next walk and at its close, is left to the client; counted once.
+    #[test]
+    fn server_seen_after_its_unrecorded_client_is_left_to_the_client() {
+        let mut agg = Aggregator::new(config(60));
+        let (c, s) = local_pair((501, 1), (1, 501));
+        let c = seen_opening(c, role::CLIENT, flags::TRACKED | flags::ENDPOINT_UNRECORDED);
+        let s = seen_opening(s, role::SERVER, flags::TRACKED);
+        agg.apply_walk(&[c], at(1), false, true);
+        agg.apply_walk(&[s], at(2), false, true);
+        assert_eq!(agg.open_connections(), 1);
+        agg.apply_event(&closed(s, 1, 500), at(3));
+        agg.apply_event(&closed(c, 500, 1), at(3));
+        assert_eq!(agg.open_connections(), 0);
+        let links = agg.collect(at(3));
+        assert_eq!(links.len(), 1, "{links:?}");
+        assert_eq!(links[0].0, key());
+        assert_eq!(links[0].1.opened, 1);
+        assert_eq!(
+            (links[0].1.bytes_transmit, links[0].1.bytes_receive),
+            (500, 1),
+            "the client's bytes, once"
+        );
+        assert!(agg.unrecorded_clients.is_empty());
     }
 
     #[test]

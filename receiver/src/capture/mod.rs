@@ -39,11 +39,12 @@ static PROGRAMS_SOCKET_TABLE: &[u8] =
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SocketState {
-    /// Socket storage from 5.11 on, the table before.
+    /// Socket storage from 5.12 on, the table before.
     #[default]
     Auto,
     /// Socket-local storage: lives and dies with the socket, no size, cannot leak.
-    /// Tracing programs may use it from 5.11.
+    /// Tracing programs may use it from 5.11; this build also needs compare-and-exchange
+    /// (5.12) for its endpoint set.
     Storage,
     /// A hash table keyed by socket, sized from `max_connections`, entries removed at
     /// each socket's close. Between full walks, walks go through every namespace's
@@ -55,7 +56,9 @@ impl SocketState {
     /// `Auto` resolved for a kernel version.
     fn resolve(self, kernel: Option<(u32, u32)>) -> SocketState {
         match self {
-            SocketState::Auto if kernel.is_some_and(|v| v < STORAGE_KERNEL) => SocketState::Table,
+            SocketState::Auto if kernel.is_some_and(|v| v < STORAGE_BUILD_KERNEL) => {
+                SocketState::Table
+            }
             SocketState::Auto => SocketState::Storage,
             chosen => chosen,
         }
@@ -223,6 +226,18 @@ pub fn wall_minus_monotonic_ns() -> i128 {
     wall - monotonic
 }
 
+/// Buckets of the `CLIENT_ENDPOINTS` set for `max_connections` established clients: eight
+/// slots per client (a power of two of buckets of `ENDPOINT_WAYS`). Each key has two
+/// buckets to choose from, so with `max_connections` clients at once (one per bucket on
+/// average) a key finding both full does not happen in practice (see
+/// `ridley_ebpf::endpoint_buckets`).
+fn endpoint_buckets(max_connections: u32) -> u32 {
+    (max_connections.max(1).saturating_mul(8) / ridley_ebpf::ENDPOINT_WAYS)
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
 /// The oldest kernel the programs load on: BTF tracepoints (5.5), ring buffers (5.8),
 /// `iter/tcp` and `bpf_skc_to_tcp_sock` in tracing programs (5.9).
 const MIN_KERNEL: (u32, u32) = (5, 9);
@@ -230,6 +245,9 @@ const MIN_KERNEL: (u32, u32) = (5, 9);
 /// `iter`) arrived in 5.11; so did charging BPF memory to the memory cgroup instead of
 /// `RLIMIT_MEMLOCK`.
 const STORAGE_KERNEL: (u32, u32) = (5, 11);
+/// The socket-storage build also uses compare-and-exchange (5.12) for its endpoint set:
+/// the first kernel it loads on, and where `auto` chooses it.
+const STORAGE_BUILD_KERNEL: (u32, u32) = (5, 12);
 
 /// The running kernel's `major.minor`, if it can be read.
 fn running_kernel() -> Option<(u32, u32)> {
@@ -443,10 +461,23 @@ impl Capture {
 
         // Wake the drain when a quarter of the ring is used; a timer drains the rest.
         let wakeup_bytes = u64::from(sizes.ring_buffer_bytes / 4);
+        let (endpoint_entries, endpoint_bucket_mask) = match socket_state {
+            // A hash of one entry per client.
+            SocketState::Table => (sizes.max_connections, 0),
+            _ => {
+                let buckets = endpoint_buckets(sizes.max_connections);
+                (buckets, buckets - 1)
+            }
+        };
         let mut ebpf = loader
             .override_global(names::GLOBAL_OFFSETS, &offsets, true)
             .override_global(names::GLOBAL_RINGBUF_WAKEUP_BYTES, &wakeup_bytes, true)
-            .map_max_entries(names::MAP_CLIENT_ENDPOINTS, sizes.max_connections)
+            .override_global(
+                names::GLOBAL_ENDPOINT_BUCKET_MASK,
+                &endpoint_bucket_mask,
+                true,
+            )
+            .map_max_entries(names::MAP_CLIENT_ENDPOINTS, endpoint_entries)
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
             // Preallocated hash tables: one entry each when UDP is off.
             .map_max_entries(names::MAP_UDP_FLOWS[0], sizes.udp_flows.max(1))
@@ -457,7 +488,9 @@ impl Capture {
 
         // What the programs need beyond BTF tracepoints and iterators, for the errors.
         let state_needs = match socket_state {
-            SocketState::Storage => "socket storage in tracing programs, 5.11+",
+            SocketState::Storage => {
+                "socket storage in tracing programs and compare-and-exchange, 5.12+"
+            }
             _ => "bpf_skc_to_tcp_sock in tracing programs, 5.9+",
         };
         let state: &mut BtfTracePoint = program(&mut ebpf, names::PROG_STATE)?;
@@ -760,14 +793,32 @@ impl Walker {
 
 #[cfg(test)]
 mod tests {
-    use super::{MIN_KERNEL, STORAGE_KERNEL, SocketState, kernel_version};
+    use super::{
+        MIN_KERNEL, STORAGE_BUILD_KERNEL, STORAGE_KERNEL, SocketState, endpoint_buckets,
+        kernel_version,
+    };
+
+    #[test]
+    fn endpoint_set_has_eight_slots_per_connection_in_a_power_of_two_of_buckets() {
+        assert_eq!(endpoint_buckets(65_536), 65_536);
+        assert_eq!(endpoint_buckets(100_000), 131_072);
+        assert_eq!(endpoint_buckets(1), 1);
+        assert_eq!(endpoint_buckets(0), 1);
+        assert_eq!(endpoint_buckets(1_048_576), 1_048_576);
+        assert_eq!(endpoint_buckets(u32::MAX), 1 << 29);
+    }
 
     #[test]
     fn socket_state_follows_the_kernel_unless_chosen() {
         let debian_11 = kernel_version("5.10.0-32-cloud-amd64");
         assert_eq!(SocketState::Auto.resolve(debian_11), SocketState::Table);
+        // 5.11 has socket storage but not the compare-and-exchange the set needs.
         assert_eq!(
             SocketState::Auto.resolve(Some(STORAGE_KERNEL)),
+            SocketState::Table
+        );
+        assert_eq!(
+            SocketState::Auto.resolve(Some(STORAGE_BUILD_KERNEL)),
             SocketState::Storage
         );
         assert_eq!(

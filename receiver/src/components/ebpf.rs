@@ -22,7 +22,8 @@ use crate::{
     aggregate::{Aggregator, AggregatorConfig, Now, is_connected},
     capture::{
         Capture, CgroupPaths, MapSizes, RecordExt, RecordKind, SocketState, Walk,
-        conntrack::NatReader, host_netns, parse_record, wall_minus_monotonic_ns,
+        conntrack::{NatAnswer, NatReader},
+        host_netns, parse_record, wall_minus_monotonic_ns,
     },
     component::key_error,
     component::{BatchSender, BuildContext, Receiver},
@@ -333,6 +334,16 @@ struct CaptureLoop {
     id: String,
 }
 
+/// Asks conntrack about `pending` (nothing to ask: no answers).
+async fn ask(reader: &NatReader, pending: &[Pending]) -> Result<Vec<NatAnswer>> {
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    reader
+        .lookup(pending.iter().map(|p| p.query.clone()).collect())
+        .await
+}
+
 impl CaptureLoop {
     /// Walks live sockets (draining close records meanwhile), applies the walk and
     /// returns the batch for this interval.
@@ -431,38 +442,43 @@ impl CaptureLoop {
                 })
                 .filter_map(|r| nat.lookup_for(r, now.mono)),
         );
-        let answers = if pending.is_empty() {
-            Ok(Vec::new())
-        } else {
-            reader
-                .lookup(pending.iter().map(|p| p.query.clone()).collect())
-                .await
+        let (probes, waiting) = nat.split_probes(pending, now.mono);
+        let probe_answers = ask(reader, &probes).await;
+        // Then the other connections of the destinations the probes found translated.
+        let rest = match &probe_answers {
+            Ok(found) => NatResolver::after_probes(&probes, found, waiting),
+            Err(_) => waiting,
         };
-        let answers = match answers {
-            Ok(answers) => {
-                // A round without lookups proves nothing.
-                if !pending.is_empty() && self.last_nat_error.take().is_some() {
-                    tracing::info!("conntrack lookups work again");
-                }
-                Some(answers)
-            }
-            Err(e) => {
-                let why = format!("{e:#}");
-                if self.last_nat_error.as_ref() != Some(&why) {
-                    let hint = if why.contains("not permitted") {
-                        " (ctnetlink needs CAP_NET_ADMIN)"
-                    } else {
-                        ""
-                    };
-                    tracing::warn!(
-                        "conntrack lookups failed ({why}): translated connections keep the address dialled{hint}"
-                    );
-                    self.last_nat_error = Some(why);
-                }
-                None
-            }
+        let rest_answers = match &probe_answers {
+            Ok(_) => ask(reader, &rest).await,
+            Err(e) => Err(anyhow::anyhow!("{e:#}")),
         };
-        let translations = nat.translations(&pending, answers.as_deref(), now.mono);
+        let failure = probe_answers
+            .as_ref()
+            .err()
+            .or(rest_answers.as_ref().err())
+            .map(|e| format!("{e:#}"));
+        match failure {
+            // A round without lookups proves nothing.
+            None if !probes.is_empty() && self.last_nat_error.take().is_some() => {
+                tracing::info!("conntrack lookups work again");
+            }
+            None => {}
+            Some(why) if self.last_nat_error.as_ref() != Some(&why) => {
+                let hint = if why.contains("not permitted") {
+                    " (ctnetlink needs CAP_NET_ADMIN)"
+                } else {
+                    ""
+                };
+                tracing::warn!(
+                    "conntrack lookups failed ({why}): translated connections keep the address dialled{hint}"
+                );
+                self.last_nat_error = Some(why);
+            }
+            Some(_) => {}
+        }
+        let mut translations = nat.translations(&probes, probe_answers.ok().as_deref(), now.mono);
+        translations.extend(nat.translations(&rest, rest_answers.ok().as_deref(), now.mono));
         nat.start_interval(now.mono);
         self.intake.aggregator.set_translations(translations);
         for record in &held {

@@ -602,10 +602,12 @@ class KubeApi:
             "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
             "status": {"podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.10"}})
 
-    def service(self, ns, name, cluster_ip, endpoint_ips):
+    def service(self, ns, name, cluster_ip, endpoint_ips, node_port=None):
+        port = {"port": 80, "protocol": "TCP", **({"nodePort": node_port} if node_port else {})}
         self.create(f"/api/v1/namespaces/{ns}/services", {
             "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ports": [{"port": 80}]}})
+            "spec": {"type": "NodePort" if node_port else "ClusterIP", "clusterIP": cluster_ip,
+                     "clusterIPs": [cluster_ip], "ports": [port]}})
         self.create(f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", {
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
             "metadata": {"name": f"{name}-abcde", "namespace": ns,

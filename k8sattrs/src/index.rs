@@ -194,6 +194,8 @@ pub struct Index {
     /// Nodes with a zone or region label, by name.
     topology_by_node: HashMap<String, Topology>,
     services_by_ip: HashMap<IpAddr, Resolved>,
+    /// Services by TCP node port: one port opens the Service on every node's addresses.
+    services_by_node_port: HashMap<u16, String>,
 }
 
 /// Where a node is: its `topology.kubernetes.io/zone` and `/region` labels.
@@ -323,15 +325,30 @@ impl Index {
             for ip in ips(cluster_ips) {
                 self.services_by_ip.insert(ip, resolved.clone());
             }
+            let tcp_node_ports = spec.ports.iter().flatten().filter(|p| {
+                p.protocol
+                    .as_deref()
+                    .is_none_or(|protocol| protocol == "TCP")
+            });
+            for port in tcp_node_ports {
+                if let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+                    self.services_by_node_port.insert(node_port, name.clone());
+                }
+            }
         }
     }
 
-    /// The name of the Service whose ClusterIP `addr` is.
-    pub fn service_at(&self, addr: IpAddr) -> Option<&str> {
-        match self.services_by_ip.get(&addr)? {
-            Resolved::Workload { via_service, .. } => Some(via_service),
-            Resolved::Service { name, .. } => Some(name),
-            _ => None,
+    /// The name of the Service a client dialled at `addr`:`port`: the Service whose
+    /// ClusterIP `addr` is, or, at a node's address, the Service with that node port.
+    pub fn service_at(&self, addr: IpAddr, port: u16) -> Option<&str> {
+        match self.services_by_ip.get(&addr) {
+            Some(Resolved::Workload { via_service, .. }) => Some(via_service),
+            Some(Resolved::Service { name, .. }) => Some(name),
+            Some(_) => None,
+            None if self.nodes_by_ip.contains_key(&addr) => {
+                self.services_by_node_port.get(&port).map(String::as_str)
+            }
+            None => None,
         }
     }
 
@@ -437,7 +454,7 @@ mod tests {
         api::{
             core::v1::{
                 Container, ContainerPort, NodeAddress, NodeStatus, Pod, PodSpec, PodStatus,
-                ServiceSpec,
+                ServicePort, ServiceSpec,
             },
             discovery::v1::Endpoint,
         },
@@ -771,6 +788,32 @@ mod tests {
                 .collect(),
             ports: None,
         })
+    }
+
+    #[test]
+    fn a_node_port_dialled_at_a_node_address_names_its_service() {
+        let mut snap = snapshot(vec![]);
+        let node_port = |node_port, protocol: Option<&str>| ServicePort {
+            port: 80,
+            node_port: Some(node_port),
+            protocol: protocol.map(str::to_owned),
+            ..Default::default()
+        };
+        let mut front = (*service("front", "10.96.0.30")).clone();
+        if let Some(spec) = front.spec.as_mut() {
+            spec.ports = Some(vec![node_port(30080, None), node_port(30053, Some("UDP"))]);
+        }
+        snap.services = vec![Arc::new(front), service("checkout", "10.96.0.10")];
+        let index = Index::build(&snap);
+        // At the node's address (192.0.2.10), by node port; TCP only.
+        assert_eq!(index.service_at(ip("192.0.2.10"), 30080), Some("front"));
+        assert_eq!(index.service_at(ip("192.0.2.10"), 30053), None);
+        assert_eq!(index.service_at(ip("192.0.2.10"), 30081), None);
+        // Not at an address that is no node's.
+        assert_eq!(index.service_at(ip("192.0.2.11"), 30080), None);
+        // A ClusterIP names its Service whatever the port.
+        assert_eq!(index.service_at(ip("10.96.0.30"), 80), Some("front"));
+        assert_eq!(index.service_at(ip("10.96.0.10"), 8080), Some("checkout"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, NodeStatus, Pod, Service, ServiceSpec},
+    core::v1::{Node, NodeStatus, Pod, Service, ServicePort, ServiceSpec},
     discovery::v1::{Endpoint, EndpointSlice},
 };
 use kube::{
@@ -378,13 +378,28 @@ fn bare_meta(meta: ObjectMeta) -> ObjectMeta {
     }
 }
 
-/// A Service's name and cluster IPs (status, annotations and managed fields can be
-/// kilobytes).
+/// A Service's name, cluster IPs and node ports (status, annotations and managed fields
+/// can be kilobytes).
 pub fn strip_service(service: Service) -> Service {
-    let spec = service.spec.map(|spec| ServiceSpec {
-        cluster_ip: spec.cluster_ip,
-        cluster_ips: spec.cluster_ips,
-        ..Default::default()
+    let spec = service.spec.map(|spec| {
+        let node_ports: Vec<ServicePort> = spec
+            .ports
+            .into_iter()
+            .flatten()
+            .filter(|p| p.node_port.is_some())
+            .map(|p| ServicePort {
+                port: p.port,
+                node_port: p.node_port,
+                protocol: p.protocol,
+                ..Default::default()
+            })
+            .collect();
+        ServiceSpec {
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            ports: (!node_ports.is_empty()).then_some(node_ports),
+            ..Default::default()
+        }
     });
     Service {
         metadata: bare_meta(service.metadata),
@@ -650,6 +665,26 @@ mod tests {
         assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
         assert_eq!(spec.cluster_ips.unwrap(), vec!["10.96.0.10".to_string()]);
         assert_eq!((spec.ports, spec.selector), (None, None));
+
+        let node_port: Service = serde_json::from_value(json!({
+            "metadata": {"name": "front", "namespace": "shop"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.0.30",
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080,
+                                "nodePort": 30080, "protocol": "TCP"},
+                               {"port": 9090}]}
+        }))
+        .unwrap();
+        let spec = strip_service(node_port).spec.unwrap();
+        assert_eq!(
+            spec.ports,
+            Some(vec![ServicePort {
+                port: 80,
+                node_port: Some(30080),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }])
+        );
+        assert_eq!(spec.type_, None);
 
         let slice: EndpointSlice = serde_json::from_value(json!({
             "metadata": {"name": "web-abc", "namespace": "shop",

@@ -518,9 +518,9 @@ pub struct LinkBatch {
     pub service_graph: Vec<ServiceGraphEdge>,
     /// The workloads that `Peer::Workload` ends name, by index.
     pub workloads: Vec<EndIdentity>,
-    /// The Service behind each translated address a link dialled (`LinkKey::dialed`),
-    /// filled by processors: exported as `server.k8s.service.name`.
-    pub dialed_services: std::collections::HashMap<IpAddr, String>,
+    /// The Service behind each translated address and port a link dialled
+    /// (`LinkKey::dialed`), filled by processors: exported as `server.k8s.service.name`.
+    pub dialed_services: std::collections::HashMap<(IpAddr, u16), String>,
 }
 
 impl LinkBatch {

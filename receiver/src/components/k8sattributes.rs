@@ -344,9 +344,11 @@ impl Naming<'_> {
             if let (Some(at), Some(server)) = (EndRef::server(key), server) {
                 ends.push((at, server));
             }
-            if let Some((dialed, _)) = key.dialed {
-                if let Some(service) = index.service_at(dialed) {
-                    batch.dialed_services.insert(dialed, service.to_owned());
+            if let Some((addr, port)) = key.dialed {
+                if let Some(service) = index.service_at(addr, port) {
+                    batch
+                        .dialed_services
+                        .insert((addr, port), service.to_owned());
                 }
             }
         }

@@ -120,7 +120,7 @@ pub fn link_point_attributes(batch: &LinkBatch, key: &LinkKey) -> Vec<KeyValue> 
     // The Service a translated link's client dialled: its backend is the server end.
     let dialed_service = key
         .dialed
-        .and_then(|(addr, _)| batch.dialed_services.get(&addr));
+        .and_then(|dialed| batch.dialed_services.get(&dialed));
     let server_names_service = ends[1].1.is_some_and(|identity| {
         identity
             .attributes

@@ -8,9 +8,12 @@
 //! `capture::conntrack`'s. Lookups are batched once per interval, only for connections
 //! not yet counted in a link, and only for destinations not known to be untranslated,
 //! so that steady pod-to-pod traffic costs one lookup per destination per
-//! [`DESTINATION_TTL`], not one per connection.
+//! [`DESTINATION_TTL`], not one per connection. A destination not known yet is probed
+//! first with one connection (its newest) before its other connections are looked up:
+//! the first interval of a busy node, or a new destination taking thousands of
+//! connections a second, costs one lookup when it is not translated, not thousands.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -108,9 +111,10 @@ impl NatResolver {
     /// A new interval: lookups may be asked again.
     pub fn start_interval(&mut self, now: Duration) {
         self.asked = 0;
-        if self.destinations.len() >= MAX_DESTINATIONS {
-            self.destinations.retain(|_, known| known.until > now);
-        }
+        // Every interval, not only when full: a node whose destinations change (new
+        // pods, new ports) would otherwise keep every answer of the last hours up to the
+        // bound, and its memory would climb for as long (a visible slope in the soak).
+        self.destinations.retain(|_, known| known.until > now);
     }
 
     /// The lookup a connection that is about to be keyed needs, if any. `None` also
@@ -176,6 +180,55 @@ impl NatResolver {
             },
             cache_key,
         })
+    }
+
+    /// Splits an interval's lookups into those to ask first and those that wait for a
+    /// probe: every lookup whose destination is known translated is asked at once, and of
+    /// each destination not known, the newest connection (the last in `pending`: its
+    /// conntrack entry is the likeliest still there) probes for the others.
+    pub fn split_probes(
+        &self,
+        pending: Vec<Pending>,
+        now: Duration,
+    ) -> (Vec<Pending>, Vec<Pending>) {
+        let mut probed = HashSet::new();
+        let mut first = Vec::new();
+        let mut waiting = Vec::new();
+        for p in pending.into_iter().rev() {
+            let known_translated = self
+                .destinations
+                .get(&p.cache_key)
+                .is_some_and(|k| k.translated && k.until > now);
+            if known_translated || probed.insert(p.cache_key) {
+                first.push(p);
+            } else {
+                waiting.push(p);
+            }
+        }
+        first.reverse();
+        waiting.reverse();
+        (first, waiting)
+    }
+
+    /// The waiting lookups worth asking once the probes are answered: those whose
+    /// destination's probe found a translation. An untranslated probe, or one whose entry
+    /// is gone (no translation without conntrack, which keeps a closed connection's
+    /// entry for minutes), settles its destination as `translations` remembers it.
+    pub fn after_probes(
+        probes: &[Pending],
+        answers: &[NatAnswer],
+        waiting: Vec<Pending>,
+    ) -> Vec<Pending> {
+        let translated: HashSet<CacheKey> = probes
+            .iter()
+            .zip(answers)
+            .filter(|(_, answer)| matches!(answer, NatAnswer::Translated(_)))
+            .map(|(p, _)| p.cache_key)
+            .collect();
+        waiting
+            .into_iter()
+            .filter(|p| translated.contains(&p.cache_key))
+            .collect()
     }
 
     /// Reads the answers to `pending` (in order); `answers` is `None` when the lookups
@@ -361,6 +414,48 @@ mod tests {
         assert_eq!(nat.unresolved, 2);
     }
 
+    /// A destination not known yet is probed by its newest connection: untranslated (or
+    /// without an entry), its other connections are not looked up; translated, they are.
+    /// A destination known translated is looked up per connection at once.
+    #[test]
+    fn an_unknown_destination_is_probed_by_its_newest_connection_first() {
+        let mut nat = NatResolver::new(HOST, 100);
+        let now = Duration::ZERO;
+        let pending: Vec<Pending> = (1..=7)
+            .map(|sk| {
+                let dst = if sk <= 4 {
+                    [10, 96, 0, 10]
+                } else {
+                    [10, 0, 0, 9]
+                };
+                nat.lookup_for(&client(sk, dst), now).unwrap()
+            })
+            .collect();
+        let (probes, waiting) = nat.split_probes(pending.clone(), now);
+        let conns = |ps: &[Pending]| ps.iter().map(|p| p.conn).collect::<Vec<_>>();
+        assert_eq!(conns(&probes), vec![pending[3].conn, pending[6].conn]);
+        assert_eq!(waiting.len(), 5);
+        for (answer, kept) in [
+            (dnat("10.0.1.5:8080"), 3),
+            (NatAnswer::Untranslated, 0),
+            (NatAnswer::Missing, 0),
+        ] {
+            let answers = [answer, NatAnswer::Untranslated];
+            let rest = NatResolver::after_probes(&probes, &answers, waiting.clone());
+            assert_eq!(conns(&rest), conns(&waiting[..kept]), "{answers:?}");
+        }
+        nat.translations(
+            &probes,
+            Some(&[dnat("10.0.1.5:8080"), NatAnswer::Untranslated]),
+            now,
+        );
+        let again: Vec<Pending> = (8..=9)
+            .map(|sk| nat.lookup_for(&client(sk, [10, 96, 0, 10]), now).unwrap())
+            .collect();
+        let (probes, waiting) = nat.split_probes(again, now);
+        assert_eq!((probes.len(), waiting.len()), (2, 0));
+    }
+
     /// The destination table holds at most `MAX_DESTINATIONS`: past it a new
     /// destination is not remembered (it is looked up again, within the lookup limit),
     /// and expired entries make room at the next interval.
@@ -395,6 +490,19 @@ mod tests {
             nat.lookup_for(&to(0), Duration::ZERO).is_none(),
             "remembered"
         );
+        nat.start_interval(DESTINATION_TTL);
+        assert!(nat.destinations.is_empty());
+    }
+
+    #[test]
+    fn expired_answers_are_dropped_at_the_next_interval_even_when_the_table_is_not_full() {
+        let mut nat = NatResolver::new(HOST, 100);
+        let p = nat
+            .lookup_for(&client(1, [10, 0, 0, 9]), Duration::ZERO)
+            .unwrap();
+        nat.translations(&[p], Some(&[NatAnswer::Untranslated]), Duration::ZERO);
+        nat.start_interval(Duration::from_secs(59));
+        assert_eq!(nat.destinations.len(), 1);
         nat.start_interval(DESTINATION_TTL);
         assert!(nat.destinations.is_empty());
     }

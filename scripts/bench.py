@@ -741,6 +741,7 @@ def phase_k8s(rows):
 def phase_soak(work, rows, minutes):
     procs = Procs()
     samples = []
+    at_rest = []
     try:
         port = 20000
         daemon, _ = start_ridley(procs, work, extra="    idle_timeout: 1m\n", exporters=(
@@ -752,6 +753,8 @@ def phase_soak(work, rows, minutes):
         assert holder.stdout.readline().strip() == "open"
         end = time.monotonic() + minutes * 60
         while time.monotonic() < end:
+            # At rest: a minute after the last storm, what the daemon keeps.
+            at_rest.append(proc_stats(daemon.pid)[2])
             storm = in_ns(CLIENT_NS, "--role", "short", "--count", "3000")
             storm.wait(timeout=300)
             # Churn: 300 new links to closed ports each minute; old ones expire (1 min).
@@ -764,27 +767,39 @@ def phase_soak(work, rows, minutes):
                "    s.close()\n")
             port = 20000 + (port + 300 - 20000) % 20000
             samples.append((time.monotonic(), proc_stats(daemon.pid)[2]))
-            print(f"soak minute {len(samples)}: RSS {samples[-1][1] / 2**20:.1f} MiB", flush=True)
+            print(f"soak minute {len(samples)}: RSS {samples[-1][1] / 2**20:.1f} MiB after the storm "
+                  f"({at_rest[-1] / 2**20:.1f} MiB before it)", flush=True)
             time.sleep(max(0, 60 - (time.monotonic() - samples[-1][0]) - 1))
+        at_rest.append(proc_stats(daemon.pid)[2])
         holder.stdin.write("go\n")
         holder.stdin.flush()
     finally:
         procs.end()
-    rows.append(soak_row(minutes, [rss for _, rss in samples]))
+    # at_rest[0] is before the first storm: the rest is one per minute, as `samples`.
+    rows.append(soak_row(minutes, [rss for _, rss in samples], at_rest[1:]))
 
 
-def soak_row(minutes, rss):
-    """The soak's row from its RSS samples (bytes, one a minute). RSS moves by about a
-    MiB from one sample to the next (allocator caches), so beside the last sample the
-    row gives the median of the last five."""
-    warm, last = rss[min(2, len(rss) - 1)], rss[-1]
-    tail = statistics.median(rss[-5:])
+def soak_row(minutes, rss, at_rest):
+    """The soak's row from its RSS samples (bytes, one a minute): right after each
+    minute's storm, and at rest, a minute after it (just before the next). Right after
+    a storm RSS moves by about a MiB from one sample to the next (records in flight,
+    allocator caches), so beside the last sample the row gives the median of the last
+    five; at rest is what the daemon keeps."""
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-    pct = lambda b: f"{(b - warm) / warm * 100:+.1f} %"  # noqa: E731
+
+    def end_vs_warm(series):
+        warm, last = series[min(2, len(series) - 1)], series[-1]
+        pct = lambda b: f"{(b - warm) / warm * 100:+.1f} %"  # noqa: E731
+        tail = statistics.median(series[-5:])
+        return (f"{mib(warm)} MiB at minute 3, {mib(last)} MiB at the end ({pct(last)}), "
+                f"median of the last five {mib(tail)} MiB ({pct(tail)})")
+
     return (f"{minutes}-minute soak (storms, 2,000 long-lived, 300 new links a minute)",
-            f"RSS {mib(warm)} MiB after warm-up (minute 3), {mib(last)} MiB at the end ({pct(last)}), "
-            f"median of the last five minutes {mib(tail)} MiB ({pct(tail)}); max {mib(max(rss))} MiB",
-            "RSS every 5 minutes: " + ", ".join(mib(b) for i, b in enumerate(rss) if i % 5 == 4) + " MiB")
+            f"RSS at rest (a minute after a storm): {end_vs_warm(at_rest)}; "
+            f"right after the storms: {end_vs_warm(rss)}; max {mib(max(rss))} MiB",
+            "RSS every 5 minutes, after the storm / at rest: "
+            + ", ".join(f"{mib(b)}/{mib(r)}" for i, (b, r) in enumerate(zip(rss, at_rest))
+                        if i % 5 == 4) + " MiB")
 
 
 def ensure_tools(phases):

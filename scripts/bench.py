@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RIDLEY = pathlib.Path(os.environ.get("RIDLEY_BIN", ROOT / "target" / "release" / "ridley"))
@@ -150,6 +151,16 @@ def proc_stats(pid):
             if key in ("VmHWM", "VmRSS"):
                 mem[key] = int(value.split()[0]) * 1024
     return cpu, mem["VmHWM"], mem["VmRSS"]
+
+
+def rss_anon(pid):
+    """Anonymous resident memory (bytes): the heap and stacks, without the binary's and
+    libraries' code pages (file-backed, faulted in as code first runs)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no RssAnon in /proc/{pid}/status")
 
 
 def bpftool(*args):
@@ -742,6 +753,8 @@ def phase_soak(work, rows, minutes):
     procs = Procs()
     samples = []
     at_rest = []
+    anon_at_rest = []
+    storms = 0
     try:
         port = 20000
         daemon, _ = start_ridley(procs, work, extra="    idle_timeout: 1m\n", exporters=(
@@ -755,8 +768,12 @@ def phase_soak(work, rows, minutes):
         while time.monotonic() < end:
             # At rest: a minute after the last storm, what the daemon keeps.
             at_rest.append(proc_stats(daemon.pid)[2])
-            storm = in_ns(CLIENT_NS, "--role", "short", "--count", "3000")
-            storm.wait(timeout=300)
+            anon_at_rest.append(rss_anon(daemon.pid))
+            # To the long-lived connections' port: their link never goes idle, so its
+            # counters run from the start to the end of the soak.
+            storm = in_ns(CLIENT_NS, "--role", "short", "--count", "3000", "--port", str(LONG_PORT))
+            assert storm.wait(timeout=300) == 0, "storm failed"
+            storms += 1
             # Churn: 300 new links to closed ports each minute; old ones expire (1 min).
             sh("ip", "netns", "exec", CLIENT_NS, sys.executable, "-c",
                "import socket\n"
@@ -768,23 +785,43 @@ def phase_soak(work, rows, minutes):
             port = 20000 + (port + 300 - 20000) % 20000
             samples.append((time.monotonic(), proc_stats(daemon.pid)[2]))
             print(f"soak minute {len(samples)}: RSS {samples[-1][1] / 2**20:.1f} MiB after the storm "
-                  f"({at_rest[-1] / 2**20:.1f} MiB before it)", flush=True)
+                  f"({at_rest[-1] / 2**20:.1f} MiB before it, {anon_at_rest[-1] / 2**20:.1f} MiB "
+                  "of it anonymous)", flush=True)
             time.sleep(max(0, 60 - (time.monotonic() - samples[-1][0]) - 1))
         at_rest.append(proc_stats(daemon.pid)[2])
+        anon_at_rest.append(rss_anon(daemon.pid))
+        page = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=10).read().decode()
         holder.stdin.write("go\n")
         holder.stdin.flush()
     finally:
         procs.end()
     # at_rest[0] is before the first storm: the rest is one per minute, as `samples`.
-    rows.append(soak_row(minutes, [rss for _, rss in samples], at_rest[1:]))
+    rows.append(soak_row(minutes, [rss for _, rss in samples], at_rest[1:], anon_at_rest[1:]))
+    opened = prometheus_sum(page, "ridley_link_connections_opened_total", f'server_port="{LONG_PORT}"')
+    lost = {m.group(1): int(float(m.group(2))) for m in re.finditer(
+        r'^ridley_receiver_losses_total\{[^}]*reason="([^"]+)"[^}]*\} (\S+)$', page, re.M)}
+    clients = 2000 + 3000 * storms
+    rows.append((f"the soak's client connections on this host ({clients:,}, more than `max_connections`, "
+                 f"65,536; plus {300 * storms:,} refused)",
+                 f"counted {opened:,}/{clients:,} opened on the long-lived connections' link; "
+                 f"losses {({k: v for k, v in lost.items() if v}) or 0}",
+                 "from the Prometheus page at the end"))
 
 
-def soak_row(minutes, rss, at_rest):
+def prometheus_sum(page, name, selector):
+    """The sum of `name`'s samples on a Prometheus text page whose labels hold `selector`."""
+    return sum(int(float(m.group(2))) for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", page, re.M)
+               if selector in m.group(1))
+
+
+def soak_row(minutes, rss, at_rest, anon_at_rest):
     """The soak's row from its RSS samples (bytes, one a minute): right after each
-    minute's storm, and at rest, a minute after it (just before the next). Right after
-    a storm RSS moves by about a MiB from one sample to the next (records in flight,
-    allocator caches), so beside the last sample the row gives the median of the last
-    five; at rest is what the daemon keeps."""
+    minute's storm, and at rest, a minute after it (just before the next), in all and
+    anonymous only. Right after a storm RSS moves by about a MiB from one sample to the
+    next (records in flight, allocator caches), so beside the last sample the row gives
+    the median of the last five; at rest is what the daemon keeps, and its anonymous
+    part is where a leak would show (the rest is the binary's code pages, faulted in
+    as code first runs and bounded by the binary's size)."""
     mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
 
     def end_vs_warm(series):
@@ -796,6 +833,7 @@ def soak_row(minutes, rss, at_rest):
 
     return (f"{minutes}-minute soak (storms, 2,000 long-lived, 300 new links a minute)",
             f"RSS at rest (a minute after a storm): {end_vs_warm(at_rest)}; "
+            f"of it anonymous (heap): {end_vs_warm(anon_at_rest)}; "
             f"right after the storms: {end_vs_warm(rss)}; max {mib(max(rss))} MiB",
             "RSS every 5 minutes, after the storm / at rest: "
             + ", ".join(f"{mib(b)}/{mib(r)}" for i, (b, r) in enumerate(zip(rss, at_rest))

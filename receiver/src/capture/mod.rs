@@ -296,10 +296,11 @@ fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Hands the heap memory freed after startup (the BTF parses) back to the system:
-/// glibc keeps freed memory for reuse, so the daemon's resident size would otherwise
-/// stay at its startup peak.
-fn release_freed_memory() {
+/// Hands freed heap memory back to the system: glibc keeps it for reuse, so the
+/// daemon's resident size would otherwise stay at its highest point so far. Called
+/// after startup (the BTF parses) and before every full walk (see `FULL_WALK_EVERY`):
+/// once a minute at the default interval, a fraction of a millisecond each.
+pub(crate) fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
     unsafe {

@@ -199,6 +199,28 @@ struct Conn {
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
+/// Capacity no table is shrunk below (see [`shrunk_capacity`]).
+const MIN_TABLE_CAPACITY: usize = 1024;
+
+/// The capacity a hash table should be cut to once a burst is over, if any. A table
+/// keeps the capacity of its highest point: after a storm of 50,000 connections or a
+/// port scan it would keep megabytes for good. Checked at each full walk (once a minute
+/// at the default interval): a table using under a quarter of its capacity is cut to
+/// twice its entries, never below `MIN_TABLE_CAPACITY`, so a steady load never shrinks
+/// and regrows.
+pub(crate) fn shrunk_capacity(len: usize, capacity: usize) -> Option<usize> {
+    let target = (2 * len).max(MIN_TABLE_CAPACITY);
+    (capacity > 2 * target).then_some(target)
+}
+
+macro_rules! shrink_after_burst {
+    ($($table:expr),+ $(,)?) => {
+        $(if let Some(capacity) = shrunk_capacity($table.len(), $table.capacity()) {
+            $table.shrink_to(capacity);
+        })+
+    };
+}
+
 /// Live connections and the links they add up to.
 pub struct Aggregator {
     conns: FastMap<ConnId, Conn>,
@@ -698,6 +720,13 @@ impl Aggregator {
         for key in lost {
             self.link_mut(key, now).leave();
         }
+        shrink_after_burst!(
+            self.conns,
+            self.links,
+            self.closed_since_walk,
+            self.left_to_peer,
+            self.unrecorded_clients,
+        );
     }
 
     /// Adds what the kernel's UDP flows carried since the last drain: each flow's
@@ -762,6 +791,34 @@ impl Aggregator {
     pub fn closed_unknown(&self) -> u64 {
         self.closed_unknown
     }
+
+    /// Entries and capacity of each table, for the debug log: a hash table's capacity
+    /// follows its highest point and is kept, so a burst shows here after it is gone.
+    pub fn table_sizes(&self) -> TableSizes {
+        TableSizes {
+            conns: (self.conns.len(), self.conns.capacity()),
+            links: (self.links.len(), self.links.capacity()),
+            closed_since_walk: (
+                self.closed_since_walk.len(),
+                self.closed_since_walk.capacity(),
+            ),
+            left_to_peer: (self.left_to_peer.len(), self.left_to_peer.capacity()),
+            unrecorded_clients: (
+                self.unrecorded_clients.len(),
+                self.unrecorded_clients.capacity(),
+            ),
+        }
+    }
+}
+
+/// (entries, capacity) of the aggregator's tables (see [`Aggregator::table_sizes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    pub conns: (usize, usize),
+    pub links: (usize, usize),
+    pub closed_since_walk: (usize, usize),
+    pub left_to_peer: (usize, usize),
+    pub unrecorded_clients: (usize, usize),
 }
 
 /// Established (data can flow) states: the ones whose counters belong to a link.
@@ -996,6 +1053,56 @@ mod tests {
             (350, 95, 1, 0)
         );
         assert_eq!(agg.close_lost, 0);
+    }
+
+    /// A burst of connections grows the tables; once the burst has closed and expired,
+    /// a full walk gives the memory back, and a steady table is left as it is.
+    #[test]
+    fn tables_give_their_capacity_back_after_a_burst() {
+        let mut agg = Aggregator::new(config(60));
+        let burst: Vec<SockRecord> = (1..=20_000u64)
+            .map(|sk| {
+                let mut rec = live(client(sk), 1 + 10, 5);
+                rec.local_port = 20_000 + (sk % 40_000) as u16;
+                rec.remote_port = 1 + (sk % 50) as u16;
+                rec
+            })
+            .collect();
+        agg.apply_walk(&burst, at(1), true, true);
+        let grown = agg.table_sizes();
+        assert_eq!((grown.conns.0, grown.links.0), (20_000, 50));
+        assert!(grown.conns.1 >= 20_000);
+
+        for rec in &burst {
+            agg.apply_event(&closed(*rec, 10, 5), at(2));
+        }
+        agg.apply_walk(&[], at(2), true, true);
+        let after = agg.table_sizes();
+        assert_eq!(after.conns.0, 0);
+        assert!(after.conns.1 < 2 * MIN_TABLE_CAPACITY, "{after:?}");
+        // The burst's bytes were all counted before its tables were cut.
+        let links = agg.collect(at(2));
+        assert_eq!(links.iter().map(|(_, s)| s.opened).sum::<u64>(), 20_000);
+        assert_eq!(
+            links.iter().map(|(_, s)| s.bytes_transmit).sum::<u64>(),
+            200_000
+        );
+
+        // Steady: 3,000 open connections stay put through full walks (no shrink and
+        // regrow every minute).
+        let steady = &burst[..3_000];
+        agg.apply_walk(steady, at(3), true, true);
+        let before = agg.table_sizes().conns.1;
+        agg.apply_walk(steady, at(4), true, true);
+        assert_eq!(agg.table_sizes().conns, (3_000, before));
+    }
+
+    #[test]
+    fn shrunk_capacity_cuts_only_tables_used_under_a_quarter() {
+        assert_eq!(shrunk_capacity(0, 1_792), None);
+        assert_eq!(shrunk_capacity(0, 3_584), Some(MIN_TABLE_CAPACITY));
+        assert_eq!(shrunk_capacity(2_000, 7_168), None);
+        assert_eq!(shrunk_capacity(2_000, 28_672), Some(4_000));
     }
 
     #[test]

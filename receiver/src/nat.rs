@@ -115,6 +115,10 @@ impl NatResolver {
         // pods, new ports) would otherwise keep every answer of the last hours up to the
         // bound, and its memory would climb for as long (a visible slope in the soak).
         self.destinations.retain(|_, known| known.until > now);
+        let (len, capacity) = (self.destinations.len(), self.destinations.capacity());
+        if let Some(capacity) = crate::aggregate::shrunk_capacity(len, capacity) {
+            self.destinations.shrink_to(capacity);
+        }
     }
 
     /// The lookup a connection that is about to be keyed needs, if any. `None` also

@@ -308,6 +308,19 @@ pub(crate) fn release_freed_memory() {
     }
 }
 
+/// Bytes of heap in use and held free by the allocator (glibc's `mallinfo2`), for the
+/// debug log: where RSS grows, whether it is memory in use or memory the allocator keeps.
+pub(crate) fn heap_usage() -> Option<(usize, usize)> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics; no preconditions.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks, info.fordblks))
+    }
+    #[cfg(not(target_env = "gnu"))]
+    None
+}
+
 /// CLOCK_MONOTONIC in microseconds: the clock of `bpf_ktime_get_ns` and `tcp_mstamp`.
 fn monotonic_us() -> u64 {
     let mut ts = libc::timespec {

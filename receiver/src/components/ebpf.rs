@@ -410,6 +410,16 @@ impl CaptureLoop {
             closed_unseen = self.intake.aggregator.closed_unknown(),
             "collected"
         );
+        if walk.full {
+            // Its own target, so that it can be turned on alone:
+            // `RIDLEY_LOG=info,ridley::memory=debug`.
+            tracing::debug!(
+                target: "ridley::memory",
+                tables = ?self.intake.aggregator.table_sizes(),
+                heap_in_use_and_free = ?crate::capture::heap_usage(),
+                "memory"
+            );
+        }
         let mut batch = LinkBatch::new(now.wall);
         batch.links = self.intake.aggregator.collect(now);
         batch.cgroups = self

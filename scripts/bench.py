@@ -833,7 +833,7 @@ def soak_row(minutes, rss, at_rest, anon_at_rest):
 
     return (f"{minutes}-minute soak (storms, 2,000 long-lived, 300 new links a minute)",
             f"RSS at rest (a minute after a storm): {end_vs_warm(at_rest)}; "
-            f"of it anonymous (heap): {end_vs_warm(anon_at_rest)}; "
+            f"of it anonymous (heap and mmapped blocks): {end_vs_warm(anon_at_rest)}; "
             f"right after the storms: {end_vs_warm(rss)}; max {mib(max(rss))} MiB",
             "RSS every 5 minutes, after the storm / at rest: "
             + ", ".join(f"{mib(b)}/{mib(r)}" for i, (b, r) in enumerate(zip(rss, at_rest))

@@ -115,6 +115,7 @@ impl NatResolver {
         // pods, new ports) would otherwise keep every answer of the last hours up to the
         // bound, and its memory would climb for as long (a visible slope in the soak).
         self.destinations.retain(|_, known| known.until > now);
+        // And the capacity a burst of destinations grew it to (see `shrunk_capacity`).
         let (len, capacity) = (self.destinations.len(), self.destinations.capacity());
         if let Some(capacity) = crate::aggregate::shrunk_capacity(len, capacity) {
             self.destinations.shrink_to(capacity);
@@ -494,8 +495,15 @@ mod tests {
             nat.lookup_for(&to(0), Duration::ZERO).is_none(),
             "remembered"
         );
+        assert!(nat.destinations.capacity() >= MAX_DESTINATIONS);
         nat.start_interval(DESTINATION_TTL);
         assert!(nat.destinations.is_empty());
+        // The full table's memory is given back once its entries have expired.
+        assert!(
+            nat.destinations.capacity() < 2 * 1024,
+            "{}",
+            nat.destinations.capacity()
+        );
     }
 
     #[test]

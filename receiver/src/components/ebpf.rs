@@ -351,8 +351,7 @@ impl CaptureLoop {
         let full = self.next_walk_full || self.walks_since_full + 1 >= FULL_WALK_EVERY;
         if full {
             // A burst (a storm of closes, a walk of every socket) raises the heap's
-            // high-water mark; without this its freed pages stay resident for good (a
-            // 30-minute soak kept 0.5-0.8 MiB from one such moment).
+            // high-water mark; without this its freed pages stay resident for good.
             crate::capture::release_freed_memory();
         }
         // Until a walk succeeds, the next one is full: a failed read may have consumed

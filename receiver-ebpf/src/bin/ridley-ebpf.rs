@@ -200,6 +200,62 @@ mod programs {
         };
     }
 
+    /// Plain-data kernel-boundary types: all-zero bytes are a valid value, and the size is
+    /// a whole number of 8-byte words at 8-byte alignment (checked in `zero`).
+    ///
+    /// # Safety
+    /// Implement only for `#[repr(C)]` types of integers and arrays of them.
+    unsafe trait Zeroable {}
+    // SAFETY: both are `#[repr(C)]` structs of integers and integer arrays, with u64 members.
+    unsafe impl Zeroable for SockState {}
+    // SAFETY: as above.
+    unsafe impl Zeroable for SockRecord {}
+
+    /// Zeroes the `T` at `dst` with one 8-byte store per word. A struct literal with
+    /// `..Default::default()` or `write(T::default())` compiles to a call of the BPF
+    /// build's `memset`, a loop of one-byte stores (a 144-byte record took about 600
+    /// instructions); volatile stores keep LLVM from turning this back into that call.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of a `T`.
+    #[inline(always)]
+    unsafe fn zero<T: Zeroable>(dst: *mut T) {
+        const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() == 8) };
+        let words = dst.cast::<u64>();
+        let mut i = 0;
+        while i < core::mem::size_of::<T>() / 8 {
+            // SAFETY: inside `*dst` (the caller's contract), aligned to 8.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+            i += 1;
+        }
+    }
+
+    /// Zeroes `slot` in place (see `zero`) and hands it out initialised. Built in the
+    /// caller's stack slot: a value returned by move is copied through the stack, which
+    /// the iterators' 512 bytes do not hold twice.
+    #[inline(always)]
+    fn zeroed<T: Zeroable>(slot: &mut core::mem::MaybeUninit<T>) -> &mut T {
+        // SAFETY: see `Zeroable`; every byte is written before `assume_init_mut`.
+        unsafe {
+            zero(slot.as_mut_ptr());
+            slot.assume_init_mut()
+        }
+    }
+
+    /// A zeroed walk record in `slot`, with the fields every walk record sets.
+    #[inline(always)]
+    fn live_record(
+        slot: &mut core::mem::MaybeUninit<SockRecord>,
+        tp: TcpSock,
+        state: u8,
+    ) -> &mut SockRecord {
+        let rec = zeroed(slot);
+        rec.sk = tp.0 as u64;
+        rec.kind = kind::LIVE;
+        rec.state = state;
+        rec
+    }
+
     #[inline(always)]
     fn bump(index: u32) {
         if let Some(slot) = COUNTERS.get_ptr_mut(index) {
@@ -289,7 +345,9 @@ mod programs {
             }
             // Full table: the insert fails and the lookup finds nothing (counted by the
             // caller).
-            let _ = SOCK_STATES.insert(&key, &SockState::default(), BPF_NOEXIST as u64);
+            let mut zero_state = core::mem::MaybeUninit::uninit();
+            let zero_state: &SockState = zeroed(&mut zero_state);
+            let _ = SOCK_STATES.insert(&key, zero_state, BPF_NOEXIST as u64);
             // SAFETY: as above.
             SOCK_STATES
                 .get_ptr_mut(&key)
@@ -454,21 +512,18 @@ mod programs {
             return None;
         };
         // The whole state is written: a socket can connect() again after a failure.
-        *st = SockState {
-            // SAFETY: bpf_ktime_get_ns has no preconditions.
-            start_ns: unsafe { bpf_ktime_get_ns() },
-            role,
-            flags: flags::TRACKED,
-            // SYN_SENT happens in connect(), in the calling task: its cgroup is the
-            // client's. A server child is created in softirq, where it means nothing.
-            cgroup_id: if role == role::CLIENT {
-                // SAFETY: no preconditions.
-                unsafe { bpf_get_current_cgroup_id() }
-            } else {
-                0
-            },
-            ..SockState::default()
-        };
+        // SAFETY: `st` is a valid, exclusive reference.
+        unsafe { zero(st as *mut SockState) };
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        st.start_ns = unsafe { bpf_ktime_get_ns() };
+        st.role = role;
+        st.flags = flags::TRACKED;
+        // SYN_SENT happens in connect(), in the calling task: its cgroup is the client's.
+        // A server child is created in softirq, where it means nothing.
+        if role == role::CLIENT {
+            // SAFETY: no preconditions.
+            st.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        }
         Some(st)
     }
 
@@ -648,9 +703,10 @@ mod programs {
             return;
         };
         let rec = entry.as_mut_ptr();
-        // SAFETY: reserve() handed us exclusive, suitably aligned space for a SockRecord.
+        // SAFETY: reserve() handed us exclusive, aligned space for a SockRecord, all of it
+        // written here before it is read.
         let rec = unsafe {
-            rec.write(SockRecord::default());
+            zero(rec);
             &mut *rec
         };
         rec.sk = tp.0 as u64;
@@ -845,14 +901,10 @@ mod programs {
             return 0;
         }
         let state = tp.state();
-        let mut rec = SockRecord {
-            sk: tp.0 as u64,
-            kind: kind::LIVE,
-            state,
-            ..SockRecord::default()
-        };
+        let mut slot = core::mem::MaybeUninit::uninit();
+        let rec = live_record(&mut slot, tp, state);
         if state == tcp_state::LISTEN {
-            return write_record(meta, tp, family, &mut rec);
+            return write_record(meta, tp, family, rec);
         }
         let control = walk_control();
         if skip_quiet(tp, &control) {
@@ -873,12 +925,12 @@ mod programs {
                 Some(st) => st,
                 None => {
                     // Reported by every full walk, without its open, never dropped.
-                    tp.read_counters(&mut rec);
-                    return write_record(meta, tp, family, &mut rec);
+                    tp.read_counters(rec);
+                    return write_record(meta, tp, family, rec);
                 }
             },
         };
-        report_if_changed(meta, tp, family, st, &control, &mut rec)
+        report_if_changed(meta, tp, family, st, &control, rec)
     }
 
     /// State for a socket that predates the programs, so that later walks can skip it
@@ -1008,13 +1060,9 @@ mod programs {
         let Some(tp) = TcpSock::from_btf(sk) else {
             return 0;
         };
-        let mut rec = SockRecord {
-            sk: tp.0 as u64,
-            kind: kind::LIVE,
-            state,
-            ..SockRecord::default()
-        };
-        report_if_changed(meta, tp, family, st, &control, &mut rec)
+        let mut slot = core::mem::MaybeUninit::uninit();
+        let rec = live_record(&mut slot, tp, state);
+        report_if_changed(meta, tp, family, st, &control, rec)
     }
 
     #[inline(always)]

@@ -209,7 +209,7 @@ pub mod walk_mode {
 }
 
 /// The local end of an established client socket, as `CLIENT_ENDPOINTS` knows it (the
-/// key of its hash in the socket-table build, hashed to a [`EndpointKey::fingerprint`] in
+/// key of its hash in the socket-table build, hashed to an [`EndpointKey::place`] in
 /// the set of the socket-storage build), looked up by a server socket's remote end to
 /// tell that both ends are on this host.
 #[repr(C)]
@@ -253,34 +253,50 @@ pub struct EndpointBucket {
     pub slots: [u64; ENDPOINT_WAYS as usize],
 }
 
+/// Where an [`EndpointKey`] sits in the `CLIENT_ENDPOINTS` set: its fingerprint (what a
+/// slot holds) and the two buckets it may take a slot in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointPlace {
+    /// A 64-bit hash of the whole key, never 0 (a free slot). Two live endpoints share a
+    /// fingerprint with a probability of about one in 2^64 per pair.
+    pub fingerprint: u64,
+    /// The home bucket, then the overflow bucket. A client takes a free slot in the
+    /// first, else in the second; a server looks in both. With two choices a key finds no
+    /// room only when both are full, which at the set's size (8 slots per
+    /// `max_connections`, one key per bucket on average when full) does not happen in
+    /// practice (see the tests); with one choice, about one key in 50,000 found its bucket
+    /// full at 1.5 keys per bucket.
+    pub buckets: [u32; 2],
+}
+
 impl EndpointKey {
-    /// A 64-bit hash of the key, never 0 (a free slot): its halves pick the key's two
-    /// buckets ([`endpoint_buckets`]), the whole is compared. Two live endpoints share a fingerprint with a probability
-    /// of about one in 2^64 per pair; murmur3's 64-bit finaliser mixes each word in so
-    /// that consecutive ports and addresses spread over all buckets.
+    /// The key's place in a set of `mask + 1` buckets (a power of two).
+    ///
+    /// The home bucket is a hash of the address and namespace plus the port, so a
+    /// client's successive connections, which the kernel gives nearby ports
+    /// (`__inet_hash_connect` steps by two, plus small random increments), take nearby
+    /// buckets: a storm of short connections keeps touching the same few pages of the
+    /// set instead of a random line of a table of megabytes, each a cache and TLB miss
+    /// (measured: about 10 % of the state-change program's time). The overflow bucket is
+    /// a hash of the whole key, so that a crowded stretch spills anywhere. murmur3's
+    /// 64-bit finaliser mixes each word in, so that nearby addresses land far apart.
     #[inline(always)]
-    pub fn fingerprint(&self) -> u64 {
+    pub fn place(&self, mask: u32) -> EndpointPlace {
         let a = &self.addr;
         let high = u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
         let low = u64::from_le_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
-        let rest = (u64::from(self.netns) << 16) | u64::from(self.port);
-        let mut hash = 0x9e37_79b9_7f4a_7c15_u64;
-        for word in [high, low, rest] {
-            hash = mix64(hash ^ word);
+        let mut address = 0x9e37_79b9_7f4a_7c15_u64;
+        for word in [high, low, u64::from(self.netns)] {
+            address = mix64(address ^ word);
         }
-        if hash == 0 { 1 } else { hash }
+        let hash = mix64(address ^ u64::from(self.port));
+        let fingerprint = if hash == 0 { 1 } else { hash };
+        let home = ((address >> 32) as u32).wrapping_add(u32::from(self.port));
+        EndpointPlace {
+            fingerprint,
+            buckets: [home & mask, fingerprint as u32 & mask],
+        }
     }
-}
-
-/// The two buckets of the `CLIENT_ENDPOINTS` set (`mask` + 1 of them) a fingerprint may
-/// sit in: a client takes a free slot in the first, else in the second; a server looks in
-/// both. With two choices a key finds no room only when both of its buckets are full,
-/// which at the set's size (8 slots per `max_connections`, 1 per bucket on average when
-/// full) does not happen in practice; with one (and 4 slots per connection), about one key
-/// in 50,000 found its bucket full at 1.5 per bucket.
-#[inline(always)]
-pub fn endpoint_buckets(fingerprint: u64, mask: u32) -> [u32; 2] {
-    [(fingerprint >> 32) as u32 & mask, fingerprint as u32 & mask]
 }
 
 /// murmur3's 64-bit finaliser.
@@ -380,7 +396,7 @@ const _: () = assert!(core::mem::size_of::<UdpFlowCounts>() == 32);
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::{ENDPOINT_WAYS, EndpointKey, endpoint_buckets};
+    use super::{ENDPOINT_WAYS, EndpointKey};
     use std::vec;
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
@@ -389,16 +405,14 @@ mod tests {
         ]
     }
 
-    /// Endpoints that find both their buckets full when `clients` consecutive ports of
-    /// one address (as one busy client opens them) go into a set of `buckets`, each
-    /// taking the first free slot of its first bucket, else of its second, as the
-    /// kernel does.
-    fn overflow(clients: u32, buckets: u32) -> u32 {
+    /// Endpoints that find both their buckets full when `keys` go into a set of
+    /// `buckets`, each taking the first free slot of its first bucket, else of its
+    /// second, as the kernel does.
+    fn overflow(keys: impl Iterator<Item = EndpointKey>, buckets: u32) -> u32 {
         let mut used = vec![0_u32; buckets as usize];
         let mut overflow = 0;
-        for i in 0..clients {
-            let key = EndpointKey::new(v4([10, 0, (i >> 16) as u8, 7]), i as u16, 0);
-            let [first, second] = endpoint_buckets(key.fingerprint(), buckets - 1);
+        for key in keys {
+            let [first, second] = key.place(buckets - 1).buckets;
             if used[first as usize] < ENDPOINT_WAYS {
                 used[first as usize] += 1;
             } else if used[second as usize] < ENDPOINT_WAYS {
@@ -410,26 +424,60 @@ mod tests {
         overflow
     }
 
+    /// Every port of one address after another, as one busy client opens them.
+    fn consecutive(clients: u32) -> impl Iterator<Item = EndpointKey> {
+        (0..clients).map(|i| EndpointKey::new(v4([10, 0, (i >> 16) as u8, 7]), i as u16, 0))
+    }
+
+    /// `clients` spread over `pods` addresses of one /16, each using a stretch of the
+    /// ephemeral range with the kernel's step of two, from a different offset.
+    fn pods(clients: u32, pods: u32) -> impl Iterator<Item = EndpointKey> {
+        (0..clients).map(move |i| {
+            let pod = i % pods;
+            let port = 32_768 + (pod * 7_919 + (i / pods) * 2) % 28_232;
+            EndpointKey::new(v4([10, 1, (pod >> 8) as u8, pod as u8]), port as u16, 0)
+        })
+    }
+
     /// At the set's size for `max_connections` (one bucket each) every endpoint finds
-    /// room, at twice that too; with one choice of bucket (as `[first, first]`) the
-    /// same keys overflowed at 1.5 per bucket (a few per 50,000).
+    /// room, at twice that too, whether one client uses every port or many pods use
+    /// stretches of theirs; with one choice of bucket (as `[first, first]`) the same
+    /// consecutive keys overflowed at 1.5 per bucket (a few per 50,000).
     #[test]
-    fn consecutive_ports_spread_over_the_buckets() {
-        assert_eq!(overflow(65_536, 65_536), 0);
-        assert_eq!(overflow(131_072, 65_536), 0);
+    fn endpoints_find_room_up_to_twice_max_connections() {
+        assert_eq!(overflow(consecutive(65_536), 65_536), 0);
+        assert_eq!(overflow(consecutive(131_072), 65_536), 0);
+        assert_eq!(overflow(pods(65_536, 500), 65_536), 0);
+        assert_eq!(overflow(pods(131_072, 5_000), 65_536), 0);
+        // Overfilled, it does overflow (and the kernel counts it, ENDPOINTS_FULL).
+        assert!(overflow(pods(7 * 65_536, 5_000), 65_536) > 0);
+    }
+
+    /// A client's successive ports (the kernel's step of two) take every other home
+    /// bucket: 32 connections in a row touch one 4 KiB page of the set.
+    #[test]
+    fn nearby_ports_take_nearby_buckets() {
+        let mask = 65_535;
+        for addr in [v4([10, 0, 0, 7]), v4([127, 0, 0, 1])] {
+            let home = |port| EndpointKey::new(addr, port, 4026531840).place(mask).buckets[0];
+            for port in (40_000..40_128).step_by(2) {
+                assert_eq!(home(port + 2), (home(port) + 2) & mask);
+            }
+        }
     }
 
     #[test]
     fn fingerprints_tell_ends_apart_and_are_never_free_slots() {
-        let a = EndpointKey::new(v4([10, 0, 0, 7]), 40000, 0).fingerprint();
-        let b = EndpointKey::new(v4([10, 0, 0, 7]), 40001, 0).fingerprint();
-        let c = EndpointKey::new(v4([10, 0, 0, 8]), 40000, 0).fingerprint();
+        let fingerprint = |key: EndpointKey| key.place(u32::MAX).fingerprint;
+        let a = fingerprint(EndpointKey::new(v4([10, 0, 0, 7]), 40000, 0));
+        let b = fingerprint(EndpointKey::new(v4([10, 0, 0, 7]), 40001, 0));
+        let c = fingerprint(EndpointKey::new(v4([10, 0, 0, 8]), 40000, 0));
         assert!(a != b && a != c && b != c);
         // Loopback exists once per namespace; other addresses are host-wide.
-        let lo = |netns| EndpointKey::new(v4([127, 0, 0, 1]), 40000, netns).fingerprint();
+        let lo = |netns| fingerprint(EndpointKey::new(v4([127, 0, 0, 1]), 40000, netns));
         assert_ne!(lo(1), lo(2));
-        let pod = |netns| EndpointKey::new(v4([10, 0, 0, 7]), 40000, netns).fingerprint();
+        let pod = |netns| fingerprint(EndpointKey::new(v4([10, 0, 0, 7]), 40000, netns));
         assert_eq!(pod(1), pod(2));
-        assert_ne!(EndpointKey::default().fingerprint(), 0);
+        assert_ne!(fingerprint(EndpointKey::default()), 0);
     }
 }

@@ -71,7 +71,7 @@ mod programs {
         walk_mode,
     };
     #[cfg(not(feature = "socket-table"))]
-    use ridley_ebpf::{ENDPOINT_WAYS, EndpointBucket, endpoint_buckets};
+    use ridley_ebpf::{ENDPOINT_WAYS, EndpointBucket, EndpointPlace};
 
     /// Per-socket state from the first transition to the socket's end. Socket-local
     /// storage: allocated with the socket's first tracked transition, freed by the kernel
@@ -93,7 +93,7 @@ mod programs {
     /// Local ends of established client sockets, so that a server socket on this host
     /// can tell its client is local (each link once): a set of `EndpointKey`
     /// fingerprints, `ENDPOINT_WAYS` slots per bucket (one cache line), two candidate
-    /// buckets per key (`endpoint_buckets`). A client claims a free slot with
+    /// buckets per key (`EndpointKey::place`). A client claims a free slot with
     /// compare-and-exchange at `ESTABLISHED` and clears it at `TCP_CLOSE` (a claimed slot
     /// is written by its owner only); a server reads its client's two buckets. No lock,
     /// no allocation, nothing to free: the hash table this replaced took a bucket lock
@@ -566,13 +566,13 @@ mod programs {
         ))
     }
 
-    /// The two buckets of `CLIENT_ENDPOINTS` a fingerprint may sit in.
+    /// Where `key` sits in `CLIENT_ENDPOINTS`.
     #[cfg(not(feature = "socket-table"))]
     #[inline(always)]
-    fn buckets_of(fingerprint: u64) -> [u32; 2] {
+    fn place_of(key: &EndpointKey) -> EndpointPlace {
         // SAFETY: plain read of our own read-only global (see `offset!`).
         let mask = unsafe { core::ptr::read_volatile(&raw const ENDPOINT_BUCKET_MASK) };
-        endpoint_buckets(fingerprint, mask)
+        key.place(mask)
     }
 
     /// Records a client's local end; returns its slot for `forget_endpoint`, or 0 when
@@ -580,8 +580,11 @@ mod programs {
     #[cfg(not(feature = "socket-table"))]
     #[inline(always)]
     fn record_endpoint(key: &EndpointKey) -> u32 {
-        let fingerprint = key.fingerprint();
-        for bucket in buckets_of(fingerprint) {
+        let EndpointPlace {
+            fingerprint,
+            buckets,
+        } = place_of(key);
+        for bucket in buckets {
             let Some(slots) = CLIENT_ENDPOINTS.get_ptr_mut(bucket) else {
                 return 0;
             };
@@ -611,8 +614,11 @@ mod programs {
     #[cfg(not(feature = "socket-table"))]
     #[inline(always)]
     fn endpoint_recorded(key: &EndpointKey) -> bool {
-        let fingerprint = key.fingerprint();
-        buckets_of(fingerprint).into_iter().any(|bucket| {
+        let EndpointPlace {
+            fingerprint,
+            buckets,
+        } = place_of(key);
+        buckets.into_iter().any(|bucket| {
             CLIENT_ENDPOINTS.get(bucket).is_some_and(|slots| {
                 // SAFETY: reads of the bucket's slots; a slot written meanwhile reads
                 // old or new.

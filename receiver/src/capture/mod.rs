@@ -230,7 +230,7 @@ pub fn wall_minus_monotonic_ns() -> i128 {
 /// slots per client (a power of two of buckets of `ENDPOINT_WAYS`). Each key has two
 /// buckets to choose from, so with `max_connections` clients at once (one per bucket on
 /// average) a key finding both full does not happen in practice (see
-/// `ridley_ebpf::endpoint_buckets`).
+/// `ridley_ebpf::EndpointKey::place` and its tests).
 fn endpoint_buckets(max_connections: u32) -> u32 {
     (max_connections.max(1).saturating_mul(8) / ridley_ebpf::ENDPOINT_WAYS)
         .max(1)

@@ -8,7 +8,6 @@
 //!
 //! Pure logic over plain records: no kernel, no clock reads, no I/O.
 use std::{
-    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
     time::{Duration, SystemTime},
 };
@@ -17,7 +16,7 @@ use ridley_ebpf::{SockRecord, UdpFlowCounts, UdpFlowKey, flags, tcp_state};
 
 use crate::{
     capture::{OpenedAs, RecordExt, RecordKind},
-    model::{ConnectionSample, FailureReason, LinkKey, LinkStats, Losses, Peer},
+    model::{ConnectionSample, FailureReason, FastMap, FastSet, LinkKey, LinkStats, Losses, Peer},
     nat::Translation,
 };
 
@@ -193,12 +192,6 @@ struct Conn {
     seen: u64,
 }
 
-/// The tables every close record touches: foldhash (seeded per table, as hashbrown's
-/// default) instead of the standard library's SipHash, which was a third of the
-/// daemon's time per record under a storm of short connections.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
-
 /// Capacity no table is shrunk below (see [`shrunk_capacity`]).
 const MIN_TABLE_CAPACITY: usize = 1024;
 
@@ -258,7 +251,7 @@ pub struct Aggregator {
     link_limit_hits: u64,
     /// What conntrack said about connections about to be keyed (see `nat`); used once,
     /// when the connection is first counted, then dropped.
-    translations: HashMap<ConnId, Translation>,
+    translations: FastMap<ConnId, Translation>,
 }
 
 /// Sampling knobs and the clock the kernel's timestamps are converted with.
@@ -336,7 +329,7 @@ impl Aggregator {
             group_public_clients: config.group_public_clients,
             keep_client_ranges: config.keep_client_ranges,
             link_limit_hits: 0,
-            translations: HashMap::new(),
+            translations: FastMap::default(),
         }
     }
 
@@ -349,7 +342,7 @@ impl Aggregator {
 
     /// Translations for the records applied next (replacing any left unused). A server
     /// end whose real client reports the connection is left to it like any other.
-    pub fn set_translations(&mut self, mut translations: HashMap<ConnId, Translation>) {
+    pub fn set_translations(&mut self, mut translations: FastMap<ConnId, Translation>) {
         translations.retain(|id, translation| {
             let left = *translation == Translation::LeftToClient;
             if left {
@@ -577,7 +570,7 @@ impl Aggregator {
         let generation = self.walk_generation;
 
         // Listeners give connections that predate the programs their role.
-        let listeners: HashSet<(u32, u16, IpAddr)> = records
+        let listeners: FastSet<(u32, u16, IpAddr)> = records
             .iter()
             .filter(|r| r.state == tcp_state::LISTEN)
             .map(|r| (r.netns, r.local_port, ip(r.local_addr)))
@@ -603,7 +596,7 @@ impl Aggregator {
         // Local client ends, so that a server socket whose client is on this host is
         // left to the client's report (each link once). The kernel does this for
         // connections it saw open; this covers the ones that predate it.
-        let client_endpoints: HashSet<(IpAddr, u16, u32)> = records
+        let client_endpoints: FastSet<(IpAddr, u16, u32)> = records
             .iter()
             .filter(|r| is_connected(r.state) && end_of(r) == End::Client)
             .map(|r| endpoint(r.local_addr, r.local_port, r.netns))
@@ -613,7 +606,7 @@ impl Aggregator {
         // A client socket on this host that the kernel could not track (its table was
         // full) is then left to that server: a full table may lose data, never count a
         // connection from both ends.
-        let reported_by_local_server: HashSet<(IpAddr, u16, u32)> = records
+        let reported_by_local_server: FastSet<(IpAddr, u16, u32)> = records
             .iter()
             .filter(|r| {
                 is_connected(r.state)
@@ -711,7 +704,7 @@ impl Aggregator {
             }
             live
         });
-        let seen: HashSet<ConnId> = records.iter().map(ConnId::of).collect();
+        let seen: FastSet<ConnId> = records.iter().map(ConnId::of).collect();
         self.left_to_peer.retain(|id| seen.contains(id));
         let conns = &self.conns;
         self.unrecorded_clients
@@ -1514,7 +1507,7 @@ mod tests {
         server.local_port = 80;
         server.remote_port = 61000;
         let backend: std::net::SocketAddr = "10.0.1.5:8080".parse().unwrap();
-        agg.set_translations(HashMap::from([
+        agg.set_translations(FastMap::from_iter([
             (ConnId::of(&dialed), Translation::Backend(backend)),
             (ConnId::of(&server), Translation::LeftToClient),
         ]));

@@ -6,6 +6,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+/// Hash tables keyed by what the kernel reports (addresses, ports, links), touched per
+/// close record or per link per interval: foldhash instead of the standard library's
+/// SipHash, which was a third of the daemon's time per record under a storm of short
+/// connections. Seeded at random per table (as hashbrown's default), so keys a remote
+/// peer picks (ports, public addresses) cannot be aimed at one bucket.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 /// One end of a link: an address, as the receiver sees it, or a workload that the
 /// addresses of its replicas were merged into (by `k8sattributes` without
 /// `keep_pod_detail`), named by [`LinkBatch::workloads`].

@@ -13,7 +13,7 @@
 //! the first interval of a busy node, or a new destination taking thousands of
 //! connections a second, costs one lookup when it is not translated, not thousands.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -26,6 +26,7 @@ use crate::{
         OpenedAs, RecordExt,
         conntrack::{Direction, FlowTuple, NatAnswer, NatQuery},
     },
+    model::{FastMap, FastSet},
 };
 
 /// How long a destination's answer (translated or not) is trusted: a new Service
@@ -79,9 +80,9 @@ struct Known {
 pub struct NatResolver {
     host_netns: u32,
     max_lookups: usize,
-    destinations: HashMap<CacheKey, Known>,
+    destinations: FastMap<CacheKey, Known>,
     /// Addresses of this host's namespaces (see `NatReader::local_addresses`).
-    local_addresses: HashMap<IpAddr, u32>,
+    local_addresses: FastMap<IpAddr, u32>,
     /// Connections to a translated destination whose entry was gone (or unreadable)
     /// when looked up: counted under the dialled address.
     pub unresolved: u64,
@@ -96,8 +97,8 @@ impl NatResolver {
         NatResolver {
             host_netns,
             max_lookups,
-            destinations: HashMap::new(),
-            local_addresses: HashMap::new(),
+            destinations: FastMap::default(),
+            local_addresses: FastMap::default(),
             unresolved: 0,
             over_limit: 0,
             asked: 0,
@@ -105,7 +106,7 @@ impl NatResolver {
     }
 
     pub fn set_local_addresses(&mut self, addresses: HashMap<IpAddr, u32>) {
-        self.local_addresses = addresses;
+        self.local_addresses = addresses.into_iter().collect();
     }
 
     /// A new interval: lookups may be asked again.
@@ -196,7 +197,7 @@ impl NatResolver {
         pending: Vec<Pending>,
         now: Duration,
     ) -> (Vec<Pending>, Vec<Pending>) {
-        let mut probed = HashSet::new();
+        let mut probed = FastSet::default();
         let mut first = Vec::new();
         let mut waiting = Vec::new();
         for p in pending.into_iter().rev() {
@@ -224,7 +225,7 @@ impl NatResolver {
         answers: &[NatAnswer],
         waiting: Vec<Pending>,
     ) -> Vec<Pending> {
-        let translated: HashSet<CacheKey> = probes
+        let translated: FastSet<CacheKey> = probes
             .iter()
             .zip(answers)
             .filter(|(_, answer)| matches!(answer, NatAnswer::Translated(_)))
@@ -244,8 +245,8 @@ impl NatResolver {
         pending: &[Pending],
         answers: Option<&[NatAnswer]>,
         now: Duration,
-    ) -> HashMap<ConnId, Translation> {
-        let mut out = HashMap::new();
+    ) -> FastMap<ConnId, Translation> {
+        let mut out = FastMap::default();
         for (i, p) in pending.iter().enumerate() {
             let known_translated = self
                 .destinations

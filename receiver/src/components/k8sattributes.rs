@@ -6,7 +6,7 @@
 //! The index is rebuilt from the watch stores once per batch; nothing here waits on the
 //! API server. Without a cluster the watches retry in the background and links keep
 //! their addresses.
-use std::{collections::HashMap, net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::Result;
 use config::ComponentSection;
@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::{
     component::{BuildContext, Processor, key_error},
-    model::{EndIdentity, EndRef, IntervalActivity, LinkBatch, LinkKey, LinkStats, Peer},
+    model::{EndIdentity, EndRef, FastMap, IntervalActivity, LinkBatch, LinkKey, LinkStats, Peer},
 };
 
 #[derive(Debug, Deserialize, Clone)]
@@ -136,12 +136,12 @@ const POD_LEVEL: &[&str] = &["k8s.pod.name", "k8s.pod.uid", "k8s.pod.ip", "k8s.n
 #[derive(Default)]
 struct WorkloadMerger {
     /// Each member link's state at the previous batch.
-    members: HashMap<LinkKey, LinkStats>,
+    members: FastMap<LinkKey, LinkStats>,
     /// The merged links, keyed by workload (an index into `workloads`) or address.
-    merged: HashMap<LinkKey, LinkStats>,
+    merged: FastMap<LinkKey, LinkStats>,
     /// The identities `Peer::Workload` indexes, and their index.
     workloads: Vec<EndIdentity>,
-    workload_ids: HashMap<EndIdentity, u32>,
+    workload_ids: FastMap<EndIdentity, u32>,
 }
 
 impl WorkloadMerger {
@@ -168,9 +168,9 @@ impl WorkloadMerger {
     }
 
     fn merge(&mut self, batch: &mut LinkBatch) {
-        let mut active: HashMap<LinkKey, u64> = HashMap::new();
-        let mut intervals: HashMap<LinkKey, IntervalActivity> = HashMap::new();
-        let mut members = HashMap::with_capacity(batch.links.len());
+        let mut active: FastMap<LinkKey, u64> = FastMap::default();
+        let mut intervals: FastMap<LinkKey, IntervalActivity> = FastMap::default();
+        let mut members = FastMap::with_capacity_and_hasher(batch.links.len(), Default::default());
         for (key, stats) in std::mem::take(&mut batch.links) {
             let client = self.peer(batch.client_identity(&key), key.client);
             let server = self.peer(batch.server_identity(&key), key.server);

@@ -9,7 +9,7 @@
 //! go backwards when one of its links expires or a pod is replaced. List it after
 //! `k8sattributes`, which names the ends; without names an edge joins two addresses.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     time::{Duration, SystemTime},
 };
 
@@ -20,7 +20,8 @@ use serde::Deserialize;
 use crate::{
     component::{BuildContext, Processor, key_error},
     model::{
-        EndIdentity, FailureReason, LinkBatch, LinkKey, LinkStats, ServiceGraphEdge, Transport,
+        EndIdentity, FailureReason, FastMap, LinkBatch, LinkKey, LinkStats, ServiceGraphEdge,
+        Transport,
     },
 };
 
@@ -66,7 +67,7 @@ pub fn build(cx: &BuildContext, section: ComponentSection) -> Result<Box<dyn Pro
     Ok(Box::new(ServiceGraph {
         config,
         edges: BTreeMap::new(),
-        previous: HashMap::new(),
+        previous: FastMap::default(),
         last: None,
     }))
 }
@@ -91,7 +92,7 @@ struct ServiceGraph {
     config: ServiceGraphConfig,
     edges: BTreeMap<EdgeKey, Edge>,
     /// Each link's cumulative state at the previous batch, to add only what is new.
-    previous: HashMap<LinkKey, LinkStats>,
+    previous: FastMap<LinkKey, LinkStats>,
     /// The last batch processed (one instance may serve several pipelines).
     last: Option<(SystemTime, Vec<ServiceGraphEdge>)>,
 }
@@ -106,7 +107,7 @@ fn namespace(end: &EndIdentity) -> String {
 
 impl ServiceGraph {
     fn update(&mut self, batch: &LinkBatch) {
-        let mut seen = HashMap::with_capacity(batch.links.len());
+        let mut seen = FastMap::with_capacity_and_hasher(batch.links.len(), Default::default());
         // An edge's requests are connection attempts: UDP links have none (their
         // datagrams are in the link metrics).
         let edges_of = |key: &LinkKey| !key.is_overflow() && key.transport == Transport::Tcp;
@@ -199,7 +200,7 @@ mod tests {
                 ..Default::default()
             },
             edges: BTreeMap::new(),
-            previous: HashMap::new(),
+            previous: FastMap::default(),
             last: None,
         }
     }

@@ -9,8 +9,11 @@ use std::{
 /// Hash tables keyed by what the kernel reports (addresses, ports, links), touched per
 /// close record or per link per interval: foldhash instead of the standard library's
 /// SipHash, which was a third of the daemon's time per record under a storm of short
-/// connections. Seeded at random per table (as hashbrown's default), so keys a remote
-/// peer picks (ports, public addresses) cannot be aimed at one bucket.
+/// connections. Seeded at random (a secret per process and a seed per table, as
+/// hashbrown's default): a remote peer cannot choose ports or addresses that land in one
+/// bucket without the seed. foldhash is meant to be minimally DoS-resistant, not
+/// cryptographic; the tables' sizes are bounded by `max_links` and the other limits
+/// whatever the hash.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 

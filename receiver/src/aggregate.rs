@@ -16,7 +16,10 @@ use ridley_ebpf::{SockRecord, UdpFlowCounts, UdpFlowKey, flags, tcp_state};
 
 use crate::{
     capture::{OpenedAs, RecordExt, RecordKind},
-    model::{ConnectionSample, FailureReason, FastMap, FastSet, LinkKey, LinkStats, Losses, Peer},
+    model::{
+        ConnectionSample, FailureReason, FastMap, FastSet, LinkKey, LinkStats, Losses, Peer,
+        shrink_after_burst,
+    },
     nat::Translation,
 };
 
@@ -190,28 +193,6 @@ struct Conn {
     counted: SocketBytes,
     /// The walk generation that last saw it.
     seen: u64,
-}
-
-/// Capacity no table is shrunk below (see [`shrunk_capacity`]).
-const MIN_TABLE_CAPACITY: usize = 1024;
-
-/// The capacity a hash table should be cut to once a burst is over, if any. A table
-/// keeps the capacity of its highest point: after a storm of 50,000 connections or a
-/// port scan it would keep megabytes for good. Checked at each full walk (once a minute
-/// at the default interval): a table using under a quarter of its capacity is cut to
-/// twice its entries, never below `MIN_TABLE_CAPACITY`, so a steady load never shrinks
-/// and regrows.
-pub(crate) fn shrunk_capacity(len: usize, capacity: usize) -> Option<usize> {
-    let target = (2 * len).max(MIN_TABLE_CAPACITY);
-    (capacity > 2 * target).then_some(target)
-}
-
-macro_rules! shrink_after_burst {
-    ($($table:expr),+ $(,)?) => {
-        $(if let Some(capacity) = shrunk_capacity($table.len(), $table.capacity()) {
-            $table.shrink_to(capacity);
-        })+
-    };
 }
 
 /// Live connections and the links they add up to.
@@ -853,6 +834,7 @@ pub(crate) fn v4(a: [u8; 4]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{MIN_TABLE_CAPACITY, shrunk_capacity};
     use ridley_ebpf::{kind, role};
 
     const T0: u64 = 1_000_000_000;

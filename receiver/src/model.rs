@@ -1,4 +1,5 @@
-//! The data that flows through the pipeline: links and their cumulative statistics.
+//! The data that flows through the pipeline: links and their cumulative statistics,
+//! and the hash tables that hold them (`FastMap`, `FastSet`, `shrink_after_burst!`).
 //! OTLP is produced from this in `encode/`, never here.
 use std::{
     fmt,
@@ -16,6 +17,32 @@ use std::{
 /// whatever the hash.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// Capacity no table is shrunk below (see [`shrunk_capacity`]).
+pub const MIN_TABLE_CAPACITY: usize = 1024;
+
+/// The capacity a hash table should be cut to once a burst is over, if any. A table
+/// keeps the capacity of its highest point: after a storm of 50,000 connections or a
+/// port scan it would keep megabytes for good. A table using under a quarter of its
+/// capacity is cut to twice its entries, never below `MIN_TABLE_CAPACITY`, so a steady
+/// load never shrinks and regrows. The aggregator checks at each full walk (once a
+/// minute at the default interval), the NAT resolver each interval, when its answers
+/// expire.
+pub fn shrunk_capacity(len: usize, capacity: usize) -> Option<usize> {
+    let target = (2 * len).max(MIN_TABLE_CAPACITY);
+    (capacity > 2 * target).then_some(target)
+}
+
+/// Cuts each table given (a `FastMap`, `FastSet` or any std hash table) to
+/// [`shrunk_capacity`] when it applies.
+macro_rules! shrink_after_burst {
+    ($($table:expr),+ $(,)?) => {
+        $(if let Some(capacity) = $crate::model::shrunk_capacity($table.len(), $table.capacity()) {
+            $table.shrink_to(capacity);
+        })+
+    };
+}
+pub(crate) use shrink_after_burst;
 
 /// One end of a link: an address, as the receiver sees it, or a workload that the
 /// addresses of its replicas were merged into (by `k8sattributes` without

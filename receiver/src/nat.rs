@@ -13,7 +13,6 @@
 //! the first interval of a busy node, or a new destination taking thousands of
 //! connections a second, costs one lookup when it is not translated, not thousands.
 use std::{
-    collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -26,7 +25,7 @@ use crate::{
         OpenedAs, RecordExt,
         conntrack::{Direction, FlowTuple, NatAnswer, NatQuery},
     },
-    model::{FastMap, FastSet},
+    model::{FastMap, FastSet, shrink_after_burst},
 };
 
 /// How long a destination's answer (translated or not) is trusted: a new Service
@@ -105,8 +104,8 @@ impl NatResolver {
         }
     }
 
-    pub fn set_local_addresses(&mut self, addresses: HashMap<IpAddr, u32>) {
-        self.local_addresses = addresses.into_iter().collect();
+    pub fn set_local_addresses(&mut self, addresses: FastMap<IpAddr, u32>) {
+        self.local_addresses = addresses;
     }
 
     /// A new interval: lookups may be asked again.
@@ -116,11 +115,8 @@ impl NatResolver {
         // pods, new ports) would otherwise keep every answer of the last hours up to the
         // bound, and its memory would climb for as long (a visible slope in the soak).
         self.destinations.retain(|_, known| known.until > now);
-        // And the capacity a burst of destinations grew it to (see `shrunk_capacity`).
-        let (len, capacity) = (self.destinations.len(), self.destinations.capacity());
-        if let Some(capacity) = crate::aggregate::shrunk_capacity(len, capacity) {
-            self.destinations.shrink_to(capacity);
-        }
+        // And the capacity a burst of destinations grew it to.
+        shrink_after_burst!(self.destinations);
     }
 
     /// The lookup a connection that is about to be keyed needs, if any. `None` also
@@ -545,7 +541,7 @@ mod tests {
         };
         // The masquerading address is not known yet: no lookup.
         assert!(nat.lookup_for(&server(1), Duration::ZERO).is_none());
-        nat.set_local_addresses(HashMap::from([
+        nat.set_local_addresses(FastMap::from_iter([
             ("10.0.2.1".parse().unwrap(), ROUTER),
             ("10.0.1.2".parse().unwrap(), 7),
         ]));

@@ -24,6 +24,8 @@ use netlink_packet_netfilter::{
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use tokio::sync::oneshot;
 
+use crate::model::FastMap;
+
 use super::{RequestThread, netns};
 
 /// A TCP connection's addresses as conntrack keys them, in one direction.
@@ -82,7 +84,7 @@ pub enum NatAnswer {
 
 enum Request {
     Lookup(Vec<NatQuery>, oneshot::Sender<Result<Vec<NatAnswer>>>),
-    Addresses(oneshot::Sender<Result<HashMap<IpAddr, u32>>>),
+    Addresses(oneshot::Sender<Result<FastMap<IpAddr, u32>>>),
 }
 
 /// The lookup thread. Dropping it stops the thread.
@@ -111,7 +113,7 @@ impl NatReader {
     /// Every address configured in a network namespace of this host (loopback
     /// excluded), with its namespace; an address found in two namespaces is left out,
     /// because it does not say which one translated.
-    pub async fn local_addresses(&self) -> Result<HashMap<IpAddr, u32>> {
+    pub async fn local_addresses(&self) -> Result<FastMap<IpAddr, u32>> {
         self.0.ask(Request::Addresses).await?
     }
 }
@@ -446,7 +448,7 @@ fn set_receive_timeout(socket: &Socket, timeout: Duration) -> Result<()> {
 }
 
 /// Addresses of every namespace's interfaces (see [`NatReader::local_addresses`]).
-fn addresses_of_every_namespace(paths: &mut NamespacePaths) -> Result<HashMap<IpAddr, u32>> {
+fn addresses_of_every_namespace(paths: &mut NamespacePaths) -> Result<FastMap<IpAddr, u32>> {
     let mut found: HashMap<IpAddr, Option<u32>> = HashMap::new();
     let inodes: Vec<u32> = paths.by_inode.keys().map(|i| *i as u32).collect();
     in_namespaces(paths, inodes, |ns| {

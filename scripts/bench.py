@@ -682,7 +682,7 @@ def phase_idle(work, rows, conns, socket_state="storage"):
         iter_ns, visits = mean_ns(before, after, iter_id)
         rss = proc_stats(daemon.pid)[2]
         maps = {m["name"]: m.get("bytes_memlock", 0) for m in bpftool("map", "show")
-                if m.get("name") in ("SOCK_STATES", "CLIENT_ENDPOINT", "EVENTS")}
+                if m.get("name") in ("SOCK_STATES", "SOCK_STATE_KEYS", "CLIENT_ENDPOINT", "EVENTS")}
         # Every connection closes at once.
         for holder in holders:
             holder.stdin.write("go\n")
@@ -696,10 +696,11 @@ def phase_idle(work, rows, conns, socket_state="storage"):
         procs.end()
     opened = sum(total(metrics, "ridley.link.connections.opened", port) for port, _ in groups)
     sent = sum(total(metrics, "ridley.link.bytes", port, "client_to_server") for port, _ in groups)
-    iterator = "iter/tcp" if table else "iter/bpf_sk_storage_map"
+    # iter/tcp runs once per socket; iter/bpf_map_elem once per bucket of the state table.
+    iterator, visited = ("iter/tcp", "socket") if table else ("iter/bpf_map_elem", "bucket")
     variant = ", per-socket state in the hash table (as on 5.9 to 5.11)" if table else ""
     rows.append((f"{conns:,} live idle connections, default settings{variant}, 1 s interval",
-                 f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `{iterator}` {iter_ns:.0f} ns per socket visited ({visits / 10:,.0f} visits/s)",
+                 f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `{iterator}` {iter_ns:.0f} ns per {visited} visited ({visits / 10:,.0f} visits/s)",
                  f"kernel maps: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(maps.items()))}"))
     rows.append((f"all {conns:,} closing at once{variant}",
                  f"counted {opened:,}/{conns:,} opened, {sent:,}/{conns * 100:,} bytes; losses {losses(metrics) or 0}",

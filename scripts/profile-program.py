@@ -6,7 +6,7 @@ against the release daemon under `perf record -a -g`, then splits the samples th
 in `ridley_inet_sock_set_state`:
 
 - by the kernel path that ran the program (connect, the handshake's end, a close, ...),
-- by what was running: a helper (socket storage, ring buffer, clock, cgroup) or the
+- by what was running: a helper (socket cookie, ring buffer, clock, cgroup) or the
   program's own instructions,
 - the program's own instructions by source line, through the JIT line table the kernel
   keeps for the loaded program (`bpf_prog_info.jited_line_info`; this machine's bpftool
@@ -43,7 +43,7 @@ INFO_JITED_LINE_INFO, INFO_JITED_LINE_INFO_COUNT, INFO_JITED_LINE_INFO_SIZE = 16
 PLUMBING = ("bpf_trace_run", "__traceiter_", "__bpf_trace_", "inet_sk_state_store",
             "inet_sk_set_state", "__bpf_prog_enter", "bpf_trampoline")
 HELPERS = (
-    ("bpf_sk_storage_get", "socket storage"),
+    ("bpf_get_socket", "socket cookie"),
     ("ringbuf", "ring buffer"),
     ("ktime", "clock"),
     ("cgroup_id", "cgroup id"),

@@ -19,8 +19,9 @@ NO_LOSSES = {"ringbuf_full": 0, "socket_state_unavailable": 0, "endpoint_table_f
 
 @pytest.fixture(params=["storage", "table"])
 def ridley(request, ridley):
-    """Every test here runs with per-socket state in socket storage (5.11+) and in the
-    hash table older kernels use, on this kernel: the counts must not differ."""
+    """Every test here runs with per-socket state in the table keyed by socket cookie
+    (5.12+) and in the hash table older kernels use, on this kernel: the counts must not
+    differ."""
     def start(receiver_extra="", **kwargs):
         return ridley(receiver_extra=f"    socket_state: {request.param}\n{receiver_extra}", **kwargs)
     return start

@@ -164,8 +164,9 @@ def test_a_full_endpoint_table_is_counted_and_never_inflates(ridley, peers):
     """500 connections held at once, both ends on this host, through an endpoint set of
     one bucket of 8 slots (`max_connections: 1`): the 492 client ends that do not fit are
     counted, and their servers, which cannot know that the client is local, report them
-    instead. Socket state itself has no table (socket storage): every connection is
-    tracked, each counted once, exactly."""
+    instead. The state table is never smaller than 1,792 slots, enough for the 500
+    clients and the 492 servers: every connection is tracked, each counted once,
+    exactly."""
     r = ridley(receiver_extra="    max_connections: 1\n", interval="500ms")
     peers.server("a", A4, 8960, reply=10)
     held = peers.hold_all("b", A4, 8960, count=500, send=50)
@@ -181,6 +182,39 @@ def test_a_full_endpoint_table_is_counted_and_never_inflates(ridley, peers):
     losses = final.losses()
     assert losses["endpoint_table_full"] == 492, losses
     assert losses["socket_state_unavailable"] == 0, losses
+
+
+def test_a_full_state_table_is_counted_and_never_inflates(ridley, peers):
+    """1,200 connections held at once, both ends on this host, with `max_connections: 1`:
+    two state slots per connection (the client's at `connect()`, then the server's, whose
+    client found no room in the 8-slot endpoint set) need more than the table's 1,792.
+    What finds no room is counted (`socket_state_unavailable`); every connection is
+    still seen live (the full walks report sockets without state), each opened one is
+    counted exactly and once, nothing is counted that was not sent, and every slot is
+    free again after the close."""
+    from test_kernel_maps import state_slots_in_use
+    r = ridley(receiver_extra="    max_connections: 1\n", interval="500ms")
+    assert state_slots_in_use(r.proc.pid) == (0, 0)
+    peers.server("a", A4, 8961, reply=10)
+    held = peers.hold_all("b", A4, 8961, count=1200, send=50)
+    r.wait_for(lambda b: (b.link(B4, A4, 8961) or {}).get("active") == 1200, fresh=True)
+    # Every slot taken: 256 buckets of 7; some sockets in their overflow bucket.
+    cookies, overflowed = state_slots_in_use(r.proc.pid)
+    assert (cookies, overflowed > 0) == (1792, True)
+    assert peers.release(held) == [f"received {1200 * 10}"]
+    deadline = time.monotonic() + 10
+    while state_slots_in_use(r.proc.pid) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state_slots_in_use(r.proc.pid) == (0, 0)
+    final = r.stop()
+    link = final.link(B4, A4, 8961)
+    assert link["active"] == 0, link
+    assert 0 < link["opened"] < 1200, link
+    assert link["transmit"] == 50 * link["opened"], link
+    assert link["receive"] <= 1200 * 10, link
+    losses = final.losses()
+    assert losses["socket_state_unavailable"] >= 1200 - link["opened"], losses
+    assert losses["endpoint_table_full"] > 0, losses
 
 
 def test_sighup_flushes_and_exits(ridley, peers):

@@ -3,13 +3,13 @@ end (FIN from either side, RST from either side, refused, timed out, on loopback
 across namespaces) removes what the programs stored for it. Read with bpftool, the real
 tool, through the map ids the daemon's own file descriptors hold.
 
-Per-socket state is socket-local storage (`SOCK_STATES`), which the kernel frees with the
-socket: it has no entries to count from userspace and nothing to remove. The tests check
-that it is that kind of map, and that the one map keyed by connections, the set of local
-client ends (`CLIENT_ENDPOINTS`: an array of buckets of 8-byte slots, a slot in use when
-not 0), returns to its baseline. On kernels before 5.12 the state is a hash table whose
-entries the programs remove at each socket's close, and the client ends a hash table
-too: the same tests run with them (`socket_state: table`) and count their entries."""
+Per-socket state is a preallocated array (`SOCK_STATES`) whose slots are taken under the
+socket's cookie in `SOCK_STATE_KEYS` (buckets of seven 8-byte cookies and an overflow
+count, a word in use when not 0), and the set of local client ends (`CLIENT_ENDPOINTS`)
+an array of buckets of 8-byte slots: both return to their baseline. On kernels before
+5.12 the state is a hash table whose entries the programs remove at each socket's close,
+and the client ends a hash table too: the same tests run with them
+(`socket_state: table`) and count their entries."""
 import json
 import os
 import re
@@ -43,12 +43,30 @@ def daemon_map_ids(pid):
 
 
 def used_slots(dump):
-    """Slots in use in a dump of the endpoint set: 8-byte fingerprints that are not 0."""
+    """Words in use in a dump of an array of buckets of 8-byte words (cookies,
+    fingerprints, overflow counts): those that are not 0."""
     used = 0
     for entry in dump:
         value = bytes(int(b, 16) for b in entry["value"])
         used += sum(1 for i in range(0, len(value), 8) if any(value[i:i + 8]))
     return used
+
+
+def state_slots_in_use(pid):
+    """(cookies held, sum of the overflow counts) in the daemon's `SOCK_STATE_KEYS`:
+    buckets of seven 8-byte cookies and one 8-byte overflow count."""
+    for map_id in daemon_map_ids(pid):
+        info = json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)
+        if info.get("name") == "SOCK_STATE_KEYS":
+            dump = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
+            cookies = overflowed = 0
+            for entry in dump:
+                value = bytes(int(b, 16) for b in entry["value"])
+                words = [int.from_bytes(value[i:i + 8], "little") for i in range(0, 64, 8)]
+                cookies += sum(1 for word in words[:7] if word)
+                overflowed += words[7]
+            return cookies, overflowed
+    raise AssertionError("SOCK_STATE_KEYS not found")
 
 
 def hash_map_entries(pid, tracked=TRACKED_MAPS):
@@ -73,11 +91,12 @@ def daemon_maps(pid):
     return maps
 
 
-@pytest.mark.parametrize("socket_state,kind,endpoints", [("storage", "sk_storage", "array"),
+@pytest.mark.parametrize("socket_state,kind,endpoints", [("storage", "array", "array"),
                                                          ("table", "hash", "hash")])
 def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoints):
-    """Per-socket state lives and dies with the socket (or, in the table, is removed at
-    its close); nothing else is keyed by socket. The sizes follow `max_connections`."""
+    """Per-socket state is preallocated (or, in the table, allocated as used) and freed
+    at each socket's close; nothing else is keyed by socket. The sizes follow
+    `max_connections`."""
     r = ridley(receiver_extra=f"    socket_state: {socket_state}\n    max_connections: 100\n")
     infos = {info["name"]: info for info in
              (json.loads(sh("bpftool", "-j", "map", "show", "id", str(i)).stdout)
@@ -91,6 +110,10 @@ def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoin
     else:
         # Eight 8-byte slots per connection, in a power of two of 64-byte buckets.
         assert (infos["CLIENT_ENDPOINT"]["max_entries"], infos["CLIENT_ENDPOINT"]["bytes_value"]) == (128, 64)
+        # A 64-byte bucket of seven state slots per four connections, a power of two of
+        # them, at least 256 (100 / 4 = 25: 256), and an 88-byte state per slot.
+        assert (infos["SOCK_STATE_KEYS"]["max_entries"], infos["SOCK_STATE_KEYS"]["bytes_value"]) == (256, 64)
+        assert (infos["SOCK_STATES"]["max_entries"], infos["SOCK_STATES"]["bytes_value"]) == (256 * 7, 88)
     assert maps.get("SOCK_STATES") == kind, maps
     assert maps.get("CLIENT_ENDPOINT") == endpoints, maps
     assert maps.get("EVENTS") == "ringbuf", maps
@@ -113,7 +136,8 @@ def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers,
     # would fill it and show up as a table-full loss.
     r = ridley(receiver_extra=f"    max_connections: 64\n    socket_state: {socket_state}\n")
     pid = r.proc.pid
-    tracked = dict(TRACKED_MAPS, **({"SOCK_STATES": "SOCK_STATES"} if socket_state == "table" else {}))
+    states = "SOCK_STATES" if socket_state == "table" else "SOCK_STATE_KEYS"
+    tracked = dict(TRACKED_MAPS, **{states: states})
     baseline = hash_map_entries(pid, tracked)
 
     peers.server("a", A4, 8600, reply=10)

@@ -85,6 +85,8 @@ pub mod counter {
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
     pub const MAP_SOCK_STATES: &str = "SOCK_STATES";
+    pub const MAP_SOCK_STATE_KEYS: &str = "SOCK_STATE_KEYS";
+    pub const GLOBAL_STATE_BUCKET_MASK: &str = "STATE_BUCKET_MASK";
     pub const MAP_CLIENT_ENDPOINTS: &str = "CLIENT_ENDPOINTS";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_COUNTERS: &str = "COUNTERS";
@@ -136,14 +138,22 @@ pub struct KernelOffsets {
     /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`).
     pub tcp_mstamp: u32,
     pub sk_protocol: u32,
+    /// `sock_common.skc_cookie`: the socket's cookie, 0 until something asks for it.
+    pub skc_cookie: u32,
+    /// `sock.sk_socket`: NULL for a listener's child until `accept()`.
+    pub sk_socket: u32,
 }
 
-/// Per-socket state the programs keep, in socket-local storage (`SOCK_STATES`): it is
-/// created with the socket's first transition and freed by the kernel with the socket, so
-/// it needs no delete, cannot leak and cannot fill up.
+/// Per-socket state the programs keep (`SOCK_STATES`): a slot of a preallocated table
+/// keyed by socket cookie, taken at the socket's first tracked transition and freed at its
+/// `TCP_CLOSE` (a hash table keyed by socket address in the table build).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockState {
+    /// The socket's address, for the walks of the table (which have no socket pointer of
+    /// their own); checked against the socket's cookie before anything read through it
+    /// is reported.
+    pub sk: u64,
     /// When the open started: `SYN_SENT` (client) or the child socket's `ESTABLISHED` (server;
     /// the same instant as its `SYN_RECV`).
     pub start_ns: u64,
@@ -240,6 +250,70 @@ impl EndpointKey {
             _pad: 0,
         }
     }
+}
+
+/// Slots per bucket of `SOCK_STATE_KEYS`: 7 socket cookies and the bucket's overflow
+/// count, one 64-byte cache line.
+pub const STATE_WAYS: u32 = 7;
+
+/// Overflow buckets a socket whose home bucket is full may take a slot in, each a
+/// different hash of its cookie.
+pub const OVERFLOW_SPAN: u32 = 4;
+
+/// Consecutive socket cookies whose home buckets follow each other from one random start
+/// (64 buckets, one 4 KiB page of the table).
+pub const COOKIES_PER_RUN: u64 = 64;
+
+/// One bucket of `SOCK_STATE_KEYS` (the default build): the cookies of the sockets whose
+/// state sits in the matching slots of `SOCK_STATES` (`bucket * STATE_WAYS + way`); 0 is
+/// a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StateBucket {
+    pub cookies: [u64; STATE_WAYS as usize],
+    /// Sockets whose home is this bucket but whose state sits in their overflow bucket:
+    /// a lookup that misses here looks there only while this is not 0.
+    pub overflowed: u64,
+}
+
+/// Fewest buckets of `SOCK_STATE_KEYS` (1,792 slots, 170 KiB with the states): with a
+/// small `max_connections` the endpoint set is what fills, and the connections it turns
+/// away are still tracked, from their server end.
+pub const MIN_STATE_BUCKETS: u32 = 256;
+
+/// Buckets of `SOCK_STATE_KEYS` for `max_connections`: one per two connections, a power
+/// of two, so at least 3.5 slots per connection (for the clients, and the servers of
+/// remote clients), and at least `MIN_STATE_BUCKETS`. With `max_connections` sockets at
+/// once, one finding its home and all its overflow buckets full does not happen in
+/// practice (see the tests; at 1.75 slots per connection about one in 600 did).
+pub fn state_table_buckets(max_connections: u32) -> u32 {
+    max_connections
+        .div_ceil(2)
+        .max(MIN_STATE_BUCKETS)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// The home bucket of a socket cookie in a table of `mask + 1` buckets (a power of two).
+///
+/// The kernel hands out cookies in increasing order (in per-CPU batches), so a storm's
+/// sockets have nearly consecutive cookies, which take consecutive home buckets: a page
+/// of the table per `COOKIES_PER_RUN` sockets instead of a random line (a cache and TLB
+/// miss) per socket. Each run starts at a random bucket, so that the sockets that stay
+/// (every sixteenth of a churn, say) spread over the table instead of landing on the
+/// same buckets run after run.
+#[inline(always)]
+pub fn home_bucket(cookie: u64, mask: u32) -> u32 {
+    let run_start = mix64(cookie / COOKIES_PER_RUN) as u32;
+    run_start.wrapping_add((cookie % COOKIES_PER_RUN) as u32) & mask
+}
+
+/// The `nth` (< `OVERFLOW_SPAN`) overflow bucket of a socket cookie: independent hashes,
+/// because the home buckets of neighbouring runs fill together, and so would the
+/// neighbours of a crowded bucket.
+#[inline(always)]
+pub fn overflow_bucket(cookie: u64, nth: u32, mask: u32) -> u32 {
+    mix64(cookie ^ (u64::from(nth) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) as u32 & mask
 }
 
 /// Slots per bucket of the `CLIENT_ENDPOINTS` set: 8 fingerprints, one 64-byte cache line.
@@ -387,18 +461,103 @@ pub struct UdpFlowCounts {
 
 // The layouts are part of the contract: a change here must be deliberate on both sides.
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
-const _: () = assert!(core::mem::size_of::<SockState>() == 80);
+const _: () = assert!(core::mem::size_of::<SockState>() == 88);
+const _: () = assert!(core::mem::size_of::<StateBucket>() == 64);
 const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
 const _: () = assert!(core::mem::size_of::<UdpFlowKey>() == 48);
 const _: () = assert!(core::mem::size_of::<UdpFlowCounts>() == 32);
 
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::{ENDPOINT_WAYS, EndpointKey};
-    use std::vec;
+    use super::{
+        COOKIES_PER_RUN, ENDPOINT_WAYS, EndpointKey, OVERFLOW_SPAN, STATE_WAYS, home_bucket,
+        overflow_bucket, state_table_buckets,
+    };
+    use std::{collections::VecDeque, vec};
+
+    /// Sockets that find both their buckets full in a state table sized for
+    /// `max_connections`, as the programs claim slots (the first free one of the home
+    /// bucket, else of the overflow buckets in turn): cookies come in order, and each socket
+    /// lives for `lifetime(cookie)` more claims (`None`: for the whole run).
+    fn states_without_room(
+        cookies: impl Iterator<Item = u64>,
+        lifetime: impl Fn(u64) -> Option<usize>,
+        max_connections: u32,
+    ) -> u32 {
+        let buckets = state_table_buckets(max_connections);
+        let mut used = vec![0_u32; buckets as usize];
+        // (claims left, bucket) of the sockets that will close.
+        let mut closing: VecDeque<(usize, u32)> = VecDeque::new();
+        let mut without_room = 0;
+        for (n, cookie) in cookies.enumerate() {
+            while closing.front().is_some_and(|(at, _)| *at <= n) {
+                let (_, bucket) = closing.pop_front().unwrap();
+                used[bucket as usize] -= 1;
+            }
+            let mask = buckets - 1;
+            let candidates = [home_bucket(cookie, mask)]
+                .into_iter()
+                .chain((0..OVERFLOW_SPAN).map(|nth| overflow_bucket(cookie, nth, mask)));
+            let Some(bucket) = candidates
+                .into_iter()
+                .find(|b| used[*b as usize] < STATE_WAYS)
+            else {
+                without_room += 1;
+                continue;
+            };
+            used[bucket as usize] += 1;
+            if let Some(life) = lifetime(cookie) {
+                closing.push_back((n + life, bucket));
+            }
+        }
+        without_room
+    }
+
+    /// At the table's size for `max_connections`, every socket finds room: that many
+    /// held at once with consecutive cookies, or scattered among a million short
+    /// connections (one in 16 held), or all held while short ones churn past them.
+    /// Overfilled, sockets do find no room (counted by the kernel,
+    /// SOCK_STATE_UNAVAILABLE), so the harness can fail.
+    #[test]
+    fn states_find_room_up_to_max_connections() {
+        let max = 65_536;
+        assert_eq!(states_without_room(1..=u64::from(max), |_| None, max), 0);
+        let one_in_16 = |c: u64| if c % 16 == 0 { None } else { Some(64) };
+        assert_eq!(
+            states_without_room(1..=16 * u64::from(max), one_in_16, max),
+            0
+        );
+        let held_then_churn = |c: u64| {
+            if c <= u64::from(max) {
+                None
+            } else {
+                Some(1_000)
+            }
+        };
+        assert_eq!(states_without_room(1..=1_000_000, held_then_churn, max), 0);
+        assert!(states_without_room(1..=8 * u64::from(max), |_| None, max) > 0);
+    }
+
+    /// A storm's consecutive cookies take consecutive home buckets, a run of 64 (one
+    /// page of the table) at a time; the next run starts elsewhere.
+    #[test]
+    fn consecutive_cookies_take_consecutive_buckets() {
+        let mask = state_table_buckets(65_536) - 1;
+        let home = |cookie| home_bucket(cookie, mask);
+        for cookie in 1_024..1_024 + COOKIES_PER_RUN {
+            let step = (cookie - 1_024) as u32;
+            assert_eq!(home(cookie), home(1_024).wrapping_add(step) & mask);
+        }
+        let last = 1_024 + COOKIES_PER_RUN - 1;
+        assert_ne!(home(last + 1), home(last).wrapping_add(1) & mask);
+        let overflow: std::vec::Vec<u32> = (0..OVERFLOW_SPAN)
+            .map(|nth| overflow_bucket(1_024, nth, mask))
+            .collect();
+        assert!(overflow.iter().all(|b| *b != home(1_024)), "{overflow:?}");
+    }
 
     fn v4(a: [u8; 4]) -> [u8; 16] {
         [

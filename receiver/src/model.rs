@@ -411,8 +411,9 @@ impl LinkStats {
 pub struct Losses {
     /// Close records dropped because the ring buffer was full.
     pub ringbuf_full: u64,
-    /// Sockets whose state the kernel could not store (socket storage could not be
-    /// allocated: memory pressure); such a connection is counted without its open.
+    /// Sockets whose state the kernel could not store (its slots in the state table
+    /// full, or the table build's hash full); such a connection is counted without its
+    /// open, from the full walks.
     pub socket_state_unavailable: u64,
     /// Client endpoints not recorded (the link may be reported from both ends).
     pub endpoint_table_full: u64,

@@ -2,12 +2,14 @@
 //!
 //! - `tp_btf/inet_sock_set_state` sees every TCP state change of every socket in every
 //!   network namespace. It records how a connection was opened (client or server, when,
-//!   with which handshake counters) in the socket's own storage (`SOCK_STATES`), and at
-//!   `TCP_CLOSE` sends one record with the final counters on the `EVENTS` ring buffer.
-//!   Cost: a few loads and one storage lookup per transition, nothing per packet.
-//! - `iter/bpf_sk_storage_map` walks the sockets that have state, in every namespace at
-//!   once, once per collection interval: live counters of the connections whose counters
-//!   changed since the last walk; an idle connection costs a few loads.
+//!   with which handshake counters) in a slot of `SOCK_STATES` taken under the socket's
+//!   cookie, and at `TCP_CLOSE` sends one record with the final counters on the `EVENTS`
+//!   ring buffer and frees the slot. Cost: a few loads and one lookup in a warm cache
+//!   line per transition, nothing per packet.
+//! - `iter/bpf_map_elem` over `SOCK_STATE_KEYS` walks the sockets that have state, in
+//!   every namespace at once, once per collection interval: live counters of the
+//!   connections whose counters changed since the last walk; an idle connection costs a
+//!   few reads.
 //! - `iter/tcp` walks the TCP sockets of one network namespace when userspace reads it,
 //!   for the full walks (the first, then every 60th): every connection, listeners (to
 //!   give connections that predate the daemon their role), and state for the sockets
@@ -16,12 +18,12 @@
 //!   every socket send and receive; a connected UDP socket's datagrams are added to its
 //!   flow in `UDP_FLOWS_*`. Everything else (TCP above all) leaves after one load.
 //!
-//! Built twice from this file. By default per-socket state is socket-local storage
-//! (5.11+ in tracing programs) and the client ends a lock-free set (compare-and-exchange,
-//! 5.12+). With the `socket-table` feature both are hash tables, the state keyed by
-//! socket address, for 5.9 to 5.11 kernels: entries are removed at `TCP_CLOSE`, which
-//! every socket with state reaches, and there is no `iter/bpf_sk_storage_map` (the walks
-//! between full walks go through `iter/tcp` too).
+//! Built twice from this file. By default per-socket state and the client ends are
+//! lock-free preallocated tables (socket cookies in tracing programs and
+//! compare-and-exchange, 5.12+). With the `socket-table` feature both are hash tables,
+//! the state keyed by socket address, for 5.9 to 5.11 kernels: entries are removed at
+//! `TCP_CLOSE`, which every socket with state reaches, and there is no
+//! `iter/bpf_map_elem` (the walks between full walks go through `iter/tcp` too).
 //!
 //! Both hooks receive BTF-typed socket pointers, so kernel fields are loaded directly at
 //! offsets userspace resolved from BTF (`OFFSETS`, constants to the verifier, which checks
@@ -46,10 +48,12 @@ fn main() {
 mod programs {
     use core::ffi::c_void;
 
+    #[cfg(not(feature = "socket-table"))]
+    use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie};
     use aya_ebpf::{
         bindings::{
             BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
-            BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE,
+            BPF_RB_NO_WAKEUP,
         },
         helpers::{
             bpf_get_current_cgroup_id, bpf_ktime_get_ns,
@@ -59,29 +63,47 @@ mod programs {
         maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::BtfTracePointContext,
     };
-    #[cfg(not(feature = "socket-table"))]
-    use aya_ebpf::{
-        btf_maps::SkStorage,
-        helpers::{bpf_probe_read_kernel, generated::bpf_sk_storage_get},
-        macros::btf_map,
-    };
     use ridley_ebpf::{
         AF_INET, AF_INET6, EndpointKey, IPPROTO_UDP, KernelOffsets, MSG_PEEK, SockRecord,
         SockState, UdpFlowCounts, UdpFlowKey, WalkControl, counter, flags, kind, role, tcp_state,
         walk_mode,
     };
     #[cfg(not(feature = "socket-table"))]
-    use ridley_ebpf::{ENDPOINT_WAYS, EndpointBucket, EndpointPlace};
+    use ridley_ebpf::{
+        ENDPOINT_WAYS, EndpointBucket, EndpointPlace, OVERFLOW_SPAN, STATE_WAYS, StateBucket,
+        home_bucket, overflow_bucket,
+    };
 
-    /// Per-socket state from the first transition to the socket's end. Socket-local
-    /// storage: allocated with the socket's first tracked transition, freed by the kernel
-    /// with the socket. No size to configure, nothing to delete, nothing that can leak.
+    /// Per-socket state from the first tracked transition to the socket's `TCP_CLOSE`:
+    /// slot `bucket * STATE_WAYS + way` holds the state of the socket whose cookie is in
+    /// way `way` of bucket `bucket` of `SOCK_STATE_KEYS`. Preallocated and keyed by the
+    /// socket's cookie, so that taking a slot is one compare-and-exchange in a cache line
+    /// a storm keeps warm: socket-local storage, which this replaced, allocated two
+    /// objects charged to the memory cgroup and took a lock for each socket, 56 % of the
+    /// state-change program's time. Sized by userspace (a power of two of buckets, one
+    /// per four `max_connections`: 1.75 slots or more per connection;
+    /// `STATE_BUCKET_MASK`). A socket that finds both its
+    /// buckets full is counted (SOCK_STATE_UNAVAILABLE).
     #[cfg(not(feature = "socket-table"))]
-    #[btf_map]
-    static SOCK_STATES: SkStorage<SockState> = SkStorage::new();
+    #[map]
+    static SOCK_STATES: Array<SockState> = Array::with_max_entries(16384 * STATE_WAYS, 0);
 
-    /// Per-socket state where socket storage is not available to tracing programs
-    /// (before 5.11): keyed by the socket's address, allocated as used (no preallocation:
+    /// The cookies of the sockets in `SOCK_STATES`, `STATE_WAYS` to a 64-byte bucket with
+    /// the bucket's overflow count; 0 is a free slot. A socket claims a free slot of its
+    /// home bucket, else of its overflow bucket (`state_buckets`), with
+    /// compare-and-exchange; only its own transitions (serialised by the socket lock)
+    /// write it after that, and its `TCP_CLOSE` frees it. The walks between full walks
+    /// iterate over this map.
+    #[cfg(not(feature = "socket-table"))]
+    #[map]
+    static SOCK_STATE_KEYS: Array<StateBucket> = Array::with_max_entries(16384, 0);
+
+    /// Buckets of `SOCK_STATE_KEYS` minus one (a power of two minus one), set by userspace.
+    #[unsafe(no_mangle)]
+    static STATE_BUCKET_MASK: u32 = 0;
+
+    /// Per-socket state where tracing programs have no socket cookies or
+    /// compare-and-exchange (before 5.12): keyed by the socket's address, allocated as used (no preallocation:
     /// memory follows the sockets tracked), removed at the socket's `TCP_CLOSE`
     /// (`release_storage`). The size is a default; userspace sets it from
     /// `max_connections`. A full table is counted (SOCK_STATE_UNAVAILABLE).
@@ -175,6 +197,8 @@ mod programs {
         write_seq: 0,
         tcp_mstamp: 0,
         sk_protocol: 0,
+        skc_cookie: 0,
+        sk_socket: 0,
     };
 
     /// Wake the reader only once this many bytes wait in `EVENTS`; userspace also drains
@@ -246,11 +270,11 @@ mod programs {
     #[inline(always)]
     fn live_record(
         slot: &mut core::mem::MaybeUninit<SockRecord>,
-        tp: TcpSock,
+        sk: impl SockFields,
         state: u8,
     ) -> &mut SockRecord {
         let rec = zeroed(slot);
-        rec.sk = tp.0 as u64;
+        rec.sk = sk.address();
         rec.kind = kind::LIVE;
         rec.state = state;
         rec
@@ -264,10 +288,124 @@ mod programs {
         }
     }
 
+    /// A socket's fields at offsets userspace resolved from BTF, read one way or another:
+    /// the fields and their meaning are written once, for both ways.
+    trait SockFields: Copy {
+        /// Loads the `T` at byte `off` of the socket.
+        fn load<T: Copy + Default>(self, off: u32) -> T;
+
+        /// The inode number of the socket's network namespace.
+        fn netns(self) -> u32;
+
+        #[inline(always)]
+        fn family(self) -> u16 {
+            self.load(offset!(skc_family))
+        }
+
+        #[inline(always)]
+        fn state(self) -> u8 {
+            self.load(offset!(skc_state))
+        }
+
+        /// Both ends of the socket. IPv4 is IPv4-mapped (::ffff:a.b.c.d).
+        #[inline(always)]
+        fn ends(self, family: u16) -> Ends {
+            let (local_addr, remote_addr) = if family == AF_INET {
+                (
+                    v4_mapped(self.load(offset!(skc_rcv_saddr))),
+                    v4_mapped(self.load(offset!(skc_daddr))),
+                )
+            } else {
+                (
+                    self.load(offset!(skc_v6_rcv_saddr)),
+                    self.load(offset!(skc_v6_daddr)),
+                )
+            };
+            Ends {
+                local_addr,
+                remote_addr,
+                local_port: self.load(offset!(skc_num)),
+                remote_port: u16::from_be(self.load(offset!(skc_dport))),
+                netns: self.netns(),
+            }
+        }
+
+        /// Fills the addressing part of a record.
+        #[inline(always)]
+        fn read_addresses(self, family: u16, rec: &mut SockRecord) {
+            // Straight into the record: an `Ends` on the way would take stack the
+            // iterators do not have.
+            if family == AF_INET {
+                rec.local_addr = v4_mapped(self.load(offset!(skc_rcv_saddr)));
+                rec.remote_addr = v4_mapped(self.load(offset!(skc_daddr)));
+            } else {
+                rec.local_addr = self.load(offset!(skc_v6_rcv_saddr));
+                rec.remote_addr = self.load(offset!(skc_v6_daddr));
+            }
+            rec.local_port = self.load(offset!(skc_num));
+            rec.remote_port = u16::from_be(self.load(offset!(skc_dport)));
+            rec.netns = self.netns();
+        }
+
+        /// Fills the tcp_sock counters and error state of a record.
+        #[inline(always)]
+        fn read_counters(self, rec: &mut SockRecord) {
+            rec.bytes_acked = self.load(offset!(bytes_acked));
+            rec.bytes_received = self.load(offset!(bytes_received));
+            rec.total_retrans = self.load(offset!(total_retrans));
+            rec.srtt_us_x8 = self.load(offset!(srtt_us));
+            rec.snd_una = self.load(offset!(snd_una));
+            rec.write_seq = self.load(offset!(write_seq));
+            rec.sk_err = self.load(offset!(sk_err));
+            let sk_flags: u64 = self.load(offset!(sk_flags));
+            if sk_flags & SOCK_DONE_BIT != 0 {
+                rec.flags |= flags::PEER_FIN;
+            }
+        }
+
+        /// Whether what was read through this handle is the socket's own: always for a
+        /// pointer the kernel handed the program; see `ProbedSock`.
+        fn still_same(self) -> bool;
+
+        /// The socket's address, as records carry it.
+        fn address(self) -> u64;
+    }
+
     /// A socket pointer the verifier knows as a BTF `struct tcp_sock` (whose first member
     /// is the `struct sock`, and its first the `struct sock_common`).
     #[derive(Clone, Copy)]
     struct TcpSock(*const u8);
+
+    impl SockFields for TcpSock {
+        #[inline(always)]
+        fn load<T: Copy + Default>(self, off: u32) -> T {
+            // SAFETY: a direct load from a BTF pointer: the verifier checks at load time
+            // that `off` (a constant) and `size_of::<T>()` fall inside one field of the
+            // kernel's struct, and the JIT turns a fault on a socket being torn down into
+            // a zero read instead of an oops.
+            unsafe { core::ptr::read_volatile(self.0.add(off as usize) as *const T) }
+        }
+
+        #[inline(always)]
+        fn netns(self) -> u32 {
+            let net: *const u8 = self.load(offset!(skc_net));
+            // SAFETY: `net` is the BTF `struct net *` of the socket, loaded above; the
+            // same checked, fault-tolerant direct load as `load`.
+            unsafe {
+                core::ptr::read_volatile(net.add(offset!(net_ns_inum) as usize) as *const u32)
+            }
+        }
+
+        #[inline(always)]
+        fn still_same(self) -> bool {
+            true
+        }
+
+        #[inline(always)]
+        fn address(self) -> u64 {
+            self.0 as u64
+        }
+    }
 
     impl TcpSock {
         /// The full TCP socket behind `sk`, or `None` for anything else (a listener's
@@ -281,53 +419,54 @@ mod programs {
             (!tp.is_null()).then_some(TcpSock(tp as *const u8))
         }
 
-        /// Loads the `T` at byte `off` of the socket.
+        /// Whether a task holds the socket: a listener's child has no `struct socket`
+        /// until `accept()`.
         #[inline(always)]
-        fn load<T: Copy>(self, off: u32) -> T {
-            // SAFETY: a direct load from a BTF pointer: the verifier checks at load time
-            // that `off` (a constant) and `size_of::<T>()` fall inside one field of the
-            // kernel's struct, and the JIT turns a fault on a socket being torn down into
-            // a zero read instead of an oops.
-            unsafe { core::ptr::read_volatile(self.0.add(off as usize) as *const T) }
+        fn has_owner(self) -> bool {
+            let socket: u64 = self.load(offset!(sk_socket));
+            socket != 0
         }
 
+        /// The socket's cookie, or 0 if nothing has asked for it yet. State is only ever
+        /// kept under a cookie, so a socket without one has none.
+        #[cfg(not(feature = "socket-table"))]
         #[inline(always)]
-        fn family(self) -> u16 {
-            self.load(offset!(skc_family))
+        fn cookie(self) -> u64 {
+            self.load(offset!(skc_cookie))
         }
 
-        #[inline(always)]
-        fn state(self) -> u8 {
-            self.load(offset!(skc_state))
-        }
-
-        /// The socket's state storage, created (zeroed) if `create` and absent.
+        /// The socket's state, created (zeroed) if `create` and absent.
         #[cfg(not(feature = "socket-table"))]
         #[inline(always)]
         fn storage(self, create: bool) -> Option<&'static mut SockState> {
-            let flags = if create {
-                BPF_SK_STORAGE_GET_F_CREATE as u64
-            } else {
-                0
-            };
-            // SAFETY: the map is socket storage of `SockState`; the socket pointer is a
-            // BTF `struct sock` (tcp_sock starts with it). The value lives as long as
-            // the socket, which outlives this program run.
-            unsafe {
-                let value = bpf_sk_storage_get(
-                    (&raw const SOCK_STATES) as *mut c_void,
-                    self.0 as *mut c_void,
-                    core::ptr::null_mut(),
-                    flags,
-                ) as *mut SockState;
-                value.as_mut()
+            let mut cookie = self.cookie();
+            if cookie == 0 {
+                if !create {
+                    return None;
+                }
+                // SAFETY: the socket is a BTF `struct sock`; the helper gives it a cookie
+                // (once, atomically) and returns it. A fresh cookie has no state yet.
+                cookie = unsafe { bpf_get_socket_cookie(self.0 as *mut c_void) };
+                return claim_state(cookie);
+            }
+            match find_state(cookie) {
+                Some(slot) => state_at(slot),
+                None if create => claim_state(cookie),
+                None => None,
             }
         }
 
-        /// Socket storage is freed with the socket: nothing to do.
+        /// Frees the socket's state slot: called at its `TCP_CLOSE`.
         #[cfg(not(feature = "socket-table"))]
         #[inline(always)]
-        fn release_storage(self) {}
+        fn release_storage(self) {
+            let cookie = self.cookie();
+            if cookie != 0 {
+                if let Some(slot) = find_state(cookie) {
+                    release_state(cookie, slot);
+                }
+            }
+        }
 
         /// The socket's entry in the state table, created (zeroed) if `create` and absent.
         #[cfg(feature = "socket-table")]
@@ -360,67 +499,159 @@ mod programs {
         fn release_storage(self) {
             let _ = SOCK_STATES.remove(&(self.0 as u64));
         }
+    }
 
-        /// Network namespace inode.
-        #[inline(always)]
-        fn netns(self) -> u32 {
-            let net: *const u8 = self.load(offset!(skc_net));
-            // SAFETY: `net` is the BTF `struct net *` of the socket, loaded above; the
-            // same checked, fault-tolerant direct load as `load`.
-            unsafe {
-                core::ptr::read_volatile(net.add(offset!(net_ns_inum) as usize) as *const u32)
+    /// The bucket of `SOCK_STATE_KEYS` at `bucket`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn state_bucket(bucket: u32) -> Option<*mut StateBucket> {
+        SOCK_STATE_KEYS.get_ptr_mut(bucket)
+    }
+
+    /// The cookie slot `way` of `bucket`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn cookie_slot(bucket: *mut StateBucket, way: u32) -> *mut u64 {
+        // SAFETY: `bucket` came from the map (valid while it is), `way < STATE_WAYS`.
+        unsafe { (&raw mut (*bucket).cookies).cast::<u64>().add(way as usize) }
+    }
+
+    /// A slot of `SOCK_STATE_KEYS` and `SOCK_STATES`: way `way` (< STATE_WAYS) of
+    /// bucket `bucket`. Kept apart, not as one index: the verifier cannot bound a way
+    /// computed back from an index with `%`.
+    #[cfg(not(feature = "socket-table"))]
+    #[derive(Clone, Copy)]
+    struct Slot {
+        bucket: u32,
+        way: u32,
+    }
+
+    /// Buckets of `SOCK_STATE_KEYS` minus one.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn state_mask() -> u32 {
+        // SAFETY: plain read of our own read-only global (see `offset!`).
+        unsafe { core::ptr::read_volatile(&raw const STATE_BUCKET_MASK) }
+    }
+
+    /// The way of the bucket `keys` that holds `cookie`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn way_of(keys: *mut StateBucket, cookie: u64) -> Option<u32> {
+        // SAFETY: slots of the bucket; a slot written meanwhile reads old or new, and only
+        // the owner of a cookie writes the slot that holds it.
+        (0..STATE_WAYS)
+            .find(|way| unsafe { core::ptr::read_volatile(cookie_slot(keys, *way)) } == cookie)
+    }
+
+    /// The slot that holds `cookie`: in its home bucket, or, only while some socket of
+    /// that home overflowed, in one of its overflow buckets.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn find_state(cookie: u64) -> Option<Slot> {
+        let mask = state_mask();
+        let home = home_bucket(cookie, mask);
+        let home_keys = state_bucket(home)?;
+        if let Some(way) = way_of(home_keys, cookie) {
+            return Some(Slot { bucket: home, way });
+        }
+        // SAFETY: a word of the bucket, read once.
+        if unsafe { core::ptr::read_volatile(&raw const (*home_keys).overflowed) } == 0 {
+            return None;
+        }
+        for nth in 0..OVERFLOW_SPAN {
+            let bucket = overflow_bucket(cookie, nth, mask);
+            if let Some(way) = way_of(state_bucket(bucket)?, cookie) {
+                return Some(Slot { bucket, way });
             }
         }
+        None
+    }
 
-        /// Both ends of the socket. IPv4 is IPv4-mapped (::ffff:a.b.c.d).
-        #[inline(always)]
-        fn ends(self, family: u16) -> Ends {
-            let (local_addr, remote_addr) = if family == AF_INET {
-                (
-                    v4_mapped(self.load(offset!(skc_rcv_saddr))),
-                    v4_mapped(self.load(offset!(skc_daddr))),
-                )
-            } else {
-                (
-                    self.load(offset!(skc_v6_rcv_saddr)),
-                    self.load(offset!(skc_v6_daddr)),
-                )
+    /// Takes a free slot for `cookie` (home bucket first, then the overflow buckets) and
+    /// returns its zeroed state; `None` when all are full (the caller counts it).
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn claim_state(cookie: u64) -> Option<&'static mut SockState> {
+        let mask = state_mask();
+        let home = home_bucket(cookie, mask);
+        for nth in 0..=OVERFLOW_SPAN {
+            let bucket = match nth {
+                0 => home,
+                _ => overflow_bucket(cookie, nth - 1, mask),
             };
-            Ends {
-                local_addr,
-                remote_addr,
-                local_port: self.load(offset!(skc_num)),
-                remote_port: u16::from_be(self.load(offset!(skc_dport))),
-                netns: self.netns(),
+            let keys = state_bucket(bucket)?;
+            for way in 0..STATE_WAYS {
+                let slot = cookie_slot(keys, way);
+                // SAFETY: a free slot is taken only by compare-and-exchange, so two
+                // sockets never both think they hold it.
+                let taken = unsafe {
+                    core::ptr::read_volatile(slot) == 0
+                        && core::intrinsics::atomic_cxchg::<
+                            u64,
+                            { core::intrinsics::AtomicOrdering::SeqCst },
+                            { core::intrinsics::AtomicOrdering::Relaxed },
+                        >(slot, 0, cookie)
+                        .1
+                };
+                if !taken {
+                    continue;
+                }
+                if nth != 0 {
+                    // Counted in the home bucket before anyone looks: the lookups of
+                    // this cookie are this socket's own, after this transition, or a
+                    // walk's, which finds it through the overflow bucket's own entry.
+                    overflowed_add(home, 1);
+                }
+                let st = state_at(Slot { bucket, way })?;
+                // SAFETY: the slot is ours; the state is written whole.
+                unsafe { zero(st as *mut SockState) };
+                return Some(st);
             }
         }
+        None
+    }
 
-        /// Fills the addressing part of a record.
-        #[inline(always)]
-        fn read_addresses(self, family: u16, rec: &mut SockRecord) {
-            let ends = self.ends(family);
-            rec.local_addr = ends.local_addr;
-            rec.remote_addr = ends.remote_addr;
-            rec.local_port = ends.local_port;
-            rec.remote_port = ends.remote_port;
-            rec.netns = ends.netns;
+    /// Frees `slot`, which holds `cookie`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn release_state(cookie: u64, slot: Slot) {
+        let Some(keys) = state_bucket(slot.bucket) else {
+            return;
+        };
+        // SAFETY: the slot holding this socket's cookie, written by its owner only.
+        unsafe { core::ptr::write_volatile(cookie_slot(keys, slot.way), 0) };
+        let home = home_bucket(cookie, state_mask());
+        if slot.bucket != home {
+            overflowed_add(home, u64::MAX);
         }
+    }
 
-        /// Fills the tcp_sock counters and error state of a record.
-        #[inline(always)]
-        fn read_counters(self, rec: &mut SockRecord) {
-            rec.bytes_acked = self.load(offset!(bytes_acked));
-            rec.bytes_received = self.load(offset!(bytes_received));
-            rec.total_retrans = self.load(offset!(total_retrans));
-            rec.srtt_us_x8 = self.load(offset!(srtt_us));
-            rec.snd_una = self.load(offset!(snd_una));
-            rec.write_seq = self.load(offset!(write_seq));
-            rec.sk_err = self.load(offset!(sk_err));
-            let sk_flags: u64 = self.load(offset!(sk_flags));
-            if sk_flags & SOCK_DONE_BIT != 0 {
-                rec.flags |= flags::PEER_FIN;
+    /// Adds `delta` (wrapping: `u64::MAX` subtracts one) to a bucket's overflow count.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn overflowed_add(bucket: u32, delta: u64) {
+        if let Some(keys) = state_bucket(bucket) {
+            // SAFETY: an atomic add to a word of the bucket, which every CPU may update.
+            unsafe {
+                core::intrinsics::atomic_xadd::<
+                    u64,
+                    u64,
+                    { core::intrinsics::AtomicOrdering::SeqCst },
+                >(&raw mut (*keys).overflowed, delta);
             }
         }
+    }
+
+    /// The state in `slot` of `SOCK_STATES`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn state_at(slot: Slot) -> Option<&'static mut SockState> {
+        // SAFETY: a slot of the preallocated array, valid while the map is; its owner is
+        // the socket whose cookie holds the key slot.
+        SOCK_STATES
+            .get_ptr_mut(slot.bucket * STATE_WAYS + slot.way)
+            .and_then(|value| unsafe { value.as_mut() })
     }
 
     /// The addressing of a socket, without the rest of a record.
@@ -514,6 +745,7 @@ mod programs {
         // The whole state is written: a socket can connect() again after a failure.
         // SAFETY: `st` is a valid, exclusive reference.
         unsafe { zero(st as *mut SockState) };
+        st.sk = tp.address();
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         st.start_ns = unsafe { bpf_ktime_get_ns() };
         st.role = role;
@@ -537,11 +769,14 @@ mod programs {
     /// (the child's `SYN_RECV` is the same instant).
     #[inline(always)]
     fn server_established(tp: TcpSock, family: u16) {
-        if let Some(st) = tp.storage(false) {
-            if st.role == role::CLIENT && st.flags & flags::TRACKED != 0 {
-                // A simultaneous open (both ends connect()ed): this end is a client.
-                established(tp, family, tcp_state::SYN_RECV, st);
-                return;
+        // A listener's child has no owner yet; a socket with one that passes through
+        // SYN_RECV is a simultaneous open (both ends connect()ed): this end is a client.
+        if tp.has_owner() {
+            if let Some(st) = tp.storage(false) {
+                if st.role == role::CLIENT && st.flags & flags::TRACKED != 0 {
+                    established(tp, family, tcp_state::SYN_RECV, st);
+                    return;
+                }
             }
         }
         if client_is_local(tp, family) {
@@ -735,8 +970,7 @@ mod programs {
             forget_endpoint(&local, st.endpoint_slot);
         }
         st.endpoint_slot = 0;
-        // The storage lives on with the socket object until it is freed; a socket that
-        // connects again starts over in `start`.
+        // Freed below; a socket that connects again starts over in `start`.
         st.flags = 0;
         // SAFETY: plain read of our own read-only global (see `offset!`).
         let threshold = unsafe { core::ptr::read_volatile(&raw const RINGBUF_WAKEUP_BYTES) };
@@ -918,8 +1152,8 @@ mod programs {
         }
         let st = match tp.storage(false) {
             Some(st) => st,
-            // A socket without state is left to the full walks, as the walks of socket
-            // storage between them leave it: those list only the sockets that changed,
+            // A socket without state is left to the full walks, as the walks of the
+            // state table between them leave it: those list only the sockets that changed,
             // so its local peer (a client whose endpoint another connection's close
             // forgot) may be absent from the walk that would show it first, and alone it
             // would be counted as well as by that peer.
@@ -948,11 +1182,12 @@ mod programs {
     /// (`start`) or removes it (`server_established`).
     #[inline(always)]
     fn state_for_walked_socket(tp: TcpSock) -> Option<&'static mut SockState> {
-        let st = tp.storage(true);
-        if st.is_none() {
+        let Some(st) = tp.storage(true) else {
             bump(counter::SOCK_STATE_UNAVAILABLE);
-        }
-        st
+            return None;
+        };
+        st.sk = tp.address();
+        Some(st)
     }
 
     /// Outside a full walk, a socket whose last packet predates the previous walk is
@@ -971,13 +1206,13 @@ mod programs {
     #[inline(always)]
     fn report_if_changed(
         meta: *const IterMeta,
-        tp: TcpSock,
+        sk: impl SockFields,
         family: u16,
         st: &mut SockState,
         control: &WalkControl,
         rec: &mut SockRecord,
     ) -> i32 {
-        tp.read_counters(rec);
+        sk.read_counters(rec);
         let unchanged = st.flags & flags::WALKED != 0
             && st.walked_generation != control.generation
             && st.walked_bytes_acked == rec.bytes_acked
@@ -987,6 +1222,10 @@ mod programs {
         if unchanged && control.mode != walk_mode::FULL {
             return 0;
         }
+        sk.read_addresses(family, rec);
+        if !sk.still_same() {
+            return 0;
+        }
         st.walked_generation = control.generation;
         st.walked_bytes_acked = rec.bytes_acked;
         st.walked_bytes_received = rec.bytes_received;
@@ -994,86 +1233,178 @@ mod programs {
         st.walked_state = rec.state;
         st.flags |= flags::WALKED;
         copy_state(st, rec);
-        write_record(meta, tp, family, rec)
+        emit(meta, rec)
     }
 
-    /// `struct bpf_iter__bpf_sk_storage_map`: pointers are 8-byte slots.
+    /// `struct bpf_iter__bpf_map_elem`: pointers are 8-byte slots.
     #[cfg(not(feature = "socket-table"))]
     #[repr(C)]
-    struct IterStorageCtx {
+    struct IterMapElemCtx {
         meta: *const IterMeta,
         map: *const c_void,
-        sk: *const u8,
-        value: *mut SockState,
+        key: *const u32,
+        value: *const StateBucket,
     }
 
-    /// Called once per socket that has state in `SOCK_STATES`, in every network
-    /// namespace at once, then once with null pointers. The walks between full walks use
-    /// this instead of `iter/tcp`: it visits only the sockets the programs keep state
-    /// for, once each, where `iter/tcp` scans the host's whole connection table once per
-    /// namespace. Listeners and sockets that predate the programs are found by the full
-    /// walks (which give the latter their state).
+    /// Called once per bucket of `SOCK_STATE_KEYS`, then once with null pointers: the
+    /// walks between full walks. They visit the sockets the programs keep state for,
+    /// in every network namespace at once, where `iter/tcp` scans the host's whole
+    /// connection table once per namespace. Listeners and sockets that predate the
+    /// programs are found by the full walks (which give the latter their state).
     #[cfg(not(feature = "socket-table"))]
     #[unsafe(no_mangle)]
-    #[unsafe(link_section = "iter/bpf_sk_storage_map")]
+    #[unsafe(link_section = "iter/bpf_map_elem")]
     pub fn ridley_iter_states(ctx: *mut c_void) -> i32 {
-        // SAFETY: the kernel passes a `struct bpf_iter__bpf_sk_storage_map *`; these are
-        // loads of context fields the verifier allows.
-        let (meta, sk, value) = unsafe {
-            let ctx = &*(ctx as *const IterStorageCtx);
-            (ctx.meta, ctx.sk, ctx.value)
+        // SAFETY: the kernel passes a `struct bpf_iter__bpf_map_elem *`; these are loads
+        // of context fields the verifier allows.
+        let (meta, key, keys) = unsafe {
+            let ctx = &*(ctx as *const IterMapElemCtx);
+            (ctx.meta, ctx.key, ctx.value)
         };
-        if sk.is_null() {
+        if key.is_null() || keys.is_null() {
             return 0;
         }
-        // SAFETY: the value of this socket's storage, `SockState`-sized (checked when the
-        // iterator is attached to the map), alive while the iterator holds it.
-        let Some(st) = (unsafe { value.as_mut() }) else {
-            return 0;
-        };
-        // Most sockets of a walk are idle: decide that with as few cache lines of the
-        // socket as possible. Family and state share the socket's first line (loaded
-        // directly: they are `struct sock` fields); the last packet's time is read
-        // without the type check of `bpf_skc_to_tcp_sock`, which costs a line of its
-        // own: state is only ever created for full TCP sockets.
-        // SAFETY: direct loads of `struct sock` fields from the BTF pointer (see
-        // `TcpSock::load`).
-        let (family, state): (u16, u8) = unsafe {
-            (
-                core::ptr::read_volatile(sk.add(offset!(skc_family) as usize) as *const u16),
-                core::ptr::read_volatile(sk.add(offset!(skc_state) as usize) as *const u8),
-            )
-        };
-        // A closed socket whose owner still holds it: its close record was sent.
-        if !is_ip(family) || state == tcp_state::CLOSE {
-            return 0;
-        }
+        // SAFETY: the element's index, valid for this call.
+        let bucket = unsafe { *key };
         let control = walk_control();
-        if control.mode != walk_mode::FULL {
-            // SAFETY: bpf_probe_read_kernel checks the address and reports a fault.
-            let last_packet_us: u64 = unsafe {
-                bpf_probe_read_kernel(sk.add(offset!(tcp_mstamp) as usize) as *const u64)
+        for way in 0..STATE_WAYS {
+            // SAFETY: a slot of the element, `way < STATE_WAYS`; read once.
+            let cookie = unsafe {
+                core::ptr::read_volatile(
+                    (&raw const (*keys).cookies).cast::<u64>().add(way as usize),
+                )
+            };
+            if cookie == 0 {
+                continue;
             }
-            .unwrap_or_else(|_| {
-                // Counted, and the socket is looked at in full instead.
-                bump(counter::READ_ERRORS);
-                u64::MAX
-            });
-            if last_packet_us < control.quiet_before_us {
-                return 0;
+            let slot = Slot { bucket, way };
+            if let Some(st) = state_at(slot) {
+                walk_state(meta, cookie, slot, st, &control);
             }
         }
-        let Some(tp) = TcpSock::from_btf(sk) else {
-            return 0;
-        };
-        let mut slot = core::mem::MaybeUninit::uninit();
-        let rec = live_record(&mut slot, tp, state);
-        report_if_changed(meta, tp, family, st, &control, rec)
+        0
     }
 
+    /// Reports the socket in `slot` (which held `cookie`) if it changed since the
+    /// last walk. The walk has the socket's address, not a pointer the kernel vouches
+    /// for: every field is read with `bpf_probe_read_kernel`, and nothing is reported
+    /// unless the socket's cookie is still the slot's after the reads (`ProbedSock`).
+    #[cfg(not(feature = "socket-table"))]
     #[inline(always)]
-    fn write_record(meta: *const IterMeta, tp: TcpSock, family: u16, rec: &mut SockRecord) -> i32 {
-        tp.read_addresses(family, rec);
+    fn walk_state(
+        meta: *const IterMeta,
+        cookie: u64,
+        slot: Slot,
+        st: &mut SockState,
+        control: &WalkControl,
+    ) {
+        let sk = ProbedSock {
+            address: st.sk,
+            cookie,
+        };
+        if !sk.still_same() {
+            // The slot changed hands since the key was read, or its socket is gone
+            // without a close (a full walk gave state to a socket closing at that
+            // moment): in the second case the slot still holds the cookie, and is
+            // freed here (a compare-and-exchange, which fails in the first).
+            release_stale_state(cookie, slot);
+            return;
+        }
+        let family = sk.family();
+        let state = sk.state();
+        if state == tcp_state::CLOSE {
+            // Its close record was sent, or it closed while a full walk gave it state.
+            release_stale_state(cookie, slot);
+            return;
+        }
+        if !is_ip(family) {
+            return;
+        }
+        if control.mode != walk_mode::FULL {
+            let last_packet_us: u64 = sk.load(offset!(tcp_mstamp));
+            if last_packet_us < control.quiet_before_us {
+                return;
+            }
+        }
+        let mut slot = core::mem::MaybeUninit::uninit();
+        let rec = live_record(&mut slot, sk, state);
+        report_if_changed(meta, sk, family, st, control, rec);
+    }
+
+    /// Frees `slot` if it still holds `cookie` (see `walk_state`).
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn release_stale_state(cookie: u64, slot: Slot) {
+        let Some(keys) = state_bucket(slot.bucket) else {
+            return;
+        };
+        // SAFETY: compare-and-exchange on a slot of the bucket: it frees the slot only
+        // if nobody took it since the cookie was read.
+        let freed = unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::SeqCst },
+                { core::intrinsics::AtomicOrdering::Relaxed },
+            >(cookie_slot(keys, slot.way), cookie, 0)
+            .1
+        };
+        let home = home_bucket(cookie, state_mask());
+        if freed && slot.bucket != home {
+            overflowed_add(home, u64::MAX);
+        }
+    }
+
+    /// A socket known by its address only (in the walks of `SOCK_STATE_KEYS`). TCP
+    /// sockets are freed into a slab that stays a slab of sockets for as long as the
+    /// walk's RCU read section lasts (`SLAB_TYPESAFE_BY_RCU`), so the reads never fault,
+    /// but the object may have become another socket: the cookie, unique to one
+    /// socket's life and reset when the object is reused, tells.
+    #[cfg(not(feature = "socket-table"))]
+    #[derive(Clone, Copy)]
+    struct ProbedSock {
+        address: u64,
+        cookie: u64,
+    }
+
+    #[cfg(not(feature = "socket-table"))]
+    impl SockFields for ProbedSock {
+        #[inline(always)]
+        fn load<T: Copy + Default>(self, off: u32) -> T {
+            // SAFETY: bpf_probe_read_kernel checks the address and reports a fault.
+            unsafe { bpf_probe_read_kernel((self.address + u64::from(off)) as *const T) }
+                .unwrap_or_else(|_| {
+                    // Counted; the cookie check that follows every read then fails.
+                    bump(counter::READ_ERRORS);
+                    T::default()
+                })
+        }
+
+        #[inline(always)]
+        fn netns(self) -> u32 {
+            let net: u64 = self.load(offset!(skc_net));
+            let inum = net + u64::from(offset!(net_ns_inum));
+            // SAFETY: as `load`.
+            unsafe { bpf_probe_read_kernel(inum as *const u32) }.unwrap_or_else(|_| {
+                bump(counter::READ_ERRORS);
+                0
+            })
+        }
+
+        #[inline(always)]
+        fn still_same(self) -> bool {
+            let cookie: u64 = self.load(offset!(skc_cookie));
+            cookie == self.cookie
+        }
+
+        #[inline(always)]
+        fn address(self) -> u64 {
+            self.address
+        }
+    }
+
+    /// Writes a finished record to the walk's output.
+    #[inline(always)]
+    fn emit(meta: *const IterMeta, rec: &mut SockRecord) -> i32 {
         // SAFETY: no preconditions.
         rec.ts_ns = unsafe { bpf_ktime_get_ns() };
         // SAFETY: meta is the kernel's iterator metadata; `rec` lives on our stack.
@@ -1086,6 +1417,12 @@ mod programs {
             );
         }
         0
+    }
+
+    #[inline(always)]
+    fn write_record(meta: *const IterMeta, tp: TcpSock, family: u16, rec: &mut SockRecord) -> i32 {
+        tp.read_addresses(family, rec);
+        emit(meta, rec)
     }
 
     #[panic_handler]

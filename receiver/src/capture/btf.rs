@@ -284,6 +284,8 @@ pub fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         write_seq: tcp("write_seq", 4)?,
         tcp_mstamp: tcp("tcp_mstamp", 8)?,
         sk_protocol: sock(&["sk_protocol"], 2)?,
+        skc_cookie: sock(&["__sk_common", "skc_cookie"], 8)?,
+        sk_socket: sock(&["sk_socket"], 8)?,
     };
     // The programs read `struct sock` fields through the `tcp_sock` pointer.
     let sock_size = btf.size_of(btf.struct_named("sock")?)?;
@@ -354,5 +356,8 @@ mod tests {
         }
         assert_eq!(member_bits("sock", "sk_err") / 8, o.sk_err);
         assert_eq!(member_bits("sock", "sk_protocol") / 8, o.sk_protocol);
+        assert_eq!(member_bits("sock", "sk_socket") / 8, o.sk_socket);
+        // sock_common is the first member of sock.
+        assert_eq!(member_bits("sock_common", "skc_cookie") / 8, o.skc_cookie);
     }
 }

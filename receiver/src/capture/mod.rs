@@ -30,7 +30,8 @@ use tokio::sync::oneshot;
 use crate::model::Losses;
 
 /// The compiled kernel programs, embedded at build time by `build.rs`: per-socket state
-/// in socket storage, and the same programs with it in a hash table (`socket-table`).
+/// in a preallocated array keyed by socket cookie, and the same programs with it in a
+/// hash table (`socket-table`).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ridley-ebpf.o"));
 static PROGRAMS_SOCKET_TABLE: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ridley-ebpf-socket-table.o"));
@@ -39,12 +40,13 @@ static PROGRAMS_SOCKET_TABLE: &[u8] =
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SocketState {
-    /// Socket storage from 5.12 on, the table before.
+    /// The array from 5.12 on, the table before.
     #[default]
     Auto,
-    /// Socket-local storage: lives and dies with the socket, no size, cannot leak.
-    /// Tracing programs may use it from 5.11; this build also needs compare-and-exchange
-    /// (5.12) for its endpoint set.
+    /// A preallocated array of `2 × max_connections` slots keyed by socket cookie, a
+    /// slot taken with compare-and-exchange and freed at the socket's close. Needs
+    /// socket cookies in tracing programs and compare-and-exchange (both 5.12). (The
+    /// name is from when this build kept the state in socket-local storage.)
     Storage,
     /// A hash table keyed by socket, sized from `max_connections`, entries removed at
     /// each socket's close. Between full walks, walks go through every namespace's
@@ -142,8 +144,7 @@ impl UdpFlows {
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
     /// Entries of `CLIENT_ENDPOINTS`: established client connections at once. Per-socket
-    /// state in socket storage has no size; in the table it takes twice this (clients,
-    /// and servers of remote clients).
+    /// state takes twice this (clients, and servers of remote clients).
     pub max_connections: u32,
     pub socket_state: SocketState,
     /// Bytes of the `EVENTS` ring buffer (a power of two, at least one page).
@@ -241,12 +242,11 @@ fn endpoint_buckets(max_connections: u32) -> u32 {
 /// The oldest kernel the programs load on: BTF tracepoints (5.5), ring buffers (5.8),
 /// `iter/tcp` and `bpf_skc_to_tcp_sock` in tracing programs (5.9).
 const MIN_KERNEL: (u32, u32) = (5, 9);
-/// Socket-local storage in tracing programs (`bpf_sk_storage_get` from `tp_btf` and
-/// `iter`) arrived in 5.11; so did charging BPF memory to the memory cgroup instead of
-/// `RLIMIT_MEMLOCK`.
-const STORAGE_KERNEL: (u32, u32) = (5, 11);
-/// The socket-storage build also uses compare-and-exchange (5.12) for its endpoint set:
-/// the first kernel it loads on, and where `auto` chooses it.
+/// BPF memory charged to the memory cgroup instead of `RLIMIT_MEMLOCK`: 5.11.
+const MEMCG_KERNEL: (u32, u32) = (5, 11);
+/// The default build asks for socket cookies in tracing programs
+/// (`bpf_get_socket_cookie`) and uses compare-and-exchange for its state table and
+/// endpoint set, both 5.12: the first kernel it loads on, and where `auto` chooses it.
 const STORAGE_BUILD_KERNEL: (u32, u32) = (5, 12);
 
 /// The running kernel's `major.minor`, if it can be read.
@@ -437,7 +437,7 @@ impl Capture {
     pub fn load(sizes: MapSizes) -> Result<(Self, RingBuf<MapData>)> {
         check_kernel()?;
         let kernel = running_kernel();
-        if kernel.is_some_and(|v| v < STORAGE_KERNEL) {
+        if kernel.is_some_and(|v| v < MEMCG_KERNEL) {
             lift_memlock_limit()?;
         }
         let socket_state = sizes.socket_state.resolve(kernel);
@@ -449,7 +449,14 @@ impl Capture {
                     sizes.max_connections.saturating_mul(2)
                 ),
             ),
-            _ => (PROGRAMS, "socket storage".to_owned()),
+            _ => (
+                PROGRAMS,
+                format!(
+                    "an array of {} slots keyed by socket cookie",
+                    ridley_ebpf::state_table_buckets(sizes.max_connections)
+                        .saturating_mul(ridley_ebpf::STATE_WAYS)
+                ),
+            ),
         };
         tracing::info!("per-socket state: {state_note}");
         // Kernel BTF is large (over 5 MiB on disk, about 14 MiB parsed by aya), and
@@ -465,13 +472,23 @@ impl Capture {
         let offsets = PodOffsets(offsets);
         let mut loader = EbpfLoader::new();
         loader.btf(None);
-        if socket_state == SocketState::Table {
-            // Socket storage has no size; the table does.
+        let state_bucket_mask = if socket_state == SocketState::Table {
+            // A hash of one entry per socket.
             loader.map_max_entries(
                 names::MAP_SOCK_STATES,
                 sizes.max_connections.saturating_mul(2),
             );
-        }
+            0
+        } else {
+            let buckets = ridley_ebpf::state_table_buckets(sizes.max_connections);
+            loader
+                .map_max_entries(names::MAP_SOCK_STATE_KEYS, buckets)
+                .map_max_entries(
+                    names::MAP_SOCK_STATES,
+                    buckets.saturating_mul(ridley_ebpf::STATE_WAYS),
+                );
+            buckets - 1
+        };
 
         // Wake the drain when a quarter of the ring is used; a timer drains the rest.
         let wakeup_bytes = u64::from(sizes.ring_buffer_bytes / 4);
@@ -491,6 +508,7 @@ impl Capture {
                 &endpoint_bucket_mask,
                 true,
             )
+            .override_global(names::GLOBAL_STATE_BUCKET_MASK, &state_bucket_mask, true)
             .map_max_entries(names::MAP_CLIENT_ENDPOINTS, endpoint_entries)
             .map_max_entries(names::MAP_EVENTS, sizes.ring_buffer_bytes)
             // Preallocated hash tables: one entry each when UDP is off.
@@ -503,7 +521,7 @@ impl Capture {
         // What the programs need beyond BTF tracepoints and iterators, for the errors.
         let state_needs = match socket_state {
             SocketState::Storage => {
-                "socket storage in tracing programs and compare-and-exchange, 5.12+"
+                "socket cookies in tracing programs and compare-and-exchange, 5.12+"
             }
             _ => "bpf_skc_to_tcp_sock in tracing programs, 5.9+",
         };
@@ -524,10 +542,8 @@ impl Capture {
         if socket_state == SocketState::Storage {
             let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
             iter_states
-                .load("bpf_sk_storage_map", &kernel_btf)
-                .context(
-                    "loading iter/bpf_sk_storage_map (needs socket storage iterators, 5.11+)",
-                )?;
+                .load("bpf_map_elem", &kernel_btf)
+                .context("loading iter/bpf_map_elem (needs map element iterators, 5.9+)")?;
         }
         let udp = if sizes.udp_flows == 0 {
             tracing::info!("UDP links: off (receivers.ebpf.udp_links: false)");
@@ -554,7 +570,7 @@ impl Capture {
         tracing::info!(
             "hooks active: tp_btf/inet_sock_set_state, {}iter/tcp{}",
             if socket_state == SocketState::Storage {
-                "iter/bpf_sk_storage_map, "
+                "iter/bpf_map_elem, "
             } else {
                 ""
             },
@@ -750,13 +766,14 @@ impl Walker {
     fn spawn(mut ebpf: Ebpf, socket_state: SocketState) -> Result<Self> {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
-        // With state in socket storage, the walks between full walks iterate over it;
-        // a hash table's keys are no sockets, so there they walk every namespace too.
+        // The walks between full walks iterate over the cookie table's keys; those of
+        // the table build's hash are socket addresses it cannot read, so there they
+        // walk every namespace too.
         let sock_states = match socket_state {
             SocketState::Storage => {
-                let aya::maps::Map::SkStorage(map) = take_map(&mut ebpf, names::MAP_SOCK_STATES)?
+                let aya::maps::Map::Array(map) = take_map(&mut ebpf, names::MAP_SOCK_STATE_KEYS)?
                 else {
-                    bail!("map {} is not socket storage", names::MAP_SOCK_STATES);
+                    bail!("map {} is not an array", names::MAP_SOCK_STATE_KEYS);
                 };
                 Some(map)
             }
@@ -808,7 +825,7 @@ impl Walker {
 #[cfg(test)]
 mod tests {
     use super::{
-        MIN_KERNEL, STORAGE_BUILD_KERNEL, STORAGE_KERNEL, SocketState, endpoint_buckets,
+        MEMCG_KERNEL, MIN_KERNEL, STORAGE_BUILD_KERNEL, SocketState, endpoint_buckets,
         kernel_version,
     };
 
@@ -826,9 +843,9 @@ mod tests {
     fn socket_state_follows_the_kernel_unless_chosen() {
         let debian_11 = kernel_version("5.10.0-32-cloud-amd64");
         assert_eq!(SocketState::Auto.resolve(debian_11), SocketState::Table);
-        // 5.11 has socket storage but not the compare-and-exchange the set needs.
+        // 5.11 has neither socket cookies in tracing programs nor compare-and-exchange.
         assert_eq!(
-            SocketState::Auto.resolve(Some(STORAGE_KERNEL)),
+            SocketState::Auto.resolve(Some(MEMCG_KERNEL)),
             SocketState::Table
         );
         assert_eq!(

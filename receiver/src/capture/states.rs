@@ -1,5 +1,6 @@
 //! Walks the sockets that have state in `SOCK_STATES`, in every network namespace at
-//! once, with the `iter/bpf_sk_storage_map` program: the walks between full walks.
+//! once, with the `iter/bpf_map_elem` program over `SOCK_STATE_KEYS`: the walks between
+//! full walks.
 //!
 //! aya attaches iterators without a target map, so the link is made here with the two
 //! `bpf()` commands the kernel documents (`BPF_LINK_CREATE` with the map in
@@ -60,7 +61,7 @@ fn open_iterator(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> Result<File> {
         .__bindgen_anon_1
         .iter_info_len = std::mem::size_of::<IterLinkInfo>() as u32;
     let link = bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
-        .context("attaching iter/bpf_sk_storage_map to SOCK_STATES")?;
+        .context("attaching iter/bpf_map_elem to SOCK_STATE_KEYS")?;
     // SAFETY: as above; then the `iter_create` variant is set.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     attr.iter_create.link_fd = link.as_raw_fd() as u32;
@@ -76,7 +77,7 @@ pub(super) fn walk_states(
     out: &mut Vec<SockRecord>,
     buf: &mut Vec<u8>,
 ) -> Result<()> {
-    let prog_fd = prog.fd().context("iter/bpf_sk_storage_map is not loaded")?;
+    let prog_fd = prog.fd().context("iter/bpf_map_elem is not loaded")?;
     let file = open_iterator(prog_fd.as_fd(), states.fd().as_fd())?;
     read_records(file, out, buf)
 }

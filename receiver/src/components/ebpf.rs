@@ -76,9 +76,10 @@ pub struct EbpfConfig {
     pub allow_partial_capture: bool,
     /// Real ends of translated connections, read from the kernel's conntrack table.
     pub conntrack: ConntrackConfig,
-    /// Where the kernel programs keep per-socket state: `auto` (socket storage where
-    /// the kernel lets tracing programs use it, 5.11 and later; a hash table before),
-    /// `storage` or `table` to choose.
+    /// Where the kernel programs keep per-socket state: `auto` (a table keyed by socket
+    /// cookie where the kernel gives tracing programs cookies and compare-and-exchange,
+    /// 5.12 and later; a hash table keyed by socket address before), `storage` or
+    /// `table` to choose.
     pub socket_state: SocketState,
 }
 

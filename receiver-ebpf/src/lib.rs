@@ -525,7 +525,7 @@ mod tests {
     fn states_find_room_up_to_max_connections() {
         let max = 65_536;
         assert_eq!(states_without_room(1..=u64::from(max), |_| None, max), 0);
-        let one_in_16 = |c: u64| if c % 16 == 0 { None } else { Some(64) };
+        let one_in_16 = |c: u64| if c.is_multiple_of(16) { None } else { Some(64) };
         assert_eq!(
             states_without_room(1..=16 * u64::from(max), one_in_16, max),
             0

@@ -336,8 +336,8 @@ mod programs {
             // Straight into the record: an `Ends` on the way would take stack the
             // iterators do not have.
             if family == AF_INET {
-                rec.local_addr = v4_mapped(self.load(offset!(skc_rcv_saddr)));
-                rec.remote_addr = v4_mapped(self.load(offset!(skc_daddr)));
+                put_v4_mapped(&mut rec.local_addr, self.load(offset!(skc_rcv_saddr)));
+                put_v4_mapped(&mut rec.remote_addr, self.load(offset!(skc_daddr)));
             } else {
                 rec.local_addr = self.load(offset!(skc_v6_rcv_saddr));
                 rec.remote_addr = self.load(offset!(skc_v6_daddr));
@@ -662,6 +662,24 @@ mod programs {
         local_port: u16,
         remote_port: u16,
         netns: u32,
+    }
+
+    /// Writes `v4` into a record's address as IPv4-mapped IPv6 (::ffff:a.b.c.d) with two
+    /// 8-byte stores: assigning `v4_mapped(..)` in place compiled to a call of the BPF
+    /// build's one-byte-at-a-time `memset` for the ten zero bytes.
+    #[inline(always)]
+    fn put_v4_mapped(dst: &mut [u8; 16], v4: [u8; 4]) {
+        const _: () = assert!(core::mem::offset_of!(SockRecord, local_addr) % 8 == 0);
+        const _: () = assert!(core::mem::offset_of!(SockRecord, remote_addr) % 8 == 0);
+        let high = u64::from_le_bytes([0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]);
+        let words = dst.as_mut_ptr().cast::<u64>();
+        // SAFETY: `dst` is an address field of a `SockRecord`, 16 bytes at an 8-byte
+        // aligned offset (asserted above) of a record placed at 8-byte alignment (a
+        // stack slot or ring buffer space).
+        unsafe {
+            core::ptr::write_volatile(words, 0);
+            core::ptr::write_volatile(words.add(1), high);
+        }
     }
 
     #[inline(always)]

@@ -30,8 +30,9 @@
 //! each load against the kernel's types); aya-ebpf has no CO-RE field relocations.
 //! This file must not interpret what it reads: userspace owns the accounting.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
-// Compare-and-exchange for the `CLIENT_ENDPOINTS` set: the BPF instruction set has it
-// (5.12+), Rust's bpfel target does not expose it as `AtomicU64::compare_exchange`.
+// Compare-and-exchange for the lock-free sets (`compare_exchange`): the BPF instruction
+// set has it (5.12+), Rust's bpfel target does not expose it as
+// `AtomicU64::compare_exchange`.
 #![cfg_attr(
     target_arch = "bpf",
     feature(core_intrinsics),
@@ -281,6 +282,39 @@ mod programs {
     }
 
     #[inline(always)]
+    /// Replaces the 8-byte slot's `current` value with `new` if it still holds it; whether
+    /// it did. The slots of the lock-free sets (`SOCK_STATE_KEYS`, `CLIENT_ENDPOINTS`)
+    /// change hands only through this, so two programs never both think they took one.
+    ///
+    /// # Safety
+    /// `slot` must point into a map value, valid for the program run.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    unsafe fn compare_exchange(slot: *mut u64, current: u64, new: u64) -> bool {
+        // SAFETY: the caller's; the BPF instruction set has compare-and-exchange (5.12+),
+        // the bpfel target does not expose it as `AtomicU64::compare_exchange`.
+        unsafe {
+            core::intrinsics::atomic_cxchg::<
+                u64,
+                { core::intrinsics::AtomicOrdering::SeqCst },
+                { core::intrinsics::AtomicOrdering::Relaxed },
+            >(slot, current, new)
+            .1
+        }
+    }
+
+    /// Takes the free (0) slot for `value`; whether it did. The plain read first spares
+    /// an atomic on a slot already held.
+    ///
+    /// # Safety
+    /// As `compare_exchange`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    unsafe fn take_free_slot(slot: *mut u64, value: u64) -> bool {
+        // SAFETY: the caller's; a slot written meanwhile reads old or new.
+        unsafe { core::ptr::read_volatile(slot) == 0 && compare_exchange(slot, 0, value) }
+    }
+
     fn bump(index: u32) {
         if let Some(slot) = COUNTERS.get_ptr_mut(index) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
@@ -582,19 +616,8 @@ mod programs {
             };
             let keys = state_bucket(bucket)?;
             for way in 0..STATE_WAYS {
-                let slot = cookie_slot(keys, way);
-                // SAFETY: a free slot is taken only by compare-and-exchange, so two
-                // sockets never both think they hold it.
-                let taken = unsafe {
-                    core::ptr::read_volatile(slot) == 0
-                        && core::intrinsics::atomic_cxchg::<
-                            u64,
-                            { core::intrinsics::AtomicOrdering::SeqCst },
-                            { core::intrinsics::AtomicOrdering::Relaxed },
-                        >(slot, 0, cookie)
-                        .1
-                };
-                if !taken {
+                // SAFETY: a slot of the bucket the map returned.
+                if !unsafe { take_free_slot(cookie_slot(keys, way), cookie) } {
                     continue;
                 }
                 if nth != 0 {
@@ -843,17 +866,10 @@ mod programs {
             };
             for way in 0..ENDPOINT_WAYS {
                 // SAFETY: a slot of the bucket the lookup returned, valid while the map
-                // is; a free slot is taken only by compare-and-exchange, so two clients
-                // never both think they hold it; a held one is read here, never written.
+                // is; a held one is read here, never written.
                 let taken = unsafe {
                     let slot = (&raw mut (*slots).slots).cast::<u64>().add(way as usize);
-                    core::ptr::read_volatile(slot) == 0
-                        && core::intrinsics::atomic_cxchg::<
-                            u64,
-                            { core::intrinsics::AtomicOrdering::SeqCst },
-                            { core::intrinsics::AtomicOrdering::Relaxed },
-                        >(slot, 0, fingerprint)
-                        .1
+                    take_free_slot(slot, fingerprint)
                 };
                 if taken {
                     return bucket * ENDPOINT_WAYS + way + 1;
@@ -1356,16 +1372,9 @@ mod programs {
         let Some(keys) = state_bucket(slot.bucket) else {
             return;
         };
-        // SAFETY: compare-and-exchange on a slot of the bucket: it frees the slot only
-        // if nobody took it since the cookie was read.
-        let freed = unsafe {
-            core::intrinsics::atomic_cxchg::<
-                u64,
-                { core::intrinsics::AtomicOrdering::SeqCst },
-                { core::intrinsics::AtomicOrdering::Relaxed },
-            >(cookie_slot(keys, slot.way), cookie, 0)
-            .1
-        };
+        // SAFETY: a slot of the bucket the map returned; freed only if nobody took it
+        // since the cookie was read.
+        let freed = unsafe { compare_exchange(cookie_slot(keys, slot.way), cookie, 0) };
         let home = home_bucket(cookie, state_mask());
         if freed && slot.bucket != home {
             overflowed_add(home, u64::MAX);

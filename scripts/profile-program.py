@@ -131,6 +131,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=30_000, help="connections in the storm")
     parser.add_argument("--top", type=int, default=15, help="source lines to print")
+    parser.add_argument("--by-path", action="store_true",
+                        help="also split each kernel path's samples by part and source line")
     args = parser.parse_args()
     if not bench.RIDLEY.exists():
         sys.exit(f"{bench.RIDLEY} missing: run `cargo build --release`")
@@ -156,6 +158,7 @@ def main():
         finally:
             procs.end()
         by_path, by_part, by_line = (collections.Counter() for _ in range(3))
+        path_detail = collections.defaultdict(collections.Counter)
         total = 0
         for chain in samples(perf_data):
             at = next((i for i, (sym, _) in enumerate(chain) if sym.endswith(PROGRAM)), None)
@@ -175,6 +178,9 @@ def main():
                 part = "the program's own instructions"
                 index = bisect.bisect_right(starts, chain[at][1]) - 1
                 by_line[lines[index] if 0 <= index < len(lines) else "?"] += 1
+                path_detail[path][lines[index] if 0 <= index < len(lines) else "?"] += 1
+            else:
+                path_detail[path][part] += 1
             by_part[part] += 1
     if not total:
         sys.exit("no samples in the program")
@@ -187,6 +193,11 @@ def main():
     print(f"\nthe program's own instructions, top {args.top} source lines (share of all samples):")
     for name, n in by_line.most_common(args.top):
         print(f"  {100 * n / total:5.1f} %  {name}")
+    if args.by_path:
+        for path, n in by_path.most_common(6):
+            print(f"\n{path}: {100 * n / total:.1f} % of all samples, its top {args.top}:")
+            for name, m in path_detail[path].most_common(args.top):
+                print(f"  {100 * m / total:5.1f} %  {name}")
 
 
 if __name__ == "__main__":

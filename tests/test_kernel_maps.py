@@ -19,6 +19,9 @@ import pytest
 
 from conftest import HOSTS, SILENT_V4, sh
 
+# `BPF_F_MMAPABLE` in `bpf_map_info.map_flags`: the array's values start on a page boundary.
+BPF_F_MMAPABLE = 1 << 10
+
 A4, _ = HOSTS["a"]
 B4, _ = HOSTS["b"]
 
@@ -111,9 +114,13 @@ def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoin
         # Eight 8-byte slots per connection, in a power of two of 64-byte buckets.
         assert (infos["CLIENT_ENDPOINT"]["max_entries"], infos["CLIENT_ENDPOINT"]["bytes_value"]) == (128, 64)
         # A 64-byte bucket of seven state slots per four connections, a power of two of
-        # them, at least 256 (100 / 4 = 25: 256), and an 88-byte state per slot.
+        # them, at least 256 (100 / 4 = 25: 256), and a 64-byte state per slot. All three
+        # arrays page-aligned (mmapable), so that no bucket or state straddles two cache
+        # lines.
         assert (infos["SOCK_STATE_KEYS"]["max_entries"], infos["SOCK_STATE_KEYS"]["bytes_value"]) == (256, 64)
-        assert (infos["SOCK_STATES"]["max_entries"], infos["SOCK_STATES"]["bytes_value"]) == (256 * 7, 88)
+        assert (infos["SOCK_STATES"]["max_entries"], infos["SOCK_STATES"]["bytes_value"]) == (256 * 7, 64)
+        for name in ("SOCK_STATE_KEYS", "SOCK_STATES", "CLIENT_ENDPOINT"):
+            assert infos[name]["flags"] & BPF_F_MMAPABLE, (name, infos[name])
     assert maps.get("SOCK_STATES") == kind, maps
     assert maps.get("CLIENT_ENDPOINT") == endpoints, maps
     assert maps.get("EVENTS") == "ringbuf", maps

@@ -9,6 +9,8 @@
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;
+/// `sk_protocol` of a TCP socket.
+pub const IPPROTO_TCP: u16 = 6;
 /// `sk_protocol` of a UDP socket.
 pub const IPPROTO_UDP: u16 = 17;
 /// `MSG_PEEK`: a receive that leaves the datagram queued (it is counted when read).
@@ -146,7 +148,9 @@ pub struct KernelOffsets {
 
 /// Per-socket state the programs keep (`SOCK_STATES`): a slot of a preallocated table
 /// keyed by socket cookie, taken at the socket's first tracked transition and freed at its
-/// `TCP_CLOSE` (a hash table keyed by socket address in the table build).
+/// `TCP_CLOSE` (a hash table keyed by socket address in the table build). 64 bytes: one
+/// cache line of a page-aligned array, each a miss on a busy host's socket path, where the
+/// tables are far bigger than the caches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockState {
@@ -159,21 +163,32 @@ pub struct SockState {
     pub start_ns: u64,
     /// When it reached `ESTABLISHED`; 0 until then.
     pub established_ns: u64,
-    /// `bytes_acked` at `ESTABLISHED`: the handshake's share, subtracted from later reads.
-    pub base_bytes_acked: u64,
-    /// `bytes_received` at `ESTABLISHED`.
-    pub base_bytes_received: u64,
     /// cgroup v2 id of the task that called `connect()` (clients only; 0 otherwise):
     /// tells apart clients that share an address (host-network pods, host processes).
     pub cgroup_id: u64,
-    /// Counters as the last walk reported them: a socket whose counters and state did
-    /// not change since is not reported again (see [`WalkControl`]).
-    pub walked_bytes_acked: u64,
-    pub walked_bytes_received: u64,
-    pub base_total_retrans: u32,
-    pub walked_total_retrans: u32,
-    /// `WalkControl::generation` of the walk that last reported the socket.
-    pub walked_generation: u32,
+    /// `bytes_acked` at `ESTABLISHED`: the handshake's share (its SYN, and any Fast Open
+    /// data), subtracted from later reads. Under 4 GiB by far (saturated if not).
+    pub base_bytes_acked: u32,
+    /// `bytes_received` at `ESTABLISHED`.
+    pub base_bytes_received: u32,
+    /// The low 32 bits of the counters as the last walk reported them: a socket whose
+    /// counters and state did not change since is not reported again (see
+    /// [`WalkControl`]). Only compared for a change: a socket whose counters all moved by
+    /// exact multiples of 2^32 (2^16 retransmits) since its last report, and nothing
+    /// else, waits for its next change, close or full walk to be reported.
+    pub walked_bytes_acked: u32,
+    pub walked_bytes_received: u32,
+    /// Where a client's local end sits in the `CLIENT_ENDPOINTS` set (socket-storage
+    /// build): `bucket * ENDPOINT_WAYS + way + 1`; 0 when not recorded.
+    pub endpoint_slot: u32,
+    /// The low 16 bits of `WalkControl::generation` of the walk that last reported the
+    /// socket. Two generations 65,536 walks apart read as one: the socket is then
+    /// reported again, never skipped.
+    pub walked_generation: u16,
+    pub walked_total_retrans: u16,
+    /// `total_retrans` at `ESTABLISHED`: the handshake's retransmitted SYNs (or SYN-ACKs),
+    /// a few at most (saturated at 65,535).
+    pub base_total_retrans: u16,
     /// Local port at `ESTABLISHED`, host byte order. The kernel releases an
     /// automatically bound port (`inet_put_port`) before the `TCP_CLOSE` transition, so
     /// `skc_num` reads 0 there: the close path uses this copy to remove the client's
@@ -182,10 +197,7 @@ pub struct SockState {
     pub role: u8,
     pub flags: u8,
     pub walked_state: u8,
-    pub _pad: [u8; 2],
-    /// Where a client's local end sits in the `CLIENT_ENDPOINTS` set (socket-storage
-    /// build): `bucket * ENDPOINT_WAYS + way + 1`; 0 when not recorded.
-    pub endpoint_slot: u32,
+    pub _pad: u8,
 }
 
 /// What the next `iter/tcp` walk reports: value of the one-entry `WALK_CONTROL` array,
@@ -241,14 +253,21 @@ impl EndpointKey {
     /// to identify an endpoint; any other address is unique on the host.
     #[inline(always)]
     pub fn new(addr: [u8; 16], port: u16, netns: u32) -> Self {
-        let v4_loopback = addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
-        let v6_loopback = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
         EndpointKey {
             addr,
-            netns: if v4_loopback || v6_loopback { netns } else { 0 },
+            netns: if Self::is_loopback(&addr) { netns } else { 0 },
             port,
             _pad: 0,
         }
+    }
+
+    /// Whether `addr` (IPv6 or IPv4-mapped) is a loopback address: the only kind whose
+    /// key holds the namespace.
+    #[inline(always)]
+    pub fn is_loopback(addr: &[u8; 16]) -> bool {
+        let v4_loopback = addr[10] == 0xff && addr[11] == 0xff && addr[12] == 127;
+        let v6_loopback = addr[..15].iter().all(|b| *b == 0) && addr[15] == 1;
+        v4_loopback || v6_loopback
     }
 }
 
@@ -461,7 +480,7 @@ pub struct UdpFlowCounts {
 
 // The layouts are part of the contract: a change here must be deliberate on both sides.
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
-const _: () = assert!(core::mem::size_of::<SockState>() == 88);
+const _: () = assert!(core::mem::size_of::<SockState>() == 64);
 const _: () = assert!(core::mem::size_of::<StateBucket>() == 64);
 const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);

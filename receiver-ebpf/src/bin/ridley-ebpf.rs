@@ -53,7 +53,7 @@ mod programs {
     use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie};
     use aya_ebpf::{
         bindings::{
-            BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
+            BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
             BPF_RB_NO_WAKEUP,
         },
         helpers::{
@@ -65,9 +65,9 @@ mod programs {
         programs::BtfTracePointContext,
     };
     use ridley_ebpf::{
-        AF_INET, AF_INET6, EndpointKey, IPPROTO_UDP, KernelOffsets, MSG_PEEK, SockRecord,
-        SockState, UdpFlowCounts, UdpFlowKey, WalkControl, counter, flags, kind, role, tcp_state,
-        walk_mode,
+        AF_INET, AF_INET6, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, MSG_PEEK,
+        SockRecord, SockState, UdpFlowCounts, UdpFlowKey, WalkControl, counter, flags, kind, role,
+        tcp_state, walk_mode,
     };
     #[cfg(not(feature = "socket-table"))]
     use ridley_ebpf::{
@@ -87,7 +87,8 @@ mod programs {
     /// buckets full is counted (SOCK_STATE_UNAVAILABLE).
     #[cfg(not(feature = "socket-table"))]
     #[map]
-    static SOCK_STATES: Array<SockState> = Array::with_max_entries(16384 * STATE_WAYS, 0);
+    static SOCK_STATES: Array<SockState> =
+        Array::with_max_entries(16384 * STATE_WAYS, BPF_F_MMAPABLE);
 
     /// The cookies of the sockets in `SOCK_STATES`, `STATE_WAYS` to a 64-byte bucket with
     /// the bucket's overflow count; 0 is a free slot. A socket claims a free slot of its
@@ -97,7 +98,7 @@ mod programs {
     /// iterate over this map.
     #[cfg(not(feature = "socket-table"))]
     #[map]
-    static SOCK_STATE_KEYS: Array<StateBucket> = Array::with_max_entries(16384, 0);
+    static SOCK_STATE_KEYS: Array<StateBucket> = Array::with_max_entries(16384, BPF_F_MMAPABLE);
 
     /// Buckets of `SOCK_STATE_KEYS` minus one (a power of two minus one), set by userspace.
     #[unsafe(no_mangle)]
@@ -126,7 +127,7 @@ mod programs {
     /// counted (ENDPOINTS_FULL); the server end then reports too.
     #[cfg(not(feature = "socket-table"))]
     #[map]
-    static CLIENT_ENDPOINTS: Array<EndpointBucket> = Array::with_max_entries(32768, 0);
+    static CLIENT_ENDPOINTS: Array<EndpointBucket> = Array::with_max_entries(32768, BPF_F_MMAPABLE);
 
     /// Buckets of `CLIENT_ENDPOINTS` minus one (a power of two minus one), set by userspace.
     #[unsafe(no_mangle)]
@@ -360,8 +361,21 @@ mod programs {
                 remote_addr,
                 local_port: self.load(offset!(skc_num)),
                 remote_port: u16::from_be(self.load(offset!(skc_dport))),
-                netns: self.netns(),
             }
+        }
+
+        /// The `CLIENT_ENDPOINTS` key of one of the socket's ends. The namespace is read
+        /// only for a loopback address, the one kind the key keeps it for: it sits in the
+        /// socket's `struct net`, a cache line the TCP path does not touch, a miss on a
+        /// busy host (5 % of the program's samples at a client's `ESTABLISHED`).
+        #[inline(always)]
+        fn endpoint_key(self, addr: [u8; 16], port: u16) -> EndpointKey {
+            let netns = if EndpointKey::is_loopback(&addr) {
+                self.netns()
+            } else {
+                0
+            };
+            EndpointKey::new(addr, port, netns)
         }
 
         /// Fills the addressing part of a record.
@@ -405,12 +419,13 @@ mod programs {
         fn address(self) -> u64;
     }
 
-    /// A socket pointer the verifier knows as a BTF `struct tcp_sock` (whose first member
-    /// is the `struct sock`, and its first the `struct sock_common`).
+    /// A socket pointer the verifier knows as a BTF `struct sock`: the fields of
+    /// `sock_common` and `sock` load directly, those of `tcp_sock` only after
+    /// [`Sock::tcp`]. Most transitions need nothing else, so they skip the cast.
     #[derive(Clone, Copy)]
-    struct TcpSock(*const u8);
+    struct Sock(*const u8);
 
-    impl SockFields for TcpSock {
+    impl SockFields for Sock {
         #[inline(always)]
         fn load<T: Copy + Default>(self, off: u32) -> T {
             // SAFETY: a direct load from a BTF pointer: the verifier checks at load time
@@ -441,6 +456,33 @@ mod programs {
         }
     }
 
+    /// A socket pointer the verifier knows as a BTF `struct tcp_sock` (whose first member
+    /// is the `struct sock`, and its first the `struct sock_common`).
+    #[derive(Clone, Copy)]
+    struct TcpSock(*const u8);
+
+    impl SockFields for TcpSock {
+        #[inline(always)]
+        fn load<T: Copy + Default>(self, off: u32) -> T {
+            self.sock().load(off)
+        }
+
+        #[inline(always)]
+        fn netns(self) -> u32 {
+            self.sock().netns()
+        }
+
+        #[inline(always)]
+        fn still_same(self) -> bool {
+            true
+        }
+
+        #[inline(always)]
+        fn address(self) -> u64 {
+            self.0 as u64
+        }
+    }
+
     impl TcpSock {
         /// The full TCP socket behind `sk`, or `None` for anything else (a listener's
         /// request or TIME_WAIT mini-socket, another protocol).
@@ -451,6 +493,21 @@ mod programs {
             // full TCP socket.
             let tp = unsafe { bpf_skc_to_tcp_sock(sk as *mut c_void) };
             (!tp.is_null()).then_some(TcpSock(tp as *const u8))
+        }
+
+        /// The same socket, as a `struct sock`.
+        #[inline(always)]
+        fn sock(self) -> Sock {
+            Sock(self.0)
+        }
+    }
+
+    impl Sock {
+        /// The socket as a `struct tcp_sock`, for its TCP counters: `None` if it is not a
+        /// full TCP socket.
+        #[inline(always)]
+        fn tcp(self) -> Option<TcpSock> {
+            TcpSock::from_btf(self.0)
         }
 
         /// Whether a task holds the socket: a listener's child has no `struct socket`
@@ -677,14 +734,13 @@ mod programs {
             .and_then(|value| unsafe { value.as_mut() })
     }
 
-    /// The addressing of a socket, without the rest of a record.
+    /// The addresses and ports of a socket, without the rest of a record.
     #[derive(Clone, Copy)]
     struct Ends {
         local_addr: [u8; 16],
         remote_addr: [u8; 16],
         local_port: u16,
         remote_port: u16,
-        netns: u32,
     }
 
     /// Writes `v4` into a record's address as IPv4-mapped IPv6 (::ffff:a.b.c.d) with two
@@ -716,9 +772,9 @@ mod programs {
     fn copy_state(st: &SockState, rec: &mut SockRecord) {
         rec.start_ns = st.start_ns;
         rec.established_ns = st.established_ns;
-        rec.base_bytes_acked = st.base_bytes_acked;
-        rec.base_bytes_received = st.base_bytes_received;
-        rec.base_total_retrans = st.base_total_retrans;
+        rec.base_bytes_acked = u64::from(st.base_bytes_acked);
+        rec.base_bytes_received = u64::from(st.base_bytes_received);
+        rec.base_total_retrans = u32::from(st.base_total_retrans);
         rec.role = st.role;
         rec.flags |= st.flags & !flags::WALKED;
         rec.cgroup_id = st.cgroup_id;
@@ -734,6 +790,9 @@ mod programs {
     }
 
     #[btf_tracepoint(function = "inet_sock_set_state")]
+    // The body is the attach macro's inner function: inlined, the program is one image
+    // and one frame (LLVM had begun to call it once the body grew).
+    #[inline(always)]
     pub fn ridley_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         let sk: *const u8 = ctx.arg(0);
         let old_state: i32 = ctx.arg(1);
@@ -754,39 +813,43 @@ mod programs {
         if !interesting {
             return;
         }
-        let Some(tp) = TcpSock::from_btf(sk) else {
+        let sock = Sock(sk);
+        // MPTCP's sockets pass through this tracepoint too; only TCP's are TCP sockets.
+        // The cast to `tcp_sock` (a helper call) waits until a TCP counter is read.
+        let protocol: u16 = sock.load(offset!(sk_protocol));
+        if protocol != IPPROTO_TCP {
             return;
-        };
-        let family = tp.family();
+        }
+        let family = sock.family();
         if !is_ip(family) {
             return;
         }
         match new_state {
             tcp_state::SYN_SENT => {
-                start(tp, role::CLIENT);
+                start(sock, role::CLIENT);
             }
             tcp_state::ESTABLISHED if old_state == tcp_state::SYN_RECV => {
-                server_established(tp, family)
+                server_established(sock, family)
             }
             tcp_state::ESTABLISHED => {
-                if let Some(st) = tp.storage(false) {
+                if let (Some(st), Some(tp)) = (sock.storage(false), sock.tcp()) {
                     established(tp, family, old_state, st);
                 }
             }
-            _ => closed(tp, family, old_state),
+            _ => closed(sock, family, old_state),
         }
     }
 
     #[inline(always)]
-    fn start(tp: TcpSock, role: u8) -> Option<&'static mut SockState> {
-        let Some(st) = tp.storage(true) else {
+    fn start(sock: Sock, role: u8) -> Option<&'static mut SockState> {
+        let Some(st) = sock.storage(true) else {
             bump(counter::SOCK_STATE_UNAVAILABLE);
             return None;
         };
         // The whole state is written: a socket can connect() again after a failure.
         // SAFETY: `st` is a valid, exclusive reference.
         unsafe { zero(st as *mut SockState) };
-        st.sk = tp.address();
+        st.sk = sock.address();
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         st.start_ns = unsafe { bpf_ktime_get_ns() };
         st.role = role;
@@ -809,37 +872,38 @@ mod programs {
     /// no state at all (no record at close, skipped by the walks). Its open starts here
     /// (the child's `SYN_RECV` is the same instant).
     #[inline(always)]
-    fn server_established(tp: TcpSock, family: u16) {
+    fn server_established(sock: Sock, family: u16) {
         // A listener's child has no owner yet; a socket with one that passes through
         // SYN_RECV is a simultaneous open (both ends connect()ed): this end is a client.
-        if tp.has_owner() {
-            if let Some(st) = tp.storage(false) {
+        if sock.has_owner() {
+            if let Some(st) = sock.storage(false) {
                 if st.role == role::CLIENT && st.flags & flags::TRACKED != 0 {
-                    established(tp, family, tcp_state::SYN_RECV, st);
+                    if let Some(tp) = sock.tcp() {
+                        established(tp, family, tcp_state::SYN_RECV, st);
+                    }
                     return;
                 }
             }
         }
-        if client_is_local(tp, family) {
+        if client_is_local(sock, family) {
             // In the state table, an entry left at this address by a socket gone before
             // (see `state_for_walked_socket`) must not be taken for this one's.
-            tp.release_storage();
+            sock.release_storage();
             return;
         }
-        if let Some(st) = start(tp, role::SERVER) {
+        let Some(tp) = sock.tcp() else {
+            return;
+        };
+        if let Some(st) = start(sock, role::SERVER) {
             established(tp, family, tcp_state::SYN_RECV, st);
         }
     }
 
     /// Whether the remote end of `tp` is an established client socket on this host.
     #[inline(always)]
-    fn client_is_local(tp: TcpSock, family: u16) -> bool {
-        let ends = tp.ends(family);
-        endpoint_recorded(&EndpointKey::new(
-            ends.remote_addr,
-            ends.remote_port,
-            ends.netns,
-        ))
+    fn client_is_local(sk: impl SockFields, family: u16) -> bool {
+        let ends = sk.ends(family);
+        endpoint_recorded(&sk.endpoint_key(ends.remote_addr, ends.remote_port))
     }
 
     /// Where `key` sits in `CLIENT_ENDPOINTS`.
@@ -944,16 +1008,20 @@ mod programs {
         }
         // SAFETY: no preconditions.
         st.established_ns = unsafe { bpf_ktime_get_ns() };
-        st.base_bytes_acked = tp.load(offset!(bytes_acked));
-        st.base_bytes_received = tp.load(offset!(bytes_received));
-        st.base_total_retrans = tp.load(offset!(total_retrans));
+        // Saturated, never wrapped (see `SockState::base_bytes_acked`).
+        let acked: u64 = tp.load(offset!(bytes_acked));
+        let received: u64 = tp.load(offset!(bytes_received));
+        let retrans: u32 = tp.load(offset!(total_retrans));
+        st.base_bytes_acked = acked.min(u64::from(u32::MAX)) as u32;
+        st.base_bytes_received = received.min(u64::from(u32::MAX)) as u32;
+        st.base_total_retrans = retrans.min(u32::from(u16::MAX)) as u16;
 
         let ends = tp.ends(family);
         st.local_port = ends.local_port;
         if old_state == tcp_state::SYN_SENT {
             // The client's ESTABLISHED precedes the server's: the server needs the client's
             // final ACK, sent only after this transition.
-            let local = EndpointKey::new(ends.local_addr, ends.local_port, ends.netns);
+            let local = tp.endpoint_key(ends.local_addr, ends.local_port);
             st.endpoint_slot = record_endpoint(&local);
             if st.endpoint_slot == 0 {
                 st.flags |= flags::ENDPOINT_UNRECORDED;
@@ -967,14 +1035,19 @@ mod programs {
     /// programs and closed before any walk saw it, or one whose state could not be stored
     /// (already counted as `SOCK_STATE_UNAVAILABLE`).
     #[inline(always)]
-    fn closed(tp: TcpSock, family: u16, old_state: u8) {
-        let Some(st) = tp.storage(false) else {
+    fn closed(sock: Sock, family: u16, old_state: u8) {
+        let Some(st) = sock.storage(false) else {
+            return;
+        };
+        let Some(tp) = sock.tcp() else {
+            forget_client_endpoint(sock, family, st);
+            sock.release_storage();
             return;
         };
         let Some(mut entry) = EVENTS.reserve::<SockRecord>(0) else {
             bump(counter::RINGBUF_DROPS);
-            forget_client_endpoint(tp, family, st);
-            tp.release_storage();
+            forget_client_endpoint(sock, family, st);
+            sock.release_storage();
             return;
         };
         let rec = entry.as_mut_ptr();
@@ -1022,18 +1095,18 @@ mod programs {
             BPF_RB_NO_WAKEUP
         };
         entry.submit(wakeup as u64);
-        tp.release_storage();
+        sock.release_storage();
     }
 
     #[inline(always)]
-    fn forget_client_endpoint(tp: TcpSock, family: u16, st: &mut SockState) {
+    fn forget_client_endpoint(sock: Sock, family: u16, st: &mut SockState) {
         if st.role == role::CLIENT
             && st.established_ns != 0
             && st.flags & flags::ENDPOINT_UNRECORDED == 0
         {
-            let ends = tp.ends(family);
+            let ends = sock.ends(family);
             forget_endpoint(
-                &EndpointKey::new(ends.local_addr, st.local_port, ends.netns),
+                &sock.endpoint_key(ends.local_addr, st.local_port),
                 st.endpoint_slot,
             );
         }
@@ -1066,7 +1139,7 @@ mod programs {
     fn on_datagrams(sk: *const u8, length: u64, sent: bool) {
         // `sk` is the hook's BTF `struct sock *`: the same checked direct loads as for a
         // TCP socket, of `struct sock` fields only.
-        let sock = TcpSock(sk);
+        let sock = Sock(sk);
         let protocol: u16 = sock.load(offset!(sk_protocol));
         if protocol != IPPROTO_UDP {
             return;
@@ -1086,7 +1159,7 @@ mod programs {
             server_addr: ends.remote_addr,
             // SAFETY: no preconditions; sends and receives run in the socket owner's task.
             cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            netns: ends.netns,
+            netns: sock.netns(),
             server_port: ends.remote_port,
             _pad: 0,
         };
@@ -1184,7 +1257,7 @@ mod programs {
         if skip_quiet(tp, &control) {
             return 0;
         }
-        let st = match tp.storage(false) {
+        let st = match tp.sock().storage(false) {
             Some(st) => st,
             // A socket without state is left to the full walks, as the walks of the
             // state table between them leave it: those list only the sockets that changed,
@@ -1216,7 +1289,7 @@ mod programs {
     /// (`start`) or removes it (`server_established`).
     #[inline(always)]
     fn state_for_walked_socket(tp: TcpSock) -> Option<&'static mut SockState> {
-        let Some(st) = tp.storage(true) else {
+        let Some(st) = tp.sock().storage(true) else {
             bump(counter::SOCK_STATE_UNAVAILABLE);
             return None;
         };
@@ -1248,10 +1321,10 @@ mod programs {
     ) -> i32 {
         sk.read_counters(rec);
         let unchanged = st.flags & flags::WALKED != 0
-            && st.walked_generation != control.generation
-            && st.walked_bytes_acked == rec.bytes_acked
-            && st.walked_bytes_received == rec.bytes_received
-            && st.walked_total_retrans == rec.total_retrans
+            && st.walked_generation != control.generation as u16
+            && st.walked_bytes_acked == rec.bytes_acked as u32
+            && st.walked_bytes_received == rec.bytes_received as u32
+            && st.walked_total_retrans == rec.total_retrans as u16
             && st.walked_state == rec.state;
         if unchanged && control.mode != walk_mode::FULL {
             return 0;
@@ -1260,10 +1333,11 @@ mod programs {
         if !sk.still_same() {
             return 0;
         }
-        st.walked_generation = control.generation;
-        st.walked_bytes_acked = rec.bytes_acked;
-        st.walked_bytes_received = rec.bytes_received;
-        st.walked_total_retrans = rec.total_retrans;
+        // The low bits (see `SockState::walked_bytes_acked`).
+        st.walked_generation = control.generation as u16;
+        st.walked_bytes_acked = rec.bytes_acked as u32;
+        st.walked_bytes_received = rec.bytes_received as u32;
+        st.walked_total_retrans = rec.total_retrans as u16;
         st.walked_state = rec.state;
         st.flags |= flags::WALKED;
         copy_state(st, rec);

@@ -82,9 +82,11 @@ mod programs {
     /// a storm keeps warm: socket-local storage, which this replaced, allocated two
     /// objects charged to the memory cgroup and took a lock for each socket, 56 % of the
     /// state-change program's time. Sized by userspace (a power of two of buckets, one
-    /// per four `max_connections`: 1.75 slots or more per connection;
-    /// `STATE_BUCKET_MASK`). A socket that finds both its
-    /// buckets full is counted (SOCK_STATE_UNAVAILABLE).
+    /// per two `max_connections`: 3.5 slots or more per connection;
+    /// `STATE_BUCKET_MASK`). A socket that finds its home and overflow buckets full is
+    /// counted (SOCK_STATE_UNAVAILABLE). Page-aligned (mmapable), as are
+    /// `SOCK_STATE_KEYS` and `CLIENT_ENDPOINTS`: an array's values otherwise start
+    /// part-way into a cache line, and each 64-byte state or bucket would span two.
     #[cfg(not(feature = "socket-table"))]
     #[map]
     static SOCK_STATES: Array<SockState> =

@@ -71,8 +71,11 @@ pub mod kind {
 pub mod counter {
     /// Events dropped because the ring buffer was full.
     pub const RINGBUF_DROPS: u32 = 0;
-    /// Sockets whose state could not be stored (`bpf_sk_storage_get` could not allocate:
-    /// memory pressure). Such a connection is counted from the walks, without its open.
+    /// Attempts to give a socket state that found no room (the state table's home and
+    /// overflow buckets full, or the table build's hash full): at its open, and again at
+    /// each full walk that meets it without state, so one socket can count many times.
+    /// Such a connection is counted from the full walks, without its open; userspace
+    /// makes the walk after any change a full one, which keeps such sockets seen.
     pub const SOCK_STATE_UNAVAILABLE: u32 = 1;
     /// Client endpoints not recorded because `CLIENT_ENDPOINTS` was full (the link may
     /// then be reported by both ends).

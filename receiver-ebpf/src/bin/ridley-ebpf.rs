@@ -415,7 +415,10 @@ mod programs {
 
         /// Whether what was read through this handle is the socket's own: always for a
         /// pointer the kernel handed the program; see `ProbedSock`.
-        fn still_same(self) -> bool;
+        #[inline(always)]
+        fn still_same(self) -> bool {
+            true
+        }
 
         /// The socket's address, as records carry it.
         fn address(self) -> u64;
@@ -448,11 +451,6 @@ mod programs {
         }
 
         #[inline(always)]
-        fn still_same(self) -> bool {
-            true
-        }
-
-        #[inline(always)]
         fn address(self) -> u64 {
             self.0 as u64
         }
@@ -475,13 +473,8 @@ mod programs {
         }
 
         #[inline(always)]
-        fn still_same(self) -> bool {
-            true
-        }
-
-        #[inline(always)]
         fn address(self) -> u64 {
-            self.0 as u64
+            self.sock().address()
         }
     }
 

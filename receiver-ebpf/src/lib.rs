@@ -49,6 +49,9 @@ pub mod flags {
     pub const TRACKED: u8 = 1 << 0;
     /// The peer's FIN has been received (`SOCK_DONE`): `bytes_received` counts it.
     pub const PEER_FIN: u8 = 1 << 2;
+    /// Everything written has been acknowledged (`snd_una == write_seq`), so a FIN we
+    /// sent counts in `bytes_acked` (records only).
+    pub const ALL_ACKED: u8 = 1 << 1;
     /// A walk has reported the socket: its `walked_*` counters are set (kernel only).
     pub const WALKED: u8 = 1 << 3;
     /// A client socket whose local end did not fit `CLIENT_ENDPOINTS`: a server socket
@@ -409,6 +412,11 @@ fn mix64(mut x: u64) -> u64 {
 /// One socket's view, sent on the ring buffer ([`kind::CLOSED`], [`kind::CONNECT_FAILED`])
 /// and written by the `iter/tcp` program ([`kind::LIVE`]). Counters are raw kernel values;
 /// userspace subtracts baselines, SYN and FIN.
+///
+/// 120 bytes, so that with the ring buffer's 8-byte header a close record is exactly two
+/// cache lines of the (page-aligned) ring: each record the kernel writes is two lines the
+/// reader last touched, not three or four. The narrower fields hold what the kernel keeps
+/// for them without loss (see each).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockRecord {
@@ -420,30 +428,30 @@ pub struct SockRecord {
     pub ts_ns: u64,
     pub bytes_acked: u64,
     pub bytes_received: u64,
-    pub base_bytes_acked: u64,
-    pub base_bytes_received: u64,
     /// IPv6 or IPv4-mapped IPv6.
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
+    /// The handshake's baselines, as [`SockState`] keeps them (saturated, never wrapped).
+    pub base_bytes_acked: u32,
+    pub base_bytes_received: u32,
     pub netns: u32,
     pub total_retrans: u32,
-    pub base_total_retrans: u32,
     /// Smoothed RTT in 1/8 microseconds, as `tcp_sock.srtt_us` keeps it.
     pub srtt_us_x8: u32,
-    pub snd_una: u32,
-    pub write_seq: u32,
-    /// `sk_err` at the time of the record (positive errno, e.g. 111 = ECONNREFUSED).
-    pub sk_err: i32,
+    /// `sk_err` at the time of the record (positive errno, e.g. 111 = ECONNREFUSED; all
+    /// fit 16 bits).
+    pub sk_err: u16,
     /// Host byte order.
     pub local_port: u16,
     /// Host byte order.
     pub remote_port: u16,
+    /// See [`SockState::base_total_retrans`].
+    pub base_total_retrans: u16,
     pub kind: u8,
     /// For `CLOSED`/`CONNECT_FAILED`, the state the socket left; for `LIVE`, its state.
     pub state: u8,
     pub role: u8,
     pub flags: u8,
-    pub _pad: [u8; 4],
     /// See [`SockState::cgroup_id`].
     pub cgroup_id: u64,
 }
@@ -482,7 +490,7 @@ pub struct UdpFlowCounts {
 }
 
 // The layouts are part of the contract: a change here must be deliberate on both sides.
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 144);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 64);
 const _: () = assert!(core::mem::size_of::<StateBucket>() == 64);
 const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);

@@ -23,10 +23,10 @@ use crate::{
     nat::Translation,
 };
 
-const ECONNREFUSED: i32 = 111;
-const ECONNRESET: i32 = 104;
-const EPIPE: i32 = 32;
-const ETIMEDOUT: i32 = 110;
+const ECONNREFUSED: u16 = 111;
+const ECONNRESET: u16 = 104;
+const EPIPE: u16 = 32;
+const ETIMEDOUT: u16 = 110;
 
 /// `struct sock` address plus open time: addresses are reused, open times are not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,7 +55,7 @@ struct SocketBytes {
 impl SocketBytes {
     /// The kernel's `bytes_acked` / `bytes_received` count SYN and FIN as one byte each.
     /// SYN is already in the baseline taken at ESTABLISHED; FIN is removed here:
-    /// ours when it was sent (a closing state) and acknowledged (`snd_una == write_seq`),
+    /// ours when it was sent (a closing state) and acknowledged (`ALL_ACKED`),
     /// the peer's when it arrived (`SOCK_DONE`).
     fn of(rec: &SockRecord) -> Self {
         let fin_sent = matches!(
@@ -66,7 +66,7 @@ impl SocketBytes {
                 | tcp_state::LAST_ACK
                 | tcp_state::TIME_WAIT
         );
-        let fin_acked = fin_sent && rec.snd_una == rec.write_seq;
+        let fin_acked = fin_sent && rec.flags & flags::ALL_ACKED != 0;
         let peer_fin = rec.flags & flags::PEER_FIN != 0;
         SocketBytes {
             sent: rec.bytes_acked.saturating_sub(u64::from(fin_acked)),
@@ -78,8 +78,8 @@ impl SocketBytes {
     /// What the handshake left in the counters, recorded by the kernel at ESTABLISHED.
     fn baseline(rec: &SockRecord) -> Self {
         SocketBytes {
-            sent: rec.base_bytes_acked,
-            received: rec.base_bytes_received,
+            sent: u64::from(rec.base_bytes_acked),
+            received: u64::from(rec.base_bytes_received),
             retransmits: u64::from(rec.base_total_retrans),
         }
     }
@@ -907,11 +907,9 @@ mod tests {
     fn closed(mut rec: SockRecord, payload_sent: u64, payload_received: u64) -> SockRecord {
         rec.kind = kind::CLOSED;
         rec.state = tcp_state::FIN_WAIT2;
-        rec.bytes_acked = rec.base_bytes_acked + payload_sent + 1;
-        rec.bytes_received = rec.base_bytes_received + payload_received + 1;
-        rec.snd_una = 5000;
-        rec.write_seq = 5000;
-        rec.flags |= flags::PEER_FIN;
+        rec.bytes_acked = u64::from(rec.base_bytes_acked) + payload_sent + 1;
+        rec.bytes_received = u64::from(rec.base_bytes_received) + payload_received + 1;
+        rec.flags |= flags::ALL_ACKED | flags::PEER_FIN;
         rec
     }
 

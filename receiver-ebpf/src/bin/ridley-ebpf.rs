@@ -404,9 +404,14 @@ mod programs {
             rec.bytes_received = self.load(offset!(bytes_received));
             rec.total_retrans = self.load(offset!(total_retrans));
             rec.srtt_us_x8 = self.load(offset!(srtt_us));
-            rec.snd_una = self.load(offset!(snd_una));
-            rec.write_seq = self.load(offset!(write_seq));
-            rec.sk_err = self.load(offset!(sk_err));
+            let snd_una: u32 = self.load(offset!(snd_una));
+            let write_seq: u32 = self.load(offset!(write_seq));
+            if snd_una == write_seq {
+                rec.flags |= flags::ALL_ACKED;
+            }
+            let sk_err: i32 = self.load(offset!(sk_err));
+            // A positive errno: all fit (see `SockRecord::sk_err`).
+            rec.sk_err = sk_err.clamp(0, i32::from(u16::MAX)) as u16;
             let sk_flags: u64 = self.load(offset!(sk_flags));
             if sk_flags & SOCK_DONE_BIT != 0 {
                 rec.flags |= flags::PEER_FIN;
@@ -767,9 +772,9 @@ mod programs {
     fn copy_state(st: &SockState, rec: &mut SockRecord) {
         rec.start_ns = st.start_ns;
         rec.established_ns = st.established_ns;
-        rec.base_bytes_acked = u64::from(st.base_bytes_acked);
-        rec.base_bytes_received = u64::from(st.base_bytes_received);
-        rec.base_total_retrans = u32::from(st.base_total_retrans);
+        rec.base_bytes_acked = st.base_bytes_acked;
+        rec.base_bytes_received = st.base_bytes_received;
+        rec.base_total_retrans = st.base_total_retrans;
         rec.role = st.role;
         rec.flags |= st.flags & !flags::WALKED;
         rec.cgroup_id = st.cgroup_id;

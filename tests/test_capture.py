@@ -174,10 +174,10 @@ def test_burst_of_short_connections_is_counted_exactly(ridley, peers):
 
 
 def test_a_burst_larger_than_the_ring_buffer_is_drained_as_it_comes(ridley, peers):
-    """4,000 short connections through a 64 KiB ring buffer (431 records): more than the
-    ring holds between two of the reader's timer drains (every 200 ms), so nothing is
-    lost only if the programs wake the reader as the backlog crosses each quarter of
-    the ring."""
+    """4,000 short connections through a 64 KiB ring buffer (about 540 records, in
+    batches of 32): more than the ring holds between two of the reader's timer drains
+    (every 200 ms), so nothing is lost only if the programs wake the reader as the
+    backlog crosses each quarter of the ring."""
     r = ridley(receiver_extra="    ring_buffer_size: 65536\n")
     peers.server("a", A4, 8087, reply=5)
     out = peers.connect("c", A4, 8087, send=10, count=4000)

@@ -85,6 +85,19 @@ def hash_map_entries(pid, tracked=TRACKED_MAPS):
     return counts
 
 
+def held_close_records(pid):
+    """{cpu: close records held in that CPU's `CLOSE_BATCHES` batch} (the record count is
+    the batch's second 4-byte word)."""
+    for map_id in daemon_map_ids(pid):
+        info = json.loads(sh("bpftool", "-j", "map", "show", "id", str(map_id)).stdout)
+        if info.get("name") == "CLOSE_BATCHES":
+            dump = json.loads(sh("bpftool", "-j", "map", "dump", "id", str(map_id)).stdout)
+            assert len(dump) == 1, dump
+            return {v["cpu"]: int.from_bytes(bytes(int(b, 16) for b in v["value"][4:8]), "little")
+                    for v in dump[0]["values"]}
+    raise AssertionError("CLOSE_BATCHES not found")
+
+
 def daemon_maps(pid):
     """{map name: map type} of every BPF map the daemon holds."""
     maps = {}
@@ -124,6 +137,9 @@ def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoin
     assert maps.get("SOCK_STATES") == kind, maps
     assert maps.get("CLIENT_ENDPOINT") == endpoints, maps
     assert maps.get("EVENTS") == "ringbuf", maps
+    # One batch of 32 120-byte close records and two 4-byte words per CPU.
+    assert (infos["CLOSE_BATCHES"]["type"], infos["CLOSE_BATCHES"]["max_entries"],
+            infos["CLOSE_BATCHES"]["bytes_value"]) == ("percpu_array", 1, 8 + 32 * 120), infos["CLOSE_BATCHES"]
     assert maps.get("UDP_FLOWS_0") == maps.get("UDP_FLOWS_1") == "percpu_hash", maps
     assert "SOCKS" not in maps, maps
 
@@ -169,6 +185,11 @@ def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers,
 
     after = wait_for_baseline(pid, baseline, tracked)
     assert after == baseline, f"kernel maps did not return to baseline: {baseline} -> {after}"
+    # The walk after the traffic had every CPU send the close records it held.
+    deadline = time.monotonic() + 5
+    while set((held := held_close_records(pid)).values()) != {0} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(held) == os.cpu_count() and set(held.values()) == {0}, held
 
     final = r.stop()
     assert final.losses() == {"ringbuf_full": 0, "socket_state_unavailable": 0,

@@ -105,6 +105,8 @@ pub mod names {
     pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
     pub const PROG_ITER: &str = "ridley_iter_tcp";
     pub const PROG_ITER_STATES: &str = "ridley_iter_states";
+    pub const PROG_FLUSH_CLOSES: &str = "ridley_flush_closes";
+    pub const MAP_CLOSE_BATCHES: &str = "CLOSE_BATCHES";
     pub const MAP_UDP_FLOWS: [&str; 2] = ["UDP_FLOWS_0", "UDP_FLOWS_1"];
     pub const MAP_UDP_CONTROL: &str = "UDP_CONTROL";
     pub const PROG_UDP_SEND: &str = "ridley_sock_send_length";
@@ -460,6 +462,36 @@ impl SockRecord {
     pub const SIZE: usize = core::mem::size_of::<SockRecord>();
 }
 
+/// Close records per batch: one ring buffer write per this many closes on a CPU.
+pub const CLOSE_BATCH_RECORDS: usize = 32;
+
+/// Close records one CPU has written and not yet sent to the ring buffer (the
+/// `CLOSE_BATCHES` per-CPU map). Writing a record into a line this CPU just wrote is a
+/// cache hit; reserving ring buffer space per record cost a lock, the ring's positions
+/// and two to four lines the reader last touched, for each close. A full batch is sent
+/// at once; userspace has each CPU send what it holds after every walk
+/// (`flush_closes`), so every close before that is in the ring when it drains.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CloseBatch {
+    /// Nonzero while a program on this CPU is changing the batch. Only programs on this
+    /// CPU touch it, and one that interrupts another (a flush run from an interrupt, a
+    /// close in a softirq that interrupted a flush) sees the flag and leaves the batch
+    /// alone.
+    pub busy: u32,
+    /// Records held, in `records[..count]`.
+    pub count: u32,
+    pub records: [SockRecord; CLOSE_BATCH_RECORDS],
+}
+
+/// What the flush program returns (`flush_closes`).
+pub mod flush_result {
+    /// The batch was sent or empty.
+    pub const DONE: u32 = 0;
+    /// A program on that CPU was changing the batch: try again.
+    pub const BUSY: u32 = 1;
+}
+
 /// A UDP flow as the kernel aggregates it: a connected socket's local end (the client)
 /// and the address and port it is connected to (the server). The client's port is not
 /// part of it: every socket of one client to one server port is one flow.
@@ -492,6 +524,7 @@ pub struct UdpFlowCounts {
 // The layouts are part of the contract: a change here must be deliberate on both sides.
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 120);
 const _: () = assert!(core::mem::size_of::<SockState>() == 64);
+const _: () = assert!(core::mem::size_of::<CloseBatch>() == 8 + 120 * CLOSE_BATCH_RECORDS);
 const _: () = assert!(core::mem::size_of::<StateBucket>() == 64);
 const _: () = assert!(core::mem::size_of::<WalkControl>() == 16);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);

@@ -1,11 +1,14 @@
-//! ridley's kernel programs. Three hooks, no kprobes, no fentry:
+//! ridley's kernel programs. Three hooks and a flush, no kprobes, no fentry:
 //!
 //! - `tp_btf/inet_sock_set_state` sees every TCP state change of every socket in every
 //!   network namespace. It records how a connection was opened (client or server, when,
 //!   with which handshake counters) in a slot of `SOCK_STATES` taken under the socket's
-//!   cookie, and at `TCP_CLOSE` sends one record with the final counters on the `EVENTS`
-//!   ring buffer and frees the slot. Cost: a few loads and one lookup in a warm cache
-//!   line per transition, nothing per packet.
+//!   cookie, and at `TCP_CLOSE` writes one record with the final counters into its CPU's
+//!   batch (`CLOSE_BATCHES`, sent to the `EVENTS` ring buffer 32 records at a time) and
+//!   frees the slot. Cost: a few loads and one lookup in a warm cache line per
+//!   transition, nothing per packet.
+//! - `raw_tp` `ridley_flush_closes` is attached nowhere: userspace runs it on each CPU
+//!   after every walk to send what that CPU's batch holds.
 //! - `iter/bpf_map_elem` over `SOCK_STATE_KEYS` walks the sockets that have state, in
 //!   every namespace at once, once per collection interval: live counters of the
 //!   connections whose counters changed since the last walk; an idle connection costs a
@@ -58,16 +61,16 @@ mod programs {
         },
         helpers::{
             bpf_get_current_cgroup_id, bpf_ktime_get_ns,
-            generated::{bpf_seq_write, bpf_skc_to_tcp_sock},
+            generated::{bpf_ringbuf_output, bpf_seq_write, bpf_skc_to_tcp_sock},
         },
         macros::{btf_tracepoint, map},
         maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::BtfTracePointContext,
     };
     use ridley_ebpf::{
-        AF_INET, AF_INET6, EndpointKey, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, MSG_PEEK,
-        SockRecord, SockState, UdpFlowCounts, UdpFlowKey, WalkControl, counter, flags, kind, role,
-        tcp_state, walk_mode,
+        AF_INET, AF_INET6, CLOSE_BATCH_RECORDS, CloseBatch, EndpointKey, IPPROTO_TCP, IPPROTO_UDP,
+        KernelOffsets, MSG_PEEK, SockRecord, SockState, UdpFlowCounts, UdpFlowKey, WalkControl,
+        counter, flags, flush_result, kind, role, tcp_state, walk_mode,
     };
     #[cfg(not(feature = "socket-table"))]
     use ridley_ebpf::{
@@ -152,6 +155,11 @@ mod programs {
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+    /// One entry: this CPU's close records not yet in `EVENTS` (see `CloseBatch`). At
+    /// most `CLOSE_BATCH_RECORDS` records (3,848 bytes) per CPU; empty after every walk.
+    #[map]
+    static CLOSE_BATCHES: PerCpuArray<CloseBatch> = PerCpuArray::with_max_entries(1, 0);
+
     #[map]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -210,9 +218,8 @@ mod programs {
     #[unsafe(no_mangle)]
     static RINGBUF_WAKEUP_BYTES: u64 = 0;
 
-    /// Bytes a close record takes in `EVENTS`: the record and the ring's 8-byte header,
-    /// rounded up to 8.
-    const RECORD_SPAN: u64 = (core::mem::size_of::<SockRecord>() as u64 + 8 + 7) & !7;
+    /// The ring buffer's header before each entry.
+    const RINGBUF_HEADER_BYTES: u64 = 8;
 
     /// `SOCK_DONE` in `enum sock_flags`: set by `tcp_fin()` when the peer's FIN arrives.
     const SOCK_DONE_BIT: u64 = 1 << 1;
@@ -319,9 +326,14 @@ mod programs {
     }
 
     fn bump(index: u32) {
+        bump_by(index, 1);
+    }
+
+    #[inline(always)]
+    fn bump_by(index: u32, n: u64) {
         if let Some(slot) = COUNTERS.get_ptr_mut(index) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-            unsafe { *slot += 1 };
+            unsafe { *slot += n };
         }
     }
 
@@ -1046,18 +1058,17 @@ mod programs {
             sock.release_storage();
             return;
         };
-        let Some(mut entry) = EVENTS.reserve::<SockRecord>(0) else {
-            bump(counter::RINGBUF_DROPS);
-            forget_client_endpoint(sock, family, st);
-            sock.release_storage();
-            return;
-        };
-        let rec = entry.as_mut_ptr();
-        // SAFETY: reserve() handed us exclusive, aligned space for a SockRecord, all of it
-        // written here before it is read.
-        let rec = unsafe {
-            zero(rec);
-            &mut *rec
+        // This CPU's batch, unless a program this run interrupted is changing it (then
+        // the record goes to the ring buffer on its own, from the stack).
+        let batch = CLOSE_BATCHES.get_ptr_mut(0).filter(|&b| {
+            // SAFETY: this CPU's value, valid for the run; see `CloseBatch::busy`.
+            unsafe { claim_batch(b) }
+        });
+        let mut spare = core::mem::MaybeUninit::<SockRecord>::uninit();
+        let rec = match batch {
+            // SAFETY: claimed above: no other program touches the batch until released.
+            Some(b) => unsafe { next_batch_slot(b) },
+            None => zeroed(&mut spare),
         };
         rec.sk = tp.0 as u64;
         // SAFETY: no preconditions.
@@ -1081,23 +1092,149 @@ mod programs {
         st.endpoint_slot = 0;
         // Freed below; a socket that connects again starts over in `start`.
         st.flags = 0;
+        match batch {
+            // SAFETY: claimed above; the record in the next slot is complete.
+            Some(b) => unsafe { commit_batch_slot(b) },
+            None => send_records(rec, 1),
+        }
+        sock.release_storage();
+    }
+
+    /// Takes this CPU's batch for the rest of the run, unless a program this one
+    /// interrupted holds it.
+    ///
+    /// # Safety
+    /// `batch` must be this CPU's `CLOSE_BATCHES` value.
+    #[inline(always)]
+    unsafe fn claim_batch(batch: *mut CloseBatch) -> bool {
+        // SAFETY: the caller's. Volatile: an interrupting program must see the flag set
+        // before anything it guards changes, and only this CPU reads it.
+        unsafe {
+            if core::ptr::read_volatile(&raw const (*batch).busy) != 0 {
+                return false;
+            }
+            core::ptr::write_volatile(&raw mut (*batch).busy, 1);
+        }
+        true
+    }
+
+    /// # Safety
+    /// `batch` must be this CPU's `CLOSE_BATCHES` value, claimed by this run.
+    #[inline(always)]
+    unsafe fn release_batch(batch: *mut CloseBatch) {
+        // SAFETY: the caller's.
+        unsafe { core::ptr::write_volatile(&raw mut (*batch).busy, 0) };
+    }
+
+    /// The zeroed record after the batch's last.
+    ///
+    /// # Safety
+    /// `batch` must be this CPU's `CLOSE_BATCHES` value, claimed by this run.
+    #[inline(always)]
+    unsafe fn next_batch_slot<'a>(batch: *mut CloseBatch) -> &'a mut SockRecord {
+        // SAFETY: the caller's; the batch is ours until released.
+        let batch = unsafe { &mut *batch };
+        // Never full here (a full batch is sent when its last record is committed);
+        // the check bounds the index for the verifier.
+        if batch.count as usize >= CLOSE_BATCH_RECORDS {
+            flush_batch(batch);
+        }
+        let slot = (batch.count as usize) % CLOSE_BATCH_RECORDS;
+        let rec = &mut batch.records[slot];
+        // SAFETY: a record of the map value, 8-byte aligned.
+        unsafe { zero(rec) };
+        rec
+    }
+
+    /// Counts the record `next_batch_slot` handed out, sends the batch if that filled it
+    /// and releases it.
+    ///
+    /// # Safety
+    /// `batch` must be this CPU's `CLOSE_BATCHES` value, claimed by this run.
+    #[inline(always)]
+    unsafe fn commit_batch_slot(batch: *mut CloseBatch) {
+        // SAFETY: the caller's.
+        unsafe {
+            let b = &mut *batch;
+            b.count += 1;
+            if b.count as usize >= CLOSE_BATCH_RECORDS {
+                flush_batch(b);
+            }
+            release_batch(batch);
+        }
+    }
+
+    /// Sends what the claimed batch holds to the ring buffer and empties it.
+    #[inline(always)]
+    fn flush_batch(batch: &mut CloseBatch) {
+        let count = batch.count;
+        if count != 0 && count as usize <= CLOSE_BATCH_RECORDS {
+            send_records(&batch.records[0], count);
+        }
+        batch.count = 0;
+    }
+
+    /// Writes `count` consecutive records (at most a batch), from `first`, to `EVENTS` as one entry
+    /// (userspace splits it); records that do not fit are counted (RINGBUF_DROPS).
+    #[inline(always)]
+    fn send_records(first: &SockRecord, count: u32) {
+        const { assert!(CLOSE_BATCH_RECORDS.is_power_of_two()) };
+        if count == 0 || count as usize > CLOSE_BATCH_RECORDS {
+            return;
+        }
+        // `count` again, in a form the verifier can bound (1 to CLOSE_BATCH_RECORDS, a
+        // power of two): it does not carry the check above over to this register.
+        let count = ((count - 1) & (CLOSE_BATCH_RECORDS as u32 - 1)) + 1;
+        let bytes = u64::from(count) * SockRecord::SIZE as u64;
         // SAFETY: plain read of our own read-only global (see `offset!`).
         let threshold = unsafe { core::ptr::read_volatile(&raw const RINGBUF_WAKEUP_BYTES) };
-        // Wake the reader when the backlog crosses a multiple of the threshold: the one
-        // record whose end lands in the first record's width past it. Not every record
-        // while the backlog stays above it: each wakeup raises an inter-processor
-        // interrupt (a trap to the hypervisor on a virtual machine), and until the reader
-        // runs every record would raise one. A crossing missed because another CPU's
-        // record landed there first is caught at the next multiple, or by the reader's
-        // timer.
-        let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-        let wakeup = if threshold != 0 && avail >= threshold && avail % threshold < RECORD_SPAN {
+        // Wake the reader when this entry takes the backlog across a multiple of the
+        // threshold, not at every entry while it stays above: each wakeup raises an
+        // inter-processor interrupt (a trap to the hypervisor on a virtual machine), and
+        // until the reader runs every entry would raise one. A crossing another CPU's
+        // entry made first is caught at the next multiple, or by the reader's timer.
+        let before = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let after = before + bytes + RINGBUF_HEADER_BYTES;
+        let wakeup = if threshold != 0 && after / threshold > before / threshold {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
         };
-        entry.submit(wakeup as u64);
-        sock.release_storage();
+        // SAFETY: `first` and the `count - 1` records after it are ours: one record, or
+        // a prefix of a batch's array (`count` checked against its length above).
+        let sent = unsafe {
+            bpf_ringbuf_output(
+                (&raw const EVENTS).cast_mut().cast(),
+                (first as *const SockRecord).cast_mut().cast(),
+                bytes,
+                u64::from(wakeup),
+            )
+        };
+        if sent != 0 {
+            bump_by(counter::RINGBUF_DROPS, u64::from(count));
+        }
+    }
+
+    /// Run by userspace on each CPU after every walk (`BPF_PROG_TEST_RUN` on that CPU,
+    /// from an interrupt or with preemption off): sends the CPU's batch, so that every
+    /// close before the run is in the ring buffer. Returns `flush_result::BUSY` if it
+    /// interrupted a program changing the batch; userspace runs it again.
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "raw_tp")]
+    pub fn ridley_flush_closes(_ctx: *mut c_void) -> u32 {
+        let Some(batch) = CLOSE_BATCHES.get_ptr_mut(0) else {
+            return flush_result::DONE;
+        };
+        // SAFETY: this CPU's value, valid for the run.
+        if !unsafe { claim_batch(batch) } {
+            return flush_result::BUSY;
+        }
+        // SAFETY: claimed just now.
+        unsafe {
+            flush_batch(&mut *batch);
+            release_batch(batch);
+        }
+        flush_result::DONE
     }
 
     #[inline(always)]

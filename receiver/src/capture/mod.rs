@@ -5,6 +5,7 @@
 mod btf;
 mod cgroups;
 pub mod conntrack;
+mod flush;
 mod netns;
 mod states;
 
@@ -583,7 +584,8 @@ impl Capture {
 
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
-        let walker = Walker::spawn(ebpf, socket_state)?;
+        let flusher = flush::CloseFlusher::load(&mut ebpf)?;
+        let walker = Walker::spawn(ebpf, socket_state, flusher)?;
         drop(kernel_btf);
         release_freed_memory();
         Ok((
@@ -763,7 +765,11 @@ struct WalkRequest {
 struct Walker(RequestThread<WalkRequest>);
 
 impl Walker {
-    fn spawn(mut ebpf: Ebpf, socket_state: SocketState) -> Result<Self> {
+    fn spawn(
+        mut ebpf: Ebpf,
+        socket_state: SocketState,
+        flusher: flush::CloseFlusher,
+    ) -> Result<Self> {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
         // The walks between full walks iterate over the cookie table's keys; those of
@@ -807,6 +813,14 @@ impl Walker {
                     walk.full = full;
                     walk
                 });
+            // Every close before this point reaches the ring buffer before the reply:
+            // the receiver drains it next, and a socket the walk did not see because it
+            // closed must have its close record there.
+            // A flush that fails (it is proven to work at startup) leaves records held
+            // until their batch fills or a later flush: late, not lost.
+            if let Err(e) = flusher.flush() {
+                tracing::warn!("close records held on a CPU: {e:#}");
+            }
             // A walk that left a namespace out does not vouch for its sockets.
             last_start_us = match &result {
                 Ok(walk) if walk.skipped == 0 => started_us,

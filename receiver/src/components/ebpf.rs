@@ -293,11 +293,12 @@ impl Intake {
     }
 }
 
-/// Applies every close record waiting in the ring buffer.
+/// Applies every close record waiting in the ring buffer (an entry holds one record or
+/// a CPU's batch of them).
 fn drain(events: &mut RingBuf<MapData>, intake: &mut Intake) {
     let now = Now::current();
     while let Some(item) = events.next() {
-        if let Some(record) = parse_record(&item) {
+        for record in item.chunks_exact(SockRecord::SIZE).filter_map(parse_record) {
             intake.take(&record, now);
         }
     }

@@ -426,7 +426,10 @@ pub struct SockRecord {
     pub sk: u64,
     pub start_ns: u64,
     pub established_ns: u64,
-    /// When the record was written (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    /// When the record was written (`bpf_ktime_get_ns`, CLOCK_MONOTONIC): walk records,
+    /// and close records of connections never established (a failed connect: the end of
+    /// its attempt). 0 in other close records: an established connection's attempt
+    /// ended at `established_ns`, and nothing reads a close's time.
     pub ts_ns: u64,
     pub bytes_acked: u64,
     pub bytes_received: u64,

@@ -1071,8 +1071,12 @@ mod programs {
             None => zeroed(&mut spare),
         };
         rec.sk = tp.0 as u64;
-        // SAFETY: no preconditions.
-        rec.ts_ns = unsafe { bpf_ktime_get_ns() };
+        // Only a connection that never got established ends its attempt here (a clock
+        // read per connection saved, see `SockRecord::ts_ns`).
+        if st.established_ns == 0 {
+            // SAFETY: no preconditions.
+            rec.ts_ns = unsafe { bpf_ktime_get_ns() };
+        }
         rec.kind = if old_state == tcp_state::SYN_SENT {
             kind::CONNECT_FAILED
         } else {

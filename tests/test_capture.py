@@ -13,7 +13,7 @@ C4, C6 = HOSTS["c"]
 
 NO_LOSSES = {"ringbuf_full": 0, "socket_state_unavailable": 0, "endpoint_table_full": 0,
              "udp_flow_table_full": 0,
-             "read_error": 0, "link_limit": 0, "close_lost": 0,
+             "read_error": 0, "event_missed": 0, "link_limit": 0, "close_lost": 0,
              "namespace_skipped": 0, "nat_unresolved": 0, "nat_lookup_limit": 0}
 
 

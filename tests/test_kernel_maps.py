@@ -193,7 +193,7 @@ def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers,
 
     final = r.stop()
     assert final.losses() == {"ringbuf_full": 0, "socket_state_unavailable": 0,
-                              "endpoint_table_full": 0, "udp_flow_table_full": 0, "read_error": 0, "link_limit": 0, "close_lost": 0,
+                              "endpoint_table_full": 0, "udp_flow_table_full": 0, "read_error": 0, "event_missed": 0, "link_limit": 0, "close_lost": 0,
              "namespace_skipped": 0, "nat_unresolved": 0, "nat_lookup_limit": 0}
     link = final.link(B4, A4, 8600)
     assert (link["opened"], link["transmit"], link["receive"]) == (200, 1400, 2000)

@@ -421,6 +421,13 @@ pub struct Losses {
     pub udp_flow_table_full: u64,
     /// Kernel memory reads that failed.
     pub read_errors: u64,
+    /// Program runs the kernel skipped because the same program was already running
+    /// on that CPU (a softirq's TCP state change interrupting it: the programs'
+    /// `recursion_misses`). A missed transition can cost a connection its open, its
+    /// bytes since the last walk, or the single report of a local connection; each
+    /// change makes the next walk a full one, which finds connections whose close was
+    /// missed.
+    pub events_missed: u64,
     /// Connection records counted in the overflow series because the link limit was
     /// reached (not lost, but no longer told apart by link).
     pub link_limit: u64,
@@ -447,6 +454,7 @@ impl Losses {
             endpoint_table_full: self.endpoint_table_full + other.endpoint_table_full,
             udp_flow_table_full: self.udp_flow_table_full + other.udp_flow_table_full,
             read_errors: self.read_errors + other.read_errors,
+            events_missed: self.events_missed + other.events_missed,
             link_limit: self.link_limit + other.link_limit,
             close_lost: self.close_lost + other.close_lost,
             namespace_skipped: self.namespace_skipped + other.namespace_skipped,
@@ -455,13 +463,14 @@ impl Losses {
         }
     }
 
-    pub fn entries(&self) -> [(&'static str, u64); 10] {
+    pub fn entries(&self) -> [(&'static str, u64); 11] {
         [
             ("ringbuf_full", self.ringbuf_full),
             ("socket_state_unavailable", self.socket_state_unavailable),
             ("endpoint_table_full", self.endpoint_table_full),
             ("udp_flow_table_full", self.udp_flow_table_full),
             ("read_error", self.read_errors),
+            ("event_missed", self.events_missed),
             ("link_limit", self.link_limit),
             ("close_lost", self.close_lost),
             ("namespace_skipped", self.namespace_skipped),

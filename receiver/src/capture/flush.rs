@@ -6,7 +6,7 @@
 //! (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`: from an interrupt on that CPU, or
 //! with preemption off on the caller's), so that every close before the walk's end is
 //! in the ring buffer when the receiver drains it.
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -15,7 +15,7 @@ use aya::{
 };
 use ridley_ebpf::{flush_result, names};
 
-use super::program;
+use super::{program, sys::run_on_cpu};
 
 /// A flush that finds a program on that CPU changing the batch (it interrupted one) is
 /// run again; that program finishes within microseconds, so this many tries apart are
@@ -73,52 +73,4 @@ impl CloseFlusher {
         }
         Ok(())
     }
-}
-
-/// The `test` member of `union bpf_attr` (`BPF_PROG_TEST_RUN`), up to the fields used.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-}
-
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_F_TEST_RUN_ON_CPU: u32 = 1;
-
-/// Runs the raw tracepoint program once on `cpu` (no context) and returns what it
-/// returned.
-fn run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> std::io::Result<u32> {
-    let mut attr = TestRunAttr {
-        prog_fd: program.as_raw_fd() as u32,
-        flags: BPF_F_TEST_RUN_ON_CPU,
-        cpu,
-        ..TestRunAttr::default()
-    };
-    // SAFETY: `attr` is a valid, zero-padded prefix of `union bpf_attr` for this command,
-    // and lives across the call; the kernel writes only `retval` (and `duration`) in it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>() as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(attr.retval)
 }

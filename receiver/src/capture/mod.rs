@@ -8,6 +8,7 @@ pub mod conntrack;
 mod flush;
 mod netns;
 mod states;
+mod sys;
 
 pub use cgroups::{CgroupPaths, host_netns};
 
@@ -21,11 +22,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, Iter},
+    programs::{BtfTracePoint, Iter, ProgramFd},
 };
 use ridley_ebpf::{
     KernelOffsets, SockRecord, UdpFlowCounts, UdpFlowKey, WalkControl, counter, names, walk_mode,
 };
+use std::os::fd::AsFd;
 use tokio::sync::oneshot;
 
 use crate::model::Losses;
@@ -428,6 +430,8 @@ pub fn can_read_conntrack() -> bool {
 /// The loaded, attached programs.
 pub struct Capture {
     counters: PerCpuArray<MapData, u64>,
+    /// The attached tracepoint programs, for the runs the kernel skipped.
+    hooks: Vec<ProgramFd>,
     walker: Walker,
     udp: Option<UdpFlows>,
 }
@@ -537,6 +541,7 @@ impl Capture {
         state
             .attach()
             .context("attaching tp_btf/inet_sock_set_state")?;
+        let mut hooks = vec![hook_fd(state)?];
         let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
         iter.load("tcp", &kernel_btf)
             .with_context(|| format!("loading iter/tcp (needs BPF iterators and {state_needs})"))?;
@@ -551,14 +556,15 @@ impl Capture {
             None
         } else {
             match attach_udp(&mut ebpf, &kernel_btf) {
-                Ok(()) => Some(UdpFlows {
+                Ok(udp_hooks) => Some(UdpFlows {
                     tables: [
                         PerCpuHashMap::try_from(take_map(&mut ebpf, names::MAP_UDP_FLOWS[0])?)?,
                         PerCpuHashMap::try_from(take_map(&mut ebpf, names::MAP_UDP_FLOWS[1])?)?,
                     ],
                     control: Array::try_from(take_map(&mut ebpf, names::MAP_UDP_CONTROL)?)?,
                     active: 0,
-                }),
+                })
+                .inspect(|_| hooks.extend(udp_hooks)),
                 Err(e) => {
                     // UDP is an addition: TCP capture goes on without it.
                     tracing::warn!(
@@ -591,6 +597,7 @@ impl Capture {
         Ok((
             Capture {
                 counters,
+                hooks,
                 walker,
                 udp,
             },
@@ -629,13 +636,29 @@ impl Capture {
             endpoint_table_full: read(counter::ENDPOINTS_FULL)?,
             udp_flow_table_full: read(counter::UDP_FLOWS_FULL)?,
             read_errors: read(counter::READ_ERRORS)?,
+            events_missed: self
+                .hooks
+                .iter()
+                .map(|hook| sys::recursion_misses(hook.as_fd()))
+                .sum::<std::io::Result<u64>>()
+                .context("reading the programs' recursion misses")?,
             ..Losses::default()
         })
     }
 }
 
-/// Loads and attaches the two UDP programs.
-fn attach_udp(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<()> {
+/// A program's own descriptor (a duplicate: the program stays with the walker).
+fn hook_fd(program: &BtfTracePoint) -> Result<ProgramFd> {
+    program
+        .fd()
+        .context("an attached program has no descriptor")?
+        .try_clone()
+        .context("duplicating a program's descriptor")
+}
+
+/// Loads and attaches the two UDP programs; returns their descriptors.
+fn attach_udp(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<Vec<ProgramFd>> {
+    let mut hooks = Vec::new();
     for (name, tracepoint) in [
         (names::PROG_UDP_SEND, "sock_send_length"),
         (names::PROG_UDP_RECV, "sock_recv_length"),
@@ -647,8 +670,9 @@ fn attach_udp(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<()> {
         program
             .attach()
             .with_context(|| format!("attaching tp_btf/{tracepoint}"))?;
+        hooks.push(hook_fd(program)?);
     }
-    Ok(())
+    Ok(hooks)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

@@ -26,19 +26,7 @@ struct IterLinkInfo {
 
 /// Runs one `bpf()` command that returns a new file descriptor.
 fn bpf_fd(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-initialised `bpf_attr` with the command's members set; the
-    // kernel reads at most `size_of::<bpf_attr>()` bytes of it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            std::mem::size_of::<bpf_attr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let fd = super::sys::bpf(cmd, attr)?;
     // SAFETY: on success the command returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -49,8 +37,7 @@ fn open_iterator(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> Result<File> {
         map_fd: map.as_raw_fd() as u32,
         _rest: [0; 3],
     };
-    // SAFETY: bpf_attr is plain data; all-zero is its documented initial state.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    let mut attr = super::sys::zeroed_attr();
     // Writes to union members are safe: the `link_create` variant is the one the command
     // reads.
     attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
@@ -62,8 +49,8 @@ fn open_iterator(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> Result<File> {
         .iter_info_len = std::mem::size_of::<IterLinkInfo>() as u32;
     let link = bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
         .context("attaching iter/bpf_map_elem to SOCK_STATE_KEYS")?;
-    // SAFETY: as above; then the `iter_create` variant is set.
-    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // The `iter_create` variant is set.
+    let mut attr = super::sys::zeroed_attr();
     attr.iter_create.link_fd = link.as_raw_fd() as u32;
     let iterator = bpf_fd(bpf_cmd::BPF_ITER_CREATE, &mut attr).context("creating the iterator")?;
     Ok(File::from(iterator))

@@ -386,9 +386,11 @@ impl CaptureLoop {
         };
         let mut losses = self.capture.kernel_losses()?;
         // A lost close record leaves a connection in the table that only a full walk can
-        // find gone; a namespace not seen may have hidden changes.
+        // find gone (a missed transition may have been one); a namespace not seen may
+        // have hidden changes.
         self.next_walk_full = walk.skipped > 0
             || losses.ringbuf_full != self.last_losses.ringbuf_full
+            || losses.events_missed != self.last_losses.events_missed
             || losses.socket_state_unavailable != self.last_losses.socket_state_unavailable;
         self.intake.aggregator.add_losses(&mut losses);
         losses.namespace_skipped = self.namespace_skipped;

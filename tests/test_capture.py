@@ -17,7 +17,7 @@ NO_LOSSES = {"ringbuf_full": 0, "socket_state_unavailable": 0, "endpoint_table_f
              "namespace_skipped": 0, "nat_unresolved": 0, "nat_lookup_limit": 0}
 
 
-@pytest.fixture(params=["storage", "table"])
+@pytest.fixture(params=["array", "table"])
 def ridley(request, ridley):
     """Every test here runs with per-socket state in the table keyed by socket cookie
     (5.12+) and in the hash table older kernels use, on this kernel: the counts must not

@@ -107,7 +107,7 @@ def daemon_maps(pid):
     return maps
 
 
-@pytest.mark.parametrize("socket_state,kind,endpoints", [("storage", "array", "array"),
+@pytest.mark.parametrize("socket_state,kind,endpoints", [("array", "array", "array"),
                                                          ("table", "hash", "hash")])
 def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoints):
     """Per-socket state is preallocated (or, in the table, allocated as used) and freed
@@ -153,7 +153,7 @@ def wait_for_baseline(pid, baseline, tracked=TRACKED_MAPS, timeout=10):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("socket_state", ["storage", "table"])
+@pytest.mark.parametrize("socket_state", ["array", "table"])
 def test_every_way_a_connection_ends_returns_the_maps_to_baseline(ridley, peers, socket_state):
     # A table much smaller than the traffic: a single leaked entry per connection
     # would fill it and show up as a table-full loss.

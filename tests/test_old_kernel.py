@@ -84,7 +84,8 @@ def test_the_state_table_is_empty_after_the_traffic(guest):
     assert guest["maps_after_traffic"] == {"SOCK_STATES": 0, "CLIENT_ENDPOINT": 0}
 
 
-def test_socket_storage_asked_for_on_5_10_fails_with_the_reason(guest):
+def test_the_array_build_asked_for_on_5_10_fails_with_the_reason(guest):
+    """Asked for by its old name, `socket_state: storage`, which still means `array`."""
     log = guest["storage_log"]
     assert guest["storage_exit_code"] != 0, log
     assert "per-socket state: an array of 229376 slots keyed by socket cookie" in log, log

@@ -48,9 +48,11 @@ pub enum SocketState {
     Auto,
     /// A preallocated array of `2 × max_connections` slots keyed by socket cookie, a
     /// slot taken with compare-and-exchange and freed at the socket's close. Needs
-    /// socket cookies in tracing programs and compare-and-exchange (both 5.12). (The
-    /// name is from when this build kept the state in socket-local storage.)
-    Storage,
+    /// socket cookies in tracing programs and compare-and-exchange (both 5.12).
+    /// `storage`, its name from when this build kept the state in socket-local storage,
+    /// is still accepted.
+    #[serde(alias = "storage")]
+    Array,
     /// A hash table keyed by socket, sized from `max_connections`, entries removed at
     /// each socket's close. Between full walks, walks go through every namespace's
     /// sockets (there is no iterator over a hash table's sockets).
@@ -64,7 +66,7 @@ impl SocketState {
             SocketState::Auto if kernel.is_some_and(|v| v < STORAGE_BUILD_KERNEL) => {
                 SocketState::Table
             }
-            SocketState::Auto => SocketState::Storage,
+            SocketState::Auto => SocketState::Array,
             chosen => chosen,
         }
     }
@@ -525,7 +527,7 @@ impl Capture {
 
         // What the programs need beyond BTF tracepoints and iterators, for the errors.
         let state_needs = match socket_state {
-            SocketState::Storage => {
+            SocketState::Array => {
                 "socket cookies in tracing programs and compare-and-exchange, 5.12+"
             }
             _ => "bpf_skc_to_tcp_sock in tracing programs, 5.9+",
@@ -545,7 +547,7 @@ impl Capture {
         let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
         iter.load("tcp", &kernel_btf)
             .with_context(|| format!("loading iter/tcp (needs BPF iterators and {state_needs})"))?;
-        if socket_state == SocketState::Storage {
+        if socket_state == SocketState::Array {
             let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
             iter_states
                 .load("bpf_map_elem", &kernel_btf)
@@ -576,7 +578,7 @@ impl Capture {
         };
         tracing::info!(
             "hooks active: tp_btf/inet_sock_set_state, {}iter/tcp{}",
-            if socket_state == SocketState::Storage {
+            if socket_state == SocketState::Array {
                 "iter/bpf_map_elem, "
             } else {
                 ""
@@ -800,7 +802,7 @@ impl Walker {
         // the table build's hash are socket addresses it cannot read, so there they
         // walk every namespace too.
         let sock_states = match socket_state {
-            SocketState::Storage => {
+            SocketState::Array => {
                 let aya::maps::Map::Array(map) = take_map(&mut ebpf, names::MAP_SOCK_STATE_KEYS)?
                 else {
                     bail!("map {} is not an array", names::MAP_SOCK_STATE_KEYS);
@@ -867,6 +869,18 @@ mod tests {
         kernel_version,
     };
 
+    /// `storage`, the array's old name, still reads as the array; unknown names are
+    /// refused.
+    #[test]
+    fn socket_state_names_parse_and_the_old_name_is_kept() {
+        let parse = |name: &str| serde_norway::from_str::<SocketState>(name);
+        assert_eq!(parse("auto").unwrap(), SocketState::Auto);
+        assert_eq!(parse("array").unwrap(), SocketState::Array);
+        assert_eq!(parse("storage").unwrap(), SocketState::Array);
+        assert_eq!(parse("table").unwrap(), SocketState::Table);
+        assert!(parse("hash").is_err());
+    }
+
     #[test]
     fn endpoint_set_has_eight_slots_per_connection_in_a_power_of_two_of_buckets() {
         assert_eq!(endpoint_buckets(65_536), 65_536);
@@ -888,22 +902,16 @@ mod tests {
         );
         assert_eq!(
             SocketState::Auto.resolve(Some(STORAGE_BUILD_KERNEL)),
-            SocketState::Storage
+            SocketState::Array
         );
-        assert_eq!(
-            SocketState::Auto.resolve(Some((6, 18))),
-            SocketState::Storage
-        );
+        assert_eq!(SocketState::Auto.resolve(Some((6, 18))), SocketState::Array);
         // Unreadable: the kernel will say if it cannot.
-        assert_eq!(SocketState::Auto.resolve(None), SocketState::Storage);
+        assert_eq!(SocketState::Auto.resolve(None), SocketState::Array);
         assert_eq!(
             SocketState::Table.resolve(Some((6, 18))),
             SocketState::Table
         );
-        assert_eq!(
-            SocketState::Storage.resolve(debian_11),
-            SocketState::Storage
-        );
+        assert_eq!(SocketState::Array.resolve(debian_11), SocketState::Array);
     }
 
     #[test]

@@ -78,8 +78,8 @@ pub struct EbpfConfig {
     pub conntrack: ConntrackConfig,
     /// Where the kernel programs keep per-socket state: `auto` (a table keyed by socket
     /// cookie where the kernel gives tracing programs cookies and compare-and-exchange,
-    /// 5.12 and later; a hash table keyed by socket address before), `storage` or
-    /// `table` to choose.
+    /// 5.12 and later; a hash table keyed by socket address before), `array` (once
+    /// called `storage`) or `table` to choose.
     pub socket_state: SocketState,
 }
 

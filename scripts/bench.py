@@ -393,7 +393,7 @@ def phase_kernel(work, rows, short):
     rows.append(("`tp_btf/inet_sock_set_state`, mean ns per run, storm of short connections (both ends on this host)",
                  f"{ridley_ns:.0f} ({ridley_ns / floor_ns:.1f}x the floor; {runs:,} runs)",
                  f"empty program, same tracepoint, same storm: {floor_ns:.0f} (floor); bpftrace tcplife-style: {bt_ns:.0f} (floor beside it: {bt_floor_ns:.0f})"))
-    rows.append(("the same, per-socket state in the hash table (`socket_state: table`, as on 5.9 to 5.11)",
+    rows.append(("the same, per-socket state in the hash table (`socket_state: table`, as on 5.10 and 5.11)",
                  f"{table_ns:.0f} ({table_ns / table_floor_ns:.1f}x the floor)",
                  f"floor beside it: {table_floor_ns:.0f}"))
     rows.append((f"storm of {short:,} short connections ({short / took:,.0f}/s): daemon CPU",
@@ -698,7 +698,7 @@ def phase_idle(work, rows, conns, socket_state="storage"):
     sent = sum(total(metrics, "ridley.link.bytes", port, "client_to_server") for port, _ in groups)
     # iter/tcp runs once per socket; iter/bpf_map_elem once per bucket of the state table.
     iterator, visited = ("iter/tcp", "socket") if table else ("iter/bpf_map_elem", "bucket")
-    variant = ", per-socket state in the hash table (as on 5.9 to 5.11)" if table else ""
+    variant = ", per-socket state in the hash table (as on 5.10 and 5.11)" if table else ""
     rows.append((f"{conns:,} live idle connections, default settings{variant}, 1 s interval",
                  f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `{iterator}` {iter_ns:.0f} ns per {visited} visited ({visits / 10:,.0f} visits/s)",
                  f"kernel maps: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(maps.items()))}"))

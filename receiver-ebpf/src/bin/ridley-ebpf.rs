@@ -24,7 +24,7 @@
 //! Built twice from this file. By default per-socket state and the client ends are
 //! lock-free preallocated tables (socket cookies in tracing programs and
 //! compare-and-exchange, 5.12+). With the `socket-table` feature both are hash tables,
-//! the state keyed by socket address, for 5.9 to 5.11 kernels: entries are removed at
+//! the state keyed by socket address, for 5.10 and 5.11 kernels: entries are removed at
 //! `TCP_CLOSE`, which every socket with state reaches, and there is no
 //! `iter/bpf_map_elem` (the walks between full walks go through `iter/tcp` too).
 //!

@@ -244,9 +244,10 @@ fn endpoint_buckets(max_connections: u32) -> u32 {
         .unwrap_or(1 << 31)
 }
 
-/// The oldest kernel the programs load on: BTF tracepoints (5.5), ring buffers (5.8),
-/// `iter/tcp` and `bpf_skc_to_tcp_sock` in tracing programs (5.9).
-const MIN_KERNEL: (u32, u32) = (5, 9);
+/// The oldest kernel ridley runs on: BTF tracepoints (5.5), ring buffers (5.8),
+/// `iter/tcp` and `bpf_skc_to_tcp_sock` in tracing programs (5.9), and running a raw
+/// tracepoint program on a given CPU, which sends each CPU's held close records (5.10).
+const MIN_KERNEL: (u32, u32) = (5, 10);
 /// BPF memory charged to the memory cgroup instead of `RLIMIT_MEMLOCK`: 5.11.
 const MEMCG_KERNEL: (u32, u32) = (5, 11);
 /// The default build asks for socket cookies in tracing programs
@@ -923,6 +924,7 @@ mod tests {
         );
         assert_eq!(kernel_version("6.18.0"), Some((6, 18)));
         assert!(kernel_version("5.8.0") < Some(MIN_KERNEL));
+        assert!(kernel_version("5.9.16") < Some(MIN_KERNEL));
         assert!(kernel_version("5.10.0") >= Some(MIN_KERNEL));
         assert!(kernel_version("5.15.0-91-generic") >= Some(MIN_KERNEL));
         assert_eq!(kernel_version("garbage"), None);

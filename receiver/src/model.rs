@@ -423,7 +423,7 @@ pub struct Losses {
     pub read_errors: u64,
     /// Program runs the kernel skipped because the same program was already running
     /// on that CPU (a softirq's TCP state change interrupting it: the programs'
-    /// `recursion_misses`). A missed transition can cost a connection its open, its
+    /// `recursion_misses`, counted from 6.7). A missed transition can cost a connection its open, its
     /// bytes since the last walk, or the single report of a local connection; each
     /// change makes the next walk a full one, which finds connections whose close was
     /// missed.

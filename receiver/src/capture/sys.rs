@@ -44,7 +44,8 @@ pub(super) fn run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> std::io::Result<u
 }
 
 /// How many times the kernel skipped the program because it was already running on
-/// that CPU (`bpf_prog_info.recursion_misses`, 5.12+; 0 before).
+/// that CPU (`bpf_prog_info.recursion_misses`; counted for raw tracepoint programs from
+/// 6.7, 0 on older kernels, which do not count the skips).
 pub(super) fn recursion_misses(program: BorrowedFd<'_>) -> std::io::Result<u64> {
     // SAFETY: bpf_prog_info is plain data; the kernel fills what it knows of it.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };

@@ -1,6 +1,8 @@
 """End-to-end link capture on the real kernel: traffic between network namespaces with
 known byte counts, and the exact numbers ridley's file exporter reports."""
 import re
+import subprocess
+import threading
 import time
 
 import pytest
@@ -129,6 +131,38 @@ def test_reset_connection(ridley, peers):
     final = r.stop()
     link = final.link(B4, A4, 8083)
     assert (link["opened"], link["failed"], link["transmit"], link["receive"]) == (2, {"reset": 2}, 600, 0)
+
+
+def test_connect_duration_spans_the_handshake_including_a_lost_syn(ridley, peers):
+    """The server's host drops SYNs until the first is lost: the client's kernel resends
+    it after its initial timeout (1 s), so the handshake takes at least that long. The
+    start is the client's clock at `connect()` and the end the time its kernel processed
+    the SYN-ACK; a wrong clock or unit would read 1,000 times off, a missing end 0."""
+    r = ridley()
+    peers.server("a", A4, 8095, reply=5)
+    table = "rdlt_drop_syn"
+    rules = (f"table inet {table} {{\n chain input {{\n  type filter hook input priority 0;\n"
+             f"  tcp dport 8095 tcp flags & (syn | ack) == syn drop\n }}\n}}\n")
+    subprocess.run(["ip", "netns", "exec", ns("a"), "nft", "-f", "-"], input=rules,
+                   check=True, capture_output=True, text=True)
+    outcome = []
+    client = threading.Thread(target=lambda: outcome.extend(
+        peers.connect("b", A4, 8095, send=10, count=1, timeout=10.0)))
+    try:
+        client.start()
+        time.sleep(0.3)
+    finally:
+        sh("ip", "netns", "exec", ns("a"), "nft", "delete", "table", "inet", table)
+    client.join(timeout=15)
+    assert outcome == ["received 5"]
+    final = r.stop()
+    link = final.link(B4, A4, 8095)
+    assert (link["opened"], link["connect_count"], link["retransmits"]) == (1, 1, 0)
+    [duration] = [p for attrs, p in final.points("ridley.link.connect.duration")
+                  if (attrs.get("client.address"), attrs.get("server.address")) == (B4, A4)]
+    # The resent SYN leaves 1 s after the first (the kernel's TCP_TIMEOUT_INIT); a second
+    # resend would be 2 s after that.
+    assert 1.0 <= float(duration["sum"]) < 3.0, duration
 
 
 def test_connect_timeout(ridley, peers):

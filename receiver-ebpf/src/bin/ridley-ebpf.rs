@@ -208,6 +208,7 @@ mod programs {
         snd_una: 0,
         write_seq: 0,
         tcp_mstamp: 0,
+        tcp_clock_cache: 0,
         sk_protocol: 0,
         skc_cookie: 0,
         sk_socket: 0,
@@ -571,6 +572,25 @@ mod programs {
             }
         }
 
+        /// The socket's state, if it has one, and where it is held: the close frees it
+        /// with `release_held` without looking it up a second time.
+        #[cfg(not(feature = "socket-table"))]
+        #[inline(always)]
+        fn held_storage(self) -> Option<(&'static mut SockState, Held)> {
+            let cookie = self.cookie();
+            if cookie == 0 {
+                return None;
+            }
+            let slot = find_state(cookie)?;
+            Some((state_at(slot)?, Held { cookie, slot }))
+        }
+
+        #[cfg(not(feature = "socket-table"))]
+        #[inline(always)]
+        fn release_held(self, held: Held) {
+            release_state(held.cookie, held.slot);
+        }
+
         /// The socket's entry in the state table, created (zeroed) if `create` and absent.
         #[cfg(feature = "socket-table")]
         #[inline(always)]
@@ -602,7 +622,32 @@ mod programs {
         fn release_storage(self) {
             let _ = SOCK_STATES.remove(&(self.0 as u64));
         }
+
+        #[cfg(feature = "socket-table")]
+        #[inline(always)]
+        fn held_storage(self) -> Option<(&'static mut SockState, Held)> {
+            Some((self.storage(false)?, Held))
+        }
+
+        #[cfg(feature = "socket-table")]
+        #[inline(always)]
+        fn release_held(self, _held: Held) {
+            self.release_storage();
+        }
     }
+
+    /// Where a socket's state is held (see `Sock::held_storage`).
+    #[cfg(not(feature = "socket-table"))]
+    #[derive(Clone, Copy)]
+    struct Held {
+        cookie: u64,
+        slot: Slot,
+    }
+
+    /// The table build removes an entry by its key, the socket's address.
+    #[cfg(feature = "socket-table")]
+    #[derive(Clone, Copy)]
+    struct Held;
 
     /// The bucket of `SOCK_STATE_KEYS` at `bucket`.
     #[cfg(not(feature = "socket-table"))]
@@ -1020,8 +1065,7 @@ mod programs {
         if st.flags & flags::TRACKED == 0 {
             return;
         }
-        // SAFETY: no preconditions.
-        st.established_ns = unsafe { bpf_ktime_get_ns() };
+        st.established_ns = established_at(tp, old_state, st.start_ns);
         // Saturated, never wrapped (see `SockState::base_bytes_acked`).
         let acked: u64 = tp.load(offset!(bytes_acked));
         let received: u64 = tp.load(offset!(bytes_received));
@@ -1044,18 +1088,35 @@ mod programs {
         }
     }
 
+    /// When the socket reached `ESTABLISHED`. A client's handshake ends in the receive
+    /// path, which read the clock into `tcp_clock_cache` just before it processed the
+    /// SYN-ACK: that value, a load from a line the path just wrote, instead of a helper
+    /// call per connection. Anything else, or a value not after the start (never seen;
+    /// a connect duration must not read 0), reads the clock.
+    #[inline(always)]
+    fn established_at(tp: TcpSock, old_state: u8, start_ns: u64) -> u64 {
+        if old_state == tcp_state::SYN_SENT {
+            let refreshed_ns: u64 = tp.load(offset!(tcp_clock_cache));
+            if refreshed_ns > start_ns {
+                return refreshed_ns;
+            }
+        }
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
+
     /// A socket without state has nothing to report: the server end of a connection
     /// whose client is on this host (the client reports), a socket that predates the
     /// programs and closed before any walk saw it, or one whose state could not be stored
     /// (already counted as `SOCK_STATE_UNAVAILABLE`).
     #[inline(always)]
     fn closed(sock: Sock, family: u16, old_state: u8) {
-        let Some(st) = sock.storage(false) else {
+        let Some((st, held)) = sock.held_storage() else {
             return;
         };
         let Some(tp) = sock.tcp() else {
             forget_client_endpoint(sock, family, st);
-            sock.release_storage();
+            sock.release_held(held);
             return;
         };
         // This CPU's batch, unless a program this run interrupted is changing it (then
@@ -1101,7 +1162,7 @@ mod programs {
             Some(b) => unsafe { commit_batch_slot(b) },
             None => send_records(rec, 1),
         }
-        sock.release_storage();
+        sock.release_held(held);
     }
 
     /// Takes this CPU's batch for the rest of the run, unless a program this one

@@ -283,6 +283,7 @@ pub fn kernel_offsets(btf: &KernelBtf) -> Result<KernelOffsets> {
         snd_una: tcp("snd_una", 4)?,
         write_seq: tcp("write_seq", 4)?,
         tcp_mstamp: tcp("tcp_mstamp", 8)?,
+        tcp_clock_cache: tcp("tcp_clock_cache", 8)?,
         sk_protocol: sock(&["sk_protocol"], 2)?,
         skc_cookie: sock(&["__sk_common", "skc_cookie"], 8)?,
         sk_socket: sock(&["sk_socket"], 8)?,
@@ -347,6 +348,7 @@ mod tests {
             ("total_retrans", o.total_retrans),
             ("srtt_us", o.srtt_us),
             ("tcp_mstamp", o.tcp_mstamp),
+            ("tcp_clock_cache", o.tcp_clock_cache),
         ] {
             assert_eq!(
                 member_bits("tcp_sock", member) / 8,

@@ -74,8 +74,8 @@ mod programs {
     };
     #[cfg(not(feature = "socket-table"))]
     use ridley_ebpf::{
-        ENDPOINT_WAYS, EndpointBucket, EndpointPlace, OVERFLOW_SPAN, STATE_WAYS, StateBucket,
-        home_bucket, overflow_bucket,
+        COOKIES_PER_BUCKET, ENDPOINT_WAYS, EndpointBucket, EndpointPlace, OVERFLOW_SPAN,
+        STATE_WAYS, StateBucket, home_bucket, overflow_bucket,
     };
 
     /// Per-socket state from the first tracked transition to the socket's `TCP_CLOSE`:
@@ -692,6 +692,22 @@ mod programs {
             .find(|way| unsafe { core::ptr::read_volatile(cookie_slot(keys, *way)) } == cookie)
     }
 
+    /// Starts loading the state line `cookie` most likely has before its key line says
+    /// which it is, so that the two cache misses overlap instead of following each
+    /// other: way `cookie % COOKIES_PER_BUCKET` of its home bucket, where consecutive
+    /// cookies sharing a home land when nothing else is there. A wrong guess costs a read
+    /// of a line nothing uses.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn preload_likely_state(home: u32, cookie: u64) {
+        let way = (cookie % COOKIES_PER_BUCKET) as u32;
+        if let Some(st) = SOCK_STATES.get_ptr(home * STATE_WAYS + way) {
+            // SAFETY: a word of a map value, valid while the map is; read only to bring
+            // its line in (volatile: kept although unused).
+            let _ = unsafe { core::ptr::read_volatile(&raw const (*st).start_ns) };
+        }
+    }
+
     /// The slot that holds `cookie`: in its home bucket, or, only while some socket of
     /// that home overflowed, in one of its overflow buckets.
     #[cfg(not(feature = "socket-table"))]
@@ -699,6 +715,7 @@ mod programs {
     fn find_state(cookie: u64) -> Option<Slot> {
         let mask = state_mask();
         let home = home_bucket(cookie, mask);
+        preload_likely_state(home, cookie);
         let home_keys = state_bucket(home)?;
         if let Some(way) = way_of(home_keys, cookie) {
             return Some(Slot { bucket: home, way });
@@ -723,6 +740,7 @@ mod programs {
     fn claim_state(cookie: u64) -> Option<&'static mut SockState> {
         let mask = state_mask();
         let home = home_bucket(cookie, mask);
+        preload_likely_state(home, cookie);
         for nth in 0..=OVERFLOW_SPAN {
             let bucket = match nth {
                 0 => home,
@@ -889,9 +907,15 @@ mod programs {
                 server_established(sock, family)
             }
             tcp_state::ESTABLISHED => {
+                // A client's handshake end records its local end in `CLIENT_ENDPOINTS`:
+                // located first, so that the load of its line overlaps the state's.
+                let local = (old_state == tcp_state::SYN_SENT).then(|| {
+                    let ends = sock.ends(family);
+                    locate_endpoint(&sock.endpoint_key(ends.local_addr, ends.local_port))
+                });
                 if let Some(st) = sock.storage(false) {
                     if let Some(tp) = sock.tcp() {
-                        established(tp, family, old_state, st);
+                        established(tp, family, old_state, st, local);
                     }
                 }
             }
@@ -938,7 +962,7 @@ mod programs {
             if let Some(st) = sock.storage(false) {
                 if st.role == role::CLIENT && st.flags & flags::TRACKED != 0 {
                     if let Some(tp) = sock.tcp() {
-                        established(tp, family, tcp_state::SYN_RECV, st);
+                        established(tp, family, tcp_state::SYN_RECV, st, None);
                     }
                     return;
                 }
@@ -954,7 +978,7 @@ mod programs {
             return;
         };
         if let Some(st) = start(sock, role::SERVER) {
-            established(tp, family, tcp_state::SYN_RECV, st);
+            established(tp, family, tcp_state::SYN_RECV, st, None);
         }
     }
 
@@ -974,15 +998,33 @@ mod programs {
         key.place(mask)
     }
 
+    /// A client's local end, ready for `record_endpoint`: its place in the set.
+    #[cfg(not(feature = "socket-table"))]
+    type EndpointAt = EndpointPlace;
+
+    /// Where `key` goes in `CLIENT_ENDPOINTS`; starts loading its home bucket's line,
+    /// which `record_endpoint` reads and writes after the state lookup's misses.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn locate_endpoint(key: &EndpointKey) -> EndpointAt {
+        let place = place_of(key);
+        if let Some(slots) = CLIENT_ENDPOINTS.get_ptr(place.buckets[0]) {
+            // SAFETY: a word of a map value, valid while the map is; read only to bring
+            // its line in (volatile: kept although unused).
+            let _ = unsafe { core::ptr::read_volatile((&raw const (*slots).slots).cast::<u64>()) };
+        }
+        place
+    }
+
     /// Records a client's local end; returns its slot for `forget_endpoint`, or 0 when
     /// both its buckets are full.
     #[cfg(not(feature = "socket-table"))]
     #[inline(always)]
-    fn record_endpoint(key: &EndpointKey) -> u32 {
+    fn record_endpoint(place: &EndpointAt) -> u32 {
         let EndpointPlace {
             fingerprint,
             buckets,
-        } = place_of(key);
+        } = *place;
         for bucket in buckets {
             let Some(slots) = CLIENT_ENDPOINTS.get_ptr_mut(bucket) else {
                 return 0;
@@ -1040,10 +1082,20 @@ mod programs {
         }
     }
 
+    /// A client's local end, ready for `record_endpoint`: the hash's key.
+    #[cfg(feature = "socket-table")]
+    type EndpointAt = EndpointKey;
+
+    #[cfg(feature = "socket-table")]
+    #[inline(always)]
+    fn locate_endpoint(key: &EndpointKey) -> EndpointAt {
+        *key
+    }
+
     /// Records a client's local end; 1 when recorded, 0 when the table is full.
     #[cfg(feature = "socket-table")]
     #[inline(always)]
-    fn record_endpoint(key: &EndpointKey) -> u32 {
+    fn record_endpoint(key: &EndpointAt) -> u32 {
         u32::from(CLIENT_ENDPOINTS.insert(key, &1, 0).is_ok())
     }
 
@@ -1061,7 +1113,15 @@ mod programs {
     }
 
     #[inline(always)]
-    fn established(tp: TcpSock, family: u16, old_state: u8, st: &mut SockState) {
+    /// Records the handshake's end in the socket's state; `local`, a client's local end
+    /// (located at its `ESTABLISHED` from `SYN_SENT`), goes into `CLIENT_ENDPOINTS`.
+    fn established(
+        tp: TcpSock,
+        family: u16,
+        old_state: u8,
+        st: &mut SockState,
+        local: Option<EndpointAt>,
+    ) {
         if st.flags & flags::TRACKED == 0 {
             return;
         }
@@ -1074,12 +1134,10 @@ mod programs {
         st.base_bytes_received = received.min(u64::from(u32::MAX)) as u32;
         st.base_total_retrans = retrans.min(u32::from(u16::MAX)) as u16;
 
-        let ends = tp.ends(family);
-        st.local_port = ends.local_port;
-        if old_state == tcp_state::SYN_SENT {
+        st.local_port = tp.load(offset!(skc_num));
+        if let Some(local) = local {
             // The client's ESTABLISHED precedes the server's: the server needs the client's
             // final ACK, sent only after this transition.
-            let local = tp.endpoint_key(ends.local_addr, ends.local_port);
             st.endpoint_slot = record_endpoint(&local);
             if st.endpoint_slot == 0 {
                 st.flags |= flags::ENDPOINT_UNRECORDED;

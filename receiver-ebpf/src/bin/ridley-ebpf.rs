@@ -37,7 +37,7 @@
 // set has it (5.12+), Rust's bpfel target does not expose it as
 // `AtomicU64::compare_exchange`.
 #![cfg_attr(
-    target_arch = "bpf",
+    all(target_arch = "bpf", not(feature = "socket-table")),
     feature(core_intrinsics),
     allow(internal_features)
 )]
@@ -53,18 +53,19 @@ mod programs {
     use core::ffi::c_void;
 
     #[cfg(not(feature = "socket-table"))]
+    use aya_ebpf::bindings::BPF_F_MMAPABLE;
+    #[cfg(not(feature = "socket-table"))]
     use aya_ebpf::helpers::{bpf_probe_read_kernel, generated::bpf_get_socket_cookie};
+    #[cfg(feature = "socket-table")]
+    use aya_ebpf::{bindings::BPF_F_NO_PREALLOC, maps::HashMap};
     use aya_ebpf::{
-        bindings::{
-            BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP,
-            BPF_RB_NO_WAKEUP,
-        },
+        bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
         helpers::{
             bpf_get_current_cgroup_id, bpf_ktime_get_ns,
             generated::{bpf_ringbuf_output, bpf_seq_write, bpf_skc_to_tcp_sock},
         },
         macros::{btf_tracepoint, map},
-        maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+        maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
         programs::BtfTracePointContext,
     };
     use ridley_ebpf::{
@@ -292,7 +293,6 @@ mod programs {
         rec
     }
 
-    #[inline(always)]
     /// Replaces the 8-byte slot's `current` value with `new` if it still holds it; whether
     /// it did. The slots of the lock-free sets (`SOCK_STATE_KEYS`, `CLIENT_ENDPOINTS`)
     /// change hands only through this, so two programs never both think they took one.
@@ -461,11 +461,10 @@ mod programs {
         #[inline(always)]
         fn netns(self) -> u32 {
             let net: *const u8 = self.load(offset!(skc_net));
+            let inum = offset!(net_ns_inum) as usize;
             // SAFETY: `net` is the BTF `struct net *` of the socket, loaded above; the
             // same checked, fault-tolerant direct load as `load`.
-            unsafe {
-                core::ptr::read_volatile(net.add(offset!(net_ns_inum) as usize) as *const u32)
-            }
+            unsafe { core::ptr::read_volatile(net.add(inum) as *const u32) }
         }
 
         #[inline(always)]
@@ -915,7 +914,7 @@ mod programs {
                 });
                 if let Some(st) = sock.storage(false) {
                     if let Some(tp) = sock.tcp() {
-                        established(tp, family, old_state, st, local);
+                        established(tp, old_state, st, local);
                     }
                 }
             }
@@ -962,7 +961,7 @@ mod programs {
             if let Some(st) = sock.storage(false) {
                 if st.role == role::CLIENT && st.flags & flags::TRACKED != 0 {
                     if let Some(tp) = sock.tcp() {
-                        established(tp, family, tcp_state::SYN_RECV, st, None);
+                        established(tp, tcp_state::SYN_RECV, st, None);
                     }
                     return;
                 }
@@ -978,7 +977,7 @@ mod programs {
             return;
         };
         if let Some(st) = start(sock, role::SERVER) {
-            established(tp, family, tcp_state::SYN_RECV, st, None);
+            established(tp, tcp_state::SYN_RECV, st, None);
         }
     }
 
@@ -1115,13 +1114,7 @@ mod programs {
     #[inline(always)]
     /// Records the handshake's end in the socket's state; `local`, a client's local end
     /// (located at its `ESTABLISHED` from `SYN_SENT`), goes into `CLIENT_ENDPOINTS`.
-    fn established(
-        tp: TcpSock,
-        family: u16,
-        old_state: u8,
-        st: &mut SockState,
-        local: Option<EndpointAt>,
-    ) {
+    fn established(tp: TcpSock, old_state: u8, st: &mut SockState, local: Option<EndpointAt>) {
         if st.flags & flags::TRACKED == 0 {
             return;
         }
@@ -1425,8 +1418,8 @@ mod programs {
             server_port: ends.remote_port,
             _pad: 0,
         };
-        // SAFETY: copied out at once; a missing entry means table 0.
-        let table = unsafe { UDP_CONTROL.get(0) }.copied().unwrap_or(0);
+        // Copied out at once; a missing entry means table 0.
+        let table = UDP_CONTROL.get(0).copied().unwrap_or(0);
         let flows = if table == 0 {
             &UDP_FLOWS_0
         } else {
@@ -1474,14 +1467,12 @@ mod programs {
 
     #[inline(always)]
     fn walk_control() -> WalkControl {
-        // SAFETY: copied out at once; a missing entry means a full walk of generation 0.
-        unsafe { WALK_CONTROL.get(0) }
-            .copied()
-            .unwrap_or(WalkControl {
-                generation: 0,
-                mode: walk_mode::FULL,
-                quiet_before_us: 0,
-            })
+        // Copied out at once; a missing entry means a full walk of generation 0.
+        WALK_CONTROL.get(0).copied().unwrap_or(WalkControl {
+            generation: 0,
+            mode: walk_mode::FULL,
+            quiet_before_us: 0,
+        })
     }
 
     /// Called once per socket of the reading thread's network namespace, then once with

@@ -668,8 +668,11 @@ def phase_idle(work, rows, conns, socket_state="storage"):
               for i in range((conns + PER_PROCESS - 1) // PER_PROCESS)]
     try:
         daemon, out = start_ridley(procs, work, extra=f"    socket_state: {socket_state}\n")
-        iter_name = "ridley_iter_tcp" if table else "ridley_iter_states"
-        iter_id = ridley_prog_ids()[iter_name]
+        prog_ids = ridley_prog_ids()
+        # Without iter/bpf_map_elem (the table build, or a kernel that refuses that
+        # target) the walks between full walks are iter/tcp's, in every namespace.
+        by_socket = table or "ridley_iter_states" not in prog_ids
+        iter_id = prog_ids["ridley_iter_tcp" if by_socket else "ridley_iter_states"]
         for port, _ in groups:
             server = procs.add(in_ns(SERVER_NS, "--role", "serve", "--port", str(port)))
             assert server.stdout.readline().strip() == "listening"
@@ -708,8 +711,9 @@ def phase_idle(work, rows, conns, socket_state="storage"):
     opened = sum(total(metrics, "ridley.link.connections.opened", port) for port, _ in groups)
     sent = sum(total(metrics, "ridley.link.bytes", port, "client_to_server") for port, _ in groups)
     # iter/tcp runs once per socket; iter/bpf_map_elem once per bucket of the state table.
-    iterator, visited = ("iter/tcp", "socket") if table else ("iter/bpf_map_elem", "bucket")
-    variant = ", per-socket state in the hash table (as on 5.10 and 5.11)" if table else ""
+    iterator, visited = ("iter/tcp", "socket") if by_socket else ("iter/bpf_map_elem", "bucket")
+    variant = (", per-socket state in the hash table (as on 5.10 and 5.11)" if table else
+               ", this kernel refusing iter/bpf_map_elem" if by_socket else "")
     rows.append((f"{conns:,} live idle connections, default settings{variant}, 1 s interval",
                  f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `{iterator}` {iter_ns:.0f} ns per {visited} visited ({visits / 10:,.0f} visits/s)",
                  f"kernel maps: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(maps.items()))}"))

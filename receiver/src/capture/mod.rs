@@ -548,12 +548,8 @@ impl Capture {
         let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
         iter.load("tcp", &kernel_btf)
             .with_context(|| format!("loading iter/tcp (needs BPF iterators and {state_needs})"))?;
-        if socket_state == SocketState::Array {
-            let iter_states: &mut Iter = program(&mut ebpf, names::PROG_ITER_STATES)?;
-            iter_states
-                .load("bpf_map_elem", &kernel_btf)
-                .context("loading iter/bpf_map_elem (needs map element iterators, 5.9+)")?;
-        }
+        let states_iterator =
+            socket_state == SocketState::Array && load_states_iterator(&mut ebpf, &kernel_btf)?;
         let udp = if sizes.udp_flows == 0 {
             tracing::info!("UDP links: off (receivers.ebpf.udp_links: false)");
             None
@@ -579,7 +575,7 @@ impl Capture {
         };
         tracing::info!(
             "hooks active: tp_btf/inet_sock_set_state, {}iter/tcp{}",
-            if socket_state == SocketState::Array {
+            if states_iterator {
                 "iter/bpf_map_elem, "
             } else {
                 ""
@@ -594,7 +590,7 @@ impl Capture {
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
         let flusher = flush::CloseFlusher::load(&mut ebpf)?;
-        let walker = Walker::spawn(ebpf, socket_state, flusher)?;
+        let walker = Walker::spawn(ebpf, states_iterator, flusher)?;
         drop(kernel_btf);
         release_freed_memory();
         Ok((
@@ -697,6 +693,24 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 /// A walk between full walks: one pass over the sockets with state, all namespaces at
 /// once, no namespace to enter.
+/// Loads `iter/bpf_map_elem` for the walks between full walks; false if the kernel
+/// refuses it. Some kernels refuse this one iterator target to every program while
+/// allowing the others: the state array still works, and `iter/tcp` then finds its
+/// changed sockets in every namespace, as it does for the table build.
+fn load_states_iterator(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<bool> {
+    let iter_states: &mut Iter = program(ebpf, names::PROG_ITER_STATES)?;
+    match iter_states.load("bpf_map_elem", kernel_btf) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(
+                "walks between full walks: every namespace's sockets (iter/tcp), this kernel refuses iter/bpf_map_elem over the state array: {}",
+                e.to_string().lines().next().unwrap_or_default()
+            );
+            Ok(false)
+        }
+    }
+}
+
 fn walk_states(ebpf: &mut Ebpf, sock_states: &MapData) -> Result<Walk> {
     let prog = program::<Iter>(ebpf, names::PROG_ITER_STATES)?;
     let mut walk = Walk::default();
@@ -792,25 +806,20 @@ struct WalkRequest {
 struct Walker(RequestThread<WalkRequest>);
 
 impl Walker {
-    fn spawn(
-        mut ebpf: Ebpf,
-        socket_state: SocketState,
-        flusher: flush::CloseFlusher,
-    ) -> Result<Self> {
+    fn spawn(mut ebpf: Ebpf, states_iterator: bool, flusher: flush::CloseFlusher) -> Result<Self> {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
-        // The walks between full walks iterate over the cookie table's keys; those of
-        // the table build's hash are socket addresses it cannot read, so there they
-        // walk every namespace too.
-        let sock_states = match socket_state {
-            SocketState::Array => {
-                let aya::maps::Map::Array(map) = take_map(&mut ebpf, names::MAP_SOCK_STATE_KEYS)?
-                else {
-                    bail!("map {} is not an array", names::MAP_SOCK_STATE_KEYS);
-                };
-                Some(map)
-            }
-            _ => None,
+        // The walks between full walks iterate over the cookie table's keys where the
+        // kernel runs that iterator; the keys of the table build's hash are socket
+        // addresses it cannot read, so there they walk every namespace too.
+        let sock_states = if states_iterator {
+            let aya::maps::Map::Array(map) = take_map(&mut ebpf, names::MAP_SOCK_STATE_KEYS)?
+            else {
+                bail!("map {} is not an array", names::MAP_SOCK_STATE_KEYS);
+            };
+            Some(map)
+        } else {
+            None
         };
         let mut generation = 0u32;
         // Start of the last walk that succeeded: sockets quiet since are skipped.

@@ -52,6 +52,8 @@ SERVER_IP, CLIENT_IP = "10.232.0.1", "10.232.0.2"
 SHORT_PORT, LONG_PORT, HTTP_PORT, UDP_PORT = 7001, 7002, 7080, 7053
 # Connections per holding process: the hard open-file limit may be as low as 20,000.
 PER_PROCESS = 15_000
+# Buckets of the state table one run of ridley_walk_states visits (WALK_CHUNK_BUCKETS).
+WALK_CHUNK_BUCKETS = 16
 
 # A tcplife-style bpftrace script on the same tracepoint (kprobes are not assumed).
 BPFTRACE_SCRIPT = r"""
@@ -668,11 +670,7 @@ def phase_idle(work, rows, conns, socket_state="storage"):
               for i in range((conns + PER_PROCESS - 1) // PER_PROCESS)]
     try:
         daemon, out = start_ridley(procs, work, extra=f"    socket_state: {socket_state}\n")
-        prog_ids = ridley_prog_ids()
-        # Without iter/bpf_map_elem (the table build, or a kernel that refuses that
-        # target) the walks between full walks are iter/tcp's, in every namespace.
-        by_socket = table or "ridley_iter_states" not in prog_ids
-        iter_id = prog_ids["ridley_iter_tcp" if by_socket else "ridley_iter_states"]
+        iter_id = ridley_prog_ids()["ridley_iter_tcp" if table else "ridley_walk_states"]
         for port, _ in groups:
             server = procs.add(in_ns(SERVER_NS, "--role", "serve", "--port", str(port)))
             assert server.stdout.readline().strip() == "listening"
@@ -710,10 +708,14 @@ def phase_idle(work, rows, conns, socket_state="storage"):
         procs.end()
     opened = sum(total(metrics, "ridley.link.connections.opened", port) for port, _ in groups)
     sent = sum(total(metrics, "ridley.link.bytes", port, "client_to_server") for port, _ in groups)
-    # iter/tcp runs once per socket; iter/bpf_map_elem once per bucket of the state table.
-    iterator, visited = ("iter/tcp", "socket") if by_socket else ("iter/bpf_map_elem", "bucket")
-    variant = (", per-socket state in the hash table (as on 5.10 and 5.11)" if table else
-               ", this kernel refusing iter/bpf_map_elem" if by_socket else "")
+    # iter/tcp runs once per socket; the state walk once per WALK_CHUNK_BUCKETS buckets
+    # of the state table.
+    if table:
+        iterator, visited = "iter/tcp", "socket"
+    else:
+        iterator, visited = "ridley_walk_states", "bucket"
+        iter_ns, visits = iter_ns / WALK_CHUNK_BUCKETS, visits * WALK_CHUNK_BUCKETS
+    variant = ", per-socket state in the hash table (as on 5.10 and 5.11)" if table else ""
     rows.append((f"{conns:,} live idle connections, default settings{variant}, 1 s interval",
                  f"{cpu * 100:.1f} % of a core, {rss / 2**20:.0f} MiB RSS; `{iterator}` {iter_ns:.0f} ns per {visited} visited ({visits / 10:,.0f} visits/s)",
                  f"kernel maps: {', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sorted(maps.items()))}"))

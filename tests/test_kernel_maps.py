@@ -144,60 +144,48 @@ def test_the_maps_are_what_the_bounds_assume(ridley, socket_state, kind, endpoin
     assert "SOCKS" not in maps, maps
 
 
-def kernel_allows_iterator(target):
-    """Whether this kernel loads a program of two instructions as `iter/<target>`: asked
-    with the `bpf()` system call itself, so that the daemon's choice is checked against
-    the kernel's answer, not against the daemon's own."""
-    import ctypes
-    import struct
-    btf = sh("bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux").stdout
-    btf_id = int(re.search(rf"^\[(\d+)\] FUNC 'bpf_iter_{target}'", btf, re.M).group(1))
-    libc = ctypes.CDLL(None, use_errno=True)
-    # r0 = 0; exit
-    insns = ctypes.create_string_buffer(struct.pack("<BBhiBBhi", 0xb7, 0, 0, 0, 0x95, 0, 0, 0))
-    license = ctypes.create_string_buffer(b"GPL")
-    attr = bytearray(128)
-    # union bpf_attr, BPF_PROG_LOAD: prog_type TRACING (26), insn_cnt, insns, license, then
-    # expected_attach_type BPF_TRACE_ITER (28) at byte 68, attach_btf_id at byte 108.
-    struct.pack_into("<IIQQ", attr, 0, 26, 2, ctypes.addressof(insns), ctypes.addressof(license))
-    struct.pack_into("<I", attr, 68, 28)
-    struct.pack_into("<I", attr, 108, btf_id)
-    buf = (ctypes.c_char * len(attr)).from_buffer(attr)
-    fd = libc.syscall(321, 5, buf, len(attr))  # SYS_bpf (x86_64), BPF_PROG_LOAD
-    if fd >= 0:
-        os.close(fd)
-    return fd >= 0
+def program_runs(pid):
+    """{program name: run count} of the BPF programs the process holds."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            m = re.search(r"^prog_id:\s+(\d+)$", open(f"/proc/{pid}/fdinfo/{fd}").read(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.add(int(m.group(1)))
+    runs = {}
+    for prog_id in ids:
+        info = json.loads(sh("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
+        runs[info["name"]] = info.get("run_cnt", 0)
+    return runs
 
 
-def test_the_walks_between_full_walks_use_the_iterator_the_kernel_allows(ridley, peers):
-    """Some kernels refuse `iter/bpf_map_elem` to every program while allowing the other
-    iterators. The state array is kept either way; the walks between full walks then go
-    through every namespace's sockets with `iter/tcp`, said once at startup, and a
-    connection's bytes are exact."""
-    assert kernel_allows_iterator("tcp")
-    allowed = kernel_allows_iterator("bpf_map_elem")
-    r = ridley(receiver_extra="    socket_state: array\n")
-    log = r.log_path.read_text()
-    assert "per-socket state: an array of 1792 slots" not in log  # the default size
-    assert re.search(r"per-socket state: an array of \d+ slots keyed by socket cookie", log), log
-    if allowed:
-        assert "hooks active: tp_btf/inet_sock_set_state, iter/bpf_map_elem, iter/tcp" in log, log
-        assert "refuses iter/bpf_map_elem" not in log, log
-    else:
-        assert "hooks active: tp_btf/inet_sock_set_state, iter/tcp" in log, log
-        warnings = [line for line in log.splitlines() if " WARN ridley::capture" in line]
-        assert len(warnings) == 1 and "walks between full walks: every namespace's sockets " \
-            "(iter/tcp), this kernel refuses iter/bpf_map_elem over the state array" in warnings[0], warnings
-    # A connection opened while watched, reported live by the walks between full walks
-    # (full walks come every 60th), then closed: counted once, exact.
-    peers.server("a", A4, 7100, reply=500)
-    conn = peers.hold("b", A4, 7100, before=10_000, send=2_500)
-    r.wait_for(lambda b: (b.link(B4, A4, 7100) or {}).get("transmit") == 10_000)
+def test_the_walks_between_full_walks_visit_only_the_state_table(ridley, peers):
+    """Between full walks, the walks run `ridley_walk_states` once per 16 buckets of
+    `SOCK_STATE_KEYS` (256 buckets for `max_connections: 100`: 16 runs a walk) and never
+    `iter/tcp`, which scans the host's whole connection table once per namespace. A
+    connection opened meanwhile is reported live by them, then closed: exact."""
+    sh("sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1")
+    try:
+        r = ridley(receiver_extra="    socket_state: array\n    max_connections: 100\n")
+        peers.server("a", A4, 7100, reply=500)
+        conn = peers.hold("b", A4, 7100, before=10_000, send=2_500)
+        r.wait_for(lambda b: (b.link(B4, A4, 7100) or {}).get("transmit") == 10_000)
+        before = program_runs(r.proc.pid)
+        time.sleep(3.5)
+        after = program_runs(r.proc.pid)
+    finally:
+        sh("sysctl", "-q", "-w", "kernel.bpf_stats_enabled=0")
+    walks = after["ridley_walk_states"] - before["ridley_walk_states"]
+    assert walks % 16 == 0 and walks >= 2 * 16, (before, after)
+    assert after["ridley_iter_tcp"] == before["ridley_iter_tcp"], (before, after)
     assert peers.release(conn) == ["received 500"]
     final = r.stop()
     link = final.link(B4, A4, 7100)
     assert (link["opened"], link["transmit"], link["receive"]) == (1, 12_500, 500), link
     assert final.links() == [(B4, A4, 7100)]
+    assert final.losses() == {k: 0 for k in final.losses()}, final.losses()
 
 
 def wait_for_baseline(pid, baseline, tracked=TRACKED_MAPS, timeout=10):

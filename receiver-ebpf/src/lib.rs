@@ -104,7 +104,8 @@ pub mod names {
     pub const GLOBAL_ENDPOINT_BUCKET_MASK: &str = "ENDPOINT_BUCKET_MASK";
     pub const PROG_STATE: &str = "ridley_inet_sock_set_state";
     pub const PROG_ITER: &str = "ridley_iter_tcp";
-    pub const PROG_ITER_STATES: &str = "ridley_iter_states";
+    pub const PROG_WALK_STATES: &str = "ridley_walk_states";
+    pub const MAP_WALK_RECORDS: &str = "WALK_RECORDS";
     pub const PROG_FLUSH_CLOSES: &str = "ridley_flush_closes";
     pub const MAP_CLOSE_BATCHES: &str = "CLOSE_BATCHES";
     pub const MAP_UDP_FLOWS: [&str; 2] = ["UDP_FLOWS_0", "UDP_FLOWS_1"];
@@ -316,6 +317,16 @@ pub struct StateBucket {
 /// small `max_connections` the endpoint set is what fills, and the connections it turns
 /// away are still tracked, from their server end.
 pub const MIN_STATE_BUCKETS: u32 = 256;
+
+/// Buckets of `SOCK_STATE_KEYS` one run of `ridley_walk_states` visits: the walks
+/// between full walks are `buckets / WALK_CHUNK_BUCKETS` runs (a `bpf()` call each).
+pub const WALK_CHUNK_BUCKETS: u32 = 16;
+
+/// Size of `WALK_RECORDS`: one run's records at most, each with the ring's 8-byte
+/// header, in a power of two of pages.
+pub const WALK_RECORDS_BYTES: u32 = 64 * 1024;
+const _: () =
+    assert!(WALK_CHUNK_BUCKETS * STATE_WAYS * (SockRecord::SIZE as u32 + 8) <= WALK_RECORDS_BYTES);
 
 /// Buckets of `SOCK_STATE_KEYS` for `max_connections`: one per two connections, a power
 /// of two, so at least 3.5 slots per connection (for the clients, and the servers of

@@ -1,4 +1,4 @@
-//! ridley's kernel programs. Three hooks and a flush, no kprobes, no fentry:
+//! ridley's kernel programs. Three hooks, a flush and a walk, no kprobes, no fentry:
 //!
 //! - `tp_btf/inet_sock_set_state` sees every TCP state change of every socket in every
 //!   network namespace. It records how a connection was opened (client or server, when,
@@ -9,10 +9,11 @@
 //!   transition, nothing per packet.
 //! - `raw_tp` `ridley_flush_closes` is attached nowhere: userspace runs it on each CPU
 //!   after every walk to send what that CPU's batch holds.
-//! - `iter/bpf_map_elem` over `SOCK_STATE_KEYS` walks the sockets that have state, in
-//!   every namespace at once, once per collection interval: live counters of the
-//!   connections whose counters changed since the last walk; an idle connection costs a
-//!   few reads.
+//! - `raw_tp` `ridley_walk_states` is attached nowhere either: once per collection
+//!   interval userspace runs it over `SOCK_STATE_KEYS`, a chunk of buckets per run, to
+//!   walk the sockets that have state, in every namespace at once: live counters of the
+//!   connections whose counters changed since the last walk, into `WALK_RECORDS`; an
+//!   idle connection costs a few reads.
 //! - `iter/tcp` walks the TCP sockets of one network namespace when userspace reads it,
 //!   for the full walks (the first, then every 60th): every connection, listeners (to
 //!   give connections that predate the daemon their role), and state for the sockets
@@ -26,7 +27,7 @@
 //! compare-and-exchange, 5.12+). With the `socket-table` feature both are hash tables,
 //! the state keyed by socket address, for 5.10 and 5.11 kernels: entries are removed at
 //! `TCP_CLOSE`, which every socket with state reaches, and there is no
-//! `iter/bpf_map_elem` (the walks between full walks go through `iter/tcp` too).
+//! `ridley_walk_states` (the walks between full walks go through `iter/tcp` too).
 //!
 //! Both hooks receive BTF-typed socket pointers, so kernel fields are loaded directly at
 //! offsets userspace resolved from BTF (`OFFSETS`, constants to the verifier, which checks
@@ -76,7 +77,8 @@ mod programs {
     #[cfg(not(feature = "socket-table"))]
     use ridley_ebpf::{
         COOKIES_PER_BUCKET, ENDPOINT_WAYS, EndpointBucket, EndpointPlace, OVERFLOW_SPAN,
-        STATE_WAYS, StateBucket, home_bucket, overflow_bucket,
+        STATE_WAYS, StateBucket, WALK_CHUNK_BUCKETS, WALK_RECORDS_BYTES, home_bucket,
+        overflow_bucket,
     };
 
     /// Per-socket state from the first tracked transition to the socket's `TCP_CLOSE`:
@@ -155,6 +157,12 @@ mod programs {
     /// A full buffer drops the record and counts it (RINGBUF_DROPS).
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+    /// The records of one run of `ridley_walk_states`, which userspace drains after each
+    /// run: the ring is empty when a run starts, and one run's records fit.
+    #[cfg(not(feature = "socket-table"))]
+    #[map]
+    static WALK_RECORDS: RingBuf = RingBuf::with_byte_size(WALK_RECORDS_BYTES, 0);
 
     /// One entry: this CPU's close records not yet in `EVENTS` (see `CloseBatch`). At
     /// most `CLOSE_BATCH_RECORDS` records (3,848 bytes) per CPU; empty after every walk.
@@ -1485,9 +1493,9 @@ mod programs {
     pub fn ridley_iter_tcp(ctx: *mut c_void) -> i32 {
         // SAFETY: the kernel passes a `struct bpf_iter__tcp *`; both loads are of
         // context fields the verifier allows.
-        let (meta, sk) = unsafe {
+        let (out, sk) = unsafe {
             let ctx = &*(ctx as *const IterTcpCtx);
-            (ctx.meta, ctx.sk_common)
+            (Output::Seq(ctx.meta), ctx.sk_common)
         };
         if sk.is_null() {
             return 0;
@@ -1504,7 +1512,7 @@ mod programs {
         let mut slot = core::mem::MaybeUninit::uninit();
         let rec = live_record(&mut slot, tp, state);
         if state == tcp_state::LISTEN {
-            return write_record(meta, tp, family, rec);
+            return write_record(out, tp, family, rec);
         }
         let control = walk_control();
         if skip_quiet(tp, &control) {
@@ -1526,11 +1534,11 @@ mod programs {
                 None => {
                     // Reported by every full walk, without its open, never dropped.
                     tp.read_counters(rec);
-                    return write_record(meta, tp, family, rec);
+                    return write_record(out, tp, family, rec);
                 }
             },
         };
-        report_if_changed(meta, tp, family, st, &control, rec)
+        report_if_changed(out, tp, family, st, &control, rec)
     }
 
     /// State for a socket that predates the programs, so that later walks can skip it
@@ -1565,7 +1573,7 @@ mod programs {
     /// reported (outside a full walk), and remembers what it reported.
     #[inline(always)]
     fn report_if_changed(
-        meta: *const IterMeta,
+        out: Output,
         sk: impl SockFields,
         family: u16,
         st: &mut SockState,
@@ -1594,56 +1602,54 @@ mod programs {
         st.walked_state = rec.state;
         st.flags |= flags::WALKED;
         copy_state(st, rec);
-        emit(meta, rec)
+        emit(out, rec)
     }
 
-    /// `struct bpf_iter__bpf_map_elem`: pointers are 8-byte slots.
-    #[cfg(not(feature = "socket-table"))]
-    #[repr(C)]
-    struct IterMapElemCtx {
-        meta: *const IterMeta,
-        map: *const c_void,
-        key: *const u32,
-        value: *const StateBucket,
-    }
-
-    /// Called once per bucket of `SOCK_STATE_KEYS`, then once with null pointers: the
-    /// walks between full walks. They visit the sockets the programs keep state for,
-    /// in every network namespace at once, where `iter/tcp` scans the host's whole
-    /// connection table once per namespace. Listeners and sockets that predate the
-    /// programs are found by the full walks (which give the latter their state).
+    /// Run by userspace (`BPF_PROG_TEST_RUN`, never attached) for the walks between full
+    /// walks, once per `WALK_CHUNK_BUCKETS` buckets of `SOCK_STATE_KEYS`, the first one
+    /// the run's context (one u64): visits the sockets the programs keep state for, in
+    /// every network namespace at once, where `iter/tcp` scans the host's whole
+    /// connection table once per namespace; each changed one's record goes to
+    /// `WALK_RECORDS`. Listeners and sockets that predate the programs are found by the
+    /// full walks (which give the latter their state). A program run on demand rather than
+    /// an iterator over the map's elements: some kernels refuse that iterator target.
     #[cfg(not(feature = "socket-table"))]
     #[unsafe(no_mangle)]
-    #[unsafe(link_section = "iter/bpf_map_elem")]
-    pub fn ridley_iter_states(ctx: *mut c_void) -> i32 {
-        // SAFETY: the kernel passes a `struct bpf_iter__bpf_map_elem *`; these are loads
-        // of context fields the verifier allows.
-        let (meta, key, keys) = unsafe {
-            let ctx = &*(ctx as *const IterMapElemCtx);
-            (ctx.meta, ctx.key, ctx.value)
-        };
-        if key.is_null() || keys.is_null() {
-            return 0;
-        }
-        // SAFETY: the element's index, valid for this call.
-        let bucket = unsafe { *key };
+    #[unsafe(link_section = "raw_tp")]
+    pub fn ridley_walk_states(ctx: *mut c_void) -> u32 {
+        // SAFETY: userspace runs the program with an 8-byte context, which the kernel
+        // checks against the program's largest context read (this one) before the run.
+        let first = unsafe { *(ctx as *const u64) };
+        let mask = u64::from(state_mask());
         let control = walk_control();
+        for i in 0..u64::from(WALK_CHUNK_BUCKETS) {
+            let bucket = first + i;
+            if bucket > mask {
+                break;
+            }
+            walk_bucket(bucket as u32, &control);
+        }
+        0
+    }
+
+    /// Reports the changed sockets of one bucket of `SOCK_STATE_KEYS`.
+    #[cfg(not(feature = "socket-table"))]
+    #[inline(always)]
+    fn walk_bucket(bucket: u32, control: &WalkControl) {
+        let Some(keys) = state_bucket(bucket) else {
+            return;
+        };
         for way in 0..STATE_WAYS {
-            // SAFETY: a slot of the element, `way < STATE_WAYS`; read once.
-            let cookie = unsafe {
-                core::ptr::read_volatile(
-                    (&raw const (*keys).cookies).cast::<u64>().add(way as usize),
-                )
-            };
+            // SAFETY: a slot of the bucket the map returned; read once.
+            let cookie = unsafe { core::ptr::read_volatile(cookie_slot(keys, way)) };
             if cookie == 0 {
                 continue;
             }
             let slot = Slot { bucket, way };
             if let Some(st) = state_at(slot) {
-                walk_state(meta, cookie, slot, st, &control);
+                walk_state(cookie, slot, st, control);
             }
         }
-        0
     }
 
     /// Reports the socket in `slot` (which held `cookie`) if it changed since the
@@ -1652,13 +1658,7 @@ mod programs {
     /// unless the socket's cookie is still the slot's after the reads (`ProbedSock`).
     #[cfg(not(feature = "socket-table"))]
     #[inline(always)]
-    fn walk_state(
-        meta: *const IterMeta,
-        cookie: u64,
-        slot: Slot,
-        st: &mut SockState,
-        control: &WalkControl,
-    ) {
+    fn walk_state(cookie: u64, slot: Slot, st: &mut SockState, control: &WalkControl) {
         let sk = ProbedSock {
             address: st.sk,
             cookie,
@@ -1689,7 +1689,7 @@ mod programs {
         }
         let mut slot = core::mem::MaybeUninit::uninit();
         let rec = live_record(&mut slot, sk, state);
-        report_if_changed(meta, sk, family, st, control, rec);
+        report_if_changed(Output::Ring, sk, family, st, control, rec);
     }
 
     /// Frees `slot` if it still holds `cookie` (see `walk_state`).
@@ -1756,27 +1756,48 @@ mod programs {
         }
     }
 
+    /// Where a walk's records go.
+    #[derive(Clone, Copy)]
+    enum Output {
+        /// The `iter/tcp` reader's file (`bpf_seq_write`).
+        Seq(*const IterMeta),
+        /// `WALK_RECORDS`, drained by userspace after each run of `ridley_walk_states`.
+        #[cfg(not(feature = "socket-table"))]
+        Ring,
+    }
+
     /// Writes a finished record to the walk's output.
     #[inline(always)]
-    fn emit(meta: *const IterMeta, rec: &mut SockRecord) -> i32 {
+    fn emit(out: Output, rec: &mut SockRecord) -> i32 {
         // SAFETY: no preconditions.
         rec.ts_ns = unsafe { bpf_ktime_get_ns() };
-        // SAFETY: meta is the kernel's iterator metadata; `rec` lives on our stack.
-        unsafe {
-            let seq = (*meta).seq;
-            bpf_seq_write(
-                seq as *mut _,
-                rec as *const SockRecord as *const c_void,
-                SockRecord::SIZE as u32,
-            );
+        match out {
+            // SAFETY: meta is the kernel's iterator metadata; `rec` lives on our stack.
+            Output::Seq(meta) => unsafe {
+                let seq = (*meta).seq;
+                bpf_seq_write(
+                    seq as *mut _,
+                    rec as *const SockRecord as *const c_void,
+                    SockRecord::SIZE as u32,
+                );
+            },
+            #[cfg(not(feature = "socket-table"))]
+            Output::Ring => {
+                // Userspace empties the ring before each run, and one run's records
+                // fit in it (`WALK_RECORDS_BYTES`): this cannot fail, and would be
+                // counted (its next walk is then a full one) if it did.
+                if WALK_RECORDS.output::<SockRecord>(&*rec, 0).is_err() {
+                    bump(counter::RINGBUF_DROPS);
+                }
+            }
         }
         0
     }
 
     #[inline(always)]
-    fn write_record(meta: *const IterMeta, tp: TcpSock, family: u16, rec: &mut SockRecord) -> i32 {
+    fn write_record(out: Output, tp: TcpSock, family: u16, rec: &mut SockRecord) -> i32 {
         tp.read_addresses(family, rec);
-        emit(meta, rec)
+        emit(out, rec)
     }
 
     #[panic_handler]

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, Iter, ProgramFd},
+    programs::{BtfTracePoint, Iter, ProgramFd, RawTracePoint},
 };
 use ridley_ebpf::{
     KernelOffsets, SockRecord, UdpFlowCounts, UdpFlowKey, WalkControl, counter, names, walk_mode,
@@ -548,8 +548,13 @@ impl Capture {
         let iter: &mut Iter = program(&mut ebpf, names::PROG_ITER)?;
         iter.load("tcp", &kernel_btf)
             .with_context(|| format!("loading iter/tcp (needs BPF iterators and {state_needs})"))?;
-        let states_iterator =
-            socket_state == SocketState::Array && load_states_iterator(&mut ebpf, &kernel_btf)?;
+        let state_walker = match socket_state {
+            SocketState::Array => Some(load_state_walker(
+                &mut ebpf,
+                ridley_ebpf::state_table_buckets(sizes.max_connections),
+            )?),
+            _ => None,
+        };
         let udp = if sizes.udp_flows == 0 {
             tracing::info!("UDP links: off (receivers.ebpf.udp_links: false)");
             None
@@ -574,12 +579,7 @@ impl Capture {
             }
         };
         tracing::info!(
-            "hooks active: tp_btf/inet_sock_set_state, {}iter/tcp{}",
-            if states_iterator {
-                "iter/bpf_map_elem, "
-            } else {
-                ""
-            },
+            "hooks active: tp_btf/inet_sock_set_state, iter/tcp{}",
             if udp.is_some() {
                 ", tp_btf/sock_send_length, tp_btf/sock_recv_length (UDP links)"
             } else {
@@ -590,7 +590,7 @@ impl Capture {
         let events = RingBuf::try_from(take_map(&mut ebpf, names::MAP_EVENTS)?)?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::MAP_COUNTERS)?)?;
         let flusher = flush::CloseFlusher::load(&mut ebpf)?;
-        let walker = Walker::spawn(ebpf, states_iterator, flusher)?;
+        let walker = Walker::spawn(ebpf, state_walker, flusher)?;
         drop(kernel_btf);
         release_freed_memory();
         Ok((
@@ -693,29 +693,20 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 
 /// A walk between full walks: one pass over the sockets with state, all namespaces at
 /// once, no namespace to enter.
-/// Loads `iter/bpf_map_elem` for the walks between full walks; false if the kernel
-/// refuses it. Some kernels refuse this one iterator target to every program while
-/// allowing the others: the state array still works, and `iter/tcp` then finds its
-/// changed sockets in every namespace, as it does for the table build.
-fn load_states_iterator(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<bool> {
-    let iter_states: &mut Iter = program(ebpf, names::PROG_ITER_STATES)?;
-    match iter_states.load("bpf_map_elem", kernel_btf) {
-        Ok(()) => Ok(true),
-        Err(e) => {
-            tracing::warn!(
-                "walks between full walks: every namespace's sockets (iter/tcp), this kernel refuses iter/bpf_map_elem over the state array: {}",
-                e.to_string().lines().next().unwrap_or_default()
-            );
-            Ok(false)
-        }
-    }
-}
-
-fn walk_states(ebpf: &mut Ebpf, sock_states: &MapData) -> Result<Walk> {
-    let prog = program::<Iter>(ebpf, names::PROG_ITER_STATES)?;
-    let mut walk = Walk::default();
-    states::walk_states(prog, sock_states, &mut walk.records, &mut Vec::new())?;
-    Ok(walk)
+/// Loads the program of the walks between full walks (the array build's), which visits
+/// the sockets with state in `buckets` buckets of `SOCK_STATE_KEYS`.
+fn load_state_walker(ebpf: &mut Ebpf, buckets: u32) -> Result<states::StateWalker> {
+    let prog: &mut RawTracePoint = program(ebpf, names::PROG_WALK_STATES)?;
+    prog.load()
+        .context("loading the state walk (a raw tracepoint program)")?;
+    let fd = prog
+        .fd()
+        .context("the state walk program has no descriptor")?
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the state walk program's descriptor")?;
+    let records = RingBuf::try_from(take_map(ebpf, names::MAP_WALK_RECORDS)?)?;
+    Ok(states::StateWalker::new(fd, records, buckets))
 }
 
 /// One walk's result.
@@ -806,21 +797,16 @@ struct WalkRequest {
 struct Walker(RequestThread<WalkRequest>);
 
 impl Walker {
-    fn spawn(mut ebpf: Ebpf, states_iterator: bool, flusher: flush::CloseFlusher) -> Result<Self> {
+    fn spawn(
+        mut ebpf: Ebpf,
+        mut state_walker: Option<states::StateWalker>,
+        flusher: flush::CloseFlusher,
+    ) -> Result<Self> {
         let mut control: Array<MapData, PodWalkControl> =
             Array::try_from(take_map(&mut ebpf, names::MAP_WALK_CONTROL)?)?;
-        // The walks between full walks iterate over the cookie table's keys where the
-        // kernel runs that iterator; the keys of the table build's hash are socket
-        // addresses it cannot read, so there they walk every namespace too.
-        let sock_states = if states_iterator {
-            let aya::maps::Map::Array(map) = take_map(&mut ebpf, names::MAP_SOCK_STATE_KEYS)?
-            else {
-                bail!("map {} is not an array", names::MAP_SOCK_STATE_KEYS);
-            };
-            Some(map)
-        } else {
-            None
-        };
+        // The walks between full walks visit the cookie table's sockets; the keys of the
+        // table build's hash are socket addresses it cannot read, so there they walk
+        // every namespace too.
         let mut generation = 0u32;
         // Start of the last walk that succeeded: sockets quiet since are skipped.
         let mut last_start_us = 0u64;
@@ -840,8 +826,11 @@ impl Walker {
             let result = control
                 .set(0, value, 0)
                 .context("setting the walk control")
-                .and_then(|()| match (&sock_states, full) {
-                    (Some(sock_states), false) => walk_states(&mut ebpf, sock_states),
+                .and_then(|()| match (state_walker.as_mut(), full) {
+                    (Some(state_walker), false) => {
+                        let mut walk = Walk::default();
+                        state_walker.walk(&mut walk.records).map(|()| walk)
+                    }
                     _ => program::<Iter>(&mut ebpf, names::PROG_ITER)
                         .and_then(netns::walk_all_namespaces),
                 })

@@ -1,70 +1,55 @@
 //! Walks the sockets that have state in `SOCK_STATES`, in every network namespace at
-//! once, with the `iter/bpf_map_elem` program over `SOCK_STATE_KEYS`: the walks between
-//! full walks.
+//! once: the walks between full walks. The `ridley_walk_states` program is never
+//! attached; each walk runs it (`BPF_PROG_TEST_RUN`) once per `WALK_CHUNK_BUCKETS`
+//! buckets of `SOCK_STATE_KEYS` and drains the records of each run from `WALK_RECORDS`
+//! before the next, so the ring never holds more than one run's records.
 //!
-//! aya attaches iterators without a target map, so the link is made here with the two
-//! `bpf()` commands the kernel documents (`BPF_LINK_CREATE` with the map in
-//! `iter_info`, then `BPF_ITER_CREATE`).
-use std::{
-    fs::File,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-};
+//! A program run on demand, not an iterator over the map's elements
+//! (`iter/bpf_map_elem`), which some kernels refuse to every program while loading the
+//! other iterators.
+use std::os::fd::{AsFd, OwnedFd};
 
-use anyhow::{Context, Result};
-use aya::{maps::MapData, programs::Iter};
-use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd};
-use ridley_ebpf::SockRecord;
+use anyhow::{Context, Result, bail};
+use aya::maps::{MapData, RingBuf};
+use ridley_ebpf::{SockRecord, WALK_CHUNK_BUCKETS};
 
-use super::netns::read_records;
+use super::sys::run_with_context;
+use crate::capture::parse_record;
 
-/// `union bpf_iter_link_info` with its map member set (the union is 16 bytes).
-#[repr(C)]
-struct IterLinkInfo {
-    map_fd: u32,
-    _rest: [u32; 3],
+/// The walks between full walks.
+pub(super) struct StateWalker {
+    /// The walk program, duplicated so that the walker does not borrow the `Ebpf`.
+    program: OwnedFd,
+    records: RingBuf<MapData>,
+    buckets: u32,
 }
 
-/// Runs one `bpf()` command that returns a new file descriptor.
-fn bpf_fd(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
-    let fd = super::sys::bpf(cmd, attr)?;
-    // SAFETY: on success the command returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
+impl StateWalker {
+    pub(super) fn new(program: OwnedFd, records: RingBuf<MapData>, buckets: u32) -> Self {
+        StateWalker {
+            program,
+            records,
+            buckets,
+        }
+    }
 
-/// An iterator over `map` (one read of it is one walk).
-fn open_iterator(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> Result<File> {
-    let info = IterLinkInfo {
-        map_fd: map.as_raw_fd() as u32,
-        _rest: [0; 3],
-    };
-    let mut attr = super::sys::zeroed_attr();
-    // Writes to union members are safe: the `link_create` variant is the one the command
-    // reads.
-    attr.link_create.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
-    attr.link_create.attach_type = bpf_attach_type::BPF_TRACE_ITER as u32;
-    attr.link_create.__bindgen_anon_3.__bindgen_anon_1.iter_info = &info as *const _ as u64;
-    attr.link_create
-        .__bindgen_anon_3
-        .__bindgen_anon_1
-        .iter_info_len = std::mem::size_of::<IterLinkInfo>() as u32;
-    let link = bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
-        .context("attaching iter/bpf_map_elem to SOCK_STATE_KEYS")?;
-    // The `iter_create` variant is set.
-    let mut attr = super::sys::zeroed_attr();
-    attr.iter_create.link_fd = link.as_raw_fd() as u32;
-    let iterator = bpf_fd(bpf_cmd::BPF_ITER_CREATE, &mut attr).context("creating the iterator")?;
-    Ok(File::from(iterator))
-}
-
-/// Appends the records of every socket with state whose counters changed since the
-/// walk that last reported it.
-pub(super) fn walk_states(
-    prog: &Iter,
-    states: &MapData,
-    out: &mut Vec<SockRecord>,
-    buf: &mut Vec<u8>,
-) -> Result<()> {
-    let prog_fd = prog.fd().context("iter/bpf_map_elem is not loaded")?;
-    let file = open_iterator(prog_fd.as_fd(), states.fd().as_fd())?;
-    read_records(file, out, buf)
+    /// Appends the records of every socket with state whose counters changed since the
+    /// walk that last reported it.
+    pub(super) fn walk(&mut self, out: &mut Vec<SockRecord>) -> Result<()> {
+        for first in (0..self.buckets).step_by(WALK_CHUNK_BUCKETS as usize) {
+            run_with_context(self.program.as_fd(), &[u64::from(first)])
+                .with_context(|| format!("running the state walk from bucket {first}"))?;
+            while let Some(item) = self.records.next() {
+                if item.len() != SockRecord::SIZE {
+                    bail!(
+                        "the state walk wrote {} bytes, not a {}-byte record",
+                        item.len(),
+                        SockRecord::SIZE
+                    );
+                }
+                out.extend(parse_record(&item));
+            }
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,5 @@
-//! The `bpf()` commands aya does not wrap: iterator links over a map, running a program
-//! once on a given CPU, and a program's recursion-miss count.
+//! The `bpf()` commands aya does not wrap: running a raw tracepoint program once (on a
+//! given CPU, or with a context), and a program's recursion-miss count.
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_prog_info};
@@ -38,6 +38,19 @@ pub(super) fn run_on_cpu(program: BorrowedFd<'_>, cpu: u32) -> std::io::Result<u
     attr.test.prog_fd = program.as_raw_fd() as u32;
     attr.test.flags = BPF_F_TEST_RUN_ON_CPU;
     attr.test.cpu = cpu;
+    bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr)?;
+    // SAFETY: the kernel wrote the member back on success.
+    Ok(unsafe { attr.test.retval })
+}
+
+/// Runs a raw tracepoint program once on this CPU with `args` as its context (the
+/// tracepoint arguments it would see) and returns what it returned.
+pub(super) fn run_with_context(program: BorrowedFd<'_>, args: &[u64]) -> std::io::Result<u32> {
+    let mut attr = zeroed_attr();
+    // Writes to union members are safe: `test` is the member the command reads.
+    attr.test.prog_fd = program.as_raw_fd() as u32;
+    attr.test.ctx_in = args.as_ptr() as u64;
+    attr.test.ctx_size_in = std::mem::size_of_val(args) as u32;
     bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr)?;
     // SAFETY: the kernel wrote the member back on success.
     Ok(unsafe { attr.test.retval })

@@ -264,6 +264,56 @@ struct Link {
 }
 
 impl Link {
+    /// Counts a connection attempt and keeps `sample` in the link's uniform sample of
+    /// this interval (reservoir sampling, `random` the draw, `max` the sample's size).
+    fn offer_sample(&mut self, sample: Option<ConnectionSample>, random: u64, max: usize) {
+        let interval = &mut self.stats.interval;
+        interval.attempts += 1;
+        let Some(sample) = sample else { return };
+        if interval.samples.len() < max {
+            interval.samples.push(sample);
+        } else if max > 0 {
+            let slot = (random % interval.attempts) as usize;
+            if slot < max {
+                interval.samples[slot] = sample;
+            }
+        }
+    }
+
+    /// A connection seen opening: counted, with its handshake's duration.
+    fn record_open(&mut self, rec: &SockRecord) {
+        self.stats.opened += 1;
+        if rec.established_ns > rec.start_ns {
+            self.stats
+                .connect_duration
+                .record(Duration::from_nanos(rec.established_ns - rec.start_ns));
+        }
+    }
+
+    fn add_payload(&mut self, end: End, delta: SocketBytes) {
+        if delta == SocketBytes::default() {
+            return;
+        }
+        let stats = &mut self.stats;
+        let (transmit, receive) = match end {
+            End::Client => (delta.sent, delta.received),
+            End::Server => (delta.received, delta.sent),
+        };
+        stats.bytes_transmit += transmit;
+        stats.bytes_receive += receive;
+        stats.retransmits += delta.retransmits;
+        stats.interval.carried_traffic |= transmit + receive > 0;
+    }
+
+    fn record_rtt(&mut self, rec: &SockRecord) {
+        // srtt_us is kept multiplied by 8; 0 means no RTT sample yet.
+        if rec.srtt_us_x8 > 0 {
+            let rtt = Duration::from_nanos(u64::from(rec.srtt_us_x8) * 1000 / 8);
+            self.stats.rtt.record(rtt);
+            self.stats.interval.last_rtt = Some(rtt);
+        }
+    }
+
     /// One of its connections is gone from `conns`.
     fn leave(&mut self) {
         debug_assert!(self.open > 0, "a link left by more connections than it had");
@@ -336,7 +386,11 @@ impl Aggregator {
 
     /// The link a connection is first counted in, translated when conntrack said so.
     fn key_of(&mut self, rec: &SockRecord, end: End) -> LinkKey {
-        let translation = self.translations.remove(&ConnId::of(rec));
+        let translation = if self.translations.is_empty() {
+            None
+        } else {
+            self.translations.remove(&ConnId::of(rec))
+        };
         self.admit(translated(
             link_of(rec, end, self.host_netns),
             end,
@@ -363,7 +417,7 @@ impl Aggregator {
                 key.client_cgroup = 0;
             }
         }
-        if self.links.contains_key(&key) || self.links.len() < self.max_links {
+        if self.links.len() < self.max_links || self.links.contains_key(&key) {
             return key;
         }
         self.link_limit_hits += 1;
@@ -375,15 +429,13 @@ impl Aggregator {
         SystemTime::UNIX_EPOCH + Duration::from_nanos(wall.max(0) as u64)
     }
 
-    /// Counts a connection attempt and keeps it in the link's uniform sample of this
-    /// interval (reservoir sampling). Only connections seen opening have timestamps.
-    fn offer_sample(
+    /// A connection attempt for a link's sample, and the reservoir's draw for it. Only
+    /// connections seen opening have timestamps.
+    fn sample_of(
         &mut self,
-        key: LinkKey,
         rec: &SockRecord,
         failure: Option<FailureReason>,
-        now: Now,
-    ) {
+    ) -> (Option<ConnectionSample>, u64) {
         let end_ns = if rec.established_ns != 0 {
             rec.established_ns
         } else {
@@ -394,19 +446,7 @@ impl Aggregator {
             duration: Duration::from_nanos(end_ns - rec.start_ns),
             failure,
         });
-        let random = self.rng.u64(..);
-        let max = self.samples_per_link;
-        let interval = &mut self.link_mut(key, now).stats.interval;
-        interval.attempts += 1;
-        let Some(sample) = sample else { return };
-        if interval.samples.len() < max {
-            interval.samples.push(sample);
-        } else if max > 0 {
-            let slot = (random % interval.attempts) as usize;
-            if slot < max {
-                interval.samples[slot] = sample;
-            }
-        }
+        (sample, self.rng.u64(..))
     }
 
     fn link_mut(&mut self, key: LinkKey, now: Now) -> &mut Link {
@@ -417,49 +457,6 @@ impl Aggregator {
         });
         link.last_change = now.mono;
         link
-    }
-
-    fn add_payload(&mut self, key: LinkKey, end: End, delta: SocketBytes, now: Now) {
-        if delta == SocketBytes::default() {
-            return;
-        }
-        let stats = &mut self.link_mut(key, now).stats;
-        let (transmit, receive) = match end {
-            End::Client => (delta.sent, delta.received),
-            End::Server => (delta.received, delta.sent),
-        };
-        stats.bytes_transmit += transmit;
-        stats.bytes_receive += receive;
-        stats.retransmits += delta.retransmits;
-        stats.interval.carried_traffic |= transmit + receive > 0;
-    }
-
-    /// `failure`: how it ended, when it opened and failed within the same interval.
-    fn record_open(
-        &mut self,
-        key: LinkKey,
-        rec: &SockRecord,
-        failure: Option<FailureReason>,
-        now: Now,
-    ) {
-        self.offer_sample(key, rec, failure, now);
-        let stats = &mut self.link_mut(key, now).stats;
-        stats.opened += 1;
-        if rec.established_ns > rec.start_ns {
-            stats
-                .connect_duration
-                .record(Duration::from_nanos(rec.established_ns - rec.start_ns));
-        }
-    }
-
-    fn record_rtt(&mut self, key: LinkKey, rec: &SockRecord, now: Now) {
-        // srtt_us is kept multiplied by 8; 0 means no RTT sample yet.
-        if rec.srtt_us_x8 > 0 {
-            let rtt = Duration::from_nanos(u64::from(rec.srtt_us_x8) * 1000 / 8);
-            let stats = &mut self.link_mut(key, now).stats;
-            stats.rtt.record(rtt);
-            stats.interval.last_rtt = Some(rtt);
-        }
     }
 
     /// A record from the ring buffer: a connection closed, or a connect failed.
@@ -473,8 +470,11 @@ impl Aggregator {
                     FailureReason::Timeout
                 };
                 let key = self.key_of(rec, End::Client);
-                self.offer_sample(key, rec, Some(reason), now);
-                self.link_mut(key, now).stats.add_failure(reason);
+                let (sample, random) = self.sample_of(rec, Some(reason));
+                let max = self.samples_per_link;
+                let link = self.link_mut(key, now);
+                link.offer_sample(sample, random, max);
+                link.stats.add_failure(reason);
             }
             Some(RecordKind::Closed) => self.apply_close(rec, now),
             Some(RecordKind::Live) | None => {}
@@ -489,7 +489,9 @@ impl Aggregator {
         }
         let final_payload = SocketBytes::of(rec);
         let failure = close_failure(rec);
-        let (key, end, counted) = match self.conns.remove(&id) {
+        // Whether the connection was counted by an earlier walk, or opened and closed
+        // between two walks (the whole connection is in this record).
+        let (key, end, counted, opened_here) = match self.conns.remove(&id) {
             Some(conn) => {
                 if conn.end == End::Client && rec.flags & flags::ENDPOINT_UNRECORDED != 0 {
                     self.unrecorded_clients.remove(&endpoint(
@@ -498,12 +500,7 @@ impl Aggregator {
                         rec.netns,
                     ));
                 }
-                self.link_mut(conn.link, now).leave();
-                // Its open was sampled in an earlier walk; a reset is an attempt of its own.
-                if failure.is_some() {
-                    self.offer_sample(conn.link, rec, failure, now);
-                }
-                (conn.link, conn.end, conn.counted)
+                (conn.link, conn.end, conn.counted, false)
             }
             None if !self.unrecorded_clients.is_empty()
                 && rec.opened_as() == OpenedAs::Server
@@ -517,27 +514,38 @@ impl Aggregator {
                 return;
             }
             None if rec.flags & flags::TRACKED != 0 => {
-                // Opened and closed between two walks: the whole connection is here.
                 let end = if rec.opened_as() == OpenedAs::Server {
                     End::Server
                 } else {
                     End::Client
                 };
-                let key = self.key_of(rec, end);
-                self.record_open(key, rec, failure, now);
-                (key, end, SocketBytes::baseline(rec))
+                (self.key_of(rec, end), end, SocketBytes::baseline(rec), true)
             }
             None => {
                 self.closed_unknown += 1;
                 return;
             }
         };
+        // An open sampled in an earlier walk is not offered again; a reset is an
+        // attempt of its own.
+        let offer = (opened_here || failure.is_some()).then(|| self.sample_of(rec, failure));
+        let max = self.samples_per_link;
+        // One lookup of the link for all of the record.
+        let link = self.link_mut(key, now);
+        if let Some((sample, random)) = offer {
+            link.offer_sample(sample, random, max);
+        }
+        if opened_here {
+            link.record_open(rec);
+        } else {
+            link.leave();
+        }
         // A close is a change of the link even when it carried no new bytes.
-        self.link_mut(key, now).stats.reported_by_server = end == End::Server;
-        self.add_payload(key, end, final_payload.since(counted), now);
-        self.record_rtt(key, rec, now);
+        link.stats.reported_by_server = end == End::Server;
+        link.add_payload(end, final_payload.since(counted));
+        link.record_rtt(rec);
         if let Some(reason) = failure {
-            self.link_mut(key, now).stats.add_failure(reason);
+            link.stats.add_failure(reason);
         }
     }
 
@@ -611,8 +619,9 @@ impl Aggregator {
                 let delta = now_payload.since(conn.counted);
                 conn.counted = conn.counted.max(now_payload);
                 let (key, end) = (conn.link, conn.end);
-                self.add_payload(key, end, delta, now);
-                self.record_rtt(key, rec, now);
+                let link = self.link_mut(key, now);
+                link.add_payload(end, delta);
+                link.record_rtt(rec);
                 continue;
             }
             let end = end_of(rec);
@@ -642,22 +651,26 @@ impl Aggregator {
                 continue;
             }
             let key = self.key_of(rec, end);
-            let counted = if tracked {
-                self.record_open(key, rec, None, now);
-                SocketBytes::baseline(rec)
-            } else {
-                // Opened before the programs were attached: count from now on.
-                self.link_mut(key, now);
-                now_payload
-            };
-            self.link_mut(key, now).stats.reported_by_server = end == End::Server;
             if end == End::Client && tracked && rec.flags & flags::ENDPOINT_UNRECORDED != 0 {
                 self.unrecorded_clients
                     .insert(endpoint(rec.local_addr, rec.local_port, rec.netns), id);
             }
-            self.add_payload(key, end, now_payload.since(counted), now);
-            self.record_rtt(key, rec, now);
-            self.link_mut(key, now).open += 1;
+            let offer = tracked.then(|| self.sample_of(rec, None));
+            let max = self.samples_per_link;
+            let link = self.link_mut(key, now);
+            let counted = match offer {
+                Some((sample, random)) => {
+                    link.offer_sample(sample, random, max);
+                    link.record_open(rec);
+                    SocketBytes::baseline(rec)
+                }
+                // Opened before the programs were attached: count from now on.
+                None => now_payload,
+            };
+            link.stats.reported_by_server = end == End::Server;
+            link.add_payload(end, now_payload.since(counted));
+            link.record_rtt(rec);
+            link.open += 1;
             self.conns.insert(
                 id,
                 Conn {
